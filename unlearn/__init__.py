@@ -1,0 +1,3 @@
+"""LLM unlearning robustness toolkit."""
+
+__version__ = "0.1.0"

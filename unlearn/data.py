@@ -1,0 +1,85 @@
+"""Turning (prompt, target) text pairs into padded tensors with loss masks.
+
+Prompt and target are tokenized separately and concatenated, everywhere: training, scoring and
+evaluation then agree on exactly which token ids make up an answer.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+IGNORE = -100
+QA_PROMPT = "Question: {question}\nAnswer:"
+
+
+def qa_prompt(question: str) -> str:
+    return QA_PROMPT.format(question=question)
+
+
+@dataclass
+class Example:
+    """A prompt and the target text whose tokens carry the loss. `extra` holds per-example
+    tensors that objectives precompute (e.g. NPO's reference log-prob)."""
+
+    prompt: str
+    target: str
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    n_prompt: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def encode(tokenizer, example: Example, add_eos: bool = True, max_length: int = 256) -> Encoded:
+    prompt_ids = tokenizer(example.prompt, add_special_tokens=False).input_ids if example.prompt else []
+    target_ids = tokenizer(example.target, add_special_tokens=False).input_ids
+    if add_eos and tokenizer.eos_token_id is not None:
+        target_ids = [*target_ids, tokenizer.eos_token_id]
+    ids = (prompt_ids + target_ids)[:max_length]
+    return Encoded(input_ids=ids, n_prompt=min(len(prompt_ids), len(ids)), extra=dict(example.extra))
+
+
+def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest item. labels = input ids on target tokens, IGNORE elsewhere."""
+    width = max(len(it.input_ids) for it in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    attention = torch.zeros((len(items), width), dtype=torch.long)
+    for row, it in enumerate(items):
+        n = len(it.input_ids)
+        input_ids[row, :n] = torch.tensor(it.input_ids)
+        attention[row, :n] = 1
+        labels[row, it.n_prompt:n] = input_ids[row, it.n_prompt:n]
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    for key in items[0].extra:
+        batch[key] = torch.tensor([it.extra[key] for it in items], dtype=torch.float32)
+    return batch
+
+
+def epoch_batches(items: Sequence[Encoded], batch_size: int, pad_id: int, seed: int,
+                  epoch: int) -> list[dict[str, torch.Tensor]]:
+    """One seeded shuffle per epoch; the same (seed, epoch) always yields the same batches."""
+    order = list(range(len(items)))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return [collate([items[i] for i in order[s:s + batch_size]], pad_id)
+            for s in range(0, len(order), batch_size)]
+
+
+def endless_batches(items: Sequence[Encoded], batch_size: int, pad_id: int,
+                    seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    epoch = 0
+    while True:
+        yield from epoch_batches(items, batch_size, pad_id, seed, epoch)
+        epoch += 1
+
+
+def fixed_batches(items: Sequence[Encoded], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """In-order batches for evaluation and precomputation (index i of the flat results = item i)."""
+    return [collate(items[s:s + batch_size], pad_id) for s in range(0, len(items), batch_size)]

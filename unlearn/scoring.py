@@ -1,0 +1,43 @@
+"""Log-probabilities of target tokens, the quantity every objective and metric is built on.
+
+Only the positions that predict a target token go through the output head: with a 49k vocabulary
+the head is a large share of a small model's compute, and prompts are most of each sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from unlearn.data import IGNORE
+
+
+def _head_inputs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hidden states at positions that predict a label, the labels, and each one's row index."""
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+        # Models whose logits are not simply head(hidden) take the plain (slower) path.
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return logits[:, :-1][keep], labels[keep], keep.nonzero()[:, 0]
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = head(hidden[:, :-1][keep])
+    return logits, labels[keep], keep.nonzero()[:, 0]
+
+
+def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of each row's target tokens, and each row's number of target tokens."""
+    logits, labels, rows = _head_inputs(model, batch)
+    token_lp = -F.cross_entropy(logits.float(), labels, reduction="none")
+    n_rows = batch["input_ids"].shape[0]
+    summed = torch.zeros(n_rows, dtype=token_lp.dtype, device=token_lp.device).index_add(0, rows, token_lp)
+    counts = torch.bincount(rows, minlength=n_rows)
+    return summed, counts
+
+
+def mean_token_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Average NLL over all target tokens in the batch (the usual LM loss)."""
+    logits, labels, _ = _head_inputs(model, batch)
+    return F.cross_entropy(logits.float(), labels)
