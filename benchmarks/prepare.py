@@ -1,0 +1,85 @@
+"""Turn a base model into the *target model*: one that knows the forget and retain facts.
+
+Unlearning is only measurable if the model knew the facts to begin with, so we fine-tune the base
+model on the forget + retain QA pairs and check MCQ accuracy: forget and retain should be high,
+holdout (never trained on) near chance. The result is cached under
+$UNLEARN_CACHE/targets/<hash of base model, benchmark content and settings>.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.embedded import TaskData
+from unlearn.data import encode
+from unlearn.evaluate import evaluate
+from unlearn.models import EMBEDDED, cache_dir, load_model, resolve, save_model
+from unlearn.objectives import LanguageModeling
+from unlearn.optim import build_optimizer
+from unlearn.runs import read_json, staged_dir, write_json_atomic
+from unlearn.train import train
+
+PREPARE_VERSION = 1  # bump when the preparation recipe changes, to invalidate caches
+
+
+def _model_identity(spec: str) -> str:
+    """What the base weights are: the alias, or the folder's config and weight file stamps."""
+    if spec in EMBEDDED:
+        return spec
+    path = Path(resolve(spec))
+    if not path.is_dir():
+        return spec  # hub id
+    stamps = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in path.glob("*.safetensors"))
+    return json.dumps({"path": str(path.resolve()), "config": (path / "config.json").read_text(),
+                       "weights": stamps})
+
+
+def target_key(spec: str, task: TaskData, settings: dict[str, Any]) -> str:
+    blob = json.dumps({"model": _model_identity(spec), "task": task.fingerprint, "prepare": settings,
+                       "version": PREPARE_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def target_model(spec: str, task: TaskData, settings: dict[str, Any], trust_remote_code: bool = False,
+                 progress: bool = True) -> Path:
+    """Path of the cached target model folder (`model/` + `prepare.json`), building it if needed."""
+    epochs = int(settings.get("epochs", 8))
+    lr = float(settings.get("lr", 1e-4))
+    batch_size = int(settings.get("batch_size", 16))
+    folder = cache_dir() / "targets" / target_key(spec, task, {"epochs": epochs, "lr": lr,
+                                                               "batch_size": batch_size})
+    if (folder / "prepare.json").is_file():
+        return folder
+    loaded = load_model(spec, trust_remote_code=trust_remote_code)
+    model, tok = loaded.model, loaded.tokenizer
+    torch.manual_seed(0)
+    # The tied input/output embedding is a fifth of the weights; freezing it makes each step
+    # cheaper, and the facts are learnable in the transformer blocks alone.
+    model.get_input_embeddings().weight.requires_grad_(False)
+    items = [encode(tok, ex) for ex in task.forget + task.retain]
+    optimizer = build_optimizer("adamw", model.parameters(), lr=lr, weight_decay=0.0)
+    steps = epochs * math.ceil(len(items) / batch_size)
+    result = train(model, LanguageModeling(), optimizer, items, None, pad_id=tok.pad_token_id,
+                   batch_size=batch_size, max_steps=steps, seed=0, desc="preparing target model",
+                   progress=progress)
+    model.get_input_embeddings().weight.requires_grad_(True)
+    # The target's full metrics are cached with it: every run's table compares against them.
+    metrics = evaluate(model, tok, task, progress=progress)
+    record = {"base_model": spec, "task": task.name, "task_fingerprint": task.fingerprint,
+              "epochs": epochs, "lr": lr, "batch_size": batch_size, "steps": steps,
+              "seconds": round(result.seconds, 1), "final_loss": result.final_loss, "metrics": metrics}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with staged_dir(folder, overwrite=True) as staging:
+        save_model(model, tok, staging / "model")
+        write_json_atomic(staging / "prepare.json", record)
+    return folder
+
+
+def prepare_record(folder: Path) -> dict[str, Any]:
+    return read_json(folder / "prepare.json")

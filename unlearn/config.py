@@ -1,0 +1,165 @@
+"""Run configuration: YAML files in configs/ merged in a fixed order, then dotted overrides.
+
+Precedence (later wins): configs/run.yaml < configs/method/<m>.yaml < configs/optimizer/<o>.yaml
+< the user's --config file < command-line flags < --set key.path=value.
+The fully resolved result is written to runs/<name>/config.yaml, so a run can be reproduced
+from that one file.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unlearn.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 60
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64
+    max_new_tokens: int = 16
+
+
+@dataclass
+class RunConfig:
+    model: str
+    method: dict[str, Any]  # {"name": ..., **options}
+    optimizer: dict[str, Any]
+    benchmark: dict[str, Any]
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs"
+    name: str | None = None
+    trust_remote_code: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def method_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.method.items() if k != "name"}
+
+    @property
+    def optimizer_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.optimizer.items() if k != "name"}
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise UserError(f"malformed YAML in {path}{where}: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: nested mappings merge key by key, everything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """`train.max_steps=100` -> raw["train"]["max_steps"] = 100 (value parsed as YAML)."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set expects key.path=value, got '{assignment}'")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise UserError(f"--set {key}: cannot parse value '{text}'") from None
+    node = raw
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {key}: '{part}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _component(kind: str, name: str | None, *layers: dict[str, Any]) -> dict[str, Any]:
+    """method/optimizer section: that name's YAML defaults, then each layer's options on top.
+    A layer naming a different component (e.g. run.yaml's default) contributes nothing."""
+    sections = []
+    for layer in layers:
+        section = layer.get(kind) or {}
+        if isinstance(section, str):
+            section = {"name": section}
+        if not isinstance(section, dict):
+            raise UserError(f"config '{kind}' must be a name or a mapping")
+        sections.append(section)
+    chosen = name or next((s["name"] for s in reversed(sections) if s.get("name")), None)
+    if not chosen:
+        raise UserError(f"no {kind} given: pass --{kind} NAME")
+    defaults_file = CONFIG_DIR / kind / f"{chosen}.yaml"
+    out = read_yaml(defaults_file) if defaults_file.is_file() else {}
+    for section in sections:
+        if section.get("name") in (None, chosen):
+            out = merge(out, {k: v for k, v in section.items() if k != "name"})
+    return {**out, "name": chosen}
+
+
+def _dataclass(cls, data: Any, section: str):
+    if not isinstance(data, dict):
+        raise UserError(f"config section '{section}' must be a mapping")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"unknown key(s) in '{section}': {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return cls(**data)
+
+
+def load_run_config(method: str | None = None, optimizer: str | None = None,
+                    config_file: Path | None = None, flags: dict[str, Any] | None = None,
+                    overrides: list[str] | None = None) -> RunConfig:
+    raw = read_yaml(CONFIG_DIR / "run.yaml")
+    if config_file is not None:
+        raw = merge(raw, read_yaml(config_file))
+    # Flags and --set go into their own layer so that they win over the chosen method's and
+    # optimizer's YAML defaults, which are only known once the names are settled.
+    cli: dict[str, Any] = {}
+    for key, value in (flags or {}).items():
+        if value is not None:
+            apply_override(cli, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
+    for assignment in overrides or []:
+        apply_override(cli, assignment)
+    components = {kind: _component(kind, chosen, raw, cli)
+                  for kind, chosen in (("method", method), ("optimizer", optimizer))}
+    raw = merge(raw, cli)
+    raw.update(components)
+    known = {f.name for f in fields(RunConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(f"unknown top-level config key(s): {', '.join(unknown)}")
+    raw["train"] = _dataclass(TrainConfig, raw.get("train", {}), "train")
+    raw["eval"] = _dataclass(EvalConfig, raw.get("eval", {}), "eval")
+    for key in ("model", "benchmark"):
+        if key not in raw:
+            raise UserError(f"config has no '{key}'")
+    return RunConfig(**raw)

@@ -1,0 +1,108 @@
+"""Metrics: each a small function of (model, tokenizer, items) -> number.
+
+- MCQ accuracy: the option whose tokens have the highest summed log-likelihood after the
+  question prompt (completion-style, as lm-eval scores `acc`).
+- ROUGE-L F1 of greedy answers against the reference answers.
+- Perplexity on retain passages: exp of the mean token NLL.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from rouge_score import rouge_scorer
+from tqdm import tqdm
+
+from benchmarks.embedded import MCQ, TaskData
+from unlearn.data import Example, encode, fixed_batches
+from unlearn.scoring import sequence_logprobs
+
+
+@torch.no_grad()
+def mcq_accuracy(model, tokenizer, questions: list[MCQ], batch_size: int = 64) -> dict[str, float]:
+    """Overall accuracy plus accuracy per tag."""
+    if not questions:
+        return {}
+    items, owner = [], []
+    for q_index, q in enumerate(questions):
+        for choice in q.choices:
+            items.append(encode(tokenizer, Example(q.prompt, " " + choice), add_eos=False))
+            owner.append(q_index)
+    scores = torch.cat([sequence_logprobs(model, b)[0].float().cpu()
+                        for b in fixed_batches(items, batch_size, tokenizer.pad_token_id)])
+    correct: list[bool] = []
+    start = 0
+    for q in questions:
+        n = len(q.choices)
+        correct.append(int(scores[start:start + n].argmax()) == q.answer_index)
+        start += n
+    by_tag: dict[str, list[bool]] = defaultdict(list)
+    for q, ok in zip(questions, correct, strict=True):
+        by_tag[q.tag].append(ok)
+    out = {"acc": sum(correct) / len(correct)}
+    out.update({f"acc/{tag}": sum(v) / len(v) for tag, v in sorted(by_tag.items())})
+    return out
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 16,
+                     batch_size: int = 32) -> list[str]:
+    """Greedy answers, batched with left padding so every prompt ends where generation starts."""
+    answers: list[str] = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(model.device) for k, v in enc.items()}
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            new = out[:, enc["input_ids"].shape[1]:]
+            answers.extend(t.split("\n")[0].strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return answers
+
+
+def rouge_l(model, tokenizer, pairs: list[Example], max_new_tokens: int = 16) -> float:
+    if not pairs:
+        return float("nan")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    answers = generate_answers(model, tokenizer, [p.prompt for p in pairs], max_new_tokens)
+    scores = [scorer.score(p.target.strip(), a)["rougeL"].fmeasure for p, a in zip(pairs, answers, strict=True)]
+    return sum(scores) / len(scores)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32) -> float:
+    if not texts:
+        return float("nan")
+    items = [encode(tokenizer, Example("", t), add_eos=False) for t in texts]
+    total_lp, total_tokens = 0.0, 0
+    for batch in fixed_batches(items, batch_size, tokenizer.pad_token_id):
+        lp, n = sequence_logprobs(model, batch)
+        total_lp += float(lp.sum())
+        total_tokens += int(n.sum())
+    return math.exp(-total_lp / max(total_tokens, 1))
+
+
+def evaluate(model, tokenizer, task: TaskData, batch_size: int = 64, max_new_tokens: int = 16,
+             progress: bool = True) -> dict[str, float]:
+    """All metrics for one model on one task, as a flat dict (what metrics.json holds)."""
+    model.eval()
+    metrics: dict[str, float] = {}
+    steps = [(f"{split}/mcq", lambda s=split: mcq_accuracy(model, tokenizer, task.mcq[s], batch_size))
+             for split in task.mcq]
+    steps += [(f"{split}/rougeL", lambda s=split: rouge_l(model, tokenizer, task.qa[s], max_new_tokens))
+              for split in ("forget", "retain")]
+    steps.append(("retain/perplexity", lambda: perplexity(model, tokenizer, task.passages["retain"])))
+    for key, fn in tqdm(steps, desc="evaluating", disable=not progress, leave=False):
+        value = fn()
+        if isinstance(value, dict):
+            metrics.update({f"{key}_{k}": v for k, v in value.items()})
+        else:
+            metrics[key] = value
+    return metrics

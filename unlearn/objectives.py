@@ -1,0 +1,233 @@
+"""Unlearning objectives. Each one is a small loss function of (model, forget batch, retain batch).
+
+Objectives never call backward: the optimizer decides whether to differentiate (first-order) or
+only evaluate (zeroth-order). Anything that depends on the model *before* unlearning (NPO's
+reference log-probs, RMU's frozen retain activations) is computed once in `prepare`, so no
+second copy of the model is ever held in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from unlearn.data import Encoded, fixed_batches
+from unlearn.scoring import mean_token_nll, sequence_logprobs
+
+Batch = dict[str, torch.Tensor]
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register(*names: str) -> Callable[[type[Objective]], type[Objective]]:
+    def add(cls: type[Objective]) -> type[Objective]:
+        for name in names:
+            OBJECTIVES[name] = cls
+        return cls
+    return add
+
+
+class Objective:
+    """Base: all parameters train and nothing is precomputed."""
+
+    name = "objective"
+
+    def trainable(self, model: torch.nn.Module) -> None:
+        """Set requires_grad on the parameters this objective updates (default: leave as is)."""
+
+    def prepare(self, model: torch.nn.Module, forget: list[Encoded], retain: list[Encoded],
+                pad_id: int, batch_size: int) -> None:
+        """Precompute whatever depends on the model before unlearning (stored in `Encoded.extra`)."""
+
+    def __call__(self, model: torch.nn.Module, forget: Batch, retain: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@register("gradascent", "ga")
+class GradAscent(Objective):
+    """L = -NLL(forget): push the forget answers' likelihood down, nothing else."""
+
+    name = "gradascent"
+
+    def __call__(self, model, forget, retain):
+        return -mean_token_nll(model, forget)
+
+
+@register("graddiff")
+class GradDiff(Objective):
+    """L = gamma * (-NLL(forget)) + alpha * NLL(retain)."""
+
+    name = "graddiff"
+
+    def __init__(self, gamma: float = 1.0, alpha: float = 1.0) -> None:
+        self.gamma, self.alpha = gamma, alpha
+
+    def __call__(self, model, forget, retain):
+        return -self.gamma * mean_token_nll(model, forget) + self.alpha * mean_token_nll(model, retain)
+
+
+@torch.no_grad()
+def _precompute_logprobs(model, items: list[Encoded], pad_id: int, batch_size: int) -> list[float]:
+    out: list[float] = []
+    for batch in fixed_batches(items, batch_size, pad_id):
+        out.extend(sequence_logprobs(model, batch)[0].tolist())
+    return out
+
+
+@register("npo")
+class NPO(Objective):
+    """Negative preference optimization with summed sequence log-probs:
+    L_f = -(2/beta) * E_f[log sigmoid(-beta * (log pi(y|x) - log pi_ref(y|x)))];
+    total = gamma * L_f + alpha * NLL(retain)."""
+
+    name = "npo"
+
+    def __init__(self, beta: float = 0.1, gamma: float = 1.0, alpha: float = 1.0) -> None:
+        self.beta, self.gamma, self.alpha = beta, gamma, alpha
+
+    def prepare(self, model, forget, retain, pad_id, batch_size):
+        for item, logp in zip(forget, _precompute_logprobs(model, forget, pad_id, batch_size), strict=True):
+            item.extra["ref_logp"] = logp
+
+    def forget_loss(self, model, forget: Batch) -> torch.Tensor:
+        if "ref_logp" not in forget:
+            raise RuntimeError("NPO.prepare() must run before training (reference log-probs missing)")
+        logp, _ = sequence_logprobs(model, forget)
+        ratio = logp - forget["ref_logp"].to(logp.device)
+        return -(2.0 / self.beta) * F.logsigmoid(-self.beta * ratio).mean()
+
+    def __call__(self, model, forget, retain):
+        return self.gamma * self.forget_loss(model, forget) + self.alpha * mean_token_nll(model, retain)
+
+
+@register("simnpo")
+class SimNPO(Objective):
+    """Reference-free NPO with length normalization:
+    L_f = -(2/beta) * E_f[log sigmoid(-(beta/|y|) * log pi(y|x) - delta)]; total adds alpha * NLL(retain)."""
+
+    name = "simnpo"
+
+    def __init__(self, beta: float = 2.5, delta: float = 0.0, gamma: float = 1.0, alpha: float = 1.0) -> None:
+        self.beta, self.delta, self.gamma, self.alpha = beta, delta, gamma, alpha
+
+    def __call__(self, model, forget, retain):
+        logp, n_tokens = sequence_logprobs(model, forget)
+        margin = -(self.beta / n_tokens.clamp(min=1)) * logp - self.delta
+        forget_loss = -(2.0 / self.beta) * F.logsigmoid(margin).mean()
+        return self.gamma * forget_loss + self.alpha * mean_token_nll(model, retain)
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the probed layer has run: later layers would be wasted compute."""
+
+
+def _decoder_layers(model) -> Sequence[torch.nn.Module]:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError("RMU needs a decoder with a `.layers` list (Llama/Mistral/Qwen-style models)")
+    return layers
+
+
+def layer_activations(model, batch: Batch, layer: int) -> torch.Tensor:
+    """Output hidden states of decoder layer `layer` (0-based), stopping the forward right there."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _StopForward
+
+    handle = _decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+@register("rmu")
+class RMU(Objective):
+    """Representation misdirection: steer forget activations at layer l toward a fixed random
+    vector c*u, keep retain activations where the frozen model had them. Only mlp.down_proj of
+    layers l-2..l train (as published).
+
+    `layer` defaults to the published layer 7 of 32, rescaled to the model's depth. `steering`
+    (c) defaults to `steering_scale` times the mean activation norm at that layer on the forget
+    set: the published c = 6.5..20 was tuned for a 7B model whose activation norms differ."""
+
+    name = "rmu"
+
+    def __init__(self, layer: int | None = None, steering: float | None = None,
+                 steering_scale: float = 4.0, alpha: float = 100.0, seed: int = 0) -> None:
+        self.layer, self.steering, self.steering_scale = layer, steering, steering_scale
+        self.alpha, self.seed = alpha, seed
+        self.control: torch.Tensor | None = None
+        self.frozen: list[torch.Tensor] = []
+
+    def _layer(self, model) -> int:
+        depth = len(_decoder_layers(model))
+        layer = round(7 * depth / 32) if self.layer is None else self.layer
+        if not 2 <= layer < depth:
+            raise ValueError(f"rmu layer must be in [2, {depth - 1}] for this model, got {layer}")
+        return layer
+
+    def trainable(self, model):
+        layer = self._layer(model)
+        wanted = {id(p) for i in range(layer - 2, layer + 1)
+                  for p in _decoder_layers(model)[i].mlp.down_proj.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in wanted)
+
+    @torch.no_grad()
+    def prepare(self, model, forget, retain, pad_id, batch_size):
+        layer = self._layer(model)
+        hidden = model.config.hidden_size
+        gen = torch.Generator().manual_seed(self.seed)
+        direction = torch.rand(hidden, generator=gen)
+        direction = direction / direction.norm()
+        if self.steering is None:
+            norms = [(layer_activations(model, b, layer).norm(dim=-1) * b["attention_mask"]).sum()
+                     / b["attention_mask"].sum() for b in fixed_batches(forget, batch_size, pad_id)]
+            self.steering = self.steering_scale * float(torch.stack(norms).mean())
+        self.control = self.steering * direction
+        self.frozen = []
+        for index, item in enumerate(retain):
+            item.extra["index"] = float(index)
+        for batch in fixed_batches(retain, batch_size, pad_id):
+            acts = layer_activations(model, batch, layer)
+            self.frozen.extend(a[m.bool()].clone() for a, m in zip(acts, batch["attention_mask"], strict=True))
+
+    def __call__(self, model, forget, retain):
+        if self.control is None:
+            raise RuntimeError("RMU.prepare() must run before training")
+        layer = self._layer(model)
+        f_act = layer_activations(model, forget, layer)
+        f_mask = forget["attention_mask"].bool()
+        forget_loss = ((f_act[f_mask] - self.control.to(f_act)) ** 2).mean()
+        r_act = layer_activations(model, retain, layer)
+        r_mask = retain["attention_mask"].bool()
+        target = torch.cat([self.frozen[int(i)] for i in retain["index"].tolist()]).to(r_act)
+        retain_loss = ((r_act[r_mask] - target) ** 2).mean()
+        return forget_loss + self.alpha * retain_loss
+
+
+def build_objective(name: str, **options) -> Objective:
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown method '{name}'; choose from: {', '.join(sorted(OBJECTIVES))}")
+    try:
+        return OBJECTIVES[name](**options)
+    except TypeError as err:
+        raise ValueError(f"bad option for method '{name}': {err}") from None
+
+
+class LanguageModeling(Objective):
+    """Plain fine-tuning on the first stream (NLL of its targets). Not an unlearning method, so
+    it is not registered: benchmark preparation and relearning attacks use it directly."""
+
+    name = "finetune"
+
+    def __call__(self, model, forget, retain):
+        return mean_token_nll(model, forget)

@@ -1,0 +1,17 @@
+"""First-order grade: the torch optimizers, driven through the closure protocol."""
+
+from __future__ import annotations
+
+import torch
+
+from unlearn.optim.protocol import BackwardStep, register
+
+
+@register("adamw")
+class AdamW(BackwardStep, torch.optim.AdamW):
+    grade = "first-order"
+
+
+@register("sgd")
+class SGD(BackwardStep, torch.optim.SGD):
+    grade = "first-order"

@@ -1,0 +1,96 @@
+"""Hybrid grade: blocks of first-order (or sign) steps alternating with blocks of zeroth-order steps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from unlearn.optim.protocol import Closure, build_optimizer, register, require_closure
+
+
+def _sub_optimizer(
+    role: str, spec: dict[str, Any], params: list[torch.Tensor], grades: tuple[str, ...]
+) -> torch.optim.Optimizer:
+    options = dict(spec)
+    name = options.pop("name", None)
+    if name is None:
+        raise ValueError(f"hybrid '{role}' needs a 'name', e.g. {{'name': 'adamw', 'lr': 1e-5}}")
+    opt = build_optimizer(name, params, **options)
+    grade = getattr(opt, "grade", "")
+    if grade not in grades:  # also rules out nesting a hybrid inside a hybrid
+        raise ValueError(f"hybrid '{role}' must be a {' or '.join(grades)} optimizer, got '{name}' ({grade})")
+    return opt
+
+
+@register("hybrid")
+class Hybrid(torch.optim.Optimizer):
+    """Delegates each step to ``self.fo`` or ``self.zo``, which own the real state and learning rates.
+
+    ``block`` first-order steps, then ``round(block * ratio)`` zeroth-order steps, repeated. With
+    ``total_steps`` the pattern is laid out backwards from the last step, so the run ends on a complete ZO
+    block (the first block may be partial); without it the run starts with a full first-order block.
+    ``fo`` / ``zo`` are ``{"name": <registered optimizer>, **options}``. Schedule learning rates on
+    ``self.fo`` / ``self.zo``; this object's ``param_groups[*]["lr"]`` mirror the active one for logging.
+    """
+
+    grade = "hybrid"
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        fo: dict[str, Any] | None = None,
+        zo: dict[str, Any] | None = None,
+        block: int = 20,
+        ratio: float = 1.0,
+        total_steps: int | None = None,
+    ) -> None:
+        if not isinstance(block, int) or block < 1:
+            raise ValueError(f"block must be an integer >= 1, got {block!r}")
+        if ratio < 0:
+            raise ValueError(f"ratio must be >= 0, got {ratio}")
+        if total_steps is not None and total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        params = list(params)  # shared by both sub-optimizers and this one; a generator would run dry
+        self.fo = _sub_optimizer("fo", fo or {"name": "adamw", "lr": 1e-5}, params, ("first-order", "sign"))
+        self.zo = _sub_optimizer("zo", zo or {"name": "zo", "lr": 1e-6}, params, ("zeroth-order",))
+        self.fo_block, self.zo_block = block, round(block * ratio)
+        self.total_steps = total_steps
+        self.steps_taken = 0
+        self.last_grade: str | None = None
+        super().__init__(params, {"lr": self.lr})  # mirrors the active sub-optimizer, for logging
+
+    def _optimizer_at(self, step_index: int) -> torch.optim.Optimizer:
+        period = self.fo_block + self.zo_block
+        if self.total_steps is None:
+            return self.fo if step_index % period < self.fo_block else self.zo
+        from_end = (self.total_steps - 1 - step_index) % period  # 0 on the last step
+        return self.zo if from_end < self.zo_block else self.fo
+
+    def current_grade(self, step_index: int) -> str:
+        """Grade of the sub-optimizer that runs step ``step_index`` (0-based)."""
+        return self._optimizer_at(step_index).grade  # type: ignore[attr-defined]
+
+    @property
+    def lr(self) -> float:
+        """Learning rate of the sub-optimizer that ran the last step (the next one before any step)."""
+        return float(self._optimizer_at(max(self.steps_taken - 1, 0)).param_groups[0]["lr"])
+
+    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
+        closure = require_closure(closure)
+        opt = self._optimizer_at(self.steps_taken)
+        loss = opt.step(closure)
+        self.steps_taken += 1
+        self.last_grade = opt.grade  # type: ignore[attr-defined]
+        for group in self.param_groups:
+            group["lr"] = self.lr
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fo": self.fo.state_dict(), "zo": self.zo.state_dict(), "steps_taken": self.steps_taken}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.fo.load_state_dict(state_dict["fo"])
+        self.zo.load_state_dict(state_dict["zo"])
+        self.steps_taken = state_dict["steps_taken"]

@@ -1,0 +1,91 @@
+"""The closure protocol shared by every optimizer grade, the registry, and ``build_optimizer``.
+
+The training loop calls ``opt.step(closure)`` whatever the grade: the closure only *evaluates* the loss
+(it never calls ``backward``), so each optimizer decides how often to evaluate it and whether to
+differentiate it. That is what lets first-order, sign, zeroth-order and hybrid optimizers share one loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import torch
+
+Closure = Callable[[], torch.Tensor]
+OptimizerClass = TypeVar("OptimizerClass", bound=type[torch.optim.Optimizer])
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {}
+
+
+def register(name: str) -> Callable[[OptimizerClass], OptimizerClass]:
+    """Class decorator: make the optimizer buildable by ``name``."""
+
+    def add(cls: OptimizerClass) -> OptimizerClass:
+        if name in OPTIMIZERS:  # a silent overwrite would make configs mean different things by import order
+            raise RuntimeError(f"optimizer '{name}' registered twice")
+        OPTIMIZERS[name] = cls
+        return cls
+
+    return add
+
+
+def require_closure(closure: Closure | None) -> Closure:
+    if closure is None:
+        raise ValueError("step() needs a closure that returns the loss tensor (without calling backward)")
+    return closure
+
+
+class BackwardStep:
+    """Mixin in front of a library optimizer: differentiate the closure, then run the library update.
+
+    Written once so no registered first-order or sign optimizer re-implements the protocol (or the math).
+    """
+
+    grade: str = "first-order"
+
+    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
+        closure = require_closure(closure)
+        # The loop may call step() under no_grad (e.g. inside an eval context); backward needs a graph.
+        with torch.enable_grad():
+            loss = closure()
+            loss.backward()
+        super().step()  # type: ignore[misc]  # the library update reads the .grad just filled
+        self.zero_grad(set_to_none=True)  # type: ignore[attr-defined]  # frees grads between steps
+        return loss.detach().float()
+
+
+def trainable(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Materialize ``params`` (generators are single-use) keeping only tensors that require grad."""
+    kept = []
+    for p in params:
+        if not isinstance(p, torch.Tensor):
+            raise ValueError(f"optimizer params must be tensors, got {type(p).__name__}")
+        if p.requires_grad:
+            kept.append(p)
+    if not kept:
+        raise ValueError("no trainable parameters (requires_grad=True) to optimize")
+    return kept
+
+
+def build_optimizer(name: str, params: Iterable[torch.Tensor], **options: Any) -> torch.optim.Optimizer:
+    """Build the optimizer registered as ``name`` over the trainable tensors in ``params``.
+
+    Every user mistake (unknown name, unknown option, bad value) becomes a one-line ``ValueError``.
+    """
+    cls = OPTIMIZERS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown optimizer '{name}'; choose from: {', '.join(sorted(OPTIMIZERS))}")
+    # Checked against the signature rather than left to the constructor: some library optimizers take
+    # **kwargs and would silently ignore a misspelled option.
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    sig = inspect.signature(cls.__init__).parameters
+    valid = sorted(n for n, p in sig.items() if p.kind in kinds and n not in ("self", "params"))
+    for key in options:
+        if key not in valid:
+            raise ValueError(f"unknown option '{key}' for optimizer '{name}'; valid: {', '.join(valid)}")
+    try:
+        return cls(trainable(params), **options)
+    except (TypeError, ValueError) as err:  # e.g. lr given as the string "1e-5" by a YAML config
+        raise ValueError(f"bad options for optimizer '{name}': {err}") from err

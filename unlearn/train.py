@@ -1,0 +1,79 @@
+"""The training loop: batches -> optimizer.step(closure) -> log. It never branches on the grade.
+
+The closure only computes the loss; first-order optimizers differentiate it, zeroth-order ones
+evaluate it at perturbed weights. Each closure call is one forward pass, which is what we log
+alongside wall-clock seconds so grades can be compared on cost.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from tqdm import tqdm
+
+from unlearn.data import Encoded, endless_batches
+from unlearn.errors import UserError
+from unlearn.objectives import Objective
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    forward_passes: int
+    final_loss: float
+
+
+def _lr(optimizer: torch.optim.Optimizer) -> float:
+    lr = getattr(optimizer, "lr", None)
+    return float(lr if lr is not None else optimizer.param_groups[0]["lr"])
+
+
+def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.Optimizer,
+          forget: list[Encoded], retain: list[Encoded] | None, *, pad_id: int, batch_size: int,
+          max_steps: int, seed: int, log_path: Path | None = None, desc: str = "unlearning",
+          progress: bool = True) -> TrainResult:
+    if max_steps < 1:
+        raise UserError(f"max_steps must be >= 1, got {max_steps}")
+    forget_stream = endless_batches(forget, batch_size, pad_id, seed)
+    retain_stream = endless_batches(retain, batch_size, pad_id, seed + 1) if retain else None
+    forwards = 0
+    loss_value = float("nan")
+    start = time.perf_counter()
+    log: TextIO | None = log_path.open("w") if log_path else None
+    try:
+        bar = tqdm(range(1, max_steps + 1), desc=desc, disable=not progress, dynamic_ncols=True)
+        for step in bar:
+            forget_batch = next(forget_stream)
+            retain_batch = next(retain_stream) if retain_stream else None
+            step_forwards = 0
+
+            def closure(fb=forget_batch, rb=retain_batch) -> torch.Tensor:
+                nonlocal step_forwards
+                step_forwards += 1
+                return objective(model, fb, rb)
+
+            t0 = time.perf_counter()
+            loss_value = float(optimizer.step(closure))
+            seconds = time.perf_counter() - t0
+            forwards += step_forwards
+            if not math.isfinite(loss_value):
+                raise UserError(f"loss became {loss_value} at step {step}; lower the learning rate "
+                                f"(--lr) or check the data")
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if log:
+                record = {"step": step, "loss": loss_value, "lr": _lr(optimizer),
+                          "grade": getattr(optimizer, "last_grade", getattr(optimizer, "grade", "unknown")),
+                          "forwards": step_forwards, "seconds": round(seconds, 4)}
+                log.write(json.dumps(record) + "\n")
+    finally:
+        if log:
+            log.close()
+    return TrainResult(steps=max_steps, seconds=time.perf_counter() - start, forward_passes=forwards,
+                       final_loss=loss_value)
