@@ -20,7 +20,12 @@ from unlearn.errors import UserError
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="LLM unlearning robustness toolkit: unlearn, attack, evaluate, report.")
 console = Console()
-err_console = Console(stderr=True)
+
+
+def _fail(message: str, code: int) -> None:
+    # Plain print, not rich: errors must stay on one line whatever the terminal width.
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML file merged over configs/run.yaml.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any config key: train.max_steps=100.")]
@@ -32,6 +37,12 @@ def _setup_torch() -> None:
 
     # Deterministic CPU math and no oversubscription on small machines.
     torch.set_num_threads(int(os.environ.get("UNLEARN_THREADS", os.cpu_count() or 1)))
+    from transformers.utils import logging as hf_logging
+
+    # Our own progress bars say what is happening; per-tensor loading bars and advisory warnings
+    # from transformers would bury them.
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def _markdown_table(rows) -> None:
@@ -171,16 +182,13 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except UserError as err:
-        err_console.print(f"error: {err}", markup=False, highlight=False)
-        sys.exit(2)
+        _fail(str(err), 2)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
     except typer.Abort:
-        err_console.print("aborted")
-        sys.exit(130)
+        _fail("aborted", 130)
     except KeyboardInterrupt:
-        err_console.print("interrupted")
-        sys.exit(130)
+        _fail("interrupted", 130)
     except Exception as err:  # noqa: BLE001 - last line of defence: one line unless debugging
         import click
 
@@ -189,10 +197,8 @@ def main() -> None:
             sys.exit(2)
         if os.environ.get("UNLEARN_DEBUG"):
             traceback.print_exc()
-        else:
-            err_console.print(f"error: internal error ({type(err).__name__}: {err}); "
-                              "set UNLEARN_DEBUG=1 for the traceback", markup=False, highlight=False)
-        sys.exit(1)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        _fail(f"internal error ({type(err).__name__}: {first}); set UNLEARN_DEBUG=1 for the traceback", 1)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from unlearn.errors import UserError
 from unlearn.evaluate import evaluate
 from unlearn.models import load_model, save_model
 from unlearn.objectives import OBJECTIVES, build_objective
-from unlearn.optim import OPTIMIZERS, build_optimizer
+from unlearn.optim import OPTIMIZERS, build_optimizer, check_options
 from unlearn.runs import free_run_dir, staged_dir, write_json_atomic, write_yaml
 from unlearn.train import train
 
@@ -47,9 +47,7 @@ def check_names(cfg: RunConfig) -> None:
     """Fail on typos before minutes of model preparation, not after."""
     if cfg.method["name"] not in OBJECTIVES:
         raise UserError(f"unknown method '{cfg.method['name']}'; choose from: {', '.join(sorted(OBJECTIVES))}")
-    if cfg.optimizer["name"] not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer '{cfg.optimizer['name']}'; "
-                        f"choose from: {', '.join(sorted(OPTIMIZERS))}")
+    _build(check_options, cfg.optimizer["name"], cfg.optimizer_options)
 
 
 def _build(builder, name: str, *args, **options):

@@ -5,7 +5,7 @@ Build by name with ``build_optimizer(name, params, **options)``; ``OPTIMIZERS`` 
 
 from unlearn.optim.first_order import SGD, AdamW
 from unlearn.optim.hybrid import Hybrid
-from unlearn.optim.protocol import OPTIMIZERS, BackwardStep, Closure, build_optimizer, register
+from unlearn.optim.protocol import OPTIMIZERS, BackwardStep, Closure, build_optimizer, check_options, register
 from unlearn.optim.sign import SignSGD
 from unlearn.optim.zo import ZerothOrder
 
@@ -19,5 +19,6 @@ __all__ = [
     "SignSGD",
     "ZerothOrder",
     "build_optimizer",
+    "check_options",
     "register",
 ]

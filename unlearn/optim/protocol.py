@@ -69,11 +69,9 @@ def trainable(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return kept
 
 
-def build_optimizer(name: str, params: Iterable[torch.Tensor], **options: Any) -> torch.optim.Optimizer:
-    """Build the optimizer registered as ``name`` over the trainable tensors in ``params``.
-
-    Every user mistake (unknown name, unknown option, bad value) becomes a one-line ``ValueError``.
-    """
+def check_options(name: str, options: dict[str, Any]) -> type[torch.optim.Optimizer]:
+    """The class registered as ``name``, after checking ``options`` against its constructor; cheap, so
+    callers can validate a config before spending minutes on anything else."""
     cls = OPTIMIZERS.get(name)
     if cls is None:
         raise ValueError(f"unknown optimizer '{name}'; choose from: {', '.join(sorted(OPTIMIZERS))}")
@@ -85,6 +83,15 @@ def build_optimizer(name: str, params: Iterable[torch.Tensor], **options: Any) -
     for key in options:
         if key not in valid:
             raise ValueError(f"unknown option '{key}' for optimizer '{name}'; valid: {', '.join(valid)}")
+    return cls
+
+
+def build_optimizer(name: str, params: Iterable[torch.Tensor], **options: Any) -> torch.optim.Optimizer:
+    """Build the optimizer registered as ``name`` over the trainable tensors in ``params``.
+
+    Every user mistake (unknown name, unknown option, bad value) becomes a one-line ``ValueError``.
+    """
+    cls = check_options(name, options)
     try:
         return cls(trainable(params), **options)
     except (TypeError, ValueError) as err:  # e.g. lr given as the string "1e-5" by a YAML config

@@ -1,0 +1,103 @@
+"""The command line on a tiny model: a full run, the report, and every kind of bad input.
+
+Bad input must give one line on stderr, exit code 2, no traceback and no run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+TINY_BENCH = ["--set", "benchmark.people=[2,2,4]", "--set", "benchmark.cities=[1,1,2]",
+              "--set", "benchmark.organizations=[1,1,2]", "--set", "benchmark.prepare.epochs=1",
+              "--set", "eval.max_new_tokens=4"]
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "UNLEARN_CACHE": str(cwd / "cache"), "UNLEARN_THREADS": "2"}
+    env.pop("UNLEARN_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "unlearn.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, message: str, cwd: Path) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    runs = cwd / "runs"
+    assert not runs.exists() or not any(runs.iterdir()), list(runs.iterdir())
+
+
+def test_full_run_eval_and_report(tmp_path, tiny_model_dir):
+    result = cli("run", "--method", "npo", "--optimizer", "adamw", "--model", str(tiny_model_dir),
+                 "--steps", "3", "--batch-size", "2", "-q", *TINY_BENCH, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "runs" / "npo-adamw"
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "log.jsonl", "metrics.json", "model"]
+    assert "| npo-adamw | npo | adamw |" in result.stdout
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["forwards"] == 1 for r in log)
+    metrics = json.loads((run / "metrics.json").read_text())
+    for split in ("forget", "retain", "holdout"):
+        assert 0.0 <= metrics["metrics"][f"{split}/mcq_acc"] <= 1.0
+    assert metrics["train"]["steps"] == 3 and "forget/mcq_acc" in metrics["target"]
+    AutoModelForCausalLM.from_pretrained(run / "model")  # plain transformers can load it
+
+    again = cli("run", "--method", "npo", "--optimizer", "adamw", "--model", str(tiny_model_dir),
+                "--steps", "1", "--batch-size", "2", "-q", *TINY_BENCH, cwd=tmp_path)
+    assert again.returncode == 0 and (tmp_path / "runs" / "npo-adamw-2").is_dir()  # never clobbers
+
+    evaluated = cli("eval", "--run", str(run), "-q", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "forget/mcq_acc" in evaluated.stdout
+
+    report = cli("report", "runs", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    csv_lines = (tmp_path / "runs" / "report.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 1 + 2  # header, target row, two runs
+    assert (tmp_path / "runs" / "report.md").read_text().count("\n") == 4 + 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "bogus", "--optimizer", "adamw"], "unknown method 'bogus'"),
+    (["--method", "npo", "--optimizer", "bogus"], "unknown optimizer 'bogus'"),
+    (["--method", "npo", "--optimizer", "adamw", "--model", "./no/such/model"], "does not exist"),
+    (["--method", "npo", "--optimizer", "adamw", "--set", "benchmark.people=[0,2,4]",
+      "--set", "benchmark.cities=[0,2,2]", "--set", "benchmark.organizations=[0,2,2]"], "forget split is empty"),
+    (["--method", "npo", "--optimizer", "adamw", "--set", "method.betta=1"], "bad option for method 'npo'"),
+    (["--method", "npo", "--optimizer", "adamw", "--set", "optimizer.momentum=0.9"],
+     "optimizer 'adamw'"),
+])
+def test_bad_run_input(tmp_path, tiny_model_dir, args, message):
+    model = [] if "--model" in args else ["--model", str(tiny_model_dir)]
+    result = cli("run", "-q", *model, *TINY_BENCH, *args, cwd=tmp_path)  # later --set wins
+    assert_user_error(result, message, tmp_path)
+
+
+def test_malformed_yaml(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train: {max_steps: [\n")
+    result = cli("run", "--method", "npo", "--optimizer", "adamw", "--config", "bad.yaml", cwd=tmp_path)
+    assert_user_error(result, "malformed YAML in bad.yaml", tmp_path)
+
+
+def test_nan_loss_leaves_no_run_folder(tmp_path, tiny_model_dir):
+    result = cli("run", "--method", "npo", "--optimizer", "adamw", "--model", str(tiny_model_dir),
+                 "--steps", "2", "--set", "method.alpha=.nan", "-q", *TINY_BENCH, cwd=tmp_path)
+    assert_user_error(result, "loss became nan at step 1", tmp_path)
+
+
+def test_eval_and_report_errors(tmp_path):
+    assert_user_error(cli("eval", "--run", "runs/missing", cwd=tmp_path), "does not exist", tmp_path)
+    (tmp_path / "runs" / "empty-run").mkdir(parents=True)
+    result = cli("eval", "--run", "runs/empty-run", cwd=tmp_path)
+    assert result.returncode == 2 and "has no model/" in result.stderr
+    result = cli("report", "runs", cwd=tmp_path)
+    assert result.returncode == 2 and "no runs with metrics.json" in result.stderr
