@@ -8,7 +8,7 @@ def test_precedence_defaults_then_component_yaml_then_flags_then_set(tmp_path):
     user = tmp_path / "exp.yaml"
     user.write_text("train: {max_steps: 7}\noptimizer: {name: adamw, lr: 3.0e-5}\n")
     cfg = load_run_config("npo", None, user, {"train.batch_size": 2}, ["method.beta=0.5", "optimizer.lr=1e-4"])
-    assert cfg.method == {"beta": 0.5, "gamma": 1.0, "alpha": 1.0, "name": "npo"}
+    assert cfg.method == {"beta": 0.5, "gamma": 1.0, "alpha": 2.0, "name": "npo"}
     assert cfg.optimizer["name"] == "adamw" and cfg.optimizer["lr"] == 1e-4  # 1e-4 parsed as a float
     assert cfg.train.max_steps == 7 and cfg.train.batch_size == 2
 

