@@ -53,8 +53,8 @@ def _markdown_table(rows) -> None:
 
 @app.command()
 def run(
-    method: Annotated[str | None, typer.Option(help="Unlearning objective: npo, graddiff, gradascent, simnpo, rmu.")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="Optimizer grade: adamw, sgd, signsgd, zo, hybrid.")] = None,
+    method: Annotated[str | None, typer.Option(help="Objective: npo, graddiff, gradascent, simnpo, rmu.")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="Optimizer: adamw, sgd, signsgd, zo, hybrid.")] = None,
     model: Annotated[str | None, typer.Option(help="Hub id, local HF folder, or smollm2-135m.")] = None,
     benchmark: Annotated[str | None, typer.Option(help="Benchmark (embedded).")] = None,
     steps: Annotated[int | None, typer.Option(help="Unlearning steps (train.max_steps).")] = None,
