@@ -48,7 +48,7 @@ def _setup_torch() -> None:
 def _markdown_table(rows) -> None:
     from benchmarks.report import markdown
 
-    console.print(markdown(rows), markup=False, highlight=False)
+    print(markdown(rows))  # plain print: rich would wrap table rows at the terminal width
 
 
 @app.command()
@@ -138,7 +138,7 @@ def report(
 
     rows = collect(runs_dir)
     table = markdown(rows)
-    console.print(table, markup=False, highlight=False)
+    print(table)
     (runs_dir / "report.md").write_text(table + "\n")
     (csv_path or runs_dir / "report.csv").write_text(to_csv(rows))
     console.print(f"wrote {runs_dir / 'report.md'} and {csv_path or runs_dir / 'report.csv'}")

@@ -54,7 +54,7 @@ class Hybrid(torch.optim.Optimizer):
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         params = list(params)  # shared by both sub-optimizers and this one; a generator would run dry
         self.fo = _sub_optimizer("fo", fo or {"name": "adamw", "lr": 1e-5}, params, ("first-order", "sign"))
-        self.zo = _sub_optimizer("zo", zo or {"name": "zo", "lr": 1e-6}, params, ("zeroth-order",))
+        self.zo = _sub_optimizer("zo", zo or {"name": "zo", "lr": 1e-5}, params, ("zeroth-order",))
         self.fo_block, self.zo_block = block, round(block * ratio)
         self.total_steps = total_steps
         self.steps_taken = 0
