@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -38,7 +39,8 @@ def _lr(optimizer: torch.optim.Optimizer) -> float:
 def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.Optimizer,
           forget: list[Encoded], retain: list[Encoded] | None, *, pad_id: int, batch_size: int,
           max_steps: int, seed: int, log_path: Path | None = None, desc: str = "unlearning",
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, after_step: Callable[[int], None] | None = None) -> TrainResult:
+    """`after_step(step)` runs after each step, outside the timed region (e.g. checkpoint evaluations)."""
     if max_steps < 1:
         raise UserError(f"max_steps must be >= 1, got {max_steps}")
     forget_stream = endless_batches(forget, batch_size, pad_id, seed)
@@ -72,6 +74,10 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
                           "grade": getattr(optimizer, "last_grade", getattr(optimizer, "grade", "unknown")),
                           "forwards": step_forwards, "seconds": round(seconds, 4)}
                 log.write(json.dumps(record) + "\n")
+            if after_step is not None:
+                paused = time.perf_counter()
+                after_step(step)
+                start += time.perf_counter() - paused  # evaluations are not training time
     finally:
         if log:
             log.close()
