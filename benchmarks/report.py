@@ -1,4 +1,8 @@
-"""Report tables: one row per run folder, as Markdown (printed) and CSV (written)."""
+"""Report tables: one row per run folder, as Markdown (printed) and CSV (written).
+
+Attack results found under runs/<name>/attacks/ add robustness columns: forget accuracy after
+8-bit and 4-bit quantization and after relearning, and the relearning recovery ratio.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,60 @@ from unlearn.runs import read_json
 COLUMNS = [("run", "run"), ("method", "method"), ("optimizer", "optimizer"),
            ("forget/mcq_acc", "forget ↓"), ("retain/mcq_acc", "retain ↑"), ("holdout/mcq_acc", "holdout"),
            ("forget/rougeL", "forget ROUGE-L ↓"), ("retain/rougeL", "retain ROUGE-L ↑"),
-           ("retain/perplexity", "perplexity"), ("steps", "steps"), ("seconds", "seconds")]
+           ("retain/perplexity", "perplexity"), ("steps", "steps"), ("seconds", "seconds"),
+           ("attack/bnb-8bit", "forget 8-bit"), ("attack/bnb-4bit-nf4", "forget 4-bit"),
+           ("attack/relearn", "forget relearned (unseen)"), ("attack/relearn_steps", "relearn steps"),
+           ("attack/relearn_recovery", "relearn recovery")]
+
+
+def attack_columns(run_dir: Path) -> dict[str, Any]:
+    """Robustness columns from runs/<name>/attacks/*/metrics.json (absent attacks stay empty)."""
+    out: dict[str, Any] = {}
+    for name in ("bnb-8bit", "bnb-4bit-nf4"):
+        path = run_dir / "attacks" / name / "metrics.json"
+        if path.is_file():
+            out[f"attack/{name}"] = read_json(path)["metrics"].get("forget/mcq_acc")
+    path = run_dir / "attacks" / "relearn" / "metrics.json"
+    if path.is_file():
+        record = read_json(path)
+        out["attack/relearn"] = record["curve"][-1]["forget_unseen_acc"]
+        out["attack/relearn_steps"] = record["curve"][-1]["step"]
+        out["attack/relearn_recovery"] = (record.get("recovery") or {}).get("ratio")
+    return out
+
+
+def relearn_curves(runs_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """run name -> [(step, forget accuracy on unseen facts)], for runs that were relearn-attacked."""
+    curves = {}
+    for folder in _run_folders(runs_dir):
+        path = folder / "attacks" / "relearn" / "metrics.json"
+        if path.is_file():
+            curves[folder.name] = [(p["step"], p["forget_unseen_acc"]) for p in read_json(path)["curve"]]
+    return curves
+
+
+def plot_relearn_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in sorted(curves.items()):
+        ax.plot([s for s, _ in points], [a for _, a in points], marker="o", label=name)
+    ax.axhline(0.25, color="grey", linestyle=":", label="chance (4 options)")
+    ax.set_xlabel("relearning steps")
+    ax.set_ylabel("forget MCQ accuracy on unseen facts")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Relearning attack: recovery of unseen forget facts")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _run_folders(runs_dir: Path) -> list[Path]:
+    return sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def row_from(name: str, record: dict[str, Any]) -> dict[str, Any]:
@@ -23,7 +80,7 @@ def row_from(name: str, record: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"run": name, "method": record.get("method", "?"),
                            "optimizer": record.get("optimizer", "?"),
                            "steps": train.get("steps"), "seconds": train.get("seconds")}
-    row.update({key: metrics.get(key) for key, _ in COLUMNS if "/" in key})
+    row.update({key: metrics.get(key) for key, _ in COLUMNS if "/" in key and not key.startswith("attack/")})
     return row
 
 
@@ -32,11 +89,11 @@ def collect(runs_dir: Path) -> list[dict[str, Any]]:
         raise UserError(f"runs folder {runs_dir} does not exist")
     rows: list[dict[str, Any]] = []
     target: dict[str, Any] | None = None
-    for folder in sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for folder in _run_folders(runs_dir):
         if not (folder / "metrics.json").is_file():
             continue
         record = read_json(folder / "metrics.json")
-        rows.append(row_from(folder.name, record))
+        rows.append(row_from(folder.name, record) | attack_columns(folder))
         if target is None and record.get("target"):
             target = row_from("(target, before unlearning)", {"method": "—", "optimizer": "—",
                                                               "metrics": record["target"]})
@@ -53,16 +110,41 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Attack columns only appear once some run has been attacked: no walls of n/a."""
+    return [(k, t) for k, t in COLUMNS if not k.startswith("attack/") or any(r.get(k) is not None for r in rows)]
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |",
-             "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_fmt(row.get(key)) for key, _ in COLUMNS) + " |" for row in rows]
+    columns = _columns(rows)
+    lines = ["| " + " | ".join(title for _, title in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_fmt(row.get(key)) for key, _ in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
+    columns = _columns(rows)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([title for _, title in COLUMNS])
-    writer.writerows([[row.get(key) if row.get(key) is not None else "" for key, _ in COLUMNS] for row in rows])
+    writer.writerow([title for _, title in columns])
+    writer.writerows([[row.get(key) if row.get(key) is not None else "" for key, _ in columns] for row in rows])
     return buffer.getvalue()
+
+
+def write_report(runs_dir: Path, csv_path: Path | None = None) -> tuple[str, list[Path]]:
+    """Table as Markdown (returned, and saved with the plot as report.md) and as CSV."""
+    rows = collect(runs_dir)
+    table = markdown(rows)
+    written = [runs_dir / "report.md", csv_path or runs_dir / "report.csv"]
+    page = ["# Unlearning report", "", table, ""]
+    curves = relearn_curves(runs_dir)
+    if curves:
+        plot_relearn_curves(curves, runs_dir / "relearn_curves.png")
+        written.append(runs_dir / "relearn_curves.png")
+        page += ["Recovery ratio = (acc_attacked − acc_unlearned) / (acc_target − acc_unlearned), on forget facts "
+                 "not used for relearning: 0 = nothing came back, 1 = all of it.", "",
+                 "![relearning recovery curves](relearn_curves.png)", ""]
+    written[0].write_text("\n".join(page))
+    written[1].write_text(to_csv(rows))
+    return table, written

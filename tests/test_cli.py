@@ -63,7 +63,9 @@ def test_full_run_eval_and_report(tmp_path, tiny_model_dir):
     assert report.returncode == 0, report.stderr
     csv_lines = (tmp_path / "runs" / "report.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 1 + 2  # header, target row, two runs
-    assert (tmp_path / "runs" / "report.md").read_text().count("\n") == 4 + 1
+    page = (tmp_path / "runs" / "report.md").read_text()
+    assert sum(line.startswith("|") for line in page.splitlines()) == 2 + 3  # header, rule, 3 rows
+    assert "forget 4-bit" not in page  # no attack columns before any attack ran
 
 
 @pytest.mark.parametrize("args, message", [

@@ -19,7 +19,7 @@ from unlearn.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="LLM unlearning robustness toolkit: unlearn, attack, evaluate, report.")
-console = Console()
+console = Console(soft_wrap=True)  # long paths and table rows must not be wrapped
 
 
 def _fail(message: str, code: int) -> None:
@@ -88,6 +88,26 @@ def run(
     console.print(f"run saved to {outcome.run_dir}/ (model/, metrics.json, log.jsonl, config.yaml)")
 
 
+def _subject(run_dir: Path | None, model: str | None, config: Path | None, set_: list[str] | None):
+    """The model under evaluation or attack: a run folder, or any model on the configured benchmark."""
+    from attacks.runner import Subject, subject_from_run
+    from unlearn.config import load_run_config
+    from unlearn.pipeline import load_task
+
+    if (run_dir is None) == (model is None):
+        raise UserError("give exactly one of --run RUN_DIR or --model MODEL")
+    if run_dir is not None:
+        return subject_from_run(run_dir, load_task)
+    cfg = load_run_config(None, None, config, {}, set_)  # only the benchmark and eval sections matter here
+    return Subject(model_spec=model, task=load_task(cfg.benchmark), run_dir=None, unlearned=None, target=None,
+                   target_model=None, eval_settings=cfg.eval.__dict__)
+
+
+def _print_metrics(metrics: dict[str, float]) -> None:
+    for key, value in metrics.items():
+        console.print(f"{key:40s} {value:.4f}", markup=False, highlight=False)
+
+
 @app.command("eval")
 def eval_(
     run_dir: Annotated[Path | None, typer.Option("--run", help="Run folder to (re)evaluate.")] = None,
@@ -97,35 +117,82 @@ def eval_(
     quiet: QuietOpt = False,
 ) -> None:
     """Evaluate a run's model (rewrites its metrics.json) or any model (prints metrics)."""
-    from unlearn.config import load_run_config, read_yaml
     from unlearn.evaluate import evaluate
     from unlearn.models import load_model
-    from unlearn.pipeline import load_task
     from unlearn.runs import read_json, write_json_atomic
 
-    if (run_dir is None) == (model is None):
-        raise UserError("give exactly one of --run RUN_DIR or --model MODEL")
-    if run_dir is not None:
-        if not run_dir.is_dir():
-            raise UserError(f"run folder {run_dir} does not exist")
-        if not (run_dir / "model" / "config.json").is_file():
-            raise UserError(f"run folder {run_dir} has no model/ (was it written by `unlearn run`?)")
-        saved = read_yaml(run_dir / "config.yaml")
-        benchmark, spec = saved.get("benchmark", {}), str(run_dir / "model")
-        eval_cfg = saved.get("eval", {})
-    else:
-        cfg = load_run_config("npo", "adamw", config, {}, set_)  # only benchmark/eval sections matter
-        benchmark, spec, eval_cfg = cfg.benchmark, model, cfg.eval.__dict__
+    subject = _subject(run_dir, model, config, set_)
     _setup_torch()
-    task = load_task(benchmark)
-    loaded = load_model(spec)
-    metrics = evaluate(loaded.model, loaded.tokenizer, task, int(eval_cfg.get("batch_size", 64)),
-                       int(eval_cfg.get("max_new_tokens", 16)), progress=not quiet)
-    if run_dir is not None:
-        record = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
-        write_json_atomic(run_dir / "metrics.json", record | {"metrics": metrics})
-    for key, value in metrics.items():
-        console.print(f"{key:40s} {value:.4f}", markup=False, highlight=False)
+    loaded = load_model(subject.model_spec)
+    metrics = evaluate(loaded.model, loaded.tokenizer, subject.task, int(subject.eval_settings.get("batch_size", 64)),
+                       int(subject.eval_settings.get("max_new_tokens", 16)), progress=not quiet)
+    if subject.run_dir is not None:
+        path = subject.run_dir / "metrics.json"
+        write_json_atomic(path, (read_json(path) if path.is_file() else {}) | {"metrics": metrics})
+    _print_metrics(metrics)
+
+
+QUANTIZE_CHOICES = {"4bit": ("bnb", 4), "8bit": ("bnb", 8), "rtn2": ("rtn", 2), "rtn3": ("rtn", 3),
+                    "rtn4": ("rtn", 4), "rtn8": ("rtn", 8)}
+
+
+@app.command()
+def attack(
+    run_dir: Annotated[Path | None, typer.Option("--run", help="Run folder to attack.")] = None,
+    model: Annotated[str | None, typer.Option(help="Attack any model instead of a run (results printed only).")] = None,
+    quantize: Annotated[str | None, typer.Option(
+        help="4bit (bitsandbytes NF4/FP4), 8bit (LLM.int8), or rtn2/rtn3/rtn4/rtn8 (round-to-nearest).")] = None,
+    quant_type: Annotated[str, typer.Option(help="4-bit data type: nf4 or fp4.")] = "nf4",
+    group_size: Annotated[int | None, typer.Option(help="RTN group size (default: per output channel).")] = None,
+    relearn: Annotated[bool, typer.Option("--relearn", help="Fine-tune on part of the forget set.")] = False,
+    samples: Annotated[int | None, typer.Option(help="Forget facts to relearn on (default: half).")] = None,
+    steps: Annotated[int, typer.Option(help="Relearning steps.")] = 50,
+    lr: Annotated[float, typer.Option(help="Relearning learning rate (AdamW).")] = 2e-5,
+    batch_size: Annotated[int, typer.Option(help="Relearning batch size.")] = 4,
+    lora: Annotated[bool, typer.Option("--lora", help="Relearn through a LoRA adapter.")] = False,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
+    out_of_domain: Annotated[bool, typer.Option("--out-of-domain", help="Relearn on retain facts instead.")] = False,
+    checkpoints: Annotated[str, typer.Option(help="Steps at which to measure recovery.")] = "0,10,25,50,100",
+    seed: Annotated[int, typer.Option(help="Seed for the relearning split and data order.")] = 0,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Attack an unlearned model by quantizing it or by relearning, and score it like `unlearn eval`."""
+    from attacks.quantize import QuantSpec
+    from attacks.relearn import RelearnSettings
+    from attacks.runner import quantize_attack, relearn_attack
+
+    if (quantize is None) == (not relearn):
+        raise UserError("choose one attack: --quantize BITS or --relearn")
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise UserError(f"unsupported --quantize '{quantize}'; choose from: {', '.join(QUANTIZE_CHOICES)}")
+    try:
+        points = [int(x) for x in checkpoints.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--checkpoints expects comma-separated integers, got '{checkpoints}'") from None
+    subject = _subject(run_dir, model, config, set_)
+    _setup_torch()
+    if quantize is not None:
+        method, bits = QUANTIZE_CHOICES[quantize]
+        spec = QuantSpec(method=method, bits=bits, quant_type=quant_type, group_size=group_size)
+        record, folder = quantize_attack(subject, spec, progress=not quiet)
+    else:
+        settings = RelearnSettings(samples=samples, steps=steps, lr=lr, batch_size=batch_size, lora=lora,
+                                   lora_rank=lora_rank, domain="retain" if out_of_domain else "forget",
+                                   checkpoints=points, seed=seed)
+        record, folder = relearn_attack(subject, settings, progress=not quiet)
+        for point in record["curve"]:
+            console.print(f"step {point['step']:4d}  forget (unseen) acc {point['forget_unseen_acc']:.3f}  "
+                          f"retain acc {point['retain_acc']:.3f}")
+    _print_metrics(record["metrics"])
+    recovery = record.get("recovery")
+    if recovery:
+        ratio = recovery["ratio"]
+        console.print(f"recovery ratio ({recovery['measured_on']}): "
+                      + (f"{ratio:.3f}" if ratio is not None else recovery["note"]))
+    if folder is not None:
+        console.print(f"wrote {folder / 'metrics.json'}")
 
 
 @app.command()
@@ -134,14 +201,11 @@ def report(
     csv_path: Annotated[Path | None, typer.Option("--csv", help="CSV output (default RUNS_DIR/report.csv).")] = None,
 ) -> None:
     """One Markdown row per run (printed, and saved as report.md) plus the same as CSV."""
-    from benchmarks.report import collect, markdown, to_csv
+    from benchmarks.report import write_report
 
-    rows = collect(runs_dir)
-    table = markdown(rows)
+    table, written = write_report(runs_dir, csv_path)
     print(table)
-    (runs_dir / "report.md").write_text(table + "\n")
-    (csv_path or runs_dir / "report.csv").write_text(to_csv(rows))
-    console.print(f"wrote {runs_dir / 'report.md'} and {csv_path or runs_dir / 'report.csv'}")
+    console.print("wrote " + ", ".join(str(p) for p in written))
 
 
 @app.command()

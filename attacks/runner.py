@@ -1,0 +1,114 @@
+"""Run an attack against a run folder (or any model) and record it like `unlearn eval` does.
+
+Results go to runs/<name>/attacks/<attack>/metrics.json, staged and renamed into place, with the
+same metrics as `unlearn eval` plus a recovery ratio:
+    (acc_attacked - acc_unlearned) / (acc_target - acc_unlearned)
+0 = nothing came back, 1 = everything did. It is undefined (reported as null, with the reason)
+when unlearning removed nothing, since then there is nothing to recover.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from attacks.quantize import QuantSpec, load_quantized
+from attacks.relearn import RelearnSettings, relearn, unseen_accuracy
+from benchmarks.embedded import TaskData
+from unlearn.errors import UserError
+from unlearn.evaluate import evaluate
+from unlearn.models import load_model
+from unlearn.runs import read_json, staged_dir, write_json_atomic
+
+
+@dataclass
+class Subject:
+    """What is attacked: a model, the benchmark it is scored on, and (for runs) where results go."""
+
+    model_spec: str
+    task: TaskData
+    run_dir: Path | None
+    unlearned: dict[str, float] | None  # metrics of the unlearned model, from the run
+    target: dict[str, float] | None  # metrics of the target model before unlearning
+    target_model: str | None
+    eval_settings: dict[str, Any]
+
+
+def recovery_ratio(attacked: float, unlearned: float, target: float) -> tuple[float | None, str]:
+    gap = target - unlearned
+    if gap <= 1e-9:
+        return None, "undefined: unlearning did not lower accuracy below the target's"
+    return (attacked - unlearned) / gap, "ok"
+
+
+def _finish(subject: Subject, name: str, record: dict[str, Any]) -> Path | None:
+    if subject.run_dir is None:
+        return None
+    final = subject.run_dir / "attacks" / name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with staged_dir(final, overwrite=True) as stage:
+        write_json_atomic(stage / "metrics.json", record)
+    return final
+
+
+def _evaluate(model, tokenizer, subject: Subject, progress: bool) -> dict[str, float]:
+    return evaluate(model, tokenizer, subject.task, int(subject.eval_settings.get("batch_size", 64)),
+                    int(subject.eval_settings.get("max_new_tokens", 16)), progress=progress)
+
+
+def quantize_attack(subject: Subject, spec: QuantSpec, progress: bool = True) -> tuple[dict[str, Any], Path | None]:
+    started = time.perf_counter()
+    loaded = load_model(subject.model_spec)  # tokenizer + a validity check of the folder
+    model = load_quantized(loaded.source, spec)
+    del loaded.model
+    metrics = _evaluate(model, loaded.tokenizer, subject, progress)
+    record: dict[str, Any] = {"attack": spec.name, "kind": "quantize", "spec": spec.__dict__ | {"name": spec.name},
+                              "metrics": metrics, "seconds": round(time.perf_counter() - started, 1)}
+    if subject.unlearned and subject.target:
+        ratio, why = recovery_ratio(metrics["forget/mcq_acc"], subject.unlearned["forget/mcq_acc"],
+                                    subject.target["forget/mcq_acc"])
+        record["recovery"] = {"ratio": ratio, "note": why, "measured_on": "forget split"}
+    return record, _finish(subject, spec.name, record)
+
+
+def relearn_attack(subject: Subject, settings: RelearnSettings,
+                   progress: bool = True) -> tuple[dict[str, Any], Path | None]:
+    started = time.perf_counter()
+    loaded = load_model(subject.model_spec)
+    model, info = relearn(loaded.model, loaded.tokenizer, subject.task, settings, progress=progress)
+    metrics = _evaluate(model, loaded.tokenizer, subject, progress)
+    record: dict[str, Any] = {"attack": settings.name, "kind": "relearn", **info, "metrics": metrics}
+    unseen = info["unseen_forget_indices"]
+    unlearned_acc, attacked_acc = info["curve"][0]["forget_unseen_acc"], info["curve"][-1]["forget_unseen_acc"]
+    if subject.target_model:
+        # The target's accuracy on exactly the unseen facts: the ratio compares like with like.
+        target = load_model(subject.target_model)
+        target_acc = unseen_accuracy(target.model, target.tokenizer, subject.task, unseen)
+        del target
+        record["recovery"] = {"measured_on": "forget facts not used for relearning",
+                              "target_acc": target_acc, "unlearned_acc": unlearned_acc,
+                              "attacked_acc": attacked_acc}
+        per_step = []
+        for point in info["curve"]:
+            ratio, _ = recovery_ratio(point["forget_unseen_acc"], unlearned_acc, target_acc)
+            per_step.append({"step": point["step"], "ratio": ratio})
+        ratio, why = recovery_ratio(attacked_acc, unlearned_acc, target_acc)
+        record["recovery"] |= {"ratio": ratio, "note": why, "curve": per_step}
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    return record, _finish(subject, settings.name, record)
+
+
+def subject_from_run(run_dir: Path, load_task) -> Subject:
+    from unlearn.config import read_yaml
+
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist")
+    if not (run_dir / "model" / "config.json").is_file():
+        raise UserError(f"run folder {run_dir} has no model/ (was it written by `unlearn run`?)")
+    saved = read_yaml(run_dir / "config.yaml")
+    record = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
+    return Subject(model_spec=str(run_dir / "model"), task=load_task(saved.get("benchmark", {})), run_dir=run_dir,
+                   unlearned=record.get("metrics"), target=record.get("target"),
+                   target_model=saved.get("target_model"), eval_settings=saved.get("eval", {}))
