@@ -39,3 +39,14 @@ def test_bad_override_and_missing_file(tmp_path):
         load_run_config("npo", "adamw", overrides=["no_equals_sign"])
     with pytest.raises(UserError, match="does not exist"):
         load_run_config("npo", "adamw", tmp_path / "missing.yaml")
+
+
+def test_method_run_recipe_sits_below_user_settings():
+    cfg = load_run_config("rmu")
+    assert cfg.optimizer["name"] == "adamw" and cfg.optimizer["lr"] == 1e-3 and cfg.train.max_steps == 150
+    assert "run" not in cfg.method
+    cfg = load_run_config("rmu", flags={"optimizer.lr": 5e-4, "train.max_steps": 10})
+    assert cfg.optimizer["lr"] == 5e-4 and cfg.train.max_steps == 10
+    cfg = load_run_config("rmu", "zo")  # another optimizer: its own defaults, not the recipe's lr
+    assert cfg.optimizer["name"] == "zo" and cfg.optimizer["lr"] == 1e-5
+    assert load_run_config("npo").train.max_steps == 60

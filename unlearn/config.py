@@ -120,9 +120,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node[leaf] = value
 
 
-def _component(kind: str, name: str | None, *layers: dict[str, Any]) -> dict[str, Any]:
-    """method/optimizer section: that name's YAML defaults, then each layer's options on top.
-    A layer naming a different component (e.g. run.yaml's default) contributes nothing."""
+def _sections(kind: str, layers: tuple[dict[str, Any], ...]) -> list[dict[str, Any]]:
     sections = []
     for layer in layers:
         section = layer.get(kind) or {}
@@ -131,12 +129,28 @@ def _component(kind: str, name: str | None, *layers: dict[str, Any]) -> dict[str
         if not isinstance(section, dict):
             raise UserError(f"config '{kind}' must be a name or a mapping")
         sections.append(section)
-    chosen = name or next((s["name"] for s in reversed(sections) if s.get("name")), None)
+    return sections
+
+
+def _chosen(kind: str, name: str | None, *layers: dict[str, Any]) -> str:
+    """The component name: the explicit flag, else the last layer that names one."""
+    chosen = name or next((s["name"] for s in reversed(_sections(kind, layers)) if s.get("name")), None)
     if not chosen:
         raise UserError(f"no {kind} given: pass --{kind} NAME")
-    defaults_file = CONFIG_DIR / kind / f"{chosen}.yaml"
-    out = read_yaml(defaults_file) if defaults_file.is_file() else {}
-    for section in sections:
+    return chosen
+
+
+def _defaults(kind: str, name: str) -> dict[str, Any]:
+    path = CONFIG_DIR / kind / f"{name}.yaml"
+    return read_yaml(path) if path.is_file() else {}
+
+
+def _component(kind: str, name: str | None, *layers: dict[str, Any]) -> dict[str, Any]:
+    """method/optimizer section: that name's YAML defaults, then each layer's options on top.
+    A layer naming a different component (e.g. run.yaml's default) contributes nothing."""
+    chosen = _chosen(kind, name, *layers)
+    out = {k: v for k, v in _defaults(kind, chosen).items() if k != "run"}
+    for section in _sections(kind, layers):
         if section.get("name") in (None, chosen):
             out = merge(out, {k: v for k, v in section.items() if k != "name"})
     return {**out, "name": chosen}
@@ -156,8 +170,7 @@ def load_run_config(method: str | None = None, optimizer: str | None = None,
                     config_file: Path | None = None, flags: dict[str, Any] | None = None,
                     overrides: list[str] | None = None) -> RunConfig:
     raw = read_yaml(CONFIG_DIR / "run.yaml")
-    if config_file is not None:
-        raw = merge(raw, read_yaml(config_file))
+    user = read_yaml(config_file) if config_file is not None else {}
     # Flags and --set go into their own layer so that they win over the chosen method's and
     # optimizer's YAML defaults, which are only known once the names are settled.
     cli: dict[str, Any] = {}
@@ -166,6 +179,13 @@ def load_run_config(method: str | None = None, optimizer: str | None = None,
             apply_override(cli, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
     for assignment in overrides or []:
         apply_override(cli, assignment)
+    # A method may need different run settings (RMU: another learning rate and more steps); its YAML's
+    # `run:` section sits right above run.yaml, below everything the user says.
+    recipe = _defaults("method", _chosen("method", method, raw, user, cli)).get("run") or {}
+    if not isinstance(recipe, dict):
+        raise UserError(f"the 'run' section of configs/method/{_chosen('method', method, raw, user, cli)}.yaml "
+                        "must be a mapping")
+    raw = merge(merge(raw, recipe), user)
     components = {kind: _component(kind, chosen, raw, cli)
                   for kind, chosen in (("method", method), ("optimizer", optimizer))}
     raw = merge(raw, cli)
