@@ -75,6 +75,10 @@ def quantize_attack(subject: Subject, spec: QuantSpec, progress: bool = True) ->
 
 def relearn_attack(subject: Subject, settings: RelearnSettings,
                    progress: bool = True) -> tuple[dict[str, Any], Path | None]:
+    if subject.target_model and not Path(subject.target_model).is_dir():
+        # Checked before minutes of fine-tuning: the recovery ratio needs the target model at the end.
+        raise UserError(f"the run's target model {subject.target_model} is gone (cache cleared?); "
+                        "recreate it with `unlearn prepare` using the run's config")
     started = time.perf_counter()
     loaded = load_model(subject.model_spec)
     model, info = relearn(loaded.model, loaded.tokenizer, subject.task, settings, progress=progress)
