@@ -19,7 +19,7 @@ from attacks.relearn import RelearnSettings, relearn, unseen_accuracy
 from benchmarks.embedded import TaskData
 from unlearn.errors import UserError
 from unlearn.evaluate import evaluate
-from unlearn.models import load_model
+from unlearn.models import load_model, load_tokenizer
 from unlearn.runs import read_json, staged_dir, write_json_atomic
 
 
@@ -60,10 +60,9 @@ def _evaluate(model, tokenizer, subject: Subject, progress: bool) -> dict[str, f
 
 def quantize_attack(subject: Subject, spec: QuantSpec, progress: bool = True) -> tuple[dict[str, Any], Path | None]:
     started = time.perf_counter()
-    loaded = load_model(subject.model_spec)  # tokenizer + a validity check of the folder
-    model = load_quantized(loaded.source, spec)
-    del loaded.model
-    metrics = _evaluate(model, loaded.tokenizer, subject, progress)
+    tokenizer, source = load_tokenizer(subject.model_spec)  # the float weights are never loaded
+    model = load_quantized(source, spec)
+    metrics = _evaluate(model, tokenizer, subject, progress)
     record: dict[str, Any] = {"attack": spec.name, "kind": "quantize", "spec": spec.__dict__ | {"name": spec.name},
                               "metrics": metrics, "seconds": round(time.perf_counter() - started, 1)}
     if subject.unlearned and subject.target:

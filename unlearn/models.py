@@ -93,20 +93,35 @@ def resolve(spec: str) -> str:
     return spec  # a hub id
 
 
-def load_model(spec: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> Loaded:
-    """Load a causal LM and its tokenizer. Safetensors only; remote code only when asked for."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_error(spec: str, err: OSError) -> UserError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(f"cannot load model '{spec}': {first}")
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False) -> tuple[object, str]:
+    """The tokenizer (with a pad token) and the resolved source, without loading any weights."""
+    from transformers import AutoTokenizer
 
     source = resolve(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise _load_error(spec, err) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, source
+
+
+def load_model(spec: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> Loaded:
+    """Load a causal LM and its tokenizer. Safetensors only; remote code only when asked for."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer, source = load_tokenizer(spec, trust_remote_code)
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load model '{spec}': {first}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        raise _load_error(spec, err) from None
     model.eval()  # no dropout: zeroth-order steps need two forwards of the *same* function
     return Loaded(model=model, tokenizer=tokenizer, source=source)
 
