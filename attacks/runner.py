@@ -53,7 +53,7 @@ def _finish(subject: Subject, name: str, record: dict[str, Any]) -> Path | None:
     return final
 
 
-def _evaluate(model, tokenizer, subject: Subject, progress: bool) -> dict[str, float]:
+def evaluate_subject(model, tokenizer, subject: Subject, progress: bool) -> dict[str, float]:
     return evaluate(model, tokenizer, subject.task, int(subject.eval_settings.get("batch_size", 64)),
                     int(subject.eval_settings.get("max_new_tokens", 16)), progress=progress)
 
@@ -62,7 +62,7 @@ def quantize_attack(subject: Subject, spec: QuantSpec, progress: bool = True) ->
     started = time.perf_counter()
     tokenizer, source = load_tokenizer(subject.model_spec)  # the float weights are never loaded
     model = load_quantized(source, spec)
-    metrics = _evaluate(model, tokenizer, subject, progress)
+    metrics = evaluate_subject(model, tokenizer, subject, progress)
     record: dict[str, Any] = {"attack": spec.name, "kind": "quantize", "spec": spec.__dict__ | {"name": spec.name},
                               "metrics": metrics, "seconds": round(time.perf_counter() - started, 1)}
     if subject.unlearned and subject.target:
@@ -81,7 +81,7 @@ def relearn_attack(subject: Subject, settings: RelearnSettings,
     started = time.perf_counter()
     loaded = load_model(subject.model_spec)
     model, info = relearn(loaded.model, loaded.tokenizer, subject.task, settings, progress=progress)
-    metrics = _evaluate(model, loaded.tokenizer, subject, progress)
+    metrics = evaluate_subject(model, loaded.tokenizer, subject, progress)
     record: dict[str, Any] = {"attack": settings.name, "kind": "relearn", **info, "metrics": metrics}
     unseen = info["unseen_forget_indices"]
     unlearned_acc, attacked_acc = info["curve"][0]["forget_unseen_acc"], info["curve"][-1]["forget_unseen_acc"]

@@ -117,15 +117,14 @@ def eval_(
     quiet: QuietOpt = False,
 ) -> None:
     """Evaluate a run's model (rewrites its metrics.json) or any model (prints metrics)."""
-    from unlearn.evaluate import evaluate
+    from attacks.runner import evaluate_subject
     from unlearn.models import load_model
     from unlearn.runs import read_json, write_json_atomic
 
     subject = _subject(run_dir, model, config, set_)
     _setup_torch()
     loaded = load_model(subject.model_spec)
-    metrics = evaluate(loaded.model, loaded.tokenizer, subject.task, int(subject.eval_settings.get("batch_size", 64)),
-                       int(subject.eval_settings.get("max_new_tokens", 16)), progress=not quiet)
+    metrics = evaluate_subject(loaded.model, loaded.tokenizer, subject, progress=not quiet)
     if subject.run_dir is not None:
         path = subject.run_dir / "metrics.json"
         write_json_atomic(path, (read_json(path) if path.is_file() else {}) | {"metrics": metrics})

@@ -22,7 +22,7 @@ from unlearn.data import encode
 from unlearn.errors import UserError
 from unlearn.evaluate import evaluate
 from unlearn.models import load_model, save_model
-from unlearn.objectives import OBJECTIVES, build_objective
+from unlearn.objectives import build_objective
 from unlearn.optim import OPTIMIZERS, build_optimizer, check_options
 from unlearn.runs import free_run_dir, staged_dir, write_json_atomic, write_yaml
 from unlearn.train import train
@@ -43,11 +43,6 @@ def load_task(benchmark: dict[str, Any]) -> TaskData:
     return BENCHMARKS[name](benchmark)
 
 
-def check_names(cfg: RunConfig) -> None:
-    """Fail on typos before minutes of model preparation, not after."""
-    if cfg.method["name"] not in OBJECTIVES:
-        raise UserError(f"unknown method '{cfg.method['name']}'; choose from: {', '.join(sorted(OBJECTIVES))}")
-    _build(check_options, cfg.optimizer["name"], cfg.optimizer_options)
 
 
 def _build(builder, name: str, *args, **options):
@@ -58,9 +53,10 @@ def _build(builder, name: str, *args, **options):
 
 
 def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=print) -> RunOutcome:
-    check_names(cfg)
-    task = load_task(cfg.benchmark)
+    # Fail on typos (method, optimizer, their options) before minutes of model preparation, not after.
     objective = _build(build_objective, cfg.method["name"], **cfg.method_options)
+    _build(check_options, cfg.optimizer["name"], cfg.optimizer_options)
+    task = load_task(cfg.benchmark)
     torch.manual_seed(cfg.train.seed)
 
     target_dir = target_model(cfg.model, task, cfg.benchmark.get("prepare", {}),
