@@ -54,8 +54,8 @@ def test_gradascent_and_graddiff(tiny):
     fb, rb = collate(forget, tok.pad_token_id), collate(retain, tok.pad_token_id)
     nll_f = -torch.cat(reference_token_logprobs(model, fb)).mean()
     nll_r = -torch.cat(reference_token_logprobs(model, rb)).mean()
-    assert torch.allclose(GradAscent()(model, fb, rb), -nll_f, atol=1e-5)
-    assert torch.allclose(GradDiff(gamma=2.0, alpha=0.5)(model, fb, rb), -2.0 * nll_f + 0.5 * nll_r, atol=1e-5)
+    assert torch.allclose(GradAscent()(model, fb, rb).total, -nll_f, atol=1e-5)
+    assert torch.allclose(GradDiff(gamma=2.0, alpha=0.5)(model, fb, rb).total, -2.0 * nll_f + 0.5 * nll_r, atol=1e-5)
 
 
 @torch.no_grad()
@@ -66,7 +66,7 @@ def test_npo_starts_at_two_log_two_over_beta(tiny):
     npo = NPO(beta=0.1, gamma=1.0, alpha=0.0)
     npo.prepare(model, forget, retain, tok.pad_token_id, batch_size=8)
     fb, rb = collate(forget, tok.pad_token_id), collate(retain, tok.pad_token_id)
-    assert npo(model, fb, rb).item() == pytest.approx(2 / 0.1 * math.log(2), rel=1e-5)
+    assert npo(model, fb, rb).total.item() == pytest.approx(2 / 0.1 * math.log(2), rel=1e-5)
 
 
 @torch.no_grad()
@@ -80,7 +80,7 @@ def test_npo_against_formula_with_shifted_reference(tiny):
     beta, gamma, alpha = 0.5, 1.5, 0.25
     ratio = torch.tensor([-1.0, 3.0])
     expected = gamma * (-(2 / beta) * F.logsigmoid(-beta * ratio).mean()) + alpha * nll_r
-    assert torch.allclose(NPO(beta, gamma, alpha)(model, fb, rb), expected, atol=1e-4)
+    assert torch.allclose(NPO(beta, gamma, alpha)(model, fb, rb).total, expected, atol=1e-4)
 
 
 @torch.no_grad()
@@ -92,7 +92,7 @@ def test_simnpo_against_formula(tiny):
     beta, delta = 2.0, 0.5
     margins = torch.stack([-(beta / len(r)) * r.sum() - delta for r in rows])
     expected = -(2 / beta) * F.logsigmoid(margins).mean()
-    got = SimNPO(beta=beta, delta=delta, gamma=1.0, alpha=0.0)(model, fb, rb)
+    got = SimNPO(beta=beta, delta=delta, gamma=1.0, alpha=0.0)(model, fb, rb).total
     assert torch.allclose(got, expected, atol=1e-5)
 
 
@@ -115,7 +115,9 @@ def test_rmu_losses_and_trainable_params(tiny):
     mask = fb["attention_mask"].bool()
     expected_forget = ((hidden[mask] - control) ** 2).mean()
     # The model has not moved, so the retain term is exactly zero.
-    assert torch.allclose(rmu(model, fb, rb), expected_forget, atol=1e-5)
+    loss = rmu(model, fb, rb)
+    assert torch.allclose(loss.parts["forget"], expected_forget, atol=1e-5)
+    assert loss.parts["retain"].item() == 0.0 and torch.allclose(loss.total, expected_forget)
 
 
 def test_rmu_default_layer_scales_with_depth(tiny):

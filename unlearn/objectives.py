@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from unlearn.data import Encoded, fixed_batches
+from unlearn.loss import Loss
 from unlearn.scoring import mean_token_nll, sequence_logprobs
 
 Batch = dict[str, torch.Tensor]
@@ -40,7 +41,8 @@ class Objective:
                 pad_id: int, batch_size: int) -> None:
         """Precompute whatever depends on the model before unlearning (stored in `Encoded.extra`)."""
 
-    def __call__(self, model: torch.nn.Module, forget: Batch, retain: Batch) -> torch.Tensor:
+    def __call__(self, model: torch.nn.Module, forget: Batch, retain: Batch) -> Loss:
+        """The loss as named, weighted parts (``forget``, ``retain``) summing to the optimized loss."""
         raise NotImplementedError
 
 
@@ -51,7 +53,7 @@ class GradAscent(Objective):
     name = "gradascent"
 
     def __call__(self, model, forget, retain):
-        return -mean_token_nll(model, forget)
+        return Loss({"forget": -mean_token_nll(model, forget)})
 
 
 @register("graddiff")
@@ -64,7 +66,8 @@ class GradDiff(Objective):
         self.gamma, self.alpha = gamma, alpha
 
     def __call__(self, model, forget, retain):
-        return -self.gamma * mean_token_nll(model, forget) + self.alpha * mean_token_nll(model, retain)
+        return Loss({"forget": -self.gamma * mean_token_nll(model, forget),
+                     "retain": self.alpha * mean_token_nll(model, retain)})
 
 
 @torch.no_grad()
@@ -98,7 +101,8 @@ class NPO(Objective):
         return -(2.0 / self.beta) * F.logsigmoid(-self.beta * ratio).mean()
 
     def __call__(self, model, forget, retain):
-        return self.gamma * self.forget_loss(model, forget) + self.alpha * mean_token_nll(model, retain)
+        return Loss({"forget": self.gamma * self.forget_loss(model, forget),
+                     "retain": self.alpha * mean_token_nll(model, retain)})
 
 
 @register("simnpo")
@@ -115,7 +119,7 @@ class SimNPO(Objective):
         logp, n_tokens = sequence_logprobs(model, forget)
         margin = -(self.beta / n_tokens.clamp(min=1)) * logp - self.delta
         forget_loss = -(2.0 / self.beta) * F.logsigmoid(margin).mean()
-        return self.gamma * forget_loss + self.alpha * mean_token_nll(model, retain)
+        return Loss({"forget": self.gamma * forget_loss, "retain": self.alpha * mean_token_nll(model, retain)})
 
 
 class _StopForward(Exception):
@@ -211,7 +215,7 @@ class RMU(Objective):
         r_mask = retain["attention_mask"].bool()
         target = torch.cat([self.frozen[int(i)] for i in retain["index"].tolist()]).to(r_act)
         retain_loss = ((r_act[r_mask] - target) ** 2).mean()
-        return forget_loss + self.alpha * retain_loss
+        return Loss({"forget": forget_loss, "retain": self.alpha * retain_loss})
 
 
 def build_objective(name: str, **options) -> Objective:
@@ -230,4 +234,4 @@ class LanguageModeling(Objective):
     name = "finetune"
 
     def __call__(self, model, forget, retain):
-        return mean_token_nll(model, forget)
+        return Loss({"finetune": mean_token_nll(model, forget)})

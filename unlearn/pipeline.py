@@ -76,7 +76,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
     optimizer_cls = OPTIMIZERS[cfg.optimizer["name"]]
     if "total_steps" in inspect.signature(optimizer_cls).parameters:
         options.setdefault("total_steps", cfg.train.max_steps)  # schedules that must end on a phase
-    optimizer = _build(build_optimizer, cfg.optimizer["name"], model.parameters(), **options)
+    optimizer = _build(build_optimizer, cfg.optimizer["name"], model.named_parameters(), **options)
 
     name = cfg.name or f"{cfg.method['name']}-{cfg.optimizer['name']}"
     output_dir = Path(cfg.output_dir)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from unlearn.data import Encoded, endless_batches
 from unlearn.errors import UserError
+from unlearn.loss import Loss, loss_parts
 from unlearn.objectives import Objective
 
 
@@ -55,11 +56,15 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
             forget_batch = next(forget_stream)
             retain_batch = next(retain_stream) if retain_stream else None
             step_forwards = 0
+            part_sums: dict[str, float] = {}
 
-            def closure(fb=forget_batch, rb=retain_batch) -> torch.Tensor:
+            def closure(fb=forget_batch, rb=retain_batch) -> Loss:
                 nonlocal step_forwards
                 step_forwards += 1
-                return objective(model, fb, rb)
+                loss = objective(model, fb, rb)
+                for key, value in loss_parts(loss).items():  # averaged over the step's evaluations
+                    part_sums[key] = part_sums.get(key, 0.0) + float(value.detach())
+                return loss
 
             t0 = time.perf_counter()
             loss_value = float(optimizer.step(closure))
@@ -72,7 +77,8 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
             if log:
                 record = {"step": step, "loss": loss_value, "lr": _lr(optimizer),
                           "grade": getattr(optimizer, "last_grade", getattr(optimizer, "grade", "unknown")),
-                          "forwards": step_forwards, "seconds": round(seconds, 4)}
+                          "forwards": step_forwards, "seconds": round(seconds, 4),
+                          "parts": {k: v / max(step_forwards, 1) for k, v in part_sums.items()}}
                 log.write(json.dumps(record) + "\n")
             if after_step is not None:
                 paused = time.perf_counter()

@@ -2,7 +2,14 @@
 
 The training loop calls ``opt.step(closure)`` whatever the grade: the closure only *evaluates* the loss
 (it never calls ``backward``), so each optimizer decides how often to evaluate it and whether to
-differentiate it. That is what lets first-order, sign, zeroth-order and hybrid optimizers share one loop.
+differentiate it. That is what lets first-order, sign, second-order, spectral, zeroth-order and hybrid
+optimizers share one loop.
+
+The closure returns either a scalar tensor or a ``Loss``: the objective's named, already weighted parts
+(``forget``, ``retain``) whose sum is the optimized loss. Most optimizers only read ``total_loss(...)``;
+conflict-aware ones (SIFT) differentiate the parts separately. Parameters may be given as tensors or as
+``(name, tensor)`` pairs (``model.named_parameters()``), as torch.optim accepts; name-aware optimizers
+(Muon, SIFT) use the names to tell hidden matrices from embeddings and to select matrices by pattern.
 """
 
 from __future__ import annotations
@@ -13,7 +20,12 @@ from typing import Any, TypeVar
 
 import torch
 
-Closure = Callable[[], torch.Tensor]
+from unlearn.loss import LossValue, total_loss
+
+Closure = Callable[[], LossValue]
+Params = Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+
+
 OptimizerClass = TypeVar("OptimizerClass", bound=type[torch.optim.Optimizer])
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {}
@@ -49,21 +61,23 @@ class BackwardStep:
         closure = require_closure(closure)
         # The loop may call step() under no_grad (e.g. inside an eval context); backward needs a graph.
         with torch.enable_grad():
-            loss = closure()
+            loss = total_loss(closure())
             loss.backward()
         super().step()  # type: ignore[misc]  # the library update reads the .grad just filled
         self.zero_grad(set_to_none=True)  # type: ignore[attr-defined]  # frees grads between steps
         return loss.detach().float()
 
 
-def trainable(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """Materialize ``params`` (generators are single-use) keeping only tensors that require grad."""
-    kept = []
-    for p in params:
+def trainable(params: Params) -> list[Any]:
+    """Materialize ``params`` (generators are single-use) keeping only tensors that require grad; named
+    pairs stay pairs so torch.optim records ``param_names``."""
+    kept: list[Any] = []
+    for item in params:
+        p = item[1] if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) else item
         if not isinstance(p, torch.Tensor):
-            raise ValueError(f"optimizer params must be tensors, got {type(p).__name__}")
+            raise ValueError(f"optimizer params must be tensors or (name, tensor) pairs, got {type(p).__name__}")
         if p.requires_grad:
-            kept.append(p)
+            kept.append(item)
     if not kept:
         raise ValueError("no trainable parameters (requires_grad=True) to optimize")
     return kept
@@ -86,7 +100,7 @@ def check_options(name: str, options: dict[str, Any]) -> type[torch.optim.Optimi
     return cls
 
 
-def build_optimizer(name: str, params: Iterable[torch.Tensor], **options: Any) -> torch.optim.Optimizer:
+def build_optimizer(name: str, params: Params, **options: Any) -> torch.optim.Optimizer:
     """Build the optimizer registered as ``name`` over the trainable tensors in ``params``.
 
     Every user mistake (unknown name, unknown option, bad value) becomes a one-line ``ValueError``.
@@ -96,3 +110,12 @@ def build_optimizer(name: str, params: Iterable[torch.Tensor], **options: Any) -
         return cls(trainable(params), **options)
     except (TypeError, ValueError) as err:  # e.g. lr given as the string "1e-5" by a YAML config
         raise ValueError(f"bad options for optimizer '{name}': {err}") from err
+
+
+def named_params(optimizer: torch.optim.Optimizer) -> list[tuple[str | None, torch.Tensor]]:
+    """(name or None, tensor) for every parameter, in param_groups order."""
+    out: list[tuple[str | None, torch.Tensor]] = []
+    for group in optimizer.param_groups:
+        names = group.get("param_names") or [None] * len(group["params"])
+        out.extend(zip(names, group["params"], strict=True))
+    return out
