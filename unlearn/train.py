@@ -58,12 +58,12 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
             step_forwards = 0
             part_sums: dict[str, float] = {}
 
-            def closure(fb=forget_batch, rb=retain_batch) -> Loss:
+            def closure(fb=forget_batch, rb=retain_batch, sums=part_sums) -> Loss:
                 nonlocal step_forwards
                 step_forwards += 1
                 loss = objective(model, fb, rb)
                 for key, value in loss_parts(loss).items():  # averaged over the step's evaluations
-                    part_sums[key] = part_sums.get(key, 0.0) + float(value.detach())
+                    sums[key] = sums.get(key, 0.0) + float(value.detach())
                 return loss
 
             t0 = time.perf_counter()

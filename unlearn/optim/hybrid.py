@@ -1,4 +1,4 @@
-"""Hybrid grade: blocks of first-order (or sign) steps alternating with blocks of zeroth-order steps."""
+"""Hybrid grade: blocks of gradient-based steps alternating with blocks of zeroth-order steps."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ def _sub_optimizer(
     if grade not in grades:  # also rules out nesting a hybrid inside a hybrid
         raise ValueError(f"hybrid '{role}' must be a {' or '.join(grades)} optimizer, got '{name}' ({grade})")
     return opt
+
+
+# Any gradient-based grade may fill the first-order blocks; the zeroth-order blocks take any ZO member.
+FO_GRADES = ("first-order", "sign", "second-order", "spectral")
 
 
 @register("hybrid")
@@ -53,7 +57,7 @@ class Hybrid(torch.optim.Optimizer):
         if total_steps is not None and total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         params = list(params)  # shared by both sub-optimizers and this one; a generator would run dry
-        self.fo = _sub_optimizer("fo", fo or {"name": "adamw", "lr": 1e-5}, params, ("first-order", "sign"))
+        self.fo = _sub_optimizer("fo", fo or {"name": "adamw", "lr": 1e-5}, params, FO_GRADES)
         self.zo = _sub_optimizer("zo", zo or {"name": "zo", "lr": 1e-5}, params, ("zeroth-order",))
         self.fo_block, self.zo_block = block, round(block * ratio)
         self.total_steps = total_steps

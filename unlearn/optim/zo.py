@@ -1,218 +1,431 @@
-"""Zeroth-order grade: MeZO-style two-sided SPSA, gradient-free and without per-parameter state.
+"""Zeroth-order grade: gradient-free SPSA-type estimators that probe the loss at perturbed weights.
 
-Per query j a seed s_j is drawn; the direction d_j = μ·z_j (z_j ~ N(0, I), rounded to 8 significant
-bits) is never stored but regenerated bit-identically from s_j, one generator reseeded per parameter so
-the order of passes cannot change it. The step evaluates L(θ ± d_j), forms g_j = (L+ − L−) / 2μ, moves
-θ −= lr·(g_j / q)·d_j / μ for every j, then θ −= lr·wd·θ. Each query costs 2 forwards and 5 in-place
-passes over the parameters (probe, undo, probe, undo; the last undo is folded into the update, so
-one pass less per step); peak memory is that of inference.
+One engine (``ZerothOrderBase``) does what every member shares: draw seeds, perturb θ in place along
+d_j = μ·z_j regenerated chunk by chunk (``zo_directions``), evaluate the closure without autograd, put θ
+back, then update from the seeds and the scalar losses. Members differ only in the coefficients they
+form from the losses and in the update rule:
+
+==============  =================================================================  ================
+name            estimate / update                                                  forwards / step
+==============  =================================================================  ================
+zo              ZO-SGD: ĝ = Σ_j c_j z_j, θ −= lr·ĝ (``momentum`` β: m = βm + ĝ)    2q (one-sided q+1)
+zo-sign         θ −= lr·sign(ĝ)                                                    2q
+zo-adam         Adam moments on ĝ                                                  2q
+fzoo            q one-sided Rademacher probes; c_j = (L_j − L_0) / (q·σ), σ = std(L_j)  q + 1
+hizoo           probes along H^{-1/2} z; diagonal Hessian H from L+ + L− − 2L_0      2q + 1
+zo-lowrank      d = U Z Vᵀ for matrices (U, V lazily refreshed)                    2q
+zo-muon         d = P Z in a rank-r subspace; Newton–Schulz-orthogonalized step    2q
+==============  =================================================================  ================
+
+c_j = (L(θ + d_j) − L(θ − d_j)) / (2μq) two-sided, (L(θ + d_j) − L(θ)) / (μq) one-sided.
 
 Restoring θ after a probe — what is exact, and what cannot be:
-* In place, θ ← fl(θ + d) is undone by θ ← fl(θ − d) with the same d, and d is coarse (8 bits), so θ + d
-  is exact whenever d's last bit is no finer than ulp(θ). Measured share of float32 elements not restored
-  bit-exactly, μ = 1e-3 (MeZO's θ + μz − 2μz + μz with fused adds in brackets): N(0, 0.02²) weights
-  8.4 % (46 %), ones as in norm weights 0.25 % (31 %), zeros as in LoRA B 0 % (100 %). Every miss is
-  within 1 ulp of |θ| + |d|.
+* In place, the probes go θ → fl(θ + d) → fl(· − 2d) → fl(· + d), and d is coarse (μz rounded to 8
+  significant bits, so 2d is exact too): each add is exact whenever d's last bit is no finer than the
+  ulp of the result. Measured share of float32 elements not restored bit-exactly (lr = 0, μ = 1e-3):
+  N(0, 0.02²) weights 8.3 %, ones as in norm weights 0.33 %, zeros as in LoRA B 0 %; MeZO's
+  full-precision μz gives 46 %, 31 % and 100 %. Every miss is within 1 ulp of |θ| + |d|.
 * No memoryless scheme reaches 0 % in general: θ ↦ fl(θ + d) is not injective (every |θ| < ulp(d)/2
-  lands on d; stepping into a coarser binade drops θ's last bit), so nothing computed in place from the
-  perturbed value can recover θ. This is a counting argument, not an implementation gap.
+  lands on d), so nothing computed in place from the perturbed value can recover θ.
 * ``exact_restore=True`` keeps a copy of the trainable parameters for the duration of one step (freed
-  before ``step`` returns; ``self.state`` stays empty) and restores by copying: bit-exact, for one extra
-  copy of the *trainable* parameters — negligible for LoRA, 2x parameter memory for full fine-tuning,
-  hence off by default.
+  before ``step`` returns) and restores by copying: bit-exact, for one copy of the *trainable* parameters —
+  negligible for LoRA, 2x parameter memory for full fine-tuning, hence off by default.
 
-The closure must be deterministic (model in eval mode, no dropout): L+ and L− must differ only by θ.
+Cost per two-sided query: 2 forwards and 3 passes over the parameters (θ + d, straight to θ − d, and the
+last undo folded into the update pass). The closure must be deterministic (model in eval mode): L+ and L− must differ only by θ.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from unlearn.optim.protocol import Closure, register, require_closure
+from unlearn.optim.zo_directions import (
+    Directions,
+    IIDDirections,
+    LowRankDirections,
+    PoolDirections,
+    SubspaceDirections,
+)
 
-_SEED_RANGE = 2**62  # leaves room for the per-parameter offset below 2**63
-
-
-_CHUNK = 1 << 21  # elements per independently seeded block of z
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads()))
-    return _POOL
-
-
-def _fill_normal(out: torch.Tensor, seed: int) -> None:
-    out.normal_(generator=torch.Generator(device=out.device).manual_seed(seed))
-
-
-def _direction(
-    p: torch.Tensor, seed: int, mu: float, gens: dict[torch.device, torch.Generator]
-) -> torch.Tensor:
-    """d = μ·z for one parameter, rounded to 8 significant bits; identical on every call with ``seed``.
-
-    A coarse d keeps θ + d exact whenever d's last bit is no finer than ulp(θ), so the round trip only
-    loses θ's bits where it must (see the module docstring). The update moves along the same d / μ, so
-    the estimator's direction is exactly the one that was probed.
-
-    z is drawn directly in bfloat16 (~3x faster than float32 on CPU, and already the 8-bit mantissa we
-    want; bfloat16 keeps float32's exponent range). On CPU the random draw, not the forwards, dominates
-    a ZO step of a small model, and torch's generator is single-threaded: large tensors are therefore
-    drawn as fixed-size blocks, each seeded from (seed, block), on a thread pool. The block layout does
-    not depend on the thread count, so z is the same on every machine.
-    """
-    z = torch.empty(p.shape, device=p.device, dtype=torch.bfloat16)
-    flat = z.view(-1)
-    if p.device.type != "cpu" or flat.numel() <= _CHUNK:
-        gen = gens.get(p.device)
-        if gen is None:  # generators are device-bound; one per device is reused and reseeded
-            gen = gens[p.device] = torch.Generator(device=p.device)
-        gen.manual_seed(seed)
-        flat.normal_(generator=gen)
-    else:
-        blocks = flat.split(_CHUNK)
-        block_seeds = [(seed + (b + 1) * 0x9E3779B97F4A7C15) % (1 << 63) for b in range(len(blocks))]
-        list(_pool().map(_fill_normal, blocks, block_seeds))
-    return z.mul_(mu).to(p.dtype)
-
-
-def _shift(
-    params: list[torch.Tensor],
-    seed: int,
-    mu: float,
-    scales: list[float],
-    gens: dict[torch.device, torch.Generator],
-) -> None:
-    """θ_i += scales[i]·d_i in place (scale ±1 for a probe, −lr·g/μ for the update)."""
-    for i, (p, scale) in enumerate(zip(params, scales, strict=True)):
-        if scale != 0.0:
-            p.add_(_direction(p, seed + i, mu, gens), alpha=scale)
-
-
-def _probe(
-    params: list[torch.Tensor],
-    closure: Closure,
-    seed: int,
-    mu: float,
-    gens: dict[torch.device, torch.Generator],
-    snapshot: list[torch.Tensor] | None,
-    restore: bool = True,
-) -> tuple[float, float]:
-    """(L(θ + d), L(θ − d)), leaving θ restored (see the module docstring for how exactly), or left at
-    θ − d when ``restore`` is False: the caller then folds the undo into its update pass."""
-    losses = []
-    for sign in (1.0, -1.0):
-        _shift(params, seed, mu, [sign] * len(params), gens)
-        losses.append(float(closure()))
-        if snapshot is not None:
-            for p, saved in zip(params, snapshot, strict=True):
-                p.copy_(saved)
-        elif restore or sign > 0:
-            # Undo with the inverse of the same op: fl(fl(θ + d) − d) is θ far more often than MeZO's
-            # θ + μz − 2μz + μz, which compounds three roundings.
-            _shift(params, seed, mu, [-sign] * len(params), gens)
-    return losses[0], losses[1]
+_SEED_RANGE = 2**62
 
 
 def _draw(rng: torch.Generator) -> int:
     return int(torch.randint(0, _SEED_RANGE, (1,), generator=rng))
 
 
-@register("zo")
-class ZerothOrder(torch.optim.Optimizer):
-    grade = "zeroth-order"
+def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor],
-        lr: float = 1e-5,
-        mu: float = 1e-3,
-        q: int = 1,
-        weight_decay: float = 0.0,
-        seed: int = 0,
-        exact_restore: bool = False,
-    ) -> None:
+
+class ZerothOrderBase(torch.optim.Optimizer):
+    """The shared engine; subclasses set ``sided``/``needs_center`` and override ``coefficients``,
+    ``make_directions`` or ``apply_update``. lr and weight_decay live in param_groups (schedulers work)."""
+
+    grade = "zeroth-order"
+    linear_update = True  # θ −= lr·ĝ: applied seed by seed, no buffer; False: built chunk by chunk
+
+    def __init__(self, params: Iterable[Any], *, lr: float, mu: float, q: int, direction: str,
+                 sided: int, weight_decay: float, seed: int, exact_restore: bool, **defaults: Any) -> None:
         if lr < 0 or weight_decay < 0:
             raise ValueError(f"lr and weight_decay must be >= 0, got lr={lr}, weight_decay={weight_decay}")
         if mu <= 0:
             raise ValueError(f"mu must be > 0, got {mu}")
-        if not isinstance(q, int) or q < 1:
-            raise ValueError(f"q must be an integer >= 1, got {q!r}")
-        # lr and weight_decay live in param_groups so LR schedulers and per-group settings work as usual;
-        # mu, q and the seed are properties of the estimator as a whole.
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
-        self.mu, self.q, self.exact_restore = mu, q, exact_restore
+        _positive_int("q", q)
+        if sided not in (1, 2):
+            raise ValueError(f"sided must be 1 (one-sided) or 2 (two-sided), got {sided!r}")
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, **defaults})
+        self.mu, self.q, self.direction_kind, self.sided = mu, q, direction, sided
+        self.exact_restore, self.seed = exact_restore, seed
         self._rng = torch.Generator().manual_seed(seed)
-        self._gens: dict[torch.device, torch.Generator] = {}
+        self.params = [p for group in self.param_groups for p in group["params"]]
+        for p in self.params:
+            if not p.is_contiguous():  # chunks are views of p.view(-1)
+                raise ValueError("zeroth-order optimizers need contiguous parameters")
+        self.directions: Directions = self.make_directions()
+        self.steps_taken = 0
+
+    # ---- hooks -------------------------------------------------------------------------------------
+    def make_directions(self) -> Directions:
+        return PoolDirections(self.params, self.mu, self.direction_kind)
+
+    @property
+    def needs_center(self) -> bool:
+        return self.sided == 1
 
     @property
     def forwards_per_step(self) -> int:
-        return 2 * self.q
+        return self.sided * self.q + int(self.needs_center)
+
+    def coefficients(self, center: float | None, plus: list[float], minus: list[float]) -> list[float]:
+        """c_j such that the gradient estimate is ĝ = Σ_j c_j z_j."""
+        if self.sided == 2:
+            return [(p - m) / (2 * self.mu * self.q) for p, m in zip(plus, minus, strict=True)]
+        assert center is not None
+        return [(p - center) / (self.mu * self.q) for p in plus]
+
+    def apply_update(self, index: int, k: int, p: torch.Tensor, a: int, b: int, chunk: torch.Tensor,
+                     estimate: torch.Tensor, lr: float) -> None:
+        """Non-linear rules: update ``chunk`` k (= θ[a:b]) of parameter ``index`` from ``estimate`` (= ĝ[a:b])."""
+        raise NotImplementedError
+
+    # ---- engine ------------------------------------------------------------------------------------
+    def shift(self, seed: int, scales: list[float]) -> None:
+        """θ_i += scales[i]·d_i(seed) in place, chunk by chunk."""
+        for i, (p, scale) in enumerate(zip(self.params, scales, strict=True)):
+            if scale == 0.0:
+                continue
+            flat = p.detach().view(-1)
+            for k, (a, b) in enumerate(self.directions.chunks[i]):
+                d, m = self.directions.direction(seed, i, k)
+                flat[a:b].add_(d, alpha=m * scale)
+
+    def _restore(self, seed: int, sign: float, snapshot: list[torch.Tensor] | None) -> None:
+        if snapshot is None:
+            self.shift(seed, [-sign] * len(self.params))  # the inverse of the same op (see docstring)
+        else:
+            for p, saved in zip(self.params, snapshot, strict=True):
+                p.detach().copy_(saved)
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
         closure = require_closure(closure)
-        params = [p for group in self.param_groups for p in group["params"]]
-        lrs = [group["lr"] for group in self.param_groups for _ in group["params"]]
-        snapshot = [p.detach().clone() for p in params] if self.exact_restore else None
+        snapshot = [p.detach().clone() for p in self.params] if self.exact_restore else None
         seeds = [_draw(self._rng) for _ in range(self.q)]
-        coeffs, losses = [], []
-        # Without a snapshot the last query's undo (θ += d) is folded into the update along the same d:
-        # one pass over the parameters (and one draw of z) fewer per step. With lr = 0 the folded scale
-        # is exactly 1, i.e. the same undo, so restoring is unchanged.
-        deferred = snapshot is None
+        self.directions.prepare(seeds, self.steps_taken)
+        center = float(closure()) if self.needs_center else None
+        plus: list[float] = []
+        minus: list[float] = []
+        pending: tuple[int, float] | None = None  # a probe left in place, undone inside the update pass
         for j, seed in enumerate(seeds):
-            last = j == len(seeds) - 1
-            plus, minus = _probe(params, closure, seed, self.mu, self._gens, snapshot,
-                                 restore=not (last and deferred))
-            coeffs.append((plus - minus) / (2 * self.mu) / self.q)
-            losses += [plus, minus]
+            self.shift(seed, [1.0] * len(self.params))
+            plus.append(float(closure()))
+            offset = 1.0  # θ currently sits at θ + offset·d
+            if self.sided == 2:  # straight from θ + d to θ − d: one pass instead of undo + probe
+                if snapshot is not None:
+                    self._restore(seed, offset, snapshot)
+                self.shift(seed, [-1.0 if snapshot is not None else -2.0] * len(self.params))
+                minus.append(float(closure()))
+                offset = -1.0
+            if j == len(seeds) - 1 and snapshot is None:
+                pending = (seed, offset)  # folded into the update: one pass fewer per step
+            else:
+                self._restore(seed, offset, snapshot)
         del snapshot  # the copy lives only while θ is perturbed
-        # The update waits until every query is evaluated so all of them probe the same θ.
-        for j, (seed, g) in enumerate(zip(seeds, coeffs, strict=True)):
-            undo = 1.0 if deferred and j == len(seeds) - 1 else 0.0
-            _shift(params, seed, self.mu, [undo - lr * g / self.mu for lr in lrs], self._gens)
+        coeffs = self.coefficients(center, plus, minus)
+        self.update(seeds, coeffs, pending)
         for group in self.param_groups:
             if group["weight_decay"] and group["lr"]:
                 for p in group["params"]:
                     p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        self.steps_taken += 1
+        losses = plus + minus + ([center] if center is not None else [])
         return torch.tensor(sum(losses) / len(losses), dtype=torch.float32)
 
-    # The seed stream is the only state; checkpoint it so a resumed run draws the same directions.
+    def _lrs(self) -> list[float]:
+        return [group["lr"] for group in self.param_groups for _ in group["params"]]
+
+    def update(self, seeds: list[int], coeffs: list[float], pending: tuple[int, float] | None) -> None:
+        lrs = self._lrs()
+        if self.linear_update:
+            for seed, c in zip(seeds, coeffs, strict=True):
+                undo = -pending[1] if pending is not None and pending[0] == seed else 0.0
+                self.shift(seed, [undo - lr * c / self.mu for lr in lrs])
+            return
+        for i, p in enumerate(self.params):
+            flat = p.detach().view(-1)
+            for k, (a, b) in enumerate(self.directions.chunks[i]):
+                chunk = flat[a:b]
+                if pending is not None:
+                    d, m = self.directions.direction(pending[0], i, k)
+                    chunk.add_(d, alpha=-pending[1] * m)
+                estimate = None
+                for seed, c in zip(seeds, coeffs, strict=True):
+                    d, m = self.directions.direction(seed, i, k)
+                    if estimate is None:
+                        estimate = d * (m * c / self.mu)
+                    else:
+                        estimate.add_(d, alpha=m * c / self.mu)
+                assert estimate is not None
+                self.apply_update(i, k, p, a, b, chunk, estimate, lrs[i])
+
+    # The seed stream and step count are the only non-tensor state; checkpoint them so a resumed run draws
+    # the same directions.
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["zo_rng"] = self._rng.get_state()
+        state["zo_steps"] = self.steps_taken
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         rng = state_dict.pop("zo_rng", None)
+        self.steps_taken = state_dict.pop("zo_steps", 0)
         super().load_state_dict(state_dict)
         if rng is not None:
             self._rng.set_state(rng)
 
+    def _buffer(self, p: torch.Tensor, name: str, a: int, b: int) -> torch.Tensor:
+        state = self.state[p]
+        if name not in state:
+            state[name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        return state[name].view(-1)[a:b]
 
-def estimate_gradient(
-    params: Iterable[torch.Tensor], closure: Closure, *, mu: float = 1e-3, queries: int = 1, seed: int = 0
-) -> list[torch.Tensor]:
-    """The averaged SPSA estimate mean_j g_j·z_j, materialized — for tests and diagnostics only.
 
-    It uses the same probing code as ``ZerothOrder.step``, which never builds this tensor.
+@register("zo")
+class ZerothOrder(ZerothOrderBase):
+    """ZO-SGD (MeZO-style SPSA). ``momentum`` > 0 keeps one buffer: m = β·m + ĝ, θ −= lr·m."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-5, mu: float = 1e-3, q: int = 1,
+                 direction: str = "gaussian", sided: int = 2, momentum: float = 0.0, weight_decay: float = 0.0,
+                 seed: int = 0, exact_restore: bool = False) -> None:
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = momentum
+        self.linear_update = momentum == 0.0  # stateless: no buffer, the update is one more shift
+        super().__init__(params, lr=lr, mu=mu, q=q, direction=direction, sided=sided,
+                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore)
+
+    def apply_update(self, index, k, p, a, b, chunk, estimate, lr):
+        buf = self._buffer(p, "momentum", a, b)
+        buf.mul_(self.momentum).add_(estimate)
+        chunk.add_(buf, alpha=-lr)
+
+
+@register("zo-sign")
+class ZerothOrderSign(ZerothOrderBase):
+    """ZO-signSGD: θ −= lr·sign(ĝ), i.e. every weight moves by exactly lr."""
+
+    linear_update = False
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-6, mu: float = 1e-3, q: int = 1,
+                 direction: str = "gaussian", sided: int = 2, weight_decay: float = 0.0, seed: int = 0,
+                 exact_restore: bool = False) -> None:
+        super().__init__(params, lr=lr, mu=mu, q=q, direction=direction, sided=sided,
+                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore)
+
+    def apply_update(self, index, k, p, a, b, chunk, estimate, lr):
+        chunk.add_(estimate.sign_(), alpha=-lr)
+
+
+@register("zo-adam")
+class ZerothOrderAdam(ZerothOrderBase):
+    """ZO-Adam: Adam's bias-corrected moments on the SPSA estimate (two buffers, as Adam)."""
+
+    linear_update = False
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-5, mu: float = 1e-3, q: int = 1,
+                 direction: str = "gaussian", sided: int = 2, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, seed: int = 0, exact_restore: bool = False) -> None:
+        if not all(0 <= beta < 1 for beta in betas) or len(betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        self.betas, self.eps = tuple(betas), eps
+        super().__init__(params, lr=lr, mu=mu, q=q, direction=direction, sided=sided,
+                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore)
+
+    def apply_update(self, index, k, p, a, b, chunk, estimate, lr):
+        beta1, beta2 = self.betas
+        t = self.steps_taken + 1
+        m, v = self._buffer(p, "exp_avg", a, b), self._buffer(p, "exp_avg_sq", a, b)
+        m.lerp_(estimate, 1 - beta1)
+        v.mul_(beta2).addcmul_(estimate, estimate, value=1 - beta2)
+        denom = (v / (1 - beta2**t)).sqrt_().add_(self.eps)
+        chunk.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
+
+
+@register("fzoo")
+class FZOO(ZerothOrderBase):
+    """FZOO: q one-sided Rademacher probes around L_0 = L(θ); the step is normalized by σ, the standard
+    deviation of the q probe losses: θ −= lr·Σ_j (L_j − L_0)/(q·σ)·u_j. σ ≈ μ‖∇L‖, so the step is a
+    normalized-gradient step whose size does not depend on μ or on the loss scale. A step whose probes
+    all return the same loss (σ = 0) carries no information and moves nothing."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-5, mu: float = 1e-3, q: int = 4,
+                 weight_decay: float = 0.0, seed: int = 0, exact_restore: bool = False) -> None:
+        _positive_int("q", q, minimum=2)  # σ of a single loss is undefined
+        super().__init__(params, lr=lr, mu=mu, q=q, direction="rademacher", sided=1,
+                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore)
+
+    def coefficients(self, center, plus, minus):
+        assert center is not None
+        sigma = float(torch.tensor(plus, dtype=torch.float64).std(correction=0))
+        if sigma == 0.0 or not math.isfinite(sigma):
+            return [0.0] * len(plus)
+        return [(p - center) / (self.q * sigma) for p in plus]
+
+
+@register("hizoo")
+class HiZOO(ZerothOrderBase):
+    """HiZOO: probes along d = μ·H^{-1/2}·u with a diagonal Hessian estimate H (one buffer, starts at 1).
+
+    With ΔL = L+ + L− − 2L_0 ≈ μ²·uᵀ H^{-1/2} ∇²L H^{-1/2} u and Gaussian u, E[ΔL/(2μ²)·(u_k² − 1)] is
+    the k-th diagonal entry of H^{-1/2} ∇²L H^{-1/2}, so Ĥ_k = H_k·ΔL/(2μ²)·(u_k² − 1) estimates ∇²L_kk;
+    H ← (1 − α)·H + α·|Ĥ|. The step is θ −= lr·Σ_j (L+ − L−)/(2μq)·H^{-1/2} u_j. That fourth-moment
+    identity needs i.i.d. u, so HiZOO draws directions i.i.d. rather than from the shared pool.
     """
-    params = list(params)
-    rng, gens = torch.Generator().manual_seed(seed), {}
-    estimate = [torch.zeros_like(p) for p in params]
-    with torch.no_grad():
-        for _ in range(queries):
-            s = _draw(rng)
-            plus, minus = _probe(params, closure, s, mu, gens, None)
-            g = (plus - minus) / (2 * mu) / queries
-            for i, (p, e) in enumerate(zip(params, estimate, strict=True)):
-                e.add_(_direction(p, s + i, mu, gens), alpha=g / mu)
-    return estimate
+
+    linear_update = False
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-5, mu: float = 1e-3, q: int = 1,
+                 hessian_smoothing: float = 1e-6, weight_decay: float = 0.0, seed: int = 0,
+                 exact_restore: bool = False) -> None:
+        if not 0 < hessian_smoothing < 1:
+            raise ValueError(f"hessian_smoothing must be in (0, 1), got {hessian_smoothing}")
+        self.alpha = hessian_smoothing
+        self._curvatures: list[float] = []
+        self._seeds: list[int] = []
+        super().__init__(params, lr=lr, mu=mu, q=q, direction="gaussian", sided=2,
+                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore)
+
+    def make_directions(self) -> Directions:
+        return _HessianScaled(self, IIDDirections(self.params, self.mu))
+
+    @property
+    def needs_center(self) -> bool:
+        return True  # L_0 for the curvature ΔL
+
+    def coefficients(self, center, plus, minus):
+        assert center is not None
+        self._curvatures = [(p + m - 2 * center) / (2 * self.mu**2) for p, m in zip(plus, minus, strict=True)]
+        return super().coefficients(center, plus, minus)
+
+    def update(self, seeds, coeffs, pending):
+        self._seeds = seeds
+        super().update(seeds, coeffs, pending)
+
+    def apply_update(self, index, k, p, a, b, chunk, estimate, lr):
+        chunk.add_(estimate, alpha=-lr)  # estimate already carries H^{-1/2} from the scaled directions
+        hess = self._buffer_ones(p, a, b)
+        base = self.directions.base  # type: ignore[attr-defined]
+        sample = torch.zeros_like(chunk)  # Σ_j κ_j (u_j² − 1) / q, the curvature sample before the H factor
+        for seed, kappa in zip(self._seeds, self._curvatures, strict=True):
+            d, _ = base.direction(seed, index, k)  # μ·u, unscaled
+            sample.add_(d.square_().div_(self.mu**2).sub_(1.0), alpha=kappa / self.q)
+        hess.mul_(1 - self.alpha).add_(sample.mul_(hess).abs_(), alpha=self.alpha)
+
+    def _buffer_ones(self, p: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        state = self.state[p]
+        if "hessian" not in state:
+            state["hessian"] = torch.ones_like(p, memory_format=torch.contiguous_format)
+        return state["hessian"].view(-1)[a:b]
+
+
+class _HessianScaled:
+    """HiZOO's directions: the i.i.d. μ·u chunk times H^{-1/2} for the same chunk."""
+
+    def __init__(self, owner: HiZOO, base: IIDDirections) -> None:
+        self.owner, self.base, self.chunks = owner, base, base.chunks
+
+    def prepare(self, seeds: list[int], step: int) -> None:
+        self.base.prepare(seeds, step)
+
+    def direction(self, seed: int, index: int, chunk: int) -> tuple[torch.Tensor, float]:
+        d, m = self.base.direction(seed, index, chunk)
+        p = self.owner.params[index]
+        a, b = self.chunks[index][chunk]
+        return d.mul_(self.owner._buffer_ones(p, a, b).rsqrt()), m
+
+
+@register("zo-lowrank")
+class LowRankZO(ZerothOrderBase):
+    """Low-rank subspace ZO: each matrix is perturbed by U·Z·Vᵀ (rank ``rank``; U, V refreshed every
+    ``refresh`` steps, Z fresh per query); vectors and small tensors by a full Gaussian z. ZO-SGD update."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-5, mu: float = 1e-3, q: int = 1, rank: int = 8,
+                 refresh: int = 50, weight_decay: float = 0.0, seed: int = 0, exact_restore: bool = False) -> None:
+        self.rank, self.refresh = rank, refresh
+        super().__init__(params, lr=lr, mu=mu, q=q, direction="gaussian", sided=2,
+                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore)
+
+    def make_directions(self) -> Directions:
+        return LowRankDirections(self.params, self.mu, self.rank, self.refresh, self.seed)
+
+
+@register("zo-muon")
+class ZOMuon(ZerothOrderBase):
+    """ZO-Muon: each matrix W (m × n) is probed only inside a random rank-r subspace, d = μ·√(m/r)·P·Z with
+    P Haar-orthonormal (m × r, refreshed every ``refresh`` steps) and Z (r × n) fresh per query. The
+    estimate projected there, G = Σ_j c_j·√(m/r)·Z_j, is orthogonalized by Newton–Schulz as in Muon and the
+    step is W −= lr·√max(1, m/n)·P·NS(G). Vectors and small tensors take a plain ZO-SGD step."""
+
+    linear_update = False
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-4, mu: float = 1e-3, q: int = 1, rank: int = 16,
+                 refresh: int = 10, ns_steps: int = 5, weight_decay: float = 0.0, seed: int = 0,
+                 exact_restore: bool = False) -> None:
+        _positive_int("ns_steps", ns_steps)
+        self.rank, self.refresh, self.ns_steps = rank, refresh, ns_steps
+        super().__init__(params, lr=lr, mu=mu, q=q, direction="gaussian", sided=2,
+                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore)
+
+    def make_directions(self) -> Directions:
+        return SubspaceDirections(self.params, self.mu, self.rank, self.refresh, self.seed)
+
+    def update(self, seeds, coeffs, pending):
+        from unlearn.optim.spectral import newton_schulz  # the same iteration as Muon / SIFT
+
+        dirs: SubspaceDirections = self.directions  # type: ignore[assignment]
+        lrs = self._lrs()
+        for seed, c in zip(seeds, coeffs, strict=True):  # vectors: ZO-SGD, with the pending undo folded in
+            undo = -pending[1] if pending is not None and pending[0] == seed else 0.0
+            self.shift(seed, [0.0 if dirs.matrix[i] else undo - lr * c / self.mu for i, lr in enumerate(lrs)])
+        for i, p in enumerate(self.params):
+            if not dirs.matrix[i]:
+                continue
+            m, n = p.shape
+            projected = sum(c / self.mu * dirs._factors[seed][i] for seed, c in zip(seeds, coeffs, strict=True))
+            step = newton_schulz(projected, steps=self.ns_steps).to(p) * (lrs[i] * math.sqrt(max(1.0, m / n)))
+            basis = dirs.bases[i][0]
+            flat = p.detach().view(-1)
+            for k, (a, b) in enumerate(dirs.chunks[i]):
+                chunk = flat[a:b]
+                if pending is not None:
+                    d, scale = dirs.direction(pending[0], i, k)
+                    chunk.add_(d, alpha=-pending[1] * scale)
+                chunk.sub_((basis[a // n: b // n] @ step).view(-1))

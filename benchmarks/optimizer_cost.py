@@ -1,0 +1,191 @@
+"""Cost of every optimizer grade against plain inference, measured side by side on one fixed batch.
+
+    python -m benchmarks.optimizer_cost                      # every registered grade, embedded model
+    python -m benchmarks.optimizer_cost --grades zo adamw    # a subset
+    python -m benchmarks.optimizer_cost --markdown docs/PERFORMANCE.md
+
+For each grade a fresh child process loads the model, builds the fixed batch (8 forget + 8 retain
+questions of the embedded benchmark under the NPO objective) and measures, in this order:
+
+* inference: the mean seconds of one closure evaluation (the objective's forward on the batch, no autograd)
+  and the process's peak memory while doing it;
+* the optimizer: one warm-up step, then the mean seconds of ``--steps`` steps (for schedules, whole periods:
+  hybrid runs blocks of 2 here, Sophia one Hessian period), and the peak memory over all of them.
+
+Peak memory is the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) on CPU, and
+``torch.cuda.max_memory_allocated`` on CUDA. Both columns are ratios to the inference figures of the same
+process, so the model weights and the runtime are in both numerator and denominator, as a user sees them.
+Each grade runs with the options of its ``configs/optimizer/<name>.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCH = 8
+# Schedules are timed over whole periods so the mean is the true cost per step.
+STEPS = {"hybrid": 4, "sophia": 10}
+OVERRIDES: dict[str, dict[str, Any]] = {"hybrid": {"block": 2}}
+
+
+def _rss_reset() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _rss_peak_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+class Meter:
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            _rss_reset()
+
+    def peak_mb(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**20
+        return _rss_peak_mb()
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def measure(name: str, steps: int, model_id: str, device: str, repeats: int) -> dict[str, Any]:
+    from benchmarks import BENCHMARKS
+    from unlearn.data import collate, encode
+    from unlearn.models import load_model
+    from unlearn.objectives import build_objective
+    from unlearn.optim import OPTIMIZERS, build_optimizer
+
+    torch.manual_seed(0)
+    loaded = load_model(model_id)
+    model, tok = loaded.model.to(device), loaded.tokenizer
+    task = BENCHMARKS["embedded"]({})
+    forget = [encode(tok, ex) for ex in task.forget[:BATCH]]
+    retain = [encode(tok, ex) for ex in task.retain[:BATCH]]
+    objective = build_objective("npo")
+    objective.trainable(model)
+    objective.prepare(model, forget, retain, tok.pad_token_id, BATCH)
+    fb = {k: v.to(device) for k, v in collate(forget, tok.pad_token_id).items()}
+    rb = {k: v.to(device) for k, v in collate(retain, tok.pad_token_id).items()}
+
+    def closure():
+        return objective(model, fb, rb)
+
+    meter = Meter(torch.device(device))
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        meter.sync()
+        return time.perf_counter() - start
+
+    with torch.no_grad():
+        closure()  # warm-up: first calls allocate workspaces
+        meter.reset()
+        forward_times = [timed(closure) for _ in range(repeats)]
+    inference_mb = meter.peak_mb()
+
+    options = yaml.safe_load((ROOT / "configs" / "optimizer" / f"{name}.yaml").read_text()) or {}
+    options.update(OVERRIDES.get(name, {}))
+    if "total_steps" in inspect.signature(OPTIMIZERS[name]).parameters:
+        options.setdefault("total_steps", steps + 1)
+    meter.reset()
+    optimizer = build_optimizer(name, model.named_parameters(), **options)
+    optimizer.step(closure)  # warm-up step: allocates optimizer state (counted in the peak)
+    forwards = 0
+
+    def counted():
+        nonlocal forwards
+        forwards += 1
+        return closure()
+
+    # Steps and plain forwards alternate, so a slower or faster spell of the machine hits both alike.
+    step_times = []
+    for _ in range(steps):
+        step_times.append(timed(lambda: optimizer.step(counted)))
+        with torch.no_grad():
+            forward_times.append(timed(closure))
+    step_s, forward_s = statistics.mean(step_times), statistics.mean(forward_times[repeats:])
+    return {"grade": name, "kind": OPTIMIZERS[name].grade,  # type: ignore[attr-defined]
+            "forward_s": forward_s, "step_s": step_s, "step_over_forward": step_s / forward_s,
+            "forwards_per_step": forwards / steps, "inference_mb": inference_mb, "peak_mb": meter.peak_mb(),
+            "peak_over_inference": meter.peak_mb() / inference_mb, "steps": steps,
+            "device": device, "threads": torch.get_num_threads()}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| optimizer | grade | forwards/step | s/step | s/forward | step ÷ forward | peak MB | "
+             "inference MB | peak ÷ inference |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['grade']} | {r['kind']} | {r['forwards_per_step']:.1f} | {r['step_s']:.3f} | "
+                     f"{r['forward_s']:.3f} | **{r['step_over_forward']:.2f}×** | {r['peak_mb']:.0f} | "
+                     f"{r['inference_mb']:.0f} | **{r['peak_over_inference']:.3f}×** |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from unlearn.optim import OPTIMIZERS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--grades", nargs="*", default=None, help="optimizer names (default: all registered)")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per grade, after one warm-up step")
+    parser.add_argument("--repeats", type=int, default=5, help="timed inference forwards")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the table to this file")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        steps = STEPS.get(args.child, args.steps)
+        print(json.dumps(measure(args.child, steps, args.model, args.device, args.repeats)))
+        return
+    grades = args.grades or sorted(OPTIMIZERS)
+    unknown = [g for g in grades if g not in OPTIMIZERS]
+    if unknown:
+        sys.exit(f"error: unknown optimizer(s) {', '.join(unknown)}; choose from {', '.join(sorted(OPTIMIZERS))}")
+    rows = []
+    for grade in grades:
+        # One process per grade: peak memory is per process, and no grade inherits another's allocations.
+        cmd = [sys.executable, "-m", "benchmarks.optimizer_cost", "--child", grade, "--steps", str(args.steps),
+               "--repeats", str(args.repeats), "--model", args.model, "--device", args.device]
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                             env=os.environ | {"HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+        if out.returncode != 0:
+            sys.exit(f"error: {grade} failed:\n{out.stderr[-2000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"{grade:12s} step/forward {r['step_over_forward']:.2f}x  peak/inference {r['peak_over_inference']:.3f}x",
+              file=sys.stderr, flush=True)
+    text = table(rows)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

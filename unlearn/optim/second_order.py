@@ -1,0 +1,47 @@
+"""Second-order grade: Sophia with Hutchinson's diagonal Hessian estimate (pytorch-optimizer's SophiaH).
+
+Every ``update_period`` steps the library estimates diag(∇²L) from Hessian-vector products, which need
+the gradient's own graph: on those steps (only) the closure is differentiated with ``create_graph=True``.
+The update is the clipped ratio clip(m / max(h, ε), ±ρ)·lr, with m, h exponential averages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import pytorch_optimizer
+import torch
+
+from unlearn.loss import total_loss
+from unlearn.optim.protocol import Closure, register, require_closure
+
+
+@register("sophia")
+class Sophia(pytorch_optimizer.SophiaH):
+    grade = "second-order"
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-5, betas: tuple[float, float] = (0.96, 0.99),
+                 weight_decay: float = 0.0, clip: float = 0.01, update_period: int = 10,
+                 num_samples: int = 1, hessian_distribution: str = "gaussian", eps: float = 1e-12) -> None:
+        if lr < 0 or clip <= 0:
+            raise ValueError(f"lr must be >= 0 and clip > 0, got lr={lr}, clip={clip}")
+        if not isinstance(update_period, int) or update_period < 1:
+            raise ValueError(f"update_period must be an integer >= 1, got {update_period!r}")
+        if hessian_distribution not in ("gaussian", "rademacher"):
+            raise ValueError(f"hessian_distribution must be gaussian or rademacher, got '{hessian_distribution}'")
+        super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay, p=clip,
+                         update_period=update_period, num_samples=num_samples,
+                         hessian_distribution=hessian_distribution, eps=eps)  # type: ignore[arg-type]
+        self.steps_taken = 0
+
+    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
+        closure = require_closure(closure)
+        hessian_step = self.steps_taken % self.update_period == 0  # the library's own schedule
+        with torch.enable_grad():
+            loss = total_loss(closure())
+            loss.backward(create_graph=hessian_step)
+        super().step()
+        self.zero_grad(set_to_none=True)  # also drops the graph kept for the Hessian-vector products
+        self.steps_taken += 1
+        return loss.detach().float()
