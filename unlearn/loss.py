@@ -32,7 +32,7 @@ class Loss:
         return total
 
     def __float__(self) -> float:
-        return float(self.total)
+        return float(self.total.detach())
 
 
 LossValue = torch.Tensor | Loss

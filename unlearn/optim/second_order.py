@@ -8,10 +8,12 @@ The update is the clipped ratio clip(m / max(h, ε), ±ρ)·lr, with m, h expone
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import nullcontext
 from typing import Any
 
 import pytorch_optimizer
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from unlearn.loss import total_loss
 from unlearn.optim.protocol import Closure, register, require_closure
@@ -38,7 +40,10 @@ class Sophia(pytorch_optimizer.SophiaH):
     def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
         closure = require_closure(closure)
         hessian_step = self.steps_taken % self.update_period == 0  # the library's own schedule
-        with torch.enable_grad():
+        # Hessian-vector products differentiate the backward pass itself; fused attention kernels (flash /
+        # memory-efficient SDPA) have no double backward, the math kernel does: use it on those steps only.
+        kernels = sdpa_kernel([SDPBackend.MATH]) if hessian_step else nullcontext()
+        with torch.enable_grad(), kernels:
             loss = total_loss(closure())
             loss.backward(create_graph=hessian_step)
         super().step()

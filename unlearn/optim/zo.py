@@ -32,7 +32,8 @@ Restoring θ after a probe — what is exact, and what cannot be:
   negligible for LoRA, 2x parameter memory for full fine-tuning, hence off by default.
 
 Cost per two-sided query: 2 forwards and 3 passes over the parameters (θ + d, straight to θ − d, and the
-last undo folded into the update pass). The closure must be deterministic (model in eval mode): L+ and L− must differ only by θ.
+last undo folded into the update pass).
+The closure must be deterministic (model in eval mode): L+ and L− must differ only by θ.
 """
 
 from __future__ import annotations
