@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from benchmarks.embedded import TaskData
+from unlearn.adapters import add_lora
 from unlearn.data import encode
 from unlearn.errors import UserError
 from unlearn.evaluate import mcq_accuracy
@@ -55,13 +56,6 @@ def split_forget(n_forget: int, samples: int | None, seed: int) -> tuple[list[in
     return used, unused
 
 
-def _with_lora(model: torch.nn.Module, rank: int) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
-                                            lora_dropout=0.0))
-
-
 def relearn(model: torch.nn.Module, tokenizer, task: TaskData, settings: RelearnSettings,
             progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Run the attack in place; returns the attacked model (merged if LoRA) and the curve."""
@@ -86,7 +80,8 @@ def relearn(model: torch.nn.Module, tokenizer, task: TaskData, settings: Relearn
 
     torch.manual_seed(settings.seed)
     if settings.lora:
-        model = _with_lora(model, settings.lora_rank)
+        model.requires_grad_(True)  # adapters on every linear layer
+        model = add_lora(model, settings.lora_rank)
     measure(0)
     optimizer = build_optimizer("adamw", model.parameters(), lr=settings.lr, weight_decay=0.0)
     result = train(model, LanguageModeling(), optimizer, items, None, pad_id=tokenizer.pad_token_id,

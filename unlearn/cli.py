@@ -54,13 +54,17 @@ def _markdown_table(rows) -> None:
 @app.command()
 def run(
     method: Annotated[str | None, typer.Option(help="Objective: npo, graddiff, gradascent, simnpo, rmu.")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="Optimizer: adamw, sgd, signsgd, zo, hybrid.")] = None,
+    optimizer: Annotated[str | None, typer.Option(
+        help="Optimizer: adamw, sgd, signsgd, signum, signadam, sophia, muon, sift, zo, zo-sign, zo-adam, fzoo, "
+             "hizoo, zo-lowrank, zo-muon, hybrid (see `unlearn optimizers`).")] = None,
     model: Annotated[str | None, typer.Option(help="Hub id, local HF folder, or smollm2-135m.")] = None,
     benchmark: Annotated[str | None, typer.Option(help="Benchmark (embedded).")] = None,
     steps: Annotated[int | None, typer.Option(help="Unlearning steps (train.max_steps).")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (optimizer.lr).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (train.batch_size).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (train.seed).")] = None,
+    lora_rank: Annotated[int | None, typer.Option(
+        help="Unlearn through LoRA adapters of this rank (train.lora_rank; 0 = full weights).")] = None,
     name: Annotated[str | None, typer.Option(help="Run folder name (default METHOD-OPTIMIZER).")] = None,
     output_dir: Annotated[str | None, typer.Option(help="Where run folders go (default runs).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder of the same name.")] = False,
@@ -75,7 +79,8 @@ def run(
     from unlearn.pipeline import run as run_pipeline
 
     flags = {"model": model, "benchmark.name": benchmark, "train.max_steps": steps, "optimizer.lr": lr,
-             "train.batch_size": batch_size, "train.seed": seed, "name": name, "output_dir": output_dir,
+             "train.batch_size": batch_size, "train.seed": seed, "train.lora_rank": lora_rank, "name": name,
+             "output_dir": output_dir,
              "trust_remote_code": trust_remote_code or None}
     cfg = load_run_config(method, optimizer, config, flags, set_)
     _setup_torch()
@@ -239,6 +244,22 @@ def models() -> None:
         converted = cache_dir() / "models" / alias
         state = "converted" if (converted / "model.safetensors").is_file() else "not yet converted"
         console.print(f"{alias:16s} {filename} from PyPI package {dist}; {state} ({converted})")
+
+
+@app.command()
+def optimizers() -> None:
+    """List every optimizer grade with its default options (configs/optimizer/<name>.yaml)."""
+    import yaml
+
+    from unlearn.config import CONFIG_DIR
+    from unlearn.optim import OPTIMIZERS
+
+    for name in sorted(OPTIMIZERS, key=lambda n: (OPTIMIZERS[n].grade, n)):  # type: ignore[attr-defined]
+        cls = OPTIMIZERS[name]
+        path = CONFIG_DIR / "optimizer" / f"{name}.yaml"
+        options = yaml.safe_load(path.read_text()) if path.is_file() else {}
+        shown = ", ".join(f"{k}={v}" for k, v in (options or {}).items())
+        console.print(f"{name:11s} {cls.grade:13s} {shown}")  # type: ignore[attr-defined]
 
 
 def main() -> None:

@@ -42,6 +42,7 @@ class TrainConfig:
     max_steps: int = 60
     batch_size: int = 8
     seed: int = 0
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank instead of the weights themselves
 
 
 @dataclass

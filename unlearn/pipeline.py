@@ -17,6 +17,7 @@ import torch
 from benchmarks import BENCHMARKS
 from benchmarks.embedded import TaskData
 from benchmarks.prepare import prepare_record, target_model
+from unlearn.adapters import add_lora
 from unlearn.config import RunConfig
 from unlearn.data import encode
 from unlearn.errors import UserError
@@ -43,8 +44,6 @@ def load_task(benchmark: dict[str, Any]) -> TaskData:
     return BENCHMARKS[name](benchmark)
 
 
-
-
 def _build(builder, name: str, *args, **options):
     try:
         return builder(name, *args, **options)
@@ -56,6 +55,9 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
     # Fail on typos (method, optimizer, their options) before minutes of model preparation, not after.
     objective = _build(build_objective, cfg.method["name"], **cfg.method_options)
     _build(check_options, cfg.optimizer["name"], cfg.optimizer_options)
+    lora_rank = cfg.train.lora_rank
+    if not isinstance(lora_rank, int) or isinstance(lora_rank, bool) or lora_rank < 0:
+        raise UserError(f"train.lora_rank must be an integer >= 0 (0: no LoRA), got {lora_rank!r}")
     task = load_task(cfg.benchmark)
     torch.manual_seed(cfg.train.seed)
 
@@ -71,6 +73,11 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
     forget = [encode(tok, ex) for ex in task.forget]
     retain = [encode(tok, ex) for ex in task.retain]
     objective.prepare(model, forget, retain, tok.pad_token_id, cfg.eval.batch_size)
+    if cfg.train.lora_rank:
+        try:
+            model = add_lora(model, cfg.train.lora_rank)
+        except ValueError as err:
+            raise UserError(str(err)) from None
 
     options = dict(cfg.optimizer_options)
     optimizer_cls = OPTIMIZERS[cfg.optimizer["name"]]
