@@ -103,3 +103,32 @@ def test_eval_and_report_errors(tmp_path):
     assert result.returncode == 2 and "has no model/" in result.stderr
     result = cli("report", "runs", cwd=tmp_path)
     assert result.returncode == 2 and "no runs with metrics.json" in result.stderr
+
+
+def test_lora_run_with_a_conflict_aware_optimizer(tmp_path, tiny_model_dir):
+    """Unlearning through LoRA adapters with SIFT: per-part losses logged, a merged plain model saved."""
+    result = cli("run", "--method", "npo", "--optimizer", "sift", "--lora-rank", "4", "--model",
+                 str(tiny_model_dir), "--steps", "2", "--batch-size", "2", "-q", *TINY_BENCH, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "runs" / "npo-sift"
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert all(r["grade"] == "spectral" and set(r["parts"]) == {"forget", "retain"} for r in log)
+    for r in log:  # the logged loss is the sum of its parts (one closure evaluation per step)
+        assert r["loss"] == pytest.approx(r["parts"]["forget"] + r["parts"]["retain"], rel=1e-5)
+    model = AutoModelForCausalLM.from_pretrained(run / "model")
+    assert not any("lora" in name for name, _ in model.named_parameters())  # adapters merged on save
+
+
+def test_bad_lora_rank(tmp_path, tiny_model_dir):
+    result = cli("run", "--method", "npo", "--optimizer", "zo", "--lora-rank", "-1", "--model",
+                 str(tiny_model_dir), "-q", *TINY_BENCH, cwd=tmp_path)
+    assert_user_error(result, "train.lora_rank must be an integer >= 0", tmp_path)
+
+
+def test_optimizers_lists_every_grade(tmp_path):
+    from unlearn.optim import OPTIMIZERS
+
+    result = cli("optimizers", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    listed = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()}
+    assert listed == {name: cls.grade for name, cls in OPTIMIZERS.items()}  # type: ignore[attr-defined]

@@ -55,7 +55,11 @@ def test_gradascent_and_graddiff(tiny):
     nll_f = -torch.cat(reference_token_logprobs(model, fb)).mean()
     nll_r = -torch.cat(reference_token_logprobs(model, rb)).mean()
     assert torch.allclose(GradAscent()(model, fb, rb).total, -nll_f, atol=1e-5)
-    assert torch.allclose(GradDiff(gamma=2.0, alpha=0.5)(model, fb, rb).total, -2.0 * nll_f + 0.5 * nll_r, atol=1e-5)
+    loss = GradDiff(gamma=2.0, alpha=0.5)(model, fb, rb)
+    assert torch.allclose(loss.total, -2.0 * nll_f + 0.5 * nll_r, atol=1e-5)
+    # The named parts are the weighted terms themselves: conflict-aware optimizers differentiate them apart.
+    assert torch.allclose(loss.parts["forget"], -2.0 * nll_f, atol=1e-5)
+    assert torch.allclose(loss.parts["retain"], 0.5 * nll_r, atol=1e-5)
 
 
 @torch.no_grad()
@@ -131,3 +135,16 @@ def test_unknown_method_and_option():
         build_objective("bogus")
     with pytest.raises(ValueError, match="bad option for method 'npo'"):
         build_objective("npo", betta=0.1)
+
+
+def test_lora_adapters_go_where_the_objective_trains(tiny):
+    from unlearn.adapters import add_lora
+
+    model, _ = tiny
+    RMU(layer=2).trainable(model)
+    wrapped = add_lora(model, rank=2)
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert trainable == {f"base_model.model.model.layers.{i}.mlp.down_proj.lora_{ab}.default.weight"
+                         for i in (0, 1, 2) for ab in "AB"}
+    with pytest.raises(ValueError, match="rank must be an integer >= 1"):
+        add_lora(model, rank=0)

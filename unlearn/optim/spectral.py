@@ -180,10 +180,9 @@ class Muon(BackwardStep, _Composite):
     Hidden: 2-D and the name does not match ``exclude`` (embeddings and the output head are 2-D too, but
     Muon is not meant for them). Parameters given without names cannot be told apart, so every 2-D one
     goes to Muon. ``lr`` is Muon's (reported first in ``param_groups``), ``adamw_lr`` the other group's.
-    The default pairing 0.02 / 3e-4 is the usual one from Muon's pretraining recipes: an orthogonal update
-    at lr 0.02 moves a 4096-wide matrix by about 0.02/√4096 ≈ 3e-4 per entry, which is what AdamW at 3e-4
-    does per entry, so both groups move at comparable rates. To unlearn a pretrained model gently, lower both
-    together, keeping their ratio.
+    Defaults are unlearning-scale: pretraining recipes pair lr 0.02 with AdamW 3e-4, but unlearning nudges a
+    trained model; an orthogonal update at lr 5e-4 moves an entry of a 576×1536 matrix by about
+    5e-4/√1536 ≈ 1.3e-5, comparable to the AdamW side at 1e-5.
     """
 
     grade = "spectral"
@@ -191,12 +190,12 @@ class Muon(BackwardStep, _Composite):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 0.02,
+        lr: float = 5e-4,
         momentum: float = 0.95,
         nesterov: bool = True,
         ns_steps: int = 5,
         weight_decay: float = 0.0,
-        adamw_lr: float = 3e-4,
+        adamw_lr: float = 1e-5,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_weight_decay: float = 0.0,
         exclude: str = MUON_EXCLUDE,
@@ -303,7 +302,7 @@ class SIFT(_Composite):
     The gradients of both sides come from one closure call and two backward passes (the first keeps the
     graph, in case the parts share one). After each step ``last_conflicts`` maps each selected matrix (its
     name, or its index when unnamed) to its cosine (left out where a momentum is zero) and ``last_sift``
-    lists the matrices that took the SIFT branch. The default lr pairing is Muon's (see ``Muon``).
+    lists the matrices that took the SIFT branch. Default learning rates as ``Muon``'s.
     """
 
     grade = "spectral"
@@ -311,13 +310,13 @@ class SIFT(_Composite):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 0.02,
+        lr: float = 5e-4,
         momentum: float = 0.95,
         rank: int = 8,
         threshold: float = 0.0,
         pattern: str = SIFT_PATTERN,
         weight_decay: float = 0.0,
-        adamw_lr: float = 3e-4,
+        adamw_lr: float = 1e-5,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_weight_decay: float = 0.0,
     ) -> None:
