@@ -7,6 +7,7 @@ The update is the clipped ratio clip(m / max(h, ε), ±ρ)·lr, with m, h expone
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from contextlib import nullcontext
 from typing import Any
@@ -43,7 +44,10 @@ class Sophia(pytorch_optimizer.SophiaH):
         # Hessian-vector products differentiate the backward pass itself; fused attention kernels (flash /
         # memory-efficient SDPA) have no double backward, the math kernel does: use it on those steps only.
         kernels = sdpa_kernel([SDPBackend.MATH]) if hessian_step else nullcontext()
-        with torch.enable_grad(), kernels:
+        with torch.enable_grad(), kernels, warnings.catch_warnings():
+            # torch warns that create_graph=True ties each parameter to its gradient in a reference cycle
+            # unless .grad is reset to None afterwards, which zero_grad(set_to_none=True) below does.
+            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
             loss = total_loss(closure())
             loss.backward(create_graph=hessian_step)
         super().step()
