@@ -113,6 +113,8 @@ def test_lora_run_with_a_conflict_aware_optimizer(tmp_path, tiny_model_dir):
     run = tmp_path / "runs" / "npo-sift"
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert all(r["grade"] == "spectral" and set(r["parts"]) == {"forget", "retain"} for r in log)
+    assert all(set(r["optimizer"]) <= {"sift_matrices", "mean_cosine"} and "sift_matrices" in r["optimizer"]
+               for r in log)
     for r in log:  # the logged loss is the sum of its parts (one closure evaluation per step)
         assert r["loss"] == pytest.approx(r["parts"]["forget"] + r["parts"]["retain"], rel=1e-5)
     model = AutoModelForCausalLM.from_pretrained(run / "model")

@@ -79,6 +79,9 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
                           "grade": getattr(optimizer, "last_grade", getattr(optimizer, "grade", "unknown")),
                           "forwards": step_forwards, "seconds": round(seconds, 4),
                           "parts": {k: v / max(step_forwards, 1) for k, v in part_sums.items()}}
+                diagnostics = getattr(optimizer, "diagnostics", None)  # optional, e.g. SIFT's conflict counts
+                if diagnostics is not None:
+                    record["optimizer"] = {k: v for k, v in diagnostics().items() if math.isfinite(v)}
                 log.write(json.dumps(record) + "\n")
             if after_step is not None:
                 paused = time.perf_counter()

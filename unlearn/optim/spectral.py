@@ -352,6 +352,12 @@ class SIFT(_Composite):
         self.last_conflicts: dict[str, float] = {}
         self.last_sift: list[str] = []
 
+    def diagnostics(self) -> dict[str, float]:
+        """Per-step figures for the training log: how many matrices conflicted, and the mean cosine."""
+        cosines = list(self.last_conflicts.values())
+        return {"sift_matrices": float(len(self.last_sift)),
+                "mean_cosine": sum(cosines) / len(cosines) if cosines else float("nan")}
+
     def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
         closure = require_closure(closure)
         core = self.parts["sift"]
