@@ -297,3 +297,52 @@ def test_lora_only_adapters_change(name: str) -> None:
         assert torch.isfinite(opt.step(closure))
     changed = {n for n, p in named.items() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
+
+
+def pool_vectors(monkeypatch: pytest.MonkeyPatch, kind: str, seeds: int, numel: int = 40) -> torch.Tensor:
+    """z (= d/μ) for a parameter of ``numel`` elements, one row per seed, with chunks of 8 sharing a
+    16-entry pool: several chunks draw from the same pool entries, as on a real model."""
+    from unlearn.optim import zo_directions
+
+    monkeypatch.setattr(zo_directions, "CHUNK", 8)
+    monkeypatch.setattr(zo_directions, "POOL_SIZE", 16)
+    directions = zo_directions.PoolDirections([torch.zeros(numel)], mu=1.0, kind=kind)
+    rows = []
+    for seed in range(seeds):
+        directions.prepare([seed], 0)
+        rows.append(torch.cat([d * m for d, m in (directions.direction(seed, 0, k)
+                                                  for k in range(len(directions.chunks[0])))]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher", "sphere"])
+def test_pool_directions_have_identity_second_moment(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """E[z zᵀ] = I — all SPSA's unbiasedness needs — even though chunks reuse pool entries."""
+    z = pool_vectors(monkeypatch, kind, seeds=20000).double()
+    second = z.T @ z / len(z)
+    off = second - torch.diag(torch.diagonal(second))
+    assert (torch.diagonal(second) - 1).abs().max() < 0.06
+    assert off.abs().max() < 0.06
+    if kind == "sphere":
+        assert torch.allclose(z.pow(2).sum(1), torch.full((len(z),), 40.0, dtype=torch.float64), rtol=1e-3)
+    if kind == "rademacher":
+        assert set(z.abs().unique().tolist()) == {1.0}
+
+
+def test_random_chunk_signs_are_what_decorrelates_shared_pool_entries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control for the test above: with the signs stripped, two chunks meet on a shared pool entry with
+    probability 1/16 here, so every cross-chunk pair has E[z_i z_j] ≈ 1/16; with the signs it is 0."""
+    z = pool_vectors(monkeypatch, "gaussian", seeds=20000).double()
+    from unlearn.optim import zo_directions  # still patched by pool_vectors: chunks of 8, a pool of 16
+
+    directions = zo_directions.PoolDirections([torch.zeros(40)], mu=1.0)
+    unsigned_rows = []
+    for seed in range(20000):
+        directions.prepare([seed], 0)
+        unsigned_rows.append(torch.cat([directions.direction(seed, 0, k)[0] for k in range(5)]))
+    unsigned = torch.stack(unsigned_rows).double()
+    cross = torch.ones(40, 40, dtype=torch.bool)
+    for k in range(5):
+        cross[k * 8:(k + 1) * 8, k * 8:(k + 1) * 8] = False
+    assert (unsigned.T @ unsigned / len(unsigned))[cross].mean() > 0.05
+    assert (z.T @ z / len(z))[cross].mean().abs() < 0.01
