@@ -76,6 +76,9 @@ def rouge_l(model, tokenizer, pairs: list[Example], max_new_tokens: int = 16) ->
     return sum(scores) / len(scores)
 
 
+_MAX_EXP = math.log(float.fromhex("0x1.fffffffffffffp+1023"))  # largest x with exp(x) finite
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32) -> float:
     if not texts:
@@ -86,7 +89,10 @@ def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32) -> floa
         lp, n = sequence_logprobs(model, batch)
         total_lp += float(lp.sum())
         total_tokens += int(n.sum())
-    return math.exp(-total_lp / max(total_tokens, 1))
+    nll = -total_lp / max(total_tokens, 1)
+    # A wrecked model (e.g. a diverged unlearning run) can have a mean NLL past exp's float range; its
+    # perplexity is then reported as inf rather than crashing the evaluation.
+    return math.exp(nll) if nll < _MAX_EXP else float("inf")
 
 
 def evaluate(model, tokenizer, task: TaskData, batch_size: int = 64, max_new_tokens: int = 16,
