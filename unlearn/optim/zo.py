@@ -420,7 +420,7 @@ class ZOMuon(ZerothOrderBase):
             if not dirs.matrix[i]:
                 continue
             m, n = p.shape
-            projected = sum(c / self.mu * dirs._factors[seed][i] for seed, c in zip(seeds, coeffs, strict=True))
+            projected = sum(c / self.mu * dirs.factor(seed, i) for seed, c in zip(seeds, coeffs, strict=True))
             step = newton_schulz(projected, steps=self.ns_steps).to(p) * (lrs[i] * math.sqrt(max(1.0, m / n)))
             basis = dirs.bases[i][0]
             flat = p.detach().view(-1)

@@ -175,13 +175,17 @@ class _MatrixDirections:
         """The seed's small random matrix for parameter ``index``, already scaled to give d."""
         raise NotImplementedError
 
+    def factor(self, seed: int, index: int) -> torch.Tensor:
+        """The seed's small matrix for matrix parameter ``index`` (d = basis @ factor, row block by row block)."""
+        return self._factors[seed][index]
+
     def direction(self, seed: int, index: int, chunk: int) -> tuple[torch.Tensor, float]:
         if not self.matrix[index]:
             return self.pool.direction(seed, index, chunk)
         a, b = self.chunks[index][chunk]
         cols = self.params[index].shape[1]
         left = self.bases[index][0][a // cols: b // cols]
-        return (left @ self._factors[seed][index]).view(-1), 1.0
+        return (left @ self.factor(seed, index)).view(-1), 1.0
 
 
 class LowRankDirections(_MatrixDirections):
