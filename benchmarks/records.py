@@ -1,0 +1,113 @@
+"""Benchmark records from local files (jsonl, json, parquet), validated field by field.
+
+Real benchmarks arrive as files users place on disk (WMDP-style ``{question, choices, answer}`` MCQs, MUSE's
+JSON lists, forget corpora of ``{text}``). Every problem is reported as one line naming the file, the record
+and the field, so a malformed download is fixed in seconds rather than debugged from a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.embedded import MCQ
+from unlearn.errors import UserError
+
+SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
+    return records
+
+
+def _read_json(path: Path) -> list[Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+def _read_parquet(path: Path) -> list[Any]:
+    import pyarrow.parquet as pq  # a dependency of datasets
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        raise UserError(f"{path}: not a readable parquet file ({type(err).__name__})") from None
+
+
+_READERS: dict[str, Callable[[Path], list[Any]]] = {
+    ".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
+
+
+def read_records(path: Path) -> list[Any]:
+    """The records of a jsonl, json (a list) or parquet file; a one-line ``UserError`` otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise UserError(f"{path}: unsupported file type '{path.suffix}'; use one of {', '.join(SUFFIXES)}")
+    records = reader(path)
+    if not records:
+        raise UserError(f"{path}: no records")
+    return records
+
+
+def mcq_from_record(record: Any, where: str, tag_field: str | None = None) -> tuple[str, list[str], int, str]:
+    """(question, choices, answer index, tag) of one WMDP-style record, checked field by field."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected an object with question, choices, answer; got {type(record).__name__}")
+    for field in ("question", "choices", "answer"):
+        if field not in record:
+            raise UserError(f"{where}: missing field '{field}'")
+    question, choices, answer = record["question"], record["choices"], record["answer"]
+    if not isinstance(question, str) or not question.strip():
+        raise UserError(f"{where}: field 'question' must be a non-empty string")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        raise UserError(f"{where}: field 'choices' must be a list of at least 2 strings")
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        raise UserError(f"{where}: field 'answer' must be an integer index into choices (0..{len(choices) - 1}), "
+                        f"got {answer!r}")
+    tag = ""
+    if tag_field is not None and record.get(tag_field) is not None:
+        tag = str(record[tag_field])
+    return question, choices, answer, tag
+
+
+def read_mcqs(path: Path, prompt: Callable[[str, list[str]], str], choice_text: Callable[[int, str], str],
+              tag_field: str | None = None) -> list[MCQ]:
+    """WMDP-style MCQs from ``path``; ``prompt`` and ``choice_text`` render them the way the benchmark's
+    own evaluation does (the scorer compares the log-likelihoods of the rendered choices)."""
+    out = []
+    for index, record in enumerate(read_records(path)):
+        question, choices, answer, tag = mcq_from_record(record, f"{path}: record {index + 1}", tag_field)
+        out.append(MCQ(prompt=prompt(question, choices), choices=[choice_text(i, c) for i, c in enumerate(choices)],
+                       answer_index=answer, tag=tag))
+    return out
+
+
+def read_texts(path: Path, field: str = "text") -> list[str]:
+    """A text corpus: records with a non-empty string ``field`` (a forget corpus of ``{text}`` lines)."""
+    texts = []
+    for index, record in enumerate(read_records(path)):
+        where = f"{path}: record {index + 1}"
+        if not isinstance(record, dict) or field not in record:
+            raise UserError(f"{where}: missing field '{field}'")
+        if not isinstance(record[field], str) or not record[field].strip():
+            raise UserError(f"{where}: field '{field}' must be a non-empty string")
+        texts.append(record[field])
+    return texts
