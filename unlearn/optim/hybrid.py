@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from unlearn.optim.protocol import Closure, build_optimizer, register, require_closure
+from unlearn.optim.protocol import Closure, build_optimizer, check_int, register, require_closure
 
 
 def _sub_optimizer(
@@ -50,8 +50,7 @@ class Hybrid(torch.optim.Optimizer):
         ratio: float = 1.0,
         total_steps: int | None = None,
     ) -> None:
-        if not isinstance(block, int) or block < 1:
-            raise ValueError(f"block must be an integer >= 1, got {block!r}")
+        check_int("block", block)
         if ratio < 0:
             raise ValueError(f"ratio must be >= 0, got {ratio}")
         if total_steps is not None and total_steps < 1:

@@ -43,6 +43,12 @@ def register(name: str) -> Callable[[OptimizerClass], OptimizerClass]:
     return add
 
 
+def check_int(name: str, value: Any, minimum: int = 1) -> None:
+    """One-line ValueError unless ``value`` is an integer (not a bool) >= ``minimum``: counts, ranks, periods."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
 def require_closure(closure: Closure | None) -> Closure:
     if closure is None:
         raise ValueError("step() needs a closure that returns the loss tensor (without calling backward)")

@@ -17,7 +17,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from unlearn.loss import total_loss
-from unlearn.optim.protocol import Closure, register, require_closure
+from unlearn.optim.protocol import Closure, check_int, register, require_closure
 
 
 @register("sophia")
@@ -29,8 +29,7 @@ class Sophia(pytorch_optimizer.SophiaH):
                  num_samples: int = 1, hessian_distribution: str = "gaussian", eps: float = 1e-12) -> None:
         if lr < 0 or clip <= 0:
             raise ValueError(f"lr must be >= 0 and clip > 0, got lr={lr}, clip={clip}")
-        if not isinstance(update_period, int) or update_period < 1:
-            raise ValueError(f"update_period must be an integer >= 1, got {update_period!r}")
+        check_int("update_period", update_period)
         if hessian_distribution not in ("gaussian", "rademacher"):
             raise ValueError(f"hessian_distribution must be gaussian or rademacher, got '{hessian_distribution}'")
         super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay, p=clip,

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from unlearn.loss import loss_parts, total_loss
-from unlearn.optim.protocol import BackwardStep, Closure, register, require_closure
+from unlearn.optim.protocol import BackwardStep, Closure, check_int, register, require_closure
 
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # Keller Jordan's quintic: maximal slope at 0 in 5 steps
 
@@ -324,8 +324,7 @@ class SIFT(_Composite):
             raise ValueError(f"lr and weight_decay must be >= 0, got lr={lr}, weight_decay={weight_decay}")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-            raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+        check_int("rank", rank)
         if not -1 <= threshold <= 1:
             raise ValueError(f"threshold is compared with a cosine, so must be in [-1, 1], got {threshold}")
         selects = _compile("pattern", pattern)

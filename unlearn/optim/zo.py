@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from unlearn.optim.protocol import Closure, register, require_closure
+from unlearn.optim.protocol import Closure, check_int, register, require_closure
 from unlearn.optim.zo_directions import (
     Directions,
     IIDDirections,
@@ -60,11 +60,6 @@ def _draw(rng: torch.Generator) -> int:
     return int(torch.randint(0, _SEED_RANGE, (1,), generator=rng))
 
 
-def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 class ZerothOrderBase(torch.optim.Optimizer):
     """The shared engine; subclasses set ``sided``/``needs_center`` and override ``coefficients``,
     ``make_directions`` or ``apply_update``. lr and weight_decay live in param_groups (schedulers work)."""
@@ -78,7 +73,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
             raise ValueError(f"lr and weight_decay must be >= 0, got lr={lr}, weight_decay={weight_decay}")
         if mu <= 0:
             raise ValueError(f"mu must be > 0, got {mu}")
-        _positive_int("q", q)
+        check_int("q", q)
         if sided not in (1, 2):
             raise ValueError(f"sided must be 1 (one-sided) or 2 (two-sided), got {sided!r}")
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, **defaults})
@@ -176,7 +171,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
         lrs = self._lrs()
         if self.linear_update:
             for seed, c in zip(seeds, coeffs, strict=True):
-                undo = -pending[1] if pending is not None and pending[0] == seed else 0.0
+                undo = self.undo_scale(pending, seed)
                 self.shift(seed, [undo - lr * c / self.mu for lr in lrs])
             return
         for i, p in enumerate(self.params):
@@ -212,11 +207,17 @@ class ZerothOrderBase(torch.optim.Optimizer):
         if rng is not None:
             self._rng.set_state(rng)
 
-    def _buffer(self, p: torch.Tensor, name: str, a: int, b: int) -> torch.Tensor:
+    def _buffer(self, p: torch.Tensor, name: str, a: int, b: int, fill: float = 0.0) -> torch.Tensor:
+        """Elements a:b of the flat state buffer ``name`` of ``p``, created (filled with ``fill``) on first use."""
         state = self.state[p]
         if name not in state:
-            state[name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            state[name] = torch.full_like(p, fill, memory_format=torch.contiguous_format)
         return state[name].view(-1)[a:b]
+
+    @staticmethod
+    def undo_scale(pending: tuple[int, float] | None, seed: int) -> float:
+        """The shift that reverts the probe still in place when ``seed`` is the pending one, else 0."""
+        return -pending[1] if pending is not None and pending[0] == seed else 0.0
 
 
 @register("zo")
@@ -289,7 +290,7 @@ class FZOO(ZerothOrderBase):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-5, mu: float = 1e-3, q: int = 4,
                  weight_decay: float = 0.0, seed: int = 0, exact_restore: bool = False) -> None:
-        _positive_int("q", q, minimum=2)  # σ of a single loss is undefined
+        check_int("q", q, minimum=2)  # σ of a single loss is undefined
         super().__init__(params, lr=lr, mu=mu, q=q, direction="rademacher", sided=1,
                          weight_decay=weight_decay, seed=seed, exact_restore=exact_restore)
 
@@ -342,7 +343,7 @@ class HiZOO(ZerothOrderBase):
 
     def apply_update(self, index, k, p, a, b, chunk, estimate, lr):
         chunk.add_(estimate, alpha=-lr)  # estimate already carries H^{-1/2} from the scaled directions
-        hess = self._buffer_ones(p, a, b)
+        hess = self.hessian(p, a, b)
         base = self.directions.base  # type: ignore[attr-defined]
         sample = torch.zeros_like(chunk)  # Σ_j κ_j (u_j² − 1) / q, the curvature sample before the H factor
         for seed, kappa in zip(self._seeds, self._curvatures, strict=True):
@@ -350,11 +351,8 @@ class HiZOO(ZerothOrderBase):
             sample.add_(d.square_().div_(self.mu**2).sub_(1.0), alpha=kappa / self.q)
         hess.mul_(1 - self.alpha).add_(sample.mul_(hess).abs_(), alpha=self.alpha)
 
-    def _buffer_ones(self, p: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        state = self.state[p]
-        if "hessian" not in state:
-            state["hessian"] = torch.ones_like(p, memory_format=torch.contiguous_format)
-        return state["hessian"].view(-1)[a:b]
+    def hessian(self, p: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        return self._buffer(p, "hessian", a, b, fill=1.0)  # H starts at the identity: the first probes are MeZO's
 
 
 class _HessianScaled:
@@ -370,7 +368,7 @@ class _HessianScaled:
         d, m = self.base.direction(seed, index, chunk)
         p = self.owner.params[index]
         a, b = self.chunks[index][chunk]
-        return d.mul_(self.owner._buffer_ones(p, a, b).rsqrt()), m
+        return d.mul_(self.owner.hessian(p, a, b).rsqrt()), m
 
 
 @register("zo-lowrank")
@@ -400,7 +398,7 @@ class ZOMuon(ZerothOrderBase):
     def __init__(self, params: Iterable[Any], lr: float = 1e-4, mu: float = 1e-3, q: int = 1, rank: int = 16,
                  refresh: int = 10, ns_steps: int = 5, weight_decay: float = 0.0, seed: int = 0,
                  exact_restore: bool = False) -> None:
-        _positive_int("ns_steps", ns_steps)
+        check_int("ns_steps", ns_steps)
         self.rank, self.refresh, self.ns_steps = rank, refresh, ns_steps
         super().__init__(params, lr=lr, mu=mu, q=q, direction="gaussian", sided=2,
                          weight_decay=weight_decay, seed=seed, exact_restore=exact_restore)
@@ -414,7 +412,7 @@ class ZOMuon(ZerothOrderBase):
         dirs: SubspaceDirections = self.directions  # type: ignore[assignment]
         lrs = self._lrs()
         for seed, c in zip(seeds, coeffs, strict=True):  # vectors: ZO-SGD, with the pending undo folded in
-            undo = -pending[1] if pending is not None and pending[0] == seed else 0.0
+            undo = self.undo_scale(pending, seed)
             self.shift(seed, [0.0 if dirs.matrix[i] else undo - lr * c / self.mu for i, lr in enumerate(lrs)])
         for i, p in enumerate(self.params):
             if not dirs.matrix[i]:

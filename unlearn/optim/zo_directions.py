@@ -28,6 +28,8 @@ from typing import Protocol
 
 import torch
 
+from unlearn.optim.protocol import check_int
+
 POOL_SIZE = 1 << 22
 CHUNK = 1 << 18  # elements (or about that many, as whole rows) per chunk: large enough to amortize the
 # per-chunk Python overhead (a pass over the 135M model takes ~28 ms at 2^18, ~38 ms at 2^16)
@@ -144,10 +146,8 @@ class _MatrixDirections:
     """Shared by the low-rank and subspace samplers: structured d for 2-D weights, a pool elsewhere."""
 
     def __init__(self, params: list[torch.Tensor], mu: float, rank: int, refresh: int, seed: int) -> None:
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
-        if not isinstance(refresh, int) or refresh < 1:
-            raise ValueError(f"refresh must be an integer >= 1, got {refresh!r}")
+        check_int("rank", rank)
+        check_int("refresh", refresh)
         self.mu, self.rank, self.refresh, self.seed = mu, rank, refresh, seed
         self.params = params
         self.matrix = [p.dim() == 2 and min(p.shape) > rank for p in params]
