@@ -17,8 +17,9 @@ from typing import Any
 from attacks.quantize import QuantSpec, load_quantized
 from attacks.relearn import RelearnSettings, relearn, unseen_accuracy
 from benchmarks.embedded import TaskData
+from benchmarks.task import Task
+from unlearn.config import EvalConfig, eval_config
 from unlearn.errors import UserError
-from unlearn.evaluate import evaluate
 from unlearn.models import load_model, load_tokenizer
 from unlearn.runs import read_json, staged_dir, write_json_atomic
 
@@ -28,12 +29,12 @@ class Subject:
     """What is attacked: a model, the benchmark it is scored on, and (for runs) where results go."""
 
     model_spec: str
-    task: TaskData
+    task: Task
     run_dir: Path | None
     unlearned: dict[str, float] | None  # metrics of the unlearned model, from the run
     target: dict[str, float] | None  # metrics of the target model before unlearning
     target_model: str | None
-    eval_settings: dict[str, Any]
+    eval_settings: EvalConfig
 
 
 def recovery_ratio(attacked: float, unlearned: float, target: float) -> tuple[float | None, str]:
@@ -54,8 +55,7 @@ def _finish(subject: Subject, name: str, record: dict[str, Any]) -> Path | None:
 
 
 def evaluate_subject(model, tokenizer, subject: Subject, progress: bool) -> dict[str, float]:
-    return evaluate(model, tokenizer, subject.task, int(subject.eval_settings.get("batch_size", 64)),
-                    int(subject.eval_settings.get("max_new_tokens", 16)), progress=progress)
+    return subject.task.evaluate(model, tokenizer, subject.eval_settings, progress=progress)
 
 
 def quantize_attack(subject: Subject, spec: QuantSpec, progress: bool = True) -> tuple[dict[str, Any], Path | None]:
@@ -66,14 +66,17 @@ def quantize_attack(subject: Subject, spec: QuantSpec, progress: bool = True) ->
     record: dict[str, Any] = {"attack": spec.name, "kind": "quantize", "spec": spec.__dict__ | {"name": spec.name},
                               "metrics": metrics, "seconds": round(time.perf_counter() - started, 1)}
     if subject.unlearned and subject.target:
-        ratio, why = recovery_ratio(metrics["forget/mcq_acc"], subject.unlearned["forget/mcq_acc"],
-                                    subject.target["forget/mcq_acc"])
-        record["recovery"] = {"ratio": ratio, "note": why, "measured_on": "forget split"}
+        key = subject.task.headline
+        ratio, why = recovery_ratio(metrics[key], subject.unlearned[key], subject.target[key])
+        record["recovery"] = {"ratio": ratio, "note": why, "measured_on": key}
     return record, _finish(subject, spec.name, record)
 
 
 def relearn_attack(subject: Subject, settings: RelearnSettings,
                    progress: bool = True) -> tuple[dict[str, Any], Path | None]:
+    if not isinstance(subject.task, TaskData):
+        raise UserError(f"the relearning attack measures recovery on forget facts held out from relearning, which "
+                        f"only the embedded benchmark provides; it is not available on '{subject.task.name}' yet")
     if subject.target_model and not Path(subject.target_model).is_dir():
         # Checked before minutes of fine-tuning: the recovery ratio needs the target model at the end.
         raise UserError(f"the run's target model {subject.target_model} is gone (cache cleared?); "
@@ -103,7 +106,9 @@ def relearn_attack(subject: Subject, settings: RelearnSettings,
     return record, _finish(subject, settings.name, record)
 
 
-def subject_from_run(run_dir: Path, load_task) -> Subject:
+def subject_from_run(run_dir: Path, load_task, eval_overrides: dict[str, Any] | None = None) -> Subject:
+    """The run's model on the run's own benchmark; `eval_overrides` ({"eval.engine": ...}) change how it is
+    scored, never what it is scored on."""
     from unlearn.config import read_yaml
 
     if not run_dir.is_dir():
@@ -111,7 +116,9 @@ def subject_from_run(run_dir: Path, load_task) -> Subject:
     if not (run_dir / "model" / "config.json").is_file():
         raise UserError(f"run folder {run_dir} has no model/ (was it written by `unlearn run`?)")
     saved = read_yaml(run_dir / "config.yaml")
+    settings = dict(saved.get("eval") or {})
+    settings.update({k.removeprefix("eval."): v for k, v in (eval_overrides or {}).items()})
     record = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
     return Subject(model_spec=str(run_dir / "model"), task=load_task(saved.get("benchmark", {})), run_dir=run_dir,
                    unlearned=record.get("metrics"), target=record.get("target"),
-                   target_model=saved.get("target_model"), eval_settings=saved.get("eval", {}))
+                   target_model=saved.get("target_model"), eval_settings=eval_config(settings))

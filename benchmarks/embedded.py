@@ -6,31 +6,25 @@ generated answers to the QA pairs, and the retain passages for perplexity.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.synthetic import SPLITS, Benchmark, SyntheticSettings, generate
+from benchmarks.task import MCQ, Task
 from unlearn.data import Example, qa_prompt
 from unlearn.errors import UserError
 
 
 @dataclass
-class MCQ:
-    prompt: str
-    choices: list[str]
-    answer_index: int
-    tag: str  # the attribute asked about, for per-concept breakdowns
+class TaskData(Task):
+    mcq: dict[str, list[MCQ]] = field(default_factory=dict)  # per split; tagged by the attribute asked about
+    qa: dict[str, list[Example]] = field(default_factory=dict)
+    passages: dict[str, list[str]] = field(default_factory=dict)
 
+    def evaluate(self, model: Any, tokenizer: Any, settings: Any, progress: bool = True) -> dict[str, float]:
+        from unlearn.evaluate import evaluate
 
-@dataclass
-class TaskData:
-    name: str
-    fingerprint: str
-    forget: list[Example]
-    retain: list[Example]
-    mcq: dict[str, list[MCQ]]
-    qa: dict[str, list[Example]]
-    passages: dict[str, list[str]]
+        return evaluate(model, tokenizer, self, settings, progress=progress)
 
 
 def settings_from(config: dict[str, Any]) -> SyntheticSettings:
@@ -53,7 +47,9 @@ def task_from(bench: Benchmark) -> TaskData:
         raise UserError("the retain split is empty: utility cannot be measured")
     return TaskData(
         name="embedded", fingerprint=bench.fingerprint(), forget=forget, retain=retain,
-        mcq={s: [MCQ(qa_prompt(f.question), f.choices, f.answer_index, f.attribute) for f in bench.facts[s]]
+        forget_metrics=("forget/mcq_acc", "forget/rougeL"), needs_target=True,
+        mcq={s: [MCQ(qa_prompt(f.question), f.choices, f.answer_index, f.attribute, f.question, list(f.choices))
+                 for f in bench.facts[s]]
              for s in SPLITS},
         qa={s: pairs(s) for s in SPLITS},
         passages=dict(bench.passages),

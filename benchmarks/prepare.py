@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.embedded import TaskData
+from benchmarks.task import Task
+from unlearn.config import EvalConfig
 from unlearn.data import encode
-from unlearn.evaluate import evaluate
 from unlearn.models import EMBEDDED, cache_dir, load_model, resolve, save_model
 from unlearn.objectives import LanguageModeling
 from unlearn.optim import build_optimizer
@@ -40,13 +40,13 @@ def _model_identity(spec: str) -> str:
                        "weights": stamps})
 
 
-def target_key(spec: str, task: TaskData, settings: dict[str, Any]) -> str:
+def target_key(spec: str, task: Task, settings: dict[str, Any]) -> str:
     blob = json.dumps({"model": _model_identity(spec), "task": task.fingerprint, "prepare": settings,
                        "version": PREPARE_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def target_model(spec: str, task: TaskData, settings: dict[str, Any], trust_remote_code: bool = False,
+def target_model(spec: str, task: Task, settings: dict[str, Any], trust_remote_code: bool = False,
                  progress: bool = True) -> Path:
     """Path of the cached target model folder (`model/` + `prepare.json`), building it if needed."""
     epochs = int(settings.get("epochs", 8))
@@ -70,7 +70,7 @@ def target_model(spec: str, task: TaskData, settings: dict[str, Any], trust_remo
                    progress=progress)
     model.get_input_embeddings().weight.requires_grad_(True)
     # The target's full metrics are cached with it: every run's table compares against them.
-    metrics = evaluate(model, tok, task, progress=progress)
+    metrics = task.evaluate(model, tok, EvalConfig(), progress=progress)
     record = {"base_model": spec, "task": task.name, "task_fingerprint": task.fingerprint,
               "epochs": epochs, "lr": lr, "batch_size": batch_size, "steps": steps,
               "seconds": round(result.seconds, 1), "final_loss": result.final_loss, "metrics": metrics}
@@ -78,8 +78,36 @@ def target_model(spec: str, task: TaskData, settings: dict[str, Any], trust_remo
     with staged_dir(folder, overwrite=True) as staging:
         save_model(model, tok, staging / "model")
         write_json_atomic(staging / "prepare.json", record)
+    # Those are also the target's baseline under default evaluation settings: runs need not recompute them.
+    _store_baseline(str(folder / "model"), task, EvalConfig(), metrics)
     return folder
 
 
 def prepare_record(folder: Path) -> dict[str, Any]:
     return read_json(folder / "prepare.json")
+
+
+def baseline_metrics(spec: str, task: Task, settings: EvalConfig, trust_remote_code: bool = False,
+                     progress: bool = True) -> dict[str, float]:
+    """Metrics of the model as given (the starting point on real benchmarks), cached per model, data and
+    evaluation settings: every run from the same model compares against the same numbers, computed once."""
+    path = _baseline_path(spec, task, settings)
+    if path.is_file():
+        return read_json(path)["metrics"]
+    loaded = load_model(spec, trust_remote_code=trust_remote_code)
+    metrics = task.evaluate(loaded.model, loaded.tokenizer, settings, progress=progress)
+    _store_baseline(spec, task, settings, metrics)
+    return metrics
+
+
+def _baseline_path(spec: str, task: Task, settings: EvalConfig) -> Path:
+    blob = json.dumps({"model": _model_identity(spec), "task": task.fingerprint, "eval": settings.__dict__,
+                       "version": PREPARE_VERSION}, sort_keys=True)
+    return cache_dir() / "baselines" / f"{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+
+
+def _store_baseline(spec: str, task: Task, settings: EvalConfig, metrics: dict[str, float]) -> None:
+    path = _baseline_path(spec, task, settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"model": spec, "task": task.name, "task_fingerprint": task.fingerprint,
+                             "eval": settings.__dict__, "metrics": metrics})

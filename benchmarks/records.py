@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.embedded import MCQ
+from benchmarks.task import MCQ
 from unlearn.errors import UserError
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -88,16 +88,24 @@ def mcq_from_record(record: Any, where: str, tag_field: str | None = None) -> tu
     return question, choices, answer, tag
 
 
+def mcqs_from(records: list[Any], where: str, prompt: Callable[[dict[str, Any], str, list[str]], str],
+              choice_text: Callable[[int, str], str], tag_field: str | None = None) -> list[MCQ]:
+    """WMDP-style MCQs from records read from ``where``; ``prompt(record, question, choices)`` and
+    ``choice_text`` render them the way the benchmark's own evaluation does (the scorer compares the
+    log-likelihoods of the rendered choices after the prompt)."""
+    out = []
+    for index, record in enumerate(records):
+        question, choices, answer, tag = mcq_from_record(record, f"{where}: record {index + 1}", tag_field)
+        out.append(MCQ(prompt=prompt(record, question, choices),
+                       choices=[choice_text(i, c) for i, c in enumerate(choices)],
+                       answer_index=answer, tag=tag, question=question, options=list(choices)))
+    return out
+
+
 def read_mcqs(path: Path, prompt: Callable[[str, list[str]], str], choice_text: Callable[[int, str], str],
               tag_field: str | None = None) -> list[MCQ]:
-    """WMDP-style MCQs from ``path``; ``prompt`` and ``choice_text`` render them the way the benchmark's
-    own evaluation does (the scorer compares the log-likelihoods of the rendered choices)."""
-    out = []
-    for index, record in enumerate(read_records(path)):
-        question, choices, answer, tag = mcq_from_record(record, f"{path}: record {index + 1}", tag_field)
-        out.append(MCQ(prompt=prompt(question, choices), choices=[choice_text(i, c) for i, c in enumerate(choices)],
-                       answer_index=answer, tag=tag))
-    return out
+    """`mcqs_from` over the records of a local file."""
+    return mcqs_from(read_records(path), str(path), lambda _r, q, c: prompt(q, c), choice_text, tag_field)
 
 
 def read_texts(path: Path, field: str = "text") -> list[str]:
@@ -111,3 +119,15 @@ def read_texts(path: Path, field: str = "text") -> list[str]:
             raise UserError(f"{where}: field '{field}' must be a non-empty string")
         texts.append(record[field])
     return texts
+
+
+def chunk_texts(texts: list[str], words: int) -> list[str]:
+    """Training passages: each text cut into pieces of at most ``words`` whitespace-separated words
+    (documents are never joined, so a passage never spans two of them)."""
+    if isinstance(words, bool) or not isinstance(words, int) or words < 1:
+        raise UserError(f"chunk size must be an integer >= 1 (words), got {words!r}")
+    out = []
+    for text in texts:
+        tokens = text.split()
+        out.extend(" ".join(tokens[i:i + words]) for i in range(0, len(tokens), words))
+    return out

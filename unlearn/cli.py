@@ -30,6 +30,27 @@ def _fail(message: str, code: int) -> None:
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML file merged over configs/run.yaml.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any config key: train.max_steps=100.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+BenchmarkOpt = Annotated[str | None, typer.Option(
+    help="Benchmark: embedded (default), wmdp, muse, openqa (options in configs/benchmark/).")]
+DataOpt = Annotated[str | None, typer.Option(
+    help="Benchmark data: a file (wmdp, openqa: {question, choices, answer} records), a MUSE-layout folder, "
+         "or a hub name (wmdp_bio, news, ...).")]
+EngineOpt = Annotated[str | None, typer.Option(
+    help="MCQ scoring on wmdp/openqa: lm-eval (lm-eval-harness) or native (in-loop scorer).")]
+OpenQAOpt = Annotated[bool, typer.Option("--openqa", help="Also ask the MCQs open-ended and judge the answers.")]
+JudgeOpt = Annotated[str | None, typer.Option(
+    help="NLI model (hub id or folder) judging open-ended answers (default: normalized match).")]
+
+
+def _path_or_name(value: str | None) -> str | None:
+    """Local paths are stored absolute (a run's config.yaml must still work from another folder); anything
+    else (hub names) as given."""
+    return str(Path(value).resolve()) if value is not None and Path(value).exists() else value
+
+
+def _benchmark_flags(data: str | None, engine: str | None, openqa: bool, judge: str | None) -> dict[str, object]:
+    return {"benchmark.data": _path_or_name(data), "eval.engine": engine, "eval.openqa": openqa or None,
+            "eval.judge": _path_or_name(judge)}
 
 
 def _setup_torch() -> None:
@@ -58,7 +79,15 @@ def run(
         help="Optimizer: adamw, sgd, signsgd, signum, signadam, sophia, muon, sift, zo, zo-sign, zo-adam, fzoo, "
              "hizoo, zo-lowrank, zo-muon, hybrid (see `unlearn optimizers`).")] = None,
     model: Annotated[str | None, typer.Option(help="Hub id, local HF folder, or smollm2-135m.")] = None,
-    benchmark: Annotated[str | None, typer.Option(help="Benchmark (embedded).")] = None,
+    benchmark: BenchmarkOpt = None,
+    data: DataOpt = None,
+    forget_corpus: Annotated[str | None, typer.Option(
+        help="wmdp/openqa: file of {text} records to unlearn (benchmark.forget_corpus).")] = None,
+    retain_corpus: Annotated[str | None, typer.Option(
+        help="wmdp/openqa: retain text, wikitext (hub) or a file of {text} records.")] = None,
+    engine: EngineOpt = None,
+    openqa: OpenQAOpt = False,
+    judge: JudgeOpt = None,
     steps: Annotated[int | None, typer.Option(help="Unlearning steps (train.max_steps).")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate (optimizer.lr).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (train.batch_size).")] = None,
@@ -78,23 +107,27 @@ def run(
     from unlearn.config import load_run_config
     from unlearn.pipeline import run as run_pipeline
 
-    flags = {"model": model, "benchmark.name": benchmark, "train.max_steps": steps, "optimizer.lr": lr,
+    flags = {"model": model, "train.max_steps": steps, "optimizer.lr": lr,
              "train.batch_size": batch_size, "train.seed": seed, "train.lora_rank": lora_rank, "name": name,
-             "output_dir": output_dir,
-             "trust_remote_code": trust_remote_code or None}
-    cfg = load_run_config(method, optimizer, config, flags, set_)
+             "output_dir": output_dir, "trust_remote_code": trust_remote_code or None,
+             "benchmark.forget_corpus": _path_or_name(forget_corpus),
+             "benchmark.retain_corpus": _path_or_name(retain_corpus)} | _benchmark_flags(data, engine, openqa, judge)
+    cfg = load_run_config(method, optimizer, config, flags, set_, benchmark=benchmark)
     _setup_torch()
     outcome = run_pipeline(cfg, overwrite=overwrite, progress=not quiet, log=console.print)
     record = {"method": cfg.method["name"], "optimizer": cfg.optimizer["name"]}
     _markdown_table([
-        row_from("(target, before unlearning)", {"method": "—", "optimizer": "—", "metrics": outcome.target_metrics}),
+        row_from("(before unlearning)", {"method": "—", "optimizer": "—", "metrics": outcome.target_metrics}),
+        *[row_from(f"after {s['stage']}", record | {"metrics": s["metrics"]}) for s in outcome.stages[:-1]],
         row_from(outcome.run_dir.name, record | {"metrics": outcome.metrics, "train": outcome.train}),
     ])
     console.print(f"run saved to {outcome.run_dir}/ (model/, metrics.json, log.jsonl, config.yaml)")
 
 
-def _subject(run_dir: Path | None, model: str | None, config: Path | None, set_: list[str] | None):
-    """The model under evaluation or attack: a run folder, or any model on the configured benchmark."""
+def _subject(run_dir: Path | None, model: str | None, config: Path | None, set_: list[str] | None,
+             benchmark: str | None = None, flags: dict[str, object] | None = None):
+    """The model under evaluation or attack: a run folder (on its own benchmark, with flags applied on top),
+    or any model on the configured benchmark."""
     from attacks.runner import Subject, subject_from_run
     from unlearn.config import load_run_config
     from unlearn.pipeline import load_task
@@ -102,10 +135,13 @@ def _subject(run_dir: Path | None, model: str | None, config: Path | None, set_:
     if (run_dir is None) == (model is None):
         raise UserError("give exactly one of --run RUN_DIR or --model MODEL")
     if run_dir is not None:
-        return subject_from_run(run_dir, load_task)
-    cfg = load_run_config(None, None, config, {}, set_)  # only the benchmark and eval sections matter here
+        if benchmark is not None or any(v is not None for k, v in (flags or {}).items() if k.startswith("bench")):
+            raise UserError("a run is evaluated on its own benchmark: --benchmark/--data go with --model")
+        return subject_from_run(run_dir, load_task, {k: v for k, v in (flags or {}).items() if v is not None})
+    # Only the benchmark and eval sections matter here.
+    cfg = load_run_config(None, None, config, flags or {}, set_, benchmark=benchmark)
     return Subject(model_spec=model, task=load_task(cfg.benchmark), run_dir=None, unlearned=None, target=None,
-                   target_model=None, eval_settings=cfg.eval.__dict__)
+                   target_model=None, eval_settings=cfg.eval)
 
 
 def _print_metrics(metrics: dict[str, float]) -> None:
@@ -117,23 +153,35 @@ def _print_metrics(metrics: dict[str, float]) -> None:
 def eval_(
     run_dir: Annotated[Path | None, typer.Option("--run", help="Run folder to (re)evaluate.")] = None,
     model: Annotated[str | None, typer.Option(help="Evaluate any model instead of a run.")] = None,
+    benchmark: BenchmarkOpt = None,
+    data: DataOpt = None,
+    engine: EngineOpt = None,
+    openqa: OpenQAOpt = False,
+    judge: JudgeOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Evaluate a run's model (rewrites its metrics.json) or any model (prints metrics)."""
+    import time
+
     from attacks.runner import evaluate_subject
     from unlearn.models import load_model
     from unlearn.runs import read_json, write_json_atomic
 
-    subject = _subject(run_dir, model, config, set_)
+    subject = _subject(run_dir, model, config, set_, benchmark, _benchmark_flags(data, engine, openqa, judge))
+    for note in subject.task.notes:
+        console.print(f"note: {note}", markup=False, highlight=False)
     _setup_torch()
+    started = time.perf_counter()
     loaded = load_model(subject.model_spec)
     metrics = evaluate_subject(loaded.model, loaded.tokenizer, subject, progress=not quiet)
     if subject.run_dir is not None:
         path = subject.run_dir / "metrics.json"
         write_json_atomic(path, (read_json(path) if path.is_file() else {}) | {"metrics": metrics})
     _print_metrics(metrics)
+    console.print(f"{subject.task.name}: {len(metrics)} metrics in {time.perf_counter() - started:.1f} s "
+                  f"(model load included)", markup=False, highlight=False)
 
 
 QUANTIZE_CHOICES = {"4bit": ("bnb", 4), "8bit": ("bnb", 8), "rtn2": ("rtn", 2), "rtn3": ("rtn", 3),
@@ -158,6 +206,8 @@ def attack(
     out_of_domain: Annotated[bool, typer.Option("--out-of-domain", help="Relearn on retain facts instead.")] = False,
     checkpoints: Annotated[str, typer.Option(help="Steps at which to measure recovery.")] = "0,10,25,50,100",
     seed: Annotated[int, typer.Option(help="Seed for the relearning split and data order.")] = 0,
+    benchmark: BenchmarkOpt = None,
+    data: DataOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -175,7 +225,7 @@ def attack(
         points = [int(x) for x in checkpoints.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--checkpoints expects comma-separated integers, got '{checkpoints}'") from None
-    subject = _subject(run_dir, model, config, set_)
+    subject = _subject(run_dir, model, config, set_, benchmark, {"benchmark.data": _path_or_name(data)})
     _setup_torch()
     if quantize is not None:
         method, bits = QUANTIZE_CHOICES[quantize]

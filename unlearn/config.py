@@ -1,7 +1,8 @@
 """Run configuration: YAML files in configs/ merged in a fixed order, then dotted overrides.
 
-Precedence (later wins): configs/run.yaml < configs/method/<m>.yaml < configs/optimizer/<o>.yaml
-< the user's --config file < command-line flags < --set key.path=value.
+Precedence (later wins): configs/run.yaml < configs/{method,optimizer,benchmark}/<name>.yaml
+< the user's --config file < command-line flags < --set key.path=value. A section that names another
+component (run.yaml's default benchmark when --benchmark picks a different one) contributes nothing.
 The fully resolved result is written to runs/<name>/config.yaml, so a run can be reproduced
 from that one file.
 """
@@ -49,6 +50,11 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 64
     max_new_tokens: int = 16
+    # How WMDP/MMLU-style MCQs are scored: "lm-eval" (lm-eval-harness, the reference) or "native" (the
+    # toolkit's in-loop scorer; a test shows both give the same accuracy).
+    engine: str = "lm-eval"
+    openqa: bool = False  # also ask the MCQs open-ended and judge the free-text answers
+    judge: str | None = None  # NLI model (hub id or folder) judging open-ended answers; None: normalized match
 
 
 @dataclass
@@ -167,9 +173,14 @@ def _dataclass(cls, data: Any, section: str):
     return cls(**data)
 
 
+def eval_config(data: Any) -> EvalConfig:
+    """The `eval` section as EvalConfig, rejecting unknown keys (also for a saved run's config.yaml)."""
+    return _dataclass(EvalConfig, data if data is not None else {}, "eval")
+
+
 def load_run_config(method: str | None = None, optimizer: str | None = None,
                     config_file: Path | None = None, flags: dict[str, Any] | None = None,
-                    overrides: list[str] | None = None) -> RunConfig:
+                    overrides: list[str] | None = None, benchmark: str | None = None) -> RunConfig:
     raw = read_yaml(CONFIG_DIR / "run.yaml")
     user = read_yaml(config_file) if config_file is not None else {}
     # Flags and --set go into their own layer so that they win over the chosen method's and
@@ -188,7 +199,7 @@ def load_run_config(method: str | None = None, optimizer: str | None = None,
                         "must be a mapping")
     raw = merge(merge(raw, recipe), user)
     components = {kind: _component(kind, chosen, raw, cli)
-                  for kind, chosen in (("method", method), ("optimizer", optimizer))}
+                  for kind, chosen in (("method", method), ("optimizer", optimizer), ("benchmark", benchmark))}
     raw = merge(raw, cli)
     raw.update(components)
     known = {f.name for f in fields(RunConfig)}
@@ -196,7 +207,7 @@ def load_run_config(method: str | None = None, optimizer: str | None = None,
     if unknown:
         raise UserError(f"unknown top-level config key(s): {', '.join(unknown)}")
     raw["train"] = _dataclass(TrainConfig, raw.get("train", {}), "train")
-    raw["eval"] = _dataclass(EvalConfig, raw.get("eval", {}), "eval")
+    raw["eval"] = eval_config(raw.get("eval", {}))
     for key in ("model", "benchmark"):
         if key not in raw:
             raise UserError(f"config has no '{key}'")

@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from rouge_score import rouge_scorer
 from tqdm import tqdm
 
-from benchmarks.embedded import MCQ, TaskData
+from benchmarks.task import MCQ
+from unlearn.config import EvalConfig
 from unlearn.data import Example, encode, fixed_batches
 from unlearn.scoring import sequence_logprobs
+
+
+class EmbeddedLike(Protocol):
+    mcq: dict[str, list[MCQ]]
+    qa: dict[str, list[Example]]
+    passages: dict[str, list[str]]
 
 
 @torch.no_grad()
@@ -38,9 +47,15 @@ def mcq_accuracy(model, tokenizer, questions: list[MCQ], batch_size: int = 64) -
         n = len(q.choices)
         correct.append(int(scores[start:start + n].argmax()) == q.answer_index)
         start += n
+    return tagged_accuracy(questions, correct)
+
+
+def tagged_accuracy(questions: list[MCQ], correct: list[bool]) -> dict[str, float]:
+    """`acc` plus `acc/<tag>` for every concept tag the questions carry (none when untagged)."""
     by_tag: dict[str, list[bool]] = defaultdict(list)
     for q, ok in zip(questions, correct, strict=True):
-        by_tag[q.tag].append(ok)
+        if q.tag:
+            by_tag[q.tag].append(ok)
     out = {"acc": sum(correct) / len(correct)}
     out.update({f"acc/{tag}": sum(v) / len(v) for tag, v in sorted(by_tag.items())})
     return out
@@ -95,20 +110,36 @@ def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32) -> floa
     return math.exp(nll) if nll < _MAX_EXP else float("inf")
 
 
-def evaluate(model, tokenizer, task: TaskData, batch_size: int = 64, max_new_tokens: int = 16,
-             progress: bool = True) -> dict[str, float]:
-    """All metrics for one model on one task, as a flat dict (what metrics.json holds)."""
-    model.eval()
+def run_steps(steps: list[tuple[str, Callable[[], float | dict[str, float]]]],
+              progress: bool = True) -> dict[str, float]:
+    """Evaluate named metric steps in order; a step returning a dict adds `<key>_<sub>` entries (just `<sub>`
+    when the key is empty)."""
     metrics: dict[str, float] = {}
-    steps = [(f"{split}/mcq", lambda s=split: mcq_accuracy(model, tokenizer, task.mcq[s], batch_size))
-             for split in task.mcq]
-    steps += [(f"{split}/rougeL", lambda s=split: rouge_l(model, tokenizer, task.qa[s], max_new_tokens))
-              for split in ("forget", "retain")]
-    steps.append(("retain/perplexity", lambda: perplexity(model, tokenizer, task.passages["retain"])))
     for key, fn in tqdm(steps, desc="evaluating", disable=not progress, leave=False):
         value = fn()
         if isinstance(value, dict):
-            metrics.update({f"{key}_{k}": v for k, v in value.items()})
+            metrics.update({f"{key}_{k}" if key else k: v for k, v in value.items()})
         else:
             metrics[key] = value
     return metrics
+
+
+def evaluate(model, tokenizer, task: EmbeddedLike, settings: EvalConfig | None = None,
+             progress: bool = True) -> dict[str, float]:
+    """All metrics for one model on the embedded benchmark, as a flat dict (what metrics.json holds)."""
+    from unlearn.openqa import make_judge, openqa_accuracy
+
+    settings = settings or EvalConfig()
+    batch_size, max_new_tokens = settings.batch_size, settings.max_new_tokens
+    model.eval()
+    steps: list[tuple[str, Callable[[], float | dict[str, float]]]] = [
+        (f"{split}/mcq", lambda s=split: mcq_accuracy(model, tokenizer, task.mcq[s], batch_size))
+        for split in task.mcq]
+    steps += [(f"{split}/rougeL", lambda s=split: rouge_l(model, tokenizer, task.qa[s], max_new_tokens))
+              for split in ("forget", "retain")]
+    steps.append(("retain/perplexity", lambda: perplexity(model, tokenizer, task.passages["retain"])))
+    if settings.openqa:
+        judge = make_judge(settings.judge)
+        steps += [(f"{split}/openqa", lambda s=split: openqa_accuracy(model, tokenizer, task.mcq[s], judge))
+                  for split in task.mcq]
+    return run_steps(steps, progress)

@@ -1,4 +1,4 @@
-"""The flow in one page: benchmark -> target model -> unlearn -> save -> evaluate.
+"""The flow in one page: benchmark -> starting model -> unlearn (one or more requests) -> save -> evaluate.
 
 Each stage writes into the run folder, which is staged and renamed into place only at the end
 (unlearn/runs.py), so any failure leaves nothing behind that looks like a finished run.
@@ -15,13 +15,12 @@ from typing import Any
 import torch
 
 from benchmarks import BENCHMARKS
-from benchmarks.embedded import TaskData
-from benchmarks.prepare import prepare_record, target_model
+from benchmarks.prepare import baseline_metrics, target_model
+from benchmarks.task import Stage, Task
 from unlearn.adapters import add_lora
 from unlearn.config import RunConfig
 from unlearn.data import encode
 from unlearn.errors import UserError
-from unlearn.evaluate import evaluate
 from unlearn.models import load_model, save_model
 from unlearn.objectives import build_objective
 from unlearn.optim import OPTIMIZERS, build_optimizer, check_options
@@ -35,9 +34,10 @@ class RunOutcome:
     metrics: dict[str, float]
     target_metrics: dict[str, float]
     train: dict[str, Any]
+    stages: list[dict[str, Any]]
 
 
-def load_task(benchmark: dict[str, Any]) -> TaskData:
+def load_task(benchmark: dict[str, Any]) -> Task:
     name = benchmark.get("name", "embedded")
     if name not in BENCHMARKS:
         raise UserError(f"unknown benchmark '{name}'; choose from: {', '.join(sorted(BENCHMARKS))}")
@@ -51,6 +51,48 @@ def _build(builder, name: str, *args, **options):
         raise UserError(str(err)) from None
 
 
+def starting_model(cfg: RunConfig, task: Task, progress: bool = True) -> tuple[str, dict[str, float]]:
+    """The model unlearning starts from, and its metrics. On the embedded benchmark that is the target
+    model (the base model fine-tuned to know the facts); on real benchmarks it is the model as given."""
+    spec = cfg.model
+    if task.needs_target:
+        spec = str(target_model(cfg.model, task, cfg.benchmark.get("prepare", {}),
+                                trust_remote_code=cfg.trust_remote_code, progress=progress) / "model")
+    return spec, baseline_metrics(spec, task, cfg.eval, cfg.trust_remote_code, progress)
+
+
+def _describe(metrics: dict[str, float], keys: tuple[str, ...]) -> str:
+    return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if isinstance(metrics.get(k), float))
+
+
+def _optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    options = dict(cfg.optimizer_options)
+    if "total_steps" in inspect.signature(OPTIMIZERS[cfg.optimizer["name"]]).parameters:
+        options.setdefault("total_steps", cfg.train.max_steps)  # schedules that must end on a phase
+    return _build(build_optimizer, cfg.optimizer["name"], model.named_parameters(), **options)
+
+
+def _unlearn_request(cfg: RunConfig, objective, model: torch.nn.Module, tok, forget_examples, retain,
+                     log_path: Path, desc: str, progress: bool) -> tuple[torch.nn.Module, Any]:
+    """One unlearning request: objective set-up on the current model, optional LoRA (merged at the end, so
+    a following request starts from plain weights), a fresh optimizer, training."""
+    objective.trainable(model)
+    forget = [encode(tok, ex) for ex in forget_examples]
+    objective.prepare(model, forget, retain, tok.pad_token_id, cfg.eval.batch_size)
+    if cfg.train.lora_rank:
+        try:
+            model = add_lora(model, cfg.train.lora_rank)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+    optimizer = _optimizer(cfg, model)
+    result = train(model, objective, optimizer, forget, retain, pad_id=tok.pad_token_id,
+                   batch_size=cfg.train.batch_size, max_steps=cfg.train.max_steps, seed=cfg.train.seed,
+                   log_path=log_path, desc=desc, progress=progress)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return model, result
+
+
 def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=print) -> RunOutcome:
     # Fail on typos (method, optimizer, their options) before minutes of model preparation, not after.
     objective = _build(build_objective, cfg.method["name"], **cfg.method_options)
@@ -59,49 +101,53 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
     if not isinstance(lora_rank, int) or isinstance(lora_rank, bool) or lora_rank < 0:
         raise UserError(f"train.lora_rank must be an integer >= 0 (0: no LoRA), got {lora_rank!r}")
     task = load_task(cfg.benchmark)
+    if not task.forget:
+        raise UserError(f"benchmark '{task.name}' gives no forget text to unlearn "
+                        "(wmdp/openqa: pass --forget-corpus FILE of {text} records)")
+    for note in task.notes:
+        log(f"note: {note}")
     torch.manual_seed(cfg.train.seed)
 
-    target_dir = target_model(cfg.model, task, cfg.benchmark.get("prepare", {}),
-                              trust_remote_code=cfg.trust_remote_code, progress=progress)
-    target = prepare_record(target_dir)
-    log(f"target model: {target_dir}/model  (forget {target['metrics']['forget/mcq_acc']:.2f}, "
-        f"retain {target['metrics']['retain/mcq_acc']:.2f}, holdout {target['metrics']['holdout/mcq_acc']:.2f})")
-
-    loaded = load_model(str(target_dir / "model"), trust_remote_code=cfg.trust_remote_code)
+    start_spec, target_metrics = starting_model(cfg, task, progress)
+    log(f"starting model: {start_spec}  ({_describe(target_metrics, task.forget_metrics)})")
+    loaded = load_model(start_spec, trust_remote_code=cfg.trust_remote_code)
     model, tok = loaded.model, loaded.tokenizer
-    objective.trainable(model)
-    forget = [encode(tok, ex) for ex in task.forget]
     retain = [encode(tok, ex) for ex in task.retain]
-    objective.prepare(model, forget, retain, tok.pad_token_id, cfg.eval.batch_size)
-    if cfg.train.lora_rank:
-        try:
-            model = add_lora(model, cfg.train.lora_rank)
-        except ValueError as err:
-            raise UserError(str(err)) from None
-
-    options = dict(cfg.optimizer_options)
-    optimizer_cls = OPTIMIZERS[cfg.optimizer["name"]]
-    if "total_steps" in inspect.signature(optimizer_cls).parameters:
-        options.setdefault("total_steps", cfg.train.max_steps)  # schedules that must end on a phase
-    optimizer = _build(build_optimizer, cfg.optimizer["name"], model.named_parameters(), **options)
 
     name = cfg.name or f"{cfg.method['name']}-{cfg.optimizer['name']}"
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = free_run_dir(output_dir, name, overwrite)
-    with staged_dir(final, overwrite=overwrite) as stage:
-        config = cfg.to_dict() | {"name": final.name, "target_model": str(target_dir / "model")}
-        write_yaml(stage / "config.yaml", config)
-        result = train(model, objective, optimizer, forget, retain, pad_id=tok.pad_token_id,
-                       batch_size=cfg.train.batch_size, max_steps=cfg.train.max_steps, seed=cfg.train.seed,
-                       log_path=stage / "log.jsonl", progress=progress)
-        save_model(model, tok, stage / "model")
-        started = time.perf_counter()
-        metrics = evaluate(model, tok, task, cfg.eval.batch_size, cfg.eval.max_new_tokens, progress=progress)
-        train_info = {"steps": result.steps, "seconds": round(result.seconds, 1),
-                      "forward_passes": result.forward_passes, "final_loss": result.final_loss,
-                      "eval_seconds": round(time.perf_counter() - started, 1)}
-        write_json_atomic(stage / "metrics.json", {
-            "method": cfg.method["name"], "optimizer": cfg.optimizer["name"], "benchmark": task.name,
-            "metrics": metrics, "train": train_info, "target": target["metrics"]})
-    return RunOutcome(run_dir=final, metrics=metrics, target_metrics=target["metrics"], train=train_info)
+    requests = task.stages or [Stage("forget", task.forget)]
+    stages: list[dict[str, Any]] = []
+    with staged_dir(final, overwrite=overwrite) as stage_dir:
+        config = cfg.to_dict() | {"name": final.name, "target_model": start_spec}
+        write_yaml(stage_dir / "config.yaml", config)
+        seconds, forwards, steps = 0.0, 0, 0
+        eval_seconds = 0.0
+        for index, request in enumerate(requests):
+            sequential = len(requests) > 1
+            log_path = stage_dir / (f"log-{index + 1}-{request.name}.jsonl" if sequential else "log.jsonl")
+            desc = f"unlearning {request.name} ({index + 1}/{len(requests)})" if sequential else "unlearning"
+            model, result = _unlearn_request(cfg, objective, model, tok, request.forget, retain, log_path, desc,
+                                             progress)
+            seconds, forwards, steps = seconds + result.seconds, forwards + result.forward_passes, steps + result.steps
+            started = time.perf_counter()
+            metrics = task.evaluate(model, tok, cfg.eval, progress=progress)
+            eval_seconds += time.perf_counter() - started
+            stages.append({"stage": request.name, "steps": result.steps, "final_loss": result.final_loss,
+                           "metrics": metrics})
+            if sequential:
+                log(f"after request {index + 1}/{len(requests)} ({request.name}): "
+                    f"{_describe(metrics, task.forget_metrics)}")
+        save_model(model, tok, stage_dir / "model")
+        train_info = {"steps": steps, "seconds": round(seconds, 1), "forward_passes": forwards,
+                      "final_loss": result.final_loss, "eval_seconds": round(eval_seconds, 1)}
+        record = {"method": cfg.method["name"], "optimizer": cfg.optimizer["name"], "benchmark": task.name,
+                  "headline": task.headline, "forget_metrics": list(task.forget_metrics), "metrics": metrics,
+                  "train": train_info, "target": target_metrics, "notes": task.notes}
+        if len(requests) > 1:
+            record["stages"] = stages
+        write_json_atomic(stage_dir / "metrics.json", record)
+    return RunOutcome(run_dir=final, metrics=metrics, target_metrics=target_metrics, train=train_info,
+                      stages=stages if len(requests) > 1 else [])

@@ -1,0 +1,60 @@
+"""What every benchmark hands the toolkit: training text and a way to score a model.
+
+A benchmark module has a `load(config) -> Task` function (registered in `benchmarks/__init__.py`). The Task
+carries the forget/retain training pairs every objective consumes, and `evaluate`, which returns a flat
+dict of metrics (what metrics.json holds). `headline` names the metric whose drop *is* forgetting; the
+attacks measure recovery on it and the report puts it first.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from unlearn.data import Example
+
+
+@dataclass
+class MCQ:
+    """A multiple-choice question as scored (`prompt` + each of `choices` as a continuation) and as asked
+    (`question`, `options`: the raw texts, which open-ended QA shows the model)."""
+
+    prompt: str
+    choices: list[str]
+    answer_index: int
+    tag: str  # the concept asked about, for per-concept breakdowns ("" when the data has none)
+    question: str = ""
+    options: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Stage:
+    """One unlearning request of a sequential run (MUSE's sustainability splits): its forget text."""
+
+    name: str
+    forget: list[Example]
+
+
+@dataclass
+class Task(ABC):
+    name: str
+    fingerprint: str  # changes whenever the data does: caches (target models, baselines) key on it
+    forget: list[Example]
+    retain: list[Example]
+    # Metric keys whose drop is forgetting; the first one is the headline (recovery ratio, report).
+    forget_metrics: tuple[str, ...]
+    # True when the base model must first be fine-tuned to *know* the forget set (the embedded benchmark);
+    # real benchmarks unlearn from the model as given.
+    needs_target: bool = False
+    # Sequential unlearning: requests applied one after another, evaluated after each. Empty = one request.
+    stages: list[Stage] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # metrics that could not be computed, and why
+
+    @property
+    def headline(self) -> str:
+        return self.forget_metrics[0]
+
+    @abstractmethod
+    def evaluate(self, model: Any, tokenizer: Any, settings: Any, progress: bool = True) -> dict[str, float]:
+        """All metrics of one model on this benchmark. `settings` is the run's EvalConfig."""
