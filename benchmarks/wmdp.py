@@ -288,6 +288,8 @@ def load(config: dict[str, Any], name: str = "wmdp", openqa: bool = False) -> WM
     source = _source(config["data"], "benchmark.data")
     limit = _limit(config)
     questions = QuestionSet(name, source, _subject(source, config), config.get("tag_field", "concept"), limit)
+    if not questions.is_hub:
+        questions.questions()  # a malformed file fails now, before any model is loaded
     utility_spec = config.get("utility", "auto")
     notes: list[str] = []
     if utility_spec == "auto":
@@ -299,6 +301,8 @@ def load(config: dict[str, Any], name: str = "wmdp", openqa: bool = False) -> WM
     if utility_spec:
         utility = QuestionSet("mmlu", _source(utility_spec, "benchmark.utility"), None,
                               config.get("utility_tag_field", "subject"), limit)
+        if not utility.is_hub:
+            utility.questions()
     words = int(config.get("chunk_words", 150))
     corpus_limit = config.get("corpus_limit")
     forget: list[Example] = []

@@ -285,6 +285,27 @@ def prepare(
     console.print(f"target model: {folder / 'model'}  (prepared in {record['seconds']} s)")
 
 
+@app.command("example-data")
+def example_data(
+    folder: Annotated[Path, typer.Argument(help="Where to write wmdp/ and muse/.")] = Path("example-data"),
+    overwrite: Annotated[bool, typer.Option(help="Replace the folder if it exists.")] = False,
+) -> None:
+    """Write small WMDP-format and MUSE-layout files about the embedded world (for offline use and tests)."""
+    from benchmarks.example_data import write_example_data
+
+    written = write_example_data(folder, overwrite=overwrite)
+    wmdp, muse = written["wmdp"], written["muse"]
+    console.print(f"wrote {wmdp}/ (questions.jsonl, mmlu.jsonl, forget_corpus.jsonl, retain_corpus.jsonl) "
+                  f"and {muse}/ (MUSE layout)", markup=False, highlight=False)
+    console.print("The embedded target model knows these facts: `unlearn prepare` prints its folder. Try:\n"
+                  f"  unlearn eval --benchmark wmdp --data {wmdp}/questions.jsonl --set benchmark.utility="
+                  f"{wmdp}/mmlu.jsonl --model TARGET\n"
+                  f"  unlearn eval --benchmark muse --data {muse} --model TARGET\n"
+                  f"  unlearn run --benchmark wmdp --data {wmdp}/questions.jsonl --forget-corpus "
+                  f"{wmdp}/forget_corpus.jsonl --retain-corpus {wmdp}/retain_corpus.jsonl --model TARGET",
+                  markup=False, highlight=False)
+
+
 @app.command()
 def models() -> None:
     """List the embedded model aliases and where converted models are cached."""

@@ -30,23 +30,27 @@ class EmbeddedLike(Protocol):
 
 
 @torch.no_grad()
+def choice_scores(model, tokenizer, questions: list[MCQ], batch_size: int = 64) -> list[list[float]]:
+    """Summed log-likelihood of each choice as a continuation of its question's prompt (after a space, as
+    lm-eval's target delimiter puts it): one list per question."""
+    items = [encode(tokenizer, Example(q.prompt, " " + choice), add_eos=False)
+             for q in questions for choice in q.choices]
+    scores = torch.cat([sequence_logprobs(model, b)[0].float().cpu()
+                        for b in fixed_batches(items, batch_size, tokenizer.pad_token_id)]).tolist()
+    out, start = [], 0
+    for q in questions:
+        out.append(scores[start:start + len(q.choices)])
+        start += len(q.choices)
+    return out
+
+
 def mcq_accuracy(model, tokenizer, questions: list[MCQ], batch_size: int = 64) -> dict[str, float]:
-    """Overall accuracy plus accuracy per tag."""
+    """Overall accuracy plus accuracy per tag: the choice with the highest log-likelihood is the answer
+    (the first one on ties, as numpy's argmax in lm-eval)."""
     if not questions:
         return {}
-    items, owner = [], []
-    for q_index, q in enumerate(questions):
-        for choice in q.choices:
-            items.append(encode(tokenizer, Example(q.prompt, " " + choice), add_eos=False))
-            owner.append(q_index)
-    scores = torch.cat([sequence_logprobs(model, b)[0].float().cpu()
-                        for b in fixed_batches(items, batch_size, tokenizer.pad_token_id)])
-    correct: list[bool] = []
-    start = 0
-    for q in questions:
-        n = len(q.choices)
-        correct.append(int(scores[start:start + n].argmax()) == q.answer_index)
-        start += n
+    scores = choice_scores(model, tokenizer, questions, batch_size)
+    correct = [max(range(len(s)), key=s.__getitem__) == q.answer_index for q, s in zip(questions, scores, strict=True)]
     return tagged_accuracy(questions, correct)
 
 

@@ -1,0 +1,156 @@
+"""WMDP / MMLU / open-ended QA on local files: the in-loop scorer against lm-eval-harness, formats, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.example_data import write_jsonl
+from benchmarks.wmdp import QuestionSet, lm_eval_accuracy, load, render
+from tests.test_cli import cli
+from unlearn.config import EvalConfig
+from unlearn.errors import UserError
+from unlearn.evaluate import choice_scores
+
+CONCEPTS = ("virology", "toxins", "genetics")
+
+
+def _records(n: int = 12) -> list[dict]:
+    return [{"question": f"  Which agent number {i} is meant?  ", "choices": [f"agent {i}", f"agent {i + 1}",
+             f"toxin {2 * i}", f"none of {i}"], "answer": 0, "concept": CONCEPTS[i % 3]} for i in range(n)]
+
+
+def _answers_from_model(model, tokenizer, records: list[dict], path: Path, description: str = "") -> list[dict]:
+    """Set each answer to the model's own choice for even questions and to another option for odd ones, so
+    both scorers must agree on every ranking to report exactly 0.5."""
+    qs = QuestionSet("wmdp", str(path), None, "concept", None)
+    write_jsonl(path, records)
+    scores = choice_scores(model, tokenizer, qs.questions())
+    for i, (record, s) in enumerate(zip(records, scores, strict=True)):
+        best = max(range(4), key=s.__getitem__)
+        record["answer"] = best if i % 2 == 0 else (best + 1) % 4
+    write_jsonl(path, records)
+    return records
+
+
+def test_prompt_is_lm_eval_wmdp_template() -> None:
+    text = render("  Why?  ", ["a", "b", "c", "d"], "The following are multiple choice questions (with answers) "
+                  "about biology.\n\n")
+    assert text == ("The following are multiple choice questions (with answers) about biology.\n\n"
+                    "Why?\nA. a\nB. b\nC. c\nD. d\nAnswer:")
+
+
+def test_in_loop_scorer_equals_lm_eval(tiny, tmp_path: Path) -> None:
+    model, tokenizer = tiny
+    path = tmp_path / "wmdp_bio.jsonl"  # the name gives it WMDP-bio's description, as lm-eval's task has
+    _answers_from_model(model, tokenizer, _records(), path)
+    task = load({"data": str(path)})
+    assert task.questions.subject == "biology"
+    native = task.evaluate(model, tokenizer, EvalConfig(engine="native"), progress=False)
+    reference = task.evaluate(model, tokenizer, EvalConfig(engine="lm-eval", batch_size=5), progress=False)
+    assert native["wmdp/acc"] == 0.5
+    assert native == reference  # overall and per concept, exactly
+    assert set(native) == {"wmdp/acc"} | {f"wmdp/acc/{c}" for c in CONCEPTS}
+
+
+def test_formats_and_mmlu_style_utility_agree_across_engines(tiny, tmp_path: Path) -> None:
+    model, tokenizer = tiny
+    records = _answers_from_model(model, tokenizer, _records(8), tmp_path / "q.jsonl")
+    (tmp_path / "q.json").write_text(json.dumps(records))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "q.parquet")
+    mmlu = [dict(r, subject=["high_school_biology", "anatomy"][i % 2]) for i, r in enumerate(_records(6))]
+    write_jsonl(tmp_path / "mmlu.jsonl", mmlu)
+    for suffix in ("jsonl", "json", "parquet"):
+        task = load({"data": str(tmp_path / f"q.{suffix}"), "utility": str(tmp_path / "mmlu.jsonl")})
+        # per-record subjects give per-record descriptions, as lm-eval's per-subject MMLU tasks
+        assert "about high school biology." in task.utility.questions()[0].prompt
+        native = task.evaluate(model, tokenizer, EvalConfig(engine="native"), progress=False)
+        reference = lm_eval_accuracy(model, tokenizer, [task.questions, task.utility], 16, progress=False)
+        assert native == reference, suffix
+        assert {"mmlu/acc/anatomy", "mmlu/acc/high_school_biology"} <= set(native)
+
+
+def test_limit_and_notes(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "q.jsonl", _records(10))
+    task = load({"data": str(tmp_path / "q.jsonl"), "limit": 4})
+    assert len(task.questions.questions()) == 4
+    assert task.utility is None and any("MMLU" in n for n in task.notes)  # said, not silently skipped
+    assert task.forget == []  # no corpus: evaluation only
+
+
+def test_corpora_become_passages(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "q.jsonl", _records(4))
+    write_jsonl(tmp_path / "forget.jsonl", [{"text": " ".join(f"w{i}" for i in range(25))}, {"text": "short one"}])
+    write_jsonl(tmp_path / "retain.jsonl", [{"text": "kept text"}])
+    task = load({"data": str(tmp_path / "q.jsonl"), "forget_corpus": str(tmp_path / "forget.jsonl"),
+                 "retain_corpus": str(tmp_path / "retain.jsonl"), "chunk_words": 10})
+    assert [len(e.target.split()) for e in task.forget] == [10, 10, 5, 2]
+    assert [e.target for e in task.retain] == ["kept text"]
+    other = load({"data": str(tmp_path / "q.jsonl"), "forget_corpus": str(tmp_path / "forget.jsonl"),
+                  "retain_corpus": str(tmp_path / "retain.jsonl"), "chunk_words": 12})
+    assert other.fingerprint != task.fingerprint
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({}, "needs questions: pass --data"),
+    ({"data": "nope.jsonl"}, "nope.jsonl: file not found"),
+    ({"data": "Q", "colour": 1}, "unknown key(s) in benchmark 'wmdp': colour"),
+    ({"data": "Q", "limit": 0}, "benchmark.limit must be an integer >= 1"),
+    ({"data": "Q", "forget_corpus": "Q", "retain_corpus": "Q"}, "record 1: missing field 'text'"),
+])
+def test_config_errors(tmp_path: Path, config: dict, message: str) -> None:
+    write_jsonl(tmp_path / "q.jsonl", _records(2))
+    config = {k: str(tmp_path / "q.jsonl") if v == "Q" else v for k, v in config.items()}
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load(config)
+
+
+def test_wikitext_offline_is_one_clear_error(tmp_path: Path, monkeypatch) -> None:
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    write_jsonl(tmp_path / "q.jsonl", _records(2))
+    write_jsonl(tmp_path / "f.jsonl", [{"text": "x"}])
+    with pytest.raises(UserError, match="retain corpus 'wikitext'.*local file"):
+        load({"data": str(tmp_path / "q.jsonl"), "forget_corpus": str(tmp_path / "f.jsonl")})
+    with pytest.raises(UserError, match="cannot load 'wmdp_bio'.*local file"):
+        load({"data": "wmdp_bio"}).questions.questions()
+
+
+def test_lm_eval_engine_needs_one_choice_count(tiny, tmp_path: Path) -> None:
+    records = _records(3)
+    records[1]["choices"] = records[1]["choices"][:3]
+    write_jsonl(tmp_path / "q.jsonl", records)
+    task = load({"data": str(tmp_path / "q.jsonl")})
+    with pytest.raises(UserError, match="same number of choices"):
+        task.evaluate(*tiny, EvalConfig(engine="lm-eval"), progress=False)
+    # the in-loop scorer has no template to share, so mixed counts are fine there
+    assert "wmdp/acc" in task.evaluate(*tiny, EvalConfig(engine="native"), progress=False)
+    with pytest.raises(UserError, match="unknown eval.engine 'fast'"):
+        task.evaluate(*tiny, EvalConfig(engine="fast"), progress=False)
+
+
+def test_cli_eval_on_local_file_and_malformed_file(tmp_path: Path, tiny_model_dir: Path) -> None:
+    write_jsonl(tmp_path / "q.jsonl", _records(6))
+    result = cli("eval", "--benchmark", "wmdp", "--data", "q.jsonl", "--model", str(tiny_model_dir),
+                 "--engine", "native", "--openqa", "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for key in ("wmdp/acc", "wmdp/acc/virology", "wmdp/openqa_acc", "wmdp/openqa_acc/genetics"):
+        assert key in result.stdout
+    assert "note: utility (MMLU) not measured" in result.stdout
+
+    bad = _records(2)
+    del bad[1]["answer"]
+    write_jsonl(tmp_path / "bad.jsonl", bad)
+    result = cli("eval", "--benchmark", "wmdp", "--data", "bad.jsonl", "--model", str(tiny_model_dir), "-q",
+                 cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'bad.jsonl'}: record 2: missing field 'answer'"]
