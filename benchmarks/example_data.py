@@ -71,10 +71,11 @@ def write_muse(folder: Path, bench: Benchmark) -> Path:
     return folder
 
 
-def write_example_data(folder: Path, settings: SyntheticSettings = SyntheticSettings(),
+def write_example_data(folder: Path, settings: SyntheticSettings | None = None,
                        overwrite: bool = False) -> dict[str, Path]:
-    """Both layouts under `folder` (wmdp/, muse/), staged and renamed into place."""
-    bench = generate(settings)
+    """Both layouts under `folder` (wmdp/, muse/), staged and renamed into place; the default settings are the
+    default embedded benchmark's, whose target model knows these facts."""
+    bench = generate(settings or SyntheticSettings())
     with staged_dir(folder, overwrite=overwrite) as stage:
         write_wmdp(stage / "wmdp", bench)
         write_muse(stage / "muse", bench)

@@ -1,13 +1,17 @@
 """Report tables: one row per run folder, as Markdown (printed) and CSV (written).
 
-Attack results found under runs/<name>/attacks/ add robustness columns: forget accuracy after
-8-bit and 4-bit quantization and after relearning, and the relearning recovery ratio.
+Each benchmark contributes its own columns (embedded: MCQ accuracy per split, ROUGE-L, perplexity; WMDP:
+WMDP and MMLU accuracy; MUSE: VerbMem, KnowMem, PrivLeak; open-ended QA beside MCQ accuracy); a column only
+appears when some run has it. Attack results found under runs/<name>/attacks/ add robustness columns: the
+run's headline forget metric after 8-bit and 4-bit quantization and after relearning, and the relearning
+recovery ratio. report.md also breaks the headline metric down per concept when the questions are tagged.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -15,22 +19,34 @@ from typing import Any
 from unlearn.errors import UserError
 from unlearn.runs import read_json
 
-COLUMNS = [("run", "run"), ("method", "method"), ("optimizer", "optimizer"),
-           ("forget/mcq_acc", "forget ↓"), ("retain/mcq_acc", "retain ↑"), ("holdout/mcq_acc", "holdout"),
-           ("forget/rougeL", "forget ROUGE-L ↓"), ("retain/rougeL", "retain ROUGE-L ↑"),
-           ("retain/perplexity", "perplexity"), ("steps", "steps"), ("seconds", "seconds"),
-           ("attack/bnb-8bit", "forget 8-bit"), ("attack/bnb-4bit-nf4", "forget 4-bit"),
+METRIC_COLUMNS = [
+    # embedded
+    ("forget/mcq_acc", "forget ↓"), ("retain/mcq_acc", "retain ↑"), ("holdout/mcq_acc", "holdout"),
+    ("forget/openqa_acc", "forget open-QA ↓"), ("retain/openqa_acc", "retain open-QA ↑"),
+    ("forget/rougeL", "forget ROUGE-L ↓"), ("retain/rougeL", "retain ROUGE-L ↑"),
+    ("retain/perplexity", "perplexity"),
+    # wmdp (MMLU = utility) and openqa
+    ("wmdp/acc", "WMDP ↓"), ("wmdp/openqa_acc", "WMDP open-QA ↓"),
+    ("openqa/openqa_acc", "open-QA ↓"), ("openqa/acc", "MCQ on open-QA set ↓"), ("mmlu/acc", "MMLU ↑"),
+    # muse
+    ("muse/verbmem_forget", "VerbMem ↓"), ("muse/knowmem_forget", "KnowMem forget ↓"),
+    ("muse/knowmem_retain", "KnowMem retain ↑"), ("muse/privleak", "PrivLeak (→0)"),
+]
+COLUMNS = [("run", "run"), ("benchmark", "benchmark"), ("method", "method"), ("optimizer", "optimizer"),
+           *METRIC_COLUMNS, ("steps", "steps"), ("seconds", "seconds"),
+           ("attack/bnb-8bit", "headline 8-bit"), ("attack/bnb-4bit-nf4", "headline 4-bit"),
            ("attack/relearn", "forget relearned (unseen)"), ("attack/relearn_steps", "relearn steps"),
            ("attack/relearn_recovery", "relearn recovery")]
+ALWAYS = {"run", "method", "optimizer"}
 
 
-def attack_columns(run_dir: Path) -> dict[str, Any]:
+def attack_columns(run_dir: Path, headline: str = "forget/mcq_acc") -> dict[str, Any]:
     """Robustness columns from runs/<name>/attacks/*/metrics.json (absent attacks stay empty)."""
     out: dict[str, Any] = {}
     for name in ("bnb-8bit", "bnb-4bit-nf4"):
         path = run_dir / "attacks" / name / "metrics.json"
         if path.is_file():
-            out[f"attack/{name}"] = read_json(path)["metrics"].get("forget/mcq_acc")
+            out[f"attack/{name}"] = read_json(path)["metrics"].get(headline)
     path = run_dir / "attacks" / "relearn" / "metrics.json"
     if path.is_file():
         record = read_json(path)
@@ -77,29 +93,56 @@ def _run_folders(runs_dir: Path) -> list[Path]:
 def row_from(name: str, record: dict[str, Any]) -> dict[str, Any]:
     metrics = record.get("metrics", {})
     train = record.get("train", {})
-    row: dict[str, Any] = {"run": name, "method": record.get("method", "?"),
+    row: dict[str, Any] = {"run": name, "benchmark": record.get("benchmark"), "method": record.get("method", "?"),
                            "optimizer": record.get("optimizer", "?"),
                            "steps": train.get("steps"), "seconds": train.get("seconds")}
-    row.update({key: metrics.get(key) for key, _ in COLUMNS if "/" in key and not key.startswith("attack/")})
+    row.update({key: metrics.get(key) for key, _ in METRIC_COLUMNS})
     return row
 
 
-def collect(runs_dir: Path) -> list[dict[str, Any]]:
+def _records(runs_dir: Path) -> list[tuple[str, dict[str, Any]]]:
     if not runs_dir.is_dir():
         raise UserError(f"runs folder {runs_dir} does not exist")
-    rows: list[dict[str, Any]] = []
-    target: dict[str, Any] | None = None
-    for folder in _run_folders(runs_dir):
-        if not (folder / "metrics.json").is_file():
-            continue
-        record = read_json(folder / "metrics.json")
-        rows.append(row_from(folder.name, record) | attack_columns(folder))
-        if target is None and record.get("target"):
-            target = row_from("(target, before unlearning)", {"method": "—", "optimizer": "—",
-                                                              "metrics": record["target"]})
-    if not rows:
+    found = [(folder, read_json(folder / "metrics.json")) for folder in _run_folders(runs_dir)
+             if (folder / "metrics.json").is_file()]
+    if not found:
         raise UserError(f"no runs with metrics.json under {runs_dir}")
-    return ([target] if target else []) + rows
+    return [(folder.name, record) for folder, record in found]
+
+
+def collect(runs_dir: Path) -> list[dict[str, Any]]:
+    """Rows: each distinct starting point once ("before unlearning"), then one row per run."""
+    rows: list[dict[str, Any]] = []
+    before: dict[str, dict[str, Any]] = {}
+    for name, record in _records(runs_dir):
+        rows.append(row_from(name, record) | attack_columns(runs_dir / name, record.get("headline", "forget/mcq_acc")))
+        if record.get("target"):
+            key = json.dumps([record.get("benchmark"), record["target"]], sort_keys=True, default=str)
+            before.setdefault(key, row_from("(before unlearning)", {
+                "method": "—", "optimizer": "—", "benchmark": record.get("benchmark"), "metrics": record["target"]}))
+    return list(before.values()) + rows
+
+
+def concept_rows(runs_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """Per-concept breakdown of each run's headline metric (`<headline>/<tag>` keys), when its data is tagged."""
+    tags: list[str] = []
+    rows = []
+    for name, record in _records(runs_dir):
+        headline = record.get("headline", "forget/mcq_acc")
+        per = {k[len(headline) + 1:]: v for k, v in record.get("metrics", {}).items() if k.startswith(headline + "/")}
+        if per:
+            tags += [t for t in per if t not in tags]
+            rows.append({"run": name, "headline": headline, **per})
+    return tags, rows
+
+
+def concept_markdown(runs_dir: Path) -> str:
+    tags, rows = concept_rows(runs_dir)
+    if not rows:
+        return ""
+    lines = ["| run | metric | " + " | ".join(tags) + " |", "|" + "---|" * (len(tags) + 2)]
+    lines += [f"| {r['run']} | {r['headline']} | " + " | ".join(_fmt(r.get(t)) for t in tags) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def _fmt(value: Any) -> str:
@@ -111,8 +154,9 @@ def _fmt(value: Any) -> str:
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """Attack columns only appear once some run has been attacked: no walls of n/a."""
-    return [(k, t) for k, t in COLUMNS if not k.startswith("attack/") or any(r.get(k) is not None for r in rows)]
+    """A column appears once some row has a value in it (a metric of its benchmark, an attack run): no walls
+    of n/a."""
+    return [(k, t) for k, t in COLUMNS if k in ALWAYS or any(r.get(k) is not None for r in rows)]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -138,6 +182,10 @@ def write_report(runs_dir: Path, csv_path: Path | None = None) -> tuple[str, lis
     table = markdown(rows)
     written = [runs_dir / "report.md", csv_path or runs_dir / "report.csv"]
     page = ["# Unlearning report", "", table, ""]
+    concepts = concept_markdown(runs_dir)
+    if concepts:
+        page += ["## Per concept", "", "The headline forget metric on each concept the questions are tagged with: "
+                 "one average can hide a concept that was not forgotten at all.", "", concepts, ""]
     curves = relearn_curves(runs_dir)
     if curves:
         plot_relearn_curves(curves, runs_dir / "relearn_curves.png")

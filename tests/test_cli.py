@@ -64,8 +64,13 @@ def test_full_run_eval_and_report(tmp_path, tiny_model_dir):
     csv_lines = (tmp_path / "runs" / "report.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 1 + 2  # header, target row, two runs
     page = (tmp_path / "runs" / "report.md").read_text()
-    assert sum(line.startswith("|") for line in page.splitlines()) == 2 + 3  # header, rule, 3 rows
-    assert "forget 4-bit" not in page  # no attack columns before any attack ran
+    main_table, _, per_concept = page.partition("## Per concept")
+    assert sum(line.startswith("|") for line in main_table.splitlines()) == 2 + 3  # header, rule, 3 rows
+    assert "headline 4-bit" not in page  # no attack columns before any attack ran
+    assert "WMDP" not in main_table and "VerbMem" not in main_table  # other benchmarks' columns stay out
+    # the embedded questions are tagged by attribute: one row per run, one column per attribute
+    assert sum(line.startswith("| npo-adamw") for line in per_concept.splitlines()) == 2
+    assert "| forget/mcq_acc |" in per_concept and "profession" in per_concept
 
 
 @pytest.mark.parametrize("args, message", [

@@ -67,8 +67,9 @@ def tagged_accuracy(questions: list[MCQ], correct: list[bool]) -> dict[str, floa
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 16,
-                     batch_size: int = 32) -> list[str]:
-    """Greedy answers, batched with left padding so every prompt ends where generation starts."""
+                     batch_size: int = 32, first_line: bool = True) -> list[str]:
+    """Greedy answers, batched with left padding so every prompt ends where generation starts. Answers are cut
+    at their first line (a QA answer ends there); `first_line=False` keeps whole continuations (VerbMem)."""
     answers: list[str] = []
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -80,19 +81,23 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
             new = out[:, enc["input_ids"].shape[1]:]
-            answers.extend(t.split("\n")[0].strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+            answers.extend(t.split("\n")[0].strip() if first_line else t for t in texts)
     finally:
         tokenizer.padding_side = side
     return answers
 
 
-def rouge_l(model, tokenizer, pairs: list[Example], max_new_tokens: int = 16) -> float:
-    if not pairs:
-        return float("nan")
+def rouge_l_f1(references: list[str], predictions: list[str]) -> float:
+    """Mean ROUGE-L F1 (rouge-score, no stemming); nan when there is nothing to score."""
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    answers = generate_answers(model, tokenizer, [p.prompt for p in pairs], max_new_tokens)
-    scores = [scorer.score(p.target.strip(), a)["rougeL"].fmeasure for p, a in zip(pairs, answers, strict=True)]
-    return sum(scores) / len(scores)
+    scores = [scorer.score(r, p)["rougeL"].fmeasure for r, p in zip(references, predictions, strict=True)]
+    return sum(scores) / len(scores) if scores else float("nan")
+
+
+def rouge_l(model, tokenizer, pairs: list[Example], max_new_tokens: int = 16) -> float:
+    answers = generate_answers(model, tokenizer, [p.prompt for p in pairs], max_new_tokens) if pairs else []
+    return rouge_l_f1([p.target.strip() for p in pairs], answers)
 
 
 _MAX_EXP = math.log(float.fromhex("0x1.fffffffffffffp+1023"))  # largest x with exp(x) finite

@@ -1,0 +1,528 @@
+"""MUSE (News, Books): verbatim memorization, knowledge memorization and privacy leakage of a forget corpus.
+
+Data comes from a local folder in MUSE's layout or from the hub (`muse-bench/MUSE-News`, `muse-bench/MUSE-Books`):
+
+    knowmem/forget_qa.json, knowmem/retain_qa.json        [{question, answer}]  (KnowMem; retain = utility)
+    knowmem/forget_qa_icl.json, knowmem/retain_qa_icl.json [{question, answer}]  few-shot examples (optional)
+    verbmem/forget.json                                    [{prompt, gt}]        (VerbMem)
+    privleak/forget.json, privleak/holdout.json            ["text", ...] or [{text}]  (PrivLeak; retain.json unused)
+    raw/{forget,retain1,retain2,holdout}.*                 unlearning text
+    scal/forget_<i>.*, sust/forget_<i>.*                   scalability / sustainability forget sets
+
+Raw-like files (raw/, scal/, sust/) may be .txt (one whole text), .json (a list of strings or {text}),
+.jsonl ({text}) or .parquet ({text}).
+
+Metrics (`MuseTask.evaluate`):
+- muse/verbmem_forget: ROUGE-L F1 of a greedy continuation (`verbmem_tokens` new tokens) of each prompt vs `gt`.
+- muse/knowmem_forget, muse/knowmem_retain: ROUGE-L F1 of a greedy few-shot answer vs the answer.
+- muse/privleak_auc: ROC AUC of a Min-K% membership attack, holdout = 1, forget = 0 (MUSE's sign: ~0 when the
+  model still knows the forget texts, ~0.5 for a retrained model, -> 1 when over-unlearned).
+- muse/privleak: (AUC - AUC_retrain) / AUC_retrain * 100, only when AUC_retrain is known.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.records import chunk_texts, read_records
+from benchmarks.task import Stage, Task
+from unlearn.data import Example
+from unlearn.errors import UserError
+
+# Hub layout, read from the dataset cards of muse-bench/MUSE-News and MUSE-Books: subsets raw (forget, retain1,
+# retain2, holdout; text), knowmem (forget_qa, retain_qa, forget_qa_icl, retain_qa_icl; question, answer),
+# verbmem (forget; prompt, gt), privleak (forget, retain, holdout; text), scal and sust (forget_1..forget_4; text).
+# Some MUSE-Books revisions name the retain QA splits retain2_qa / retain2_qa_icl, so both names are tried.
+HUB_REPOS = {"news": "muse-bench/MUSE-News", "books": "muse-bench/MUSE-Books"}
+RETAIN_QA = ("retain_qa", "retain2_qa")
+RETAIN_QA_ICL = ("retain_qa_icl", "retain2_qa_icl")
+TEXT_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
+RECORD_SUFFIXES = (".json", ".jsonl", ".parquet")
+STAGE_SPLIT = re.compile(r"forget_(\d+)")
+HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")
+# Elements of one float32 logits block in the Min-K% pass: bounds memory for large vocabularies and long texts.
+LOGIT_BUDGET = 2**27
+
+KNOWN_KEYS = {"name", "data", "forget", "retain", "chunk_words", "sequential", "verbmem_tokens", "knowmem_tokens",
+              "k_percent", "auc_retrain", "retrain_model", "privleak_max_tokens", "limit"}
+PRIVLEAK_NOTE = ("muse/privleak not computed: PrivLeak needs benchmark.auc_retrain or benchmark.retrain_model "
+                 "(the Min-K% AUC of a model retrained without the forget set); muse/privleak_auc is reported alone")
+
+
+@dataclass(frozen=True)
+class MuseSettings:
+    forget: str = "raw/forget"
+    retain: str = "raw/retain1"
+    chunk_words: int = 150
+    sequential: bool = False
+    verbmem_tokens: int = 128
+    knowmem_tokens: int = 32
+    k_percent: float = 40.0
+    auc_retrain: float | None = None
+    retrain_model: str | None = None
+    privleak_max_tokens: int = 512
+    limit: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------- metrics (pure)
+
+
+def min_k_score(logprobs: torch.Tensor | list[float], k_percent: float) -> float:
+    """Mean of the lowest K% (rounded up, at least one) of a text's token log-probabilities."""
+    values = torch.as_tensor(logprobs, dtype=torch.float64).flatten()
+    if values.numel() == 0:
+        raise ValueError("Min-K% needs at least one scored token")
+    # round() first: n * K / 100 in floating point can land a hair above an integer and ceil one too far.
+    k = max(1, math.ceil(round(values.numel() * k_percent / 100, 9)))
+    return float(values.sort().values[:k].mean())
+
+
+def privleak_auc(forget_scores: list[float], holdout_scores: list[float]) -> float:
+    """ROC AUC with holdout = 1 and forget = 0, score = Min-K% log-likelihood (MUSE's convention)."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = [0] * len(forget_scores) + [1] * len(holdout_scores)
+    return float(roc_auc_score(labels, [*forget_scores, *holdout_scores]))
+
+
+def privleak(auc: float, auc_retrain: float) -> float:
+    """Relative AUC gap to the retrained model, in percent: < 0 under-unlearned, > 0 over-unlearned."""
+    return (auc - auc_retrain) / auc_retrain * 100
+
+
+def knowmem_prompt(question: str, icl: list[tuple[str, str]]) -> str:
+    shots = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in icl)
+    return f"{shots}Question: {question}\nAnswer:"
+
+
+# ---------------------------------------------------------------------------------------------- model passes
+
+
+def _vocab_size(model: Any) -> int:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "weight"):
+        return int(head.weight.shape[0])
+    return int(getattr(model.config, "vocab_size", 32_000))
+
+
+@torch.no_grad()
+def token_logprobs(model: Any, tokenizer: Any, texts: list[str], max_tokens: int,
+                   batch_size: int) -> list[torch.Tensor]:
+    """log p(x_t | x_<t) for tokens 2..n of each text (tokenized as the toolkit trains: no special tokens),
+    the text cut to `max_tokens` tokens."""
+    ids = [tokenizer(t, add_special_tokens=False).input_ids[:max_tokens] for t in texts]
+    for index, row in enumerate(ids):
+        if len(row) < 2:
+            raise UserError(f"privleak text {index + 1} has fewer than 2 tokens: Min-K% has nothing to score")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    vocab = _vocab_size(model)
+    out: list[torch.Tensor] = []
+    start = 0
+    while start < len(ids):
+        width = max(len(r) for r in ids[start:start + batch_size])
+        rows = max(1, min(batch_size, LOGIT_BUDGET // (width * vocab)))
+        chunk = ids[start:start + rows]
+        width = max(len(r) for r in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, row in enumerate(chunk):
+            input_ids[i, :len(row)] = torch.tensor(row)
+            mask[i, :len(row)] = 1
+        input_ids, mask = input_ids.to(model.device), mask.to(model.device)
+        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+        lp = -F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+        out.extend(lp[i, :len(row) - 1].cpu() for i, row in enumerate(chunk))
+        start += len(chunk)
+    return out
+
+
+def min_k_scores(model: Any, tokenizer: Any, texts: list[str], k_percent: float, max_tokens: int,
+                 batch_size: int) -> list[float]:
+    return [min_k_score(lp, k_percent) for lp in token_logprobs(model, tokenizer, texts, max_tokens, batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------- the task
+
+
+@dataclass
+class MuseTask(Task):
+    settings: MuseSettings = field(default_factory=MuseSettings)
+    verbmem: list[tuple[str, str]] = field(default_factory=list)  # (prompt, gt)
+    knowmem: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # forget/retain: (question, answer)
+    icl: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # forget/retain few-shot examples
+    privleak_texts: dict[str, list[str]] = field(default_factory=dict)  # forget, holdout
+    _auc_retrain: float | None = field(default=None, init=False, repr=False)  # computed once per task
+
+    def privleak_auc(self, model: Any, tokenizer: Any, batch_size: int) -> float:
+        s = self.settings
+        scores = {split: min_k_scores(model, tokenizer, self.privleak_texts[split], s.k_percent,
+                                      s.privleak_max_tokens, batch_size)
+                  for split in ("forget", "holdout")}
+        return privleak_auc(scores["forget"], scores["holdout"])
+
+    def auc_retrain(self, device: Any, dtype: torch.dtype, batch_size: int) -> float | None:
+        """AUC_retrain: given, or measured once on benchmark.retrain_model (then cached on the task)."""
+        if self.settings.auc_retrain is not None:
+            return self.settings.auc_retrain
+        if self.settings.retrain_model is None:
+            return None
+        if self._auc_retrain is None:
+            from unlearn.models import load_model
+
+            loaded = load_model(self.settings.retrain_model, dtype=dtype)
+            retrained = loaded.model.to(device)
+            try:
+                self._auc_retrain = self.privleak_auc(retrained, loaded.tokenizer, batch_size)
+            finally:
+                del retrained, loaded
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # the retrained copy must not hold memory through training
+        return self._auc_retrain
+
+    @torch.no_grad()
+    def evaluate(self, model: Any, tokenizer: Any, settings: Any, progress: bool = True) -> dict[str, float]:
+        from unlearn.evaluate import generate_answers, rouge_l_f1, run_steps
+
+        s, batch_size = self.settings, settings.batch_size
+        model.eval()
+
+        def verbmem() -> float:
+            prompts = [p for p, _ in self.verbmem]
+            # whole continuations: VerbMem compares full passages, not first lines
+            generated = generate_answers(model, tokenizer, prompts, s.verbmem_tokens, batch_size, first_line=False)
+            return rouge_l_f1([gt for _, gt in self.verbmem], generated)
+
+        def knowmem(split: str) -> float:
+            pairs = self.knowmem[split]
+            prompts = [knowmem_prompt(q, self.icl.get(split, [])) for q, _ in pairs]
+            answers = generate_answers(model, tokenizer, prompts, s.knowmem_tokens, batch_size)  # first line
+            return rouge_l_f1([a for _, a in pairs], answers)
+
+        def retrain_auc() -> float:
+            value = self.auc_retrain(model.device, dtype, batch_size)
+            assert value is not None  # only asked for when benchmark.retrain_model is set
+            return value
+
+        dtype = getattr(model, "dtype", torch.float32)
+        dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+        steps: list[tuple[str, Callable[[], float | dict[str, float]]]] = [
+            ("muse/verbmem_forget", verbmem),
+            ("muse/knowmem_forget", lambda: knowmem("forget")),
+            ("muse/knowmem_retain", lambda: knowmem("retain")),
+            ("muse/privleak", lambda: {"auc": self.privleak_auc(model, tokenizer, batch_size)}),
+        ]
+        if s.auc_retrain is None and s.retrain_model is not None:
+            # Its own step (a model load and a Min-K% pass the first time) so the progress bar shows it.
+            steps.append(("muse/privleak_auc_retrain", retrain_auc))
+        metrics = run_steps(steps, progress)
+        retrain = self.auc_retrain(model.device, dtype, batch_size)
+        if retrain is not None:
+            metrics["muse/privleak_auc_retrain"] = retrain
+            if retrain > 0:  # a retrained AUC of exactly 0 leaves the ratio undefined: report the AUCs only
+                metrics["muse/privleak"] = privleak(metrics["muse/privleak_auc"], retrain)
+        return metrics
+
+
+# ---------------------------------------------------------------------------------------------- data sources
+
+
+class _Source(Protocol):
+    def records(self, subset: str, split: str, *, text: bool, required: bool) -> tuple[str, list[Any]] | None:
+        """(where, records) of one split; None when an optional split is absent."""
+
+    def stage_splits(self) -> list[str]:
+        """The sust/forget_<i> split names present, in numeric order."""
+
+
+class _LocalSource:
+    def __init__(self, root: Path, digest: Any) -> None:
+        self.root, self.digest = root, digest
+
+    def _find(self, subset: str, split: str, suffixes: tuple[str, ...]) -> Path | None:
+        found = [self.root / subset / f"{split}{s}" for s in suffixes if (self.root / subset / f"{split}{s}").is_file()]
+        if len(found) > 1:
+            raise UserError(f"{self.root / subset}: both {found[0].name} and {found[1].name} exist for split "
+                            f"'{split}'; keep one")
+        return found[0] if found else None
+
+    def records(self, subset: str, split: str, *, text: bool, required: bool) -> tuple[str, list[Any]] | None:
+        path = self._find(subset, split, TEXT_SUFFIXES if text else RECORD_SUFFIXES)
+        if path is None:
+            if not required:
+                return None
+            expected = self.root / subset / f"{split}{'.txt' if text else '.json'}"
+            others = "/".join(s.lstrip(".") for s in (TEXT_SUFFIXES if text else RECORD_SUFFIXES)[1:])
+            raise UserError(f"{expected}: file not found (or .{others}; the MUSE data layout is described in "
+                            "benchmarks/muse.py)")
+        # The fingerprint covers every file read, by name and content.
+        self.digest.update(f"{subset}/{path.name}\0".encode())
+        self.digest.update(path.read_bytes())
+        if path.suffix.lower() == ".txt":
+            content = path.read_text(encoding="utf-8")
+            if not content.strip():
+                raise UserError(f"{path}: no text")
+            return str(path), [content]
+        return str(path), read_records(path)
+
+    def stage_splits(self) -> list[str]:
+        folder = self.root / "sust"
+        names = {p.stem for p in folder.glob("forget_*") if p.suffix.lower() in TEXT_SUFFIXES and
+                 STAGE_SPLIT.fullmatch(p.stem)} if folder.is_dir() else set()
+        return sorted(names, key=lambda n: int(n.split("_")[1]))
+
+
+class _HubSource:
+    def __init__(self, repo: str, digest: Any) -> None:
+        self.repo, self.digest = repo, digest
+        self.digest.update(f"hub:{repo}\0".encode())
+
+    def _fail(self, what: str, err: Exception) -> UserError:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        return UserError(f"cannot load {self.repo} ({what}) from the Hugging Face hub: the hub could not be reached "
+                         f"or the dataset/split is missing ({type(err).__name__}: {reason}); a local directory in "
+                         "MUSE layout works offline (--data DIR)")
+
+    def records(self, subset: str, split: str, *, text: bool, required: bool) -> tuple[str, list[Any]] | None:
+        import datasets
+
+        try:
+            rows = datasets.load_dataset(self.repo, subset, split=split).to_list()
+        except Exception as err:  # noqa: BLE001 - offline, renamed or missing: the user needs the same advice
+            if not required:
+                return None
+            raise self._fail(f"{subset}/{split}", err) from None
+        self.digest.update(f"{subset}/{split}\0".encode())
+        self.digest.update(json.dumps(rows, sort_keys=True, default=str).encode())
+        return f"{self.repo} {subset}/{split}", rows
+
+    def stage_splits(self) -> list[str]:
+        import datasets
+
+        try:
+            names = datasets.get_dataset_split_names(self.repo, "sust")
+        except Exception as err:  # noqa: BLE001 - as above
+            raise self._fail("sust", err) from None
+        return sorted((n for n in names if STAGE_SPLIT.fullmatch(n)), key=lambda n: int(n.split("_")[1]))
+
+
+# ---------------------------------------------------------------------------------------------- record checks
+
+
+def _string(record: Any, where: str, name: str, allow_empty: bool = False) -> str:
+    if not isinstance(record, dict) or name not in record:
+        raise UserError(f"{where}: missing field '{name}'")
+    value = record[name]
+    if not isinstance(value, str) or (not allow_empty and not value.strip()):
+        raise UserError(f"{where}: field '{name}' must be a non-empty string")
+    return value
+
+
+def _texts(where: str, records: list[Any]) -> list[str]:
+    """Strings, or {text} records (the hub's form): both are accepted."""
+    out = []
+    for index, record in enumerate(records):
+        if isinstance(record, str):
+            if not record.strip():
+                raise UserError(f"{where}: record {index + 1} is an empty string")
+            out.append(record)
+        else:
+            out.append(_string(record, f"{where}: record {index + 1}", "text"))
+    return out
+
+
+def _qa(where: str, records: list[Any]) -> list[tuple[str, str]]:
+    return [(_string(r, f"{where}: record {i + 1}", "question"), _string(r, f"{where}: record {i + 1}", "answer"))
+            for i, r in enumerate(records)]
+
+
+def _verbmem(where: str, records: list[Any]) -> list[tuple[str, str]]:
+    return [(_string(r, f"{where}: record {i + 1}", "prompt"), _string(r, f"{where}: record {i + 1}", "gt"))
+            for i, r in enumerate(records)]
+
+
+def _split_spec(value: Any, key: str) -> tuple[str, str]:
+    parts = str(value).split("/") if isinstance(value, str) else []
+    if len(parts) != 2 or not all(re.fullmatch(r"[\w.-]+", p) and p not in (".", "..") for p in parts):
+        raise UserError(f"benchmark.{key} must name a text split as SUBSET/SPLIT (e.g. raw/forget, scal/forget_2), "
+                        f"got {value!r}")
+    return parts[0], parts[1]
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def _positive_int(config: dict[str, Any], key: str, default: int | None) -> int | None:
+    value = config.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"benchmark.{key} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def settings_from(config: dict[str, Any]) -> MuseSettings:
+    unknown = sorted(set(config) - KNOWN_KEYS)
+    if unknown:
+        raise UserError(f"unknown key(s) in benchmark 'muse': {', '.join(unknown)} "
+                        f"(known: {', '.join(sorted(KNOWN_KEYS))})")
+    d = MuseSettings()
+    sequential = config.get("sequential", False)
+    if not isinstance(sequential, bool):
+        raise UserError(f"benchmark.sequential must be true or false, got {sequential!r}")
+    if sequential and config.get("forget") is not None:
+        raise UserError("benchmark.forget and benchmark.sequential conflict: a sequential run unlearns "
+                        "sust/forget_1, sust/forget_2, ... in turn")
+    k = config.get("k_percent", d.k_percent)
+    if isinstance(k, bool) or not isinstance(k, int | float) or not 0 < k <= 100:
+        raise UserError(f"benchmark.k_percent must be a number in (0, 100], got {k!r}")
+    auc = config.get("auc_retrain")
+    if auc is not None and (isinstance(auc, bool) or not isinstance(auc, int | float) or not 0 < auc <= 1):
+        raise UserError(f"benchmark.auc_retrain must be a number in (0, 1] (an AUC), got {auc!r}")
+    retrain_model = config.get("retrain_model")
+    if retrain_model is not None and (not isinstance(retrain_model, str | Path) or not str(retrain_model).strip()):
+        raise UserError(f"benchmark.retrain_model must be a model name or folder, got {retrain_model!r}")
+    forget, retain = config.get("forget") or d.forget, config.get("retain") or d.retain
+    _split_spec(forget, "forget")
+    _split_spec(retain, "retain")
+    return MuseSettings(
+        forget=forget, retain=retain, sequential=sequential,
+        chunk_words=_positive_int(config, "chunk_words", d.chunk_words) or d.chunk_words,
+        verbmem_tokens=_positive_int(config, "verbmem_tokens", d.verbmem_tokens) or d.verbmem_tokens,
+        knowmem_tokens=_positive_int(config, "knowmem_tokens", d.knowmem_tokens) or d.knowmem_tokens,
+        k_percent=float(k), auc_retrain=None if auc is None else float(auc),
+        retrain_model=None if retrain_model is None else str(retrain_model),
+        privleak_max_tokens=_positive_int(config, "privleak_max_tokens", d.privleak_max_tokens)
+        or d.privleak_max_tokens,
+        limit=_positive_int(config, "limit", None))
+
+
+def _source(data: Any, digest: Any) -> _Source:
+    if data is None or (isinstance(data, str) and not data.strip()):
+        raise UserError("benchmark 'muse' needs data: pass --data DIR (MUSE layout) or news/books")
+    if not isinstance(data, str | Path):
+        raise UserError(f"benchmark.data must be a folder or a hub name (news, books), got {data!r}")
+    text = str(data)
+    if Path(text).is_dir():
+        return _LocalSource(Path(text), digest)
+    repo = HUB_REPOS.get(text.lower(), text)
+    if repo in HUB_REPOS.values() or (HUB_NAME.fullmatch(text) and not Path(text).exists()):
+        return _HubSource(repo, digest)
+    raise UserError(f"{text}: not a directory; pass a local folder in MUSE layout or a hub name "
+                    f"({', '.join(HUB_REPOS)}, {', '.join(HUB_REPOS.values())})")
+
+
+def _need(source: _Source, subset: str, split: str, *, text: bool) -> tuple[str, list[Any]]:
+    found = source.records(subset, split, text=text, required=True)
+    assert found is not None  # required=True raises rather than returning None
+    return found
+
+
+def _first(source: _Source, subset: str, names: tuple[str, ...], *, required: bool) -> tuple[str, list[Any]] | None:
+    """The first of several accepted split names that exists (MUSE-Books calls retain QA retain2_qa)."""
+    for name in names:
+        found = source.records(subset, name, text=False, required=False)
+        if found is not None:
+            return found
+    return _need(source, subset, names[0], text=False) if required else None  # the error names the usual name
+
+
+def _training(source: _Source, spec: str, words: int) -> list[Example]:
+    subset, split = _split_spec(spec, "forget")
+    where, records = _need(source, subset, split, text=True)
+    return [Example("", chunk) for chunk in chunk_texts(_texts(where, records), words)]
+
+
+def load(config: dict[str, Any]) -> MuseTask:
+    s = settings_from(config)
+    digest = hashlib.sha256(json.dumps(asdict(s), sort_keys=True).encode())
+    source = _source(config.get("data"), digest)
+    notes: list[str] = []
+
+    stages: list[Stage] = []
+    if s.sequential:
+        names = source.stage_splits()
+        if not names:
+            raise UserError("benchmark.sequential needs sust/forget_1, sust/forget_2, ... (none found)")
+        stages = [Stage(name, _training(source, f"sust/{name}", s.chunk_words)) for name in names]
+        for stage in stages:
+            if not stage.forget:
+                raise UserError(f"sust/{stage.name} has no text: nothing to unlearn")
+        forget = stages[0].forget
+    else:
+        forget = _training(source, s.forget, s.chunk_words)
+    if not forget:
+        raise UserError(f"the forget split {s.forget} has no text: nothing to unlearn")
+    retain = _training(source, s.retain, s.chunk_words)
+
+    def cut(items: list[Any]) -> list[Any]:
+        return items[:s.limit] if s.limit else items
+
+    knowmem: dict[str, list[tuple[str, str]]] = {}
+    icl: dict[str, list[tuple[str, str]]] = {}
+    for split, names, icl_names in (("forget", ("forget_qa",), ("forget_qa_icl",)),
+                                    ("retain", RETAIN_QA, RETAIN_QA_ICL)):
+        found = _first(source, "knowmem", names, required=True)
+        assert found is not None
+        knowmem[split] = cut(_qa(*found))
+        found = _first(source, "knowmem", icl_names, required=False)
+        if found is None:
+            notes.append(f"KnowMem on {split} QA is zero-shot: knowmem/{icl_names[0]} not found")
+            icl[split] = []
+        else:
+            icl[split] = _qa(*found)
+    where, records = _need(source, "verbmem", "forget", text=False)
+    verbmem = cut(_verbmem(where, records))
+    privleak_texts = {}
+    for split in ("forget", "holdout"):
+        where, records = _need(source, "privleak", split, text=False)
+        privleak_texts[split] = cut(_texts(where, records))
+    if s.auc_retrain is None and s.retrain_model is None:
+        notes.append(PRIVLEAK_NOTE)
+
+    return MuseTask(name="muse", fingerprint=digest.hexdigest()[:16], forget=forget, retain=retain,
+                    forget_metrics=("muse/verbmem_forget", "muse/knowmem_forget"), needs_target=False,
+                    stages=stages, notes=notes, settings=s, verbmem=verbmem, knowmem=knowmem, icl=icl,
+                    privleak_texts=privleak_texts)
+
+
+# ---------------------------------------------------------------------------------------------- writer
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_txt(path: Path, texts: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(texts), encoding="utf-8")
+
+
+def write_muse_layout(folder: Path, *, raw: dict[str, list[str]], forget_qa: list[dict[str, str]],
+                      retain_qa: list[dict[str, str]], forget_qa_icl: list[dict[str, str]],
+                      retain_qa_icl: list[dict[str, str]], verbmem: list[dict[str, str]],
+                      privleak: dict[str, list[str]], scal: dict[str, list[str]] | None = None,
+                      sust: dict[str, list[str]] | None = None) -> Path:
+    """Write a MUSE-layout folder that `load({"data": folder})` reads: raw/scal/sust splits as .txt (texts
+    joined by blank lines), everything else as .json."""
+    folder = Path(folder)
+    for subset, splits in (("raw", raw), ("scal", scal or {}), ("sust", sust or {})):
+        for split, texts in splits.items():
+            _write_txt(folder / subset / f"{split}.txt", texts)
+    for name, rows in (("forget_qa", forget_qa), ("retain_qa", retain_qa), ("forget_qa_icl", forget_qa_icl),
+                       ("retain_qa_icl", retain_qa_icl)):
+        _write_json(folder / "knowmem" / f"{name}.json", rows)
+    _write_json(folder / "verbmem" / "forget.json", verbmem)
+    for split, texts in privleak.items():
+        _write_json(folder / "privleak" / f"{split}.json", texts)
+    return folder
