@@ -144,13 +144,18 @@ def lm_eval_accuracy(model: Any, tokenizer: Any, sets: list[QuestionSet], batch_
 
     Per-concept accuracies come from lm-eval's per-sample results, grouped by the record's tag field."""
     import logging
+    from unittest import mock
 
+    import lm_eval.evaluator
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     tasks = {s.key: s.lm_eval_task() for s in sets}
-    with _quiet(progress):
+    # lm-eval stamps its results with the git hash of the working folder (printing "fatal: not a git repository"
+    # outside one) and torch's environment report (seconds of subprocesses); only the scores are used here.
+    with _quiet(progress), mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None), \
+            mock.patch.object(lm_eval.evaluator, "add_env_info", lambda _results: None):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
         # No seeding inside: lm-eval would reset the global RNGs, which the caller's training owns.
         result = simple_evaluate(model=lm, tasks=list(tasks.values()), log_samples=True, verbosity="ERROR",

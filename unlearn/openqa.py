@@ -116,6 +116,8 @@ class NLIJudge:
         if len(entail) != 1:
             raise UserError(f"NLI judge '{spec}' has no single 'entailment' label (labels: {sorted(labels.values())})")
         self.entailment = entail[0]
+        # Right padding keeps every pair at the positions it has alone: decisions must not depend on batching.
+        self.tokenizer.padding_side = "right"
         self.batch_size = batch_size
         self.name = f"NLI ({spec})"
 
