@@ -30,7 +30,8 @@ METRIC_COLUMNS = [
     ("openqa/openqa_acc", "open-QA ↓"), ("openqa/acc", "MCQ on open-QA set ↓"), ("mmlu/acc", "MMLU ↑"),
     # muse
     ("muse/verbmem_forget", "VerbMem ↓"), ("muse/knowmem_forget", "KnowMem forget ↓"),
-    ("muse/knowmem_retain", "KnowMem retain ↑"), ("muse/privleak", "PrivLeak (→0)"),
+    ("muse/knowmem_retain", "KnowMem retain ↑"), ("muse/privleak_auc", "Min-K% AUC"),
+    ("muse/privleak", "PrivLeak (→0)"),
 ]
 COLUMNS = [("run", "run"), ("benchmark", "benchmark"), ("method", "method"), ("optimizer", "optimizer"),
            *METRIC_COLUMNS, ("steps", "steps"), ("seconds", "seconds"),

@@ -59,10 +59,18 @@ def test_wmdp_run_eval_and_report(tmp_path: Path, tiny_model_dir: Path, data: Pa
     assert reevaluated["wmdp/acc"] == record["metrics"]["wmdp/acc"]
     assert reevaluated["mmlu/acc"] == record["metrics"]["mmlu/acc"]
 
+    attacked = cli("attack", "--run", str(run), "--quantize", "8bit", "-q", cwd=tmp_path)
+    assert attacked.returncode == 0, attacked.stderr
+    quantized = json.loads((run / "attacks" / "bnb-8bit" / "metrics.json").read_text())
+    assert "wmdp/acc" in quantized["metrics"] and quantized["recovery"]["measured_on"] == "wmdp/acc"
+    relearn = cli("attack", "--run", str(run), "--relearn", "-q", cwd=tmp_path)
+    assert relearn.returncode == 2 and "only the embedded benchmark" in relearn.stderr
+
     report = cli("report", "runs", cwd=tmp_path)
     assert report.returncode == 0, report.stderr
     header = report.stdout.splitlines()[0]
     assert "WMDP ↓" in header and "WMDP open-QA ↓" in header and "forget ↓" not in header
+    assert "headline 8-bit" in header
     assert "## Per concept" in (tmp_path / "runs" / "report.md").read_text()
 
 

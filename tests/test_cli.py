@@ -42,7 +42,7 @@ def test_full_run_eval_and_report(tmp_path, tiny_model_dir):
     assert result.returncode == 0, result.stderr
     run = tmp_path / "runs" / "npo-adamw"
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "log.jsonl", "metrics.json", "model"]
-    assert "| npo-adamw | npo | adamw |" in result.stdout
+    assert "| npo-adamw | embedded | npo | adamw |" in result.stdout
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and all(r["forwards"] == 1 for r in log)
     metrics = json.loads((run / "metrics.json").read_text())

