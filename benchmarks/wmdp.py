@@ -66,12 +66,12 @@ class QuestionSet:
     def is_hub(self) -> bool:
         return self.source in HUB_TASKS or self.source == UTILITY_HUB
 
-    def description(self, record: dict[str, Any]) -> str:
+    def description(self, record: dict[str, Any], per_record: bool) -> str:
         """The task description in front of each question: the set's subject, else (MMLU-style files, where
-        every record names its subject) the record's own, else none."""
+        every record names its subject: `per_record`) the record's own, else none."""
         if self.subject:
             return DESCRIPTION.format(subject=self.subject)
-        if self.per_record_subject():
+        if per_record:
             return DESCRIPTION.format(subject=str(record["subject"]).replace("_", " "))
         return ""
 
@@ -87,8 +87,9 @@ class QuestionSet:
     def questions(self) -> list[MCQ]:
         """The questions as the in-loop scorer and open-ended QA see them (validated field by field)."""
         if self._questions is None:
+            per_record = self.per_record_subject()
             self._questions = mcqs_from(self.records(), self.source,
-                                        lambda record, q, c: render(q, c, self.description(record)),
+                                        lambda record, q, c: render(q, c, self.description(record, per_record)),
                                         lambda i, _c: LETTERS[i], self.tag_field)
         return self._questions
 
@@ -158,6 +159,8 @@ def lm_eval_accuracy(model: Any, tokenizer: Any, sets: list[QuestionSet], batch_
             mock.patch.object(lm_eval.evaluator, "add_env_info", lambda _results: None):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
         # No seeding inside: lm-eval would reset the global RNGs, which the caller's training owns.
+        # `limit` cuts each lm-eval task: for the hub's MMLU group that is N per subject, where the in-loop
+        # scorer takes the first N of all subjects; the engines agree exactly without a limit or on local files.
         result = simple_evaluate(model=lm, tasks=list(tasks.values()), log_samples=True, verbosity="ERROR",
                                  bootstrap_iters=0, limit=sets[0].limit, random_seed=None, numpy_random_seed=None,
                                  torch_random_seed=None)
