@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.example_data import write_jsonl
 from benchmarks.wmdp import QuestionSet, lm_eval_accuracy, load, render
@@ -154,3 +155,47 @@ def test_cli_eval_on_local_file_and_malformed_file(tmp_path: Path, tiny_model_di
                  cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'bad.jsonl'}: record 2: missing field 'answer'"]
+
+
+def test_one_forward_per_question_gives_the_per_choice_scores(monkeypatch) -> None:
+    """Letter choices are read off one next-token distribution; that must equal scoring each choice as its
+    own continuation, also when single-token and multi-token questions are mixed in one call."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from benchmarks.task import MCQ
+    from tests.conftest import make_model
+    from unlearn import evaluate
+    from unlearn.data import Example, encode, fixed_batches
+    from unlearn.scoring import sequence_logprobs
+
+    # A tokenizer where " A" ... " D" are single tokens, as in BPE vocabularies (the fixture's is per character).
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f" {c}": 3 + i for i, c in enumerate("ABCD")}}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(" [A-D]|."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    model = make_model(len(tokenizer))
+    assert tokenizer(" B", add_special_tokens=False).input_ids == [4]
+    calls = []
+    real = evaluate._next_token_scores
+    monkeypatch.setattr(evaluate, "_next_token_scores", lambda *a: calls.append(len(a[1])) or real(*a))
+
+    letters = [MCQ(f"Question {i}?\nAnswer:", ["A", "B", "C", "D"], 0, "") for i in range(5)]
+    words = [MCQ(f"Name {i}:", ["alpha", "be", "c"], 0, "") for i in range(3)]
+    questions = [letters[0], words[0], *letters[1:3], *words[1:], *letters[3:]]
+    fast = choice_scores(model, tokenizer, questions, batch_size=3)
+    items = [encode(tokenizer, Example(q.prompt, " " + c), add_eos=False) for q in questions for c in q.choices]
+    flat = torch.cat([sequence_logprobs(model, b)[0] for b in fixed_batches(items, 4, tokenizer.pad_token_id)])
+    expected, start = [], 0
+    for q in questions:
+        expected.append(flat[start:start + len(q.choices)].tolist())
+        start += len(q.choices)
+    assert calls == [5]  # the five letter questions took the one-forward path, the word questions did not
+    assert [len(s) for s in fast] == [len(q.choices) for q in questions]
+    for got, want in zip(fast, expected, strict=True):
+        assert got == pytest.approx(want, abs=1e-5)

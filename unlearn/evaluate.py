@@ -32,15 +32,56 @@ class EmbeddedLike(Protocol):
 @torch.no_grad()
 def choice_scores(model, tokenizer, questions: list[MCQ], batch_size: int = 64) -> list[list[float]]:
     """Summed log-likelihood of each choice as a continuation of its question's prompt (after a space, as
-    lm-eval's target delimiter puts it): one list per question."""
-    items = [encode(tokenizer, Example(q.prompt, " " + choice), add_eos=False)
-             for q in questions for choice in q.choices]
-    scores = torch.cat([sequence_logprobs(model, b)[0].float().cpu()
-                        for b in fixed_batches(items, batch_size, tokenizer.pad_token_id)]).tolist()
-    out, start = [], 0
-    for q in questions:
-        out.append(scores[start:start + len(q.choices)])
-        start += len(q.choices)
+    lm-eval's target delimiter puts it): one list per question.
+
+    Questions whose choices are all one token long (" A" ... " D": WMDP, MMLU) take one forward of the prompt,
+    reading every choice off the next-token distribution, instead of one forward per choice; the value is the
+    same log p(choice | prompt), at a quarter of the compute.
+    """
+    encoded = [[encode(tokenizer, Example(q.prompt, " " + choice), add_eos=False) for choice in q.choices]
+               for q in questions]
+    single = [i for i, items in enumerate(encoded)
+              if all(it.n_prompt >= 1 and len(it.input_ids) - it.n_prompt == 1 for it in items)]
+    out: dict[int, list[float]] = {}
+    if single:
+        prompts = [encoded[i][0].input_ids[:encoded[i][0].n_prompt] for i in single]
+        tokens = [[it.input_ids[-1] for it in encoded[i]] for i in single]
+        out.update(zip(single, _next_token_scores(model, prompts, tokens, tokenizer.pad_token_id, batch_size),
+                       strict=True))
+    rest = [i for i in range(len(questions)) if i not in out]
+    items = [it for i in rest for it in encoded[i]]
+    if items:
+        flat = torch.cat([sequence_logprobs(model, b)[0].float().cpu()
+                          for b in fixed_batches(items, batch_size, tokenizer.pad_token_id)]).tolist()
+        start = 0
+        for i in rest:
+            out[i] = flat[start:start + len(encoded[i])]
+            start += len(encoded[i])
+    return [out[i] for i in range(len(questions))]
+
+
+def _next_token_scores(model, prompts: list[list[int]], tokens: list[list[int]], pad_id: int,
+                       batch_size: int) -> list[list[float]]:
+    """log p(t | prompt) for each prompt's candidate tokens `t`, one forward per prompt (right-padded, so each
+    prompt's last real position is where its next token is predicted)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out: list[list[float]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        lengths = torch.tensor([len(p) for p in chunk])
+        input_ids = torch.full((len(chunk), int(lengths.max())), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(chunk):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            mask[row, :len(ids)] = 1
+        input_ids, mask, rows = input_ids.to(model.device), mask.to(model.device), torch.arange(len(chunk))
+        if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+            logits = model(input_ids=input_ids, attention_mask=mask).logits[rows, lengths - 1]
+        else:  # only the last position goes through the output head
+            logits = head(decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state[rows, lengths - 1])
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        out.extend(logprobs[row, tokens[start + row]].tolist() for row in range(len(chunk)))
     return out
 
 
