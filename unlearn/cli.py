@@ -122,7 +122,8 @@ def run(
         *[row_from(f"after {s['stage']}", record | {"metrics": s["metrics"]}) for s in outcome.stages[:-1]],
         row_from(outcome.run_dir.name, record | {"metrics": outcome.metrics, "train": outcome.train}),
     ])
-    console.print(f"run saved to {outcome.run_dir}/ (model/, metrics.json, log.jsonl, config.yaml)")
+    logs = "log-<n>-<request>.jsonl" if outcome.stages else "log.jsonl"
+    console.print(f"run saved to {outcome.run_dir}/ (model/, metrics.json, config.yaml, {logs})")
 
 
 def _subject(run_dir: Path | None, model: str | None, config: Path | None, set_: list[str] | None,
