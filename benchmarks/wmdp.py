@@ -25,6 +25,7 @@ from typing import Any
 
 from benchmarks.records import chunk_texts, mcqs_from, read_records, read_texts
 from benchmarks.task import MCQ, Task
+from unlearn.config import check_engine
 from unlearn.data import Example
 from unlearn.errors import UserError
 
@@ -196,9 +197,6 @@ def native_accuracy(model: Any, tokenizer: Any, sets: list[QuestionSet], batch_s
     return metrics
 
 
-ENGINES = ("lm-eval", "native")
-
-
 @dataclass
 class WMDPTask(Task):
     questions: QuestionSet | None = None
@@ -209,8 +207,7 @@ class WMDPTask(Task):
         from unlearn.evaluate import run_steps
         from unlearn.openqa import make_judge, openqa_accuracy
 
-        if settings.engine not in ENGINES:
-            raise UserError(f"unknown eval.engine '{settings.engine}'; choose from: {', '.join(ENGINES)}")
+        check_engine(settings.engine)  # also checked with the config; this guards direct callers
         assert self.questions is not None
         model.eval()
         sets = [self.questions] + ([self.utility] if self.utility else [])

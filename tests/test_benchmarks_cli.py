@@ -117,6 +117,7 @@ def test_muse_eval_of_any_model(tmp_path: Path, tiny_model_dir: Path, data: Path
     (["--benchmark", "wmdp", "--data", "missing.jsonl"], "missing.jsonl: file not found"),
     (["--benchmark", "bogus"], "unknown benchmark 'bogus'"),
     (["--benchmark", "wmdp", "--set", "benchmark.data=x.csv"], "x.csv: file not found"),
+    (["--engine", "fast"], "unknown eval.engine 'fast'; choose from: lm-eval, native"),
 ])
 def test_benchmark_errors_are_one_line(tmp_path: Path, tiny_model_dir: Path, args: list[str], message: str) -> None:
     result = cli("eval", "--model", str(tiny_model_dir), *args, "-q", cwd=tmp_path)

@@ -173,9 +173,19 @@ def _dataclass(cls, data: Any, section: str):
     return cls(**data)
 
 
+EVAL_ENGINES = ("lm-eval", "native")
+
+
+def check_engine(engine: str) -> None:
+    if engine not in EVAL_ENGINES:
+        raise UserError(f"unknown eval.engine '{engine}'; choose from: {', '.join(EVAL_ENGINES)}")
+
+
 def eval_config(data: Any) -> EvalConfig:
-    """The `eval` section as EvalConfig, rejecting unknown keys (also for a saved run's config.yaml)."""
-    return _dataclass(EvalConfig, data if data is not None else {}, "eval")
+    """The `eval` section as EvalConfig, rejecting unknown keys and engines (also for a saved run's config)."""
+    settings = _dataclass(EvalConfig, data if data is not None else {}, "eval")
+    check_engine(settings.engine)
+    return settings
 
 
 def load_run_config(method: str | None = None, optimizer: str | None = None,
