@@ -88,13 +88,14 @@ def prepare_record(folder: Path) -> dict[str, Any]:
 
 
 def baseline_metrics(spec: str, task: Task, settings: EvalConfig, trust_remote_code: bool = False,
-                     progress: bool = True) -> dict[str, float]:
+                     progress: bool = True, loaded: Any = None) -> dict[str, float]:
     """Metrics of the model as given (the starting point on real benchmarks), cached per model, data and
-    evaluation settings: every run from the same model compares against the same numbers, computed once."""
+    evaluation settings: every run from the same model compares against the same numbers, computed once.
+    `loaded` is that model if the caller already holds it (it is loaded otherwise)."""
     path = _baseline_path(spec, task, settings)
     if path.is_file():
         return read_json(path)["metrics"]
-    loaded = load_model(spec, trust_remote_code=trust_remote_code)
+    loaded = loaded or load_model(spec, trust_remote_code=trust_remote_code)
     metrics = task.evaluate(loaded.model, loaded.tokenizer, settings, progress=progress)
     _store_baseline(spec, task, settings, metrics)
     return metrics

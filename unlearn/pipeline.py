@@ -51,14 +51,13 @@ def _build(builder, name: str, *args, **options):
         raise UserError(str(err)) from None
 
 
-def starting_model(cfg: RunConfig, task: Task, progress: bool = True) -> tuple[str, dict[str, float]]:
-    """The model unlearning starts from, and its metrics. On the embedded benchmark that is the target
-    model (the base model fine-tuned to know the facts); on real benchmarks it is the model as given."""
-    spec = cfg.model
-    if task.needs_target:
-        spec = str(target_model(cfg.model, task, cfg.benchmark.get("prepare", {}),
-                                trust_remote_code=cfg.trust_remote_code, progress=progress) / "model")
-    return spec, baseline_metrics(spec, task, cfg.eval, cfg.trust_remote_code, progress)
+def starting_model(cfg: RunConfig, task: Task, progress: bool = True) -> str:
+    """The model unlearning starts from. On the embedded benchmark that is the target model (the base model
+    fine-tuned to know the facts); on real benchmarks it is the model as given."""
+    if not task.needs_target:
+        return cfg.model
+    return str(target_model(cfg.model, task, cfg.benchmark.get("prepare", {}),
+                            trust_remote_code=cfg.trust_remote_code, progress=progress) / "model")
 
 
 def _describe(metrics: dict[str, float], keys: tuple[str, ...]) -> str:
@@ -108,9 +107,10 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
         log(f"note: {note}")
     torch.manual_seed(cfg.train.seed)
 
-    start_spec, target_metrics = starting_model(cfg, task, progress)
-    log(f"starting model: {start_spec}  ({_describe(target_metrics, task.forget_metrics)})")
+    start_spec = starting_model(cfg, task, progress)
     loaded = load_model(start_spec, trust_remote_code=cfg.trust_remote_code)
+    target_metrics = baseline_metrics(start_spec, task, cfg.eval, progress=progress, loaded=loaded)
+    log(f"starting model: {start_spec}  ({_describe(target_metrics, task.forget_metrics)})")
     model, tok = loaded.model, loaded.tokenizer
     retain = [encode(tok, ex) for ex in task.retain]
 
