@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from benchmarks.task import MCQ
 from unlearn.config import EvalConfig
-from unlearn.data import Example, encode, fixed_batches
-from unlearn.scoring import sequence_logprobs
+from unlearn.data import Encoded, Example, encode, fixed_batches
+from unlearn.scoring import next_token_logprobs, sequence_logprobs
 
 
 class EmbeddedLike(Protocol):
@@ -62,26 +62,12 @@ def choice_scores(model, tokenizer, questions: list[MCQ], batch_size: int = 64) 
 
 def _next_token_scores(model, prompts: list[list[int]], tokens: list[list[int]], pad_id: int,
                        batch_size: int) -> list[list[float]]:
-    """log p(t | prompt) for each prompt's candidate tokens `t`, one forward per prompt (right-padded, so each
-    prompt's last real position is where its next token is predicted)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    """log p(t | prompt) for each prompt's candidate tokens `t`, one forward per prompt."""
+    items = [Encoded(input_ids=ids, n_prompt=len(ids)) for ids in prompts]
     out: list[list[float]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        lengths = torch.tensor([len(p) for p in chunk])
-        input_ids = torch.full((len(chunk), int(lengths.max())), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for row, ids in enumerate(chunk):
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            mask[row, :len(ids)] = 1
-        input_ids, mask, rows = input_ids.to(model.device), mask.to(model.device), torch.arange(len(chunk))
-        if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
-            logits = model(input_ids=input_ids, attention_mask=mask).logits[rows, lengths - 1]
-        else:  # only the last position goes through the output head
-            logits = head(decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state[rows, lengths - 1])
-        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
-        out.extend(logprobs[row, tokens[start + row]].tolist() for row in range(len(chunk)))
+    for start, batch in zip(range(0, len(items), batch_size), fixed_batches(items, batch_size, pad_id), strict=True):
+        logprobs = next_token_logprobs(model, {k: v.to(model.device) for k, v in batch.items()}).cpu()
+        out.extend(logprobs[row, tokens[start + row]].tolist() for row in range(logprobs.shape[0]))
     return out
 
 

@@ -12,19 +12,30 @@ import torch.nn.functional as F
 from unlearn.data import IGNORE
 
 
-def _head_inputs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Hidden states at positions that predict a label, the labels, and each one's row index."""
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE
+def _logits_at(model, batch: dict[str, torch.Tensor], select) -> torch.Tensor:
+    """Logits at the positions `select(per-position tensor)` picks, computing the head only there when the
+    model's logits are simply head(hidden); other models (e.g. soft-capped logits) take the plain path."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
-        # Models whose logits are not simply head(hidden) take the plain (slower) path.
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return logits[:, :-1][keep], labels[keep], keep.nonzero()[:, 0]
+        return select(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    logits = head(hidden[:, :-1][keep])
+    return head(select(hidden))
+
+
+def _head_inputs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at positions that predict a label, the labels, and each one's row index."""
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    logits = _logits_at(model, batch, lambda per_position: per_position[:, :-1][keep])
     return logits, labels[keep], keep.nonzero()[:, 0]
+
+
+def next_token_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log p(next token | row) over the vocabulary, after each (right-padded) row's last real token."""
+    rows = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+    last = batch["attention_mask"].sum(dim=1) - 1
+    return torch.log_softmax(_logits_at(model, batch, lambda per_position: per_position[rows, last]).float(), dim=-1)
 
 
 def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
