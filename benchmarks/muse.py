@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from benchmarks.records import chunk_texts, read_records
+from benchmarks.records import chunk_texts, read_records, string_field
 from benchmarks.task import Stage, Task
 from unlearn.data import Example
 from unlearn.errors import UserError
@@ -318,15 +318,6 @@ class _HubSource:
 # ---------------------------------------------------------------------------------------------- record checks
 
 
-def _string(record: Any, where: str, name: str, allow_empty: bool = False) -> str:
-    if not isinstance(record, dict) or name not in record:
-        raise UserError(f"{where}: missing field '{name}'")
-    value = record[name]
-    if not isinstance(value, str) or (not allow_empty and not value.strip()):
-        raise UserError(f"{where}: field '{name}' must be a non-empty string")
-    return value
-
-
 def _texts(where: str, records: list[Any]) -> list[str]:
     """Strings, or {text} records (the hub's form): both are accepted."""
     out = []
@@ -336,17 +327,13 @@ def _texts(where: str, records: list[Any]) -> list[str]:
                 raise UserError(f"{where}: record {index + 1} is an empty string")
             out.append(record)
         else:
-            out.append(_string(record, f"{where}: record {index + 1}", "text"))
+            out.append(string_field(record, f"{where}: record {index + 1}", "text"))
     return out
 
 
-def _qa(where: str, records: list[Any]) -> list[tuple[str, str]]:
-    return [(_string(r, f"{where}: record {i + 1}", "question"), _string(r, f"{where}: record {i + 1}", "answer"))
-            for i, r in enumerate(records)]
-
-
-def _verbmem(where: str, records: list[Any]) -> list[tuple[str, str]]:
-    return [(_string(r, f"{where}: record {i + 1}", "prompt"), _string(r, f"{where}: record {i + 1}", "gt"))
+def _pairs(where: str, records: list[Any], first: str, second: str) -> list[tuple[str, str]]:
+    """(record[first], record[second]) of each record: {question, answer} for KnowMem, {prompt, gt} for VerbMem."""
+    return [(string_field(r, f"{where}: record {i + 1}", first), string_field(r, f"{where}: record {i + 1}", second))
             for i, r in enumerate(records)]
 
 
@@ -473,15 +460,15 @@ def load(config: dict[str, Any]) -> MuseTask:
                                     ("retain", RETAIN_QA, RETAIN_QA_ICL)):
         found = _first(source, "knowmem", names, required=True)
         assert found is not None
-        knowmem[split] = cut(_qa(*found))
+        knowmem[split] = cut(_pairs(*found, "question", "answer"))
         found = _first(source, "knowmem", icl_names, required=False)
         if found is None:
             notes.append(f"KnowMem on {split} QA is zero-shot: knowmem/{icl_names[0]} not found")
             icl[split] = []
         else:
-            icl[split] = _qa(*found)
+            icl[split] = _pairs(*found, "question", "answer")
     where, records = _need(source, "verbmem", "forget", text=False)
-    verbmem = cut(_verbmem(where, records))
+    verbmem = cut(_pairs(where, records, "prompt", "gt"))
     privleak_texts = {}
     for split in ("forget", "holdout"):
         where, records = _need(source, "privleak", split, text=False)

@@ -108,17 +108,20 @@ def read_mcqs(path: Path, prompt: Callable[[str, list[str]], str], choice_text: 
     return mcqs_from(read_records(path), str(path), lambda _r, q, c: prompt(q, c), choice_text, tag_field)
 
 
+def string_field(record: Any, where: str, field: str) -> str:
+    """``record[field]``, which must be a non-empty string; otherwise a one-line error naming ``where``."""
+    if not isinstance(record, dict) or field not in record:
+        raise UserError(f"{where}: missing field '{field}'")
+    value = record[field]
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{where}: field '{field}' must be a non-empty string")
+    return value
+
+
 def read_texts(path: Path, field: str = "text") -> list[str]:
     """A text corpus: records with a non-empty string ``field`` (a forget corpus of ``{text}`` lines)."""
-    texts = []
-    for index, record in enumerate(read_records(path)):
-        where = f"{path}: record {index + 1}"
-        if not isinstance(record, dict) or field not in record:
-            raise UserError(f"{where}: missing field '{field}'")
-        if not isinstance(record[field], str) or not record[field].strip():
-            raise UserError(f"{where}: field '{field}' must be a non-empty string")
-        texts.append(record[field])
-    return texts
+    return [string_field(record, f"{path}: record {index + 1}", field)
+            for index, record in enumerate(read_records(path))]
 
 
 def chunk_texts(texts: list[str], words: int) -> list[str]:
