@@ -152,6 +152,8 @@ def lm_eval_accuracy(model: Any, tokenizer: Any, sets: list[QuestionSet], batch_
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    from unlearn.evaluate import tagged_accuracy
+
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     tasks = {s.key: s.lm_eval_task() for s in sets}
     # lm-eval stamps its results with the git hash of the working folder (printing "fatal: not a git repository"
@@ -170,20 +172,16 @@ def lm_eval_accuracy(model: Any, tokenizer: Any, sets: list[QuestionSet], batch_
     metrics: dict[str, float] = {}
     for s in sets:
         task = tasks[s.key]
+        # A hub group (MMLU) reports one sample list per subtask; a subtask's name is the fallback concept.
         names = [task["task"]] if isinstance(task, dict) else [n for n in result["samples"] if n.startswith(s.source)]
-        samples = [x for n in names for x in result["samples"].get(n, [])]
+        samples = [(n, x) for n in names for x in result["samples"].get(n, [])]
         if not samples:
             raise RuntimeError(f"lm-eval returned no samples for {s.source}")
-        correct = [bool(x["acc"]) for x in samples]
-        metrics[f"{s.key}/acc"] = sum(correct) / len(correct)
-        by_tag: dict[str, list[bool]] = {}
-        for x, ok in zip(samples, correct, strict=True):
-            tag = x["doc"].get(s.tag_field) if s.tag_field else None
-            if tag is None and isinstance(task, str) and len(names) > 1:
-                tag = x.get("task_name") or ""
-            if tag:
-                by_tag.setdefault(str(tag), []).append(ok)
-        metrics.update({f"{s.key}/acc/{t}": sum(v) / len(v) for t, v in sorted(by_tag.items())})
+        tags = [str(x["doc"].get(s.tag_field) or "") if s.tag_field else "" for _, x in samples]
+        if len(names) > 1:
+            tags = [tag or n for tag, (n, _) in zip(tags, samples, strict=True)]
+        scores = tagged_accuracy(tags, [bool(x["acc"]) for _, x in samples])
+        metrics.update({f"{s.key}/{k}": v for k, v in scores.items()})
     return metrics
 
 

@@ -78,15 +78,15 @@ def mcq_accuracy(model, tokenizer, questions: list[MCQ], batch_size: int = 64) -
         return {}
     scores = choice_scores(model, tokenizer, questions, batch_size)
     correct = [max(range(len(s)), key=s.__getitem__) == q.answer_index for q, s in zip(questions, scores, strict=True)]
-    return tagged_accuracy(questions, correct)
+    return tagged_accuracy([q.tag for q in questions], correct)
 
 
-def tagged_accuracy(questions: list[MCQ], correct: list[bool]) -> dict[str, float]:
-    """`acc` plus `acc/<tag>` for every concept tag the questions carry (none when untagged)."""
+def tagged_accuracy(tags: list[str], correct: list[bool]) -> dict[str, float]:
+    """`acc` plus `acc/<tag>` for every concept tag the questions carry ("" = untagged, no breakdown)."""
     by_tag: dict[str, list[bool]] = defaultdict(list)
-    for q, ok in zip(questions, correct, strict=True):
-        if q.tag:
-            by_tag[q.tag].append(ok)
+    for tag, ok in zip(tags, correct, strict=True):
+        if tag:
+            by_tag[tag].append(ok)
     out = {"acc": sum(correct) / len(correct)}
     out.update({f"acc/{tag}": sum(v) / len(v) for tag, v in sorted(by_tag.items())})
     return out

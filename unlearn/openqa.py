@@ -150,4 +150,4 @@ def openqa_accuracy(model: Any, tokenizer: Any, questions: Sequence[MCQ], judge:
             raise ValueError("open-ended QA needs each question's raw options (MCQ.options)")
     prompts = [openqa_prompt(q.question, q.options) for q in questions]
     answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
-    return tagged_accuracy(questions, judge(questions, answers))
+    return tagged_accuracy([q.tag for q in questions], judge(questions, answers))
