@@ -40,10 +40,15 @@ def _model_identity(spec: str) -> str:
                        "weights": stamps})
 
 
-def target_key(spec: str, task: Task, settings: dict[str, Any]) -> str:
-    blob = json.dumps({"model": _model_identity(spec), "task": task.fingerprint, "prepare": settings,
+def _cache_key(spec: str, task: Task, **settings: Any) -> str:
+    """Hash of what a cached result depends on: the model's identity, the data, the settings, the recipe."""
+    blob = json.dumps({"model": _model_identity(spec), "task": task.fingerprint, **settings,
                        "version": PREPARE_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def target_key(spec: str, task: Task, settings: dict[str, Any]) -> str:
+    return _cache_key(spec, task, prepare=settings)
 
 
 def target_model(spec: str, task: Task, settings: dict[str, Any], trust_remote_code: bool = False,
@@ -102,9 +107,7 @@ def baseline_metrics(spec: str, task: Task, settings: EvalConfig, trust_remote_c
 
 
 def _baseline_path(spec: str, task: Task, settings: EvalConfig) -> Path:
-    blob = json.dumps({"model": _model_identity(spec), "task": task.fingerprint, "eval": settings.__dict__,
-                       "version": PREPARE_VERSION}, sort_keys=True)
-    return cache_dir() / "baselines" / f"{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+    return cache_dir() / "baselines" / f"{_cache_key(spec, task, eval=settings.__dict__)}.json"
 
 
 def _store_baseline(spec: str, task: Task, settings: EvalConfig, metrics: dict[str, float]) -> None:
