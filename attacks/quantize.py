@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from unlearn.errors import UserError
-from unlearn.models import resolve
+from unlearn.models import from_pretrained, resolve
 
 METHODS = ("bnb", "rtn")
 BITS = {"bnb": (4, 8), "rtn": (2, 3, 4, 8)}
@@ -255,16 +255,10 @@ def _device_map() -> dict[str, int] | str:
 
 
 def _from_pretrained(source: str, spec_text: str, **kwargs: Any) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True, **kwargs)
-    except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load model '{spec_text}' for quantization: {first}") from None
+    return from_pretrained(source, spec_text, "model", dtype=torch.float32, **kwargs)
 
 
-def load_quantized(model_dir: str | Path, spec: QuantSpec) -> nn.Module:
+def load_quantized(model_dir: str | Path, spec: QuantSpec, trust_remote_code: bool = False) -> nn.Module:
     """Load a model folder (or hub id) quantized as `spec` says, in eval mode.
 
     bnb goes through transformers' own quantizing loader (on the GPU when there is one, as bnb
@@ -273,11 +267,11 @@ def load_quantized(model_dir: str | Path, spec: QuantSpec) -> nn.Module:
     spec.validate()
     source = resolve(str(model_dir))  # a missing folder or one without config.json is a UserError here
     if spec.method == "rtn":
-        model = _from_pretrained(source, str(model_dir))
+        model = _from_pretrained(source, str(model_dir), trust_remote_code=trust_remote_code)
         rtn_quantize_(model, spec.bits, spec.group_size)
     else:
         _bitsandbytes()  # a clear error before transformers' longer one
         model = _from_pretrained(source, str(model_dir), quantization_config=_bnb_config(spec),
-                                 device_map=_device_map())
+                                 device_map=_device_map(), trust_remote_code=trust_remote_code)
         _check_cpu_4bit(model.named_modules())
     return model.eval()

@@ -10,7 +10,7 @@ which tells apart "knowledge came back" from "any fine-tuning shakes things loos
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from unlearn.errors import UserError
 from unlearn.evaluate import mcq_accuracy
 from unlearn.objectives import LanguageModeling
 from unlearn.optim import build_optimizer
+from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Limit, setting
 from unlearn.train import train
 
 DOMAINS = ("forget", "retain")
@@ -29,15 +30,19 @@ DOMAINS = ("forget", "retain")
 
 @dataclass
 class RelearnSettings:
-    samples: int | None = None  # forget facts to fine-tune on; default half of them
-    steps: int = 50
-    lr: float = 2e-5
-    batch_size: int = 4
+    samples: int | None = setting(None, limit=AT_LEAST_ONE)  # forget facts to fine-tune on; default half of them
+    steps: int = setting(50, limit=AT_LEAST_ONE)
+    lr: float = setting(2e-5, limit=POSITIVE)
+    batch_size: int = setting(4, limit=AT_LEAST_ONE)
     lora: bool = False
-    lora_rank: int = 16
-    domain: str = "forget"  # "retain" = out-of-domain: fine-tune on retain facts
-    checkpoints: list[int] = field(default_factory=lambda: [0, 10, 25, 50, 100])
-    seed: int = 0
+    lora_rank: int = setting(16, limit=AT_LEAST_ONE)
+    domain: str = setting("forget", limit=Limit(choices=DOMAINS))  # "retain" = out-of-domain: retain facts
+    checkpoints: list[int] = setting(default_factory=lambda: [0, 10, 25, 50, 100])
+    seed: int = setting(0, limit=NON_NEGATIVE)
+
+    def __post_init__(self) -> None:
+        if any(c < 0 for c in self.checkpoints):
+            raise UserError(f"relearning checkpoints must be steps >= 0, got {self.checkpoints}")
 
     @property
     def name(self) -> str:

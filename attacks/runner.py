@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from attacks.quantize import QuantSpec, load_quantized
-from attacks.relearn import RelearnSettings, relearn, unseen_accuracy
+from attacks.relearn import RelearnSettings, relearn, split_forget, unseen_accuracy
 from benchmarks.embedded import TaskData
 from benchmarks.task import Task
 from unlearn.config import EvalConfig, eval_config
@@ -35,6 +35,7 @@ class Subject:
     target: dict[str, float] | None  # metrics of the target model before unlearning
     target_model: str | None
     eval_settings: EvalConfig
+    trust_remote_code: bool = False  # from the command-line flag only, never from the run's config
 
 
 def recovery_ratio(attacked: float, unlearned: float, target: float) -> tuple[float | None, str]:
@@ -47,9 +48,13 @@ def recovery_ratio(attacked: float, unlearned: float, target: float) -> tuple[fl
 def _finish(subject: Subject, name: str, record: dict[str, Any]) -> Path | None:
     if subject.run_dir is None:
         return None
-    final = subject.run_dir / "attacks" / name
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with staged_dir(final, overwrite=True) as stage:
+    attacks = subject.run_dir / "attacks"
+    if attacks.is_symlink() or (attacks.exists() and not attacks.is_dir()):
+        # A received run folder must not redirect (or make us replace) results outside itself.
+        raise UserError(f"{attacks} is not a plain folder inside the run; results are not written through it")
+    final = attacks / name
+    attacks.mkdir(parents=True, exist_ok=True)
+    with staged_dir(final, overwrite=True, kind="attack") as stage:
         write_json_atomic(stage / "metrics.json", record)
     return final
 
@@ -60,8 +65,8 @@ def evaluate_subject(model, tokenizer, subject: Subject, progress: bool) -> dict
 
 def quantize_attack(subject: Subject, spec: QuantSpec, progress: bool = True) -> tuple[dict[str, Any], Path | None]:
     started = time.perf_counter()
-    tokenizer, source = load_tokenizer(subject.model_spec)  # the float weights are never loaded
-    model = load_quantized(source, spec)
+    tokenizer, source = load_tokenizer(subject.model_spec, subject.trust_remote_code)  # float weights never load
+    model = load_quantized(source, spec, trust_remote_code=subject.trust_remote_code)
     metrics = evaluate_subject(model, tokenizer, subject, progress)
     record: dict[str, Any] = {"attack": spec.name, "kind": "quantize", "spec": spec.__dict__ | {"name": spec.name},
                               "metrics": metrics, "seconds": round(time.perf_counter() - started, 1)}
@@ -81,8 +86,9 @@ def relearn_attack(subject: Subject, settings: RelearnSettings,
         # Checked before minutes of fine-tuning: the recovery ratio needs the target model at the end.
         raise UserError(f"the run's target model {subject.target_model} is gone (cache cleared?); "
                         "recreate it with `unlearn prepare` using the run's config")
+    split_forget(len(subject.task.forget), settings.samples, settings.seed)  # a bad --samples fails before loading
     started = time.perf_counter()
-    loaded = load_model(subject.model_spec)
+    loaded = load_model(subject.model_spec, trust_remote_code=subject.trust_remote_code)
     model, info = relearn(loaded.model, loaded.tokenizer, subject.task, settings, progress=progress)
     metrics = evaluate_subject(model, loaded.tokenizer, subject, progress)
     record: dict[str, Any] = {"attack": settings.name, "kind": "relearn", **info, "metrics": metrics}
@@ -90,7 +96,7 @@ def relearn_attack(subject: Subject, settings: RelearnSettings,
     unlearned_acc, attacked_acc = info["curve"][0]["forget_unseen_acc"], info["curve"][-1]["forget_unseen_acc"]
     if subject.target_model:
         # The target's accuracy on exactly the unseen facts: the ratio compares like with like.
-        target = load_model(subject.target_model)
+        target = load_model(subject.target_model, trust_remote_code=subject.trust_remote_code)
         target_acc = unseen_accuracy(target.model, target.tokenizer, subject.task, unseen)
         del target
         record["recovery"] = {"measured_on": "forget facts not used for relearning",
@@ -106,7 +112,8 @@ def relearn_attack(subject: Subject, settings: RelearnSettings,
     return record, _finish(subject, settings.name, record)
 
 
-def subject_from_run(run_dir: Path, load_task, eval_overrides: dict[str, Any] | None = None) -> Subject:
+def subject_from_run(run_dir: Path, load_task, eval_overrides: dict[str, Any] | None = None,
+                     trust_remote_code: bool = False) -> Subject:
     """The run's model on the run's own benchmark; `eval_overrides` ({"eval.engine": ...}) change how it is
     scored, never what it is scored on."""
     from unlearn.config import read_yaml
@@ -121,4 +128,11 @@ def subject_from_run(run_dir: Path, load_task, eval_overrides: dict[str, Any] | 
     record = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
     return Subject(model_spec=str(run_dir / "model"), task=load_task(saved.get("benchmark", {})), run_dir=run_dir,
                    unlearned=record.get("metrics"), target=record.get("target"),
-                   target_model=saved.get("target_model"), eval_settings=eval_config(settings))
+                   target_model=_target_model(saved.get("target_model")), eval_settings=eval_config(settings),
+                   trust_remote_code=trust_remote_code)
+
+
+def _target_model(value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise UserError(f"the run's config.yaml has a malformed target_model: {value!r}")
+    return value

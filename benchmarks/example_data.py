@@ -76,7 +76,7 @@ def write_example_data(folder: Path, settings: SyntheticSettings | None = None,
     """Both layouts under `folder` (wmdp/, muse/), staged and renamed into place; the default settings are the
     default embedded benchmark's, whose target model knows these facts."""
     bench = generate(settings or SyntheticSettings())
-    with staged_dir(folder, overwrite=overwrite) as stage:
+    with staged_dir(folder, overwrite=overwrite, kind="example-data") as stage:
         write_wmdp(stage / "wmdp", bench)
         write_muse(stage / "muse", bench)
     return {"wmdp": folder / "wmdp", "muse": folder / "muse"}

@@ -80,7 +80,9 @@ def target_model(spec: str, task: Task, settings: dict[str, Any], trust_remote_c
               "epochs": epochs, "lr": lr, "batch_size": batch_size, "steps": steps,
               "seconds": round(result.seconds, 1), "final_loss": result.final_loss, "metrics": metrics}
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with staged_dir(folder, overwrite=True) as staging:
+    # Two runs may build the same target at once: the second waits for the first's write, then replaces it
+    # with an identical result (the recipe is seeded).
+    with staged_dir(folder, overwrite=True, wait=True, kind="target") as staging:
         save_model(model, tok, staging / "model")
         write_json_atomic(staging / "prepare.json", record)
     # Those are also the target's baseline under default evaluation settings: runs need not recompute them.

@@ -46,6 +46,34 @@ def doc_to_text(n_choices: int) -> str:
     return "{{question.strip()}}" + lines + "\nAnswer:"
 
 
+def jinja_literal(text: str) -> str:
+    """`text` as a Jinja template that renders to exactly `text`. Every "{" becomes an expression printing
+    "{", so no "{{", "{%" or "{#" can open from it, whatever the text holds (a subject from a config file is
+    untrusted input, and lm-eval renders templates in an unsandboxed Jinja environment)."""
+    return text.replace("{", "{{ '{' }}")
+
+
+@contextmanager
+def sandboxed_lm_eval_templates():
+    """lm-eval's templates rendered in Jinja's immutable sandbox while we evaluate: a second wall behind
+    `jinja_literal`, since lm-eval also renders fields of the data it reads."""
+    import lm_eval.utils
+    from jinja2 import BaseLoader, StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    original = getattr(lm_eval.utils, "env", None)
+    if original is None:  # a lm-eval without the module-level environment: nothing to swap
+        yield
+        return
+    sandbox = ImmutableSandboxedEnvironment(loader=BaseLoader, undefined=StrictUndefined, keep_trailing_newline=True)
+    sandbox.filters.update(original.filters)
+    lm_eval.utils.env = sandbox
+    try:
+        yield
+    finally:
+        lm_eval.utils.env = original
+
+
 def render(question: str, choices: list[str], description: str) -> str:
     """What `doc_to_text` renders for one record, with the description in front (lm-eval's context)."""
     return description + question.strip() + "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(choices)) + "\nAnswer:"
@@ -105,7 +133,8 @@ class QuestionSet:
                             f"(found {sorted(n_choices)}), as one lm-eval task needs one template")
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}[Path(self.source).suffix.lower()]
         if self.subject:
-            description = DESCRIPTION.format(subject=self.subject)
+            # lm-eval renders the description as a Jinja template: text from a config must reach it as text.
+            description = jinja_literal(DESCRIPTION.format(subject=self.subject))
         elif self.per_record_subject():
             description = DESCRIPTION.replace("{subject}", "{{subject.replace('_', ' ')}}")
         else:
@@ -158,7 +187,8 @@ def lm_eval_accuracy(model: Any, tokenizer: Any, sets: list[QuestionSet], batch_
     tasks = {s.key: s.lm_eval_task() for s in sets}
     # lm-eval stamps its results with the git hash of the working folder (printing "fatal: not a git repository"
     # outside one) and torch's environment report (seconds of subprocesses); only the scores are used here.
-    with _quiet(progress), mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None), \
+    with _quiet(progress), sandboxed_lm_eval_templates(), \
+            mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None), \
             mock.patch.object(lm_eval.evaluator, "add_env_info", lambda _results: None):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
         # No seeding inside: lm-eval would reset the global RNGs, which the caller's training owns.

@@ -41,7 +41,7 @@ def test_full_run_eval_and_report(tmp_path, tiny_model_dir):
                  "--steps", "3", "--batch-size", "2", "-q", *TINY_BENCH, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     run = tmp_path / "runs" / "npo-adamw"
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "log.jsonl", "metrics.json", "model"]
+    assert sorted(p.name for p in run.iterdir()) == [".unlearn", "config.yaml", "log.jsonl", "metrics.json", "model"]
     assert "| npo-adamw | embedded | npo | adamw |" in result.stdout
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and all(r["forwards"] == 1 for r in log)
@@ -79,7 +79,7 @@ def test_full_run_eval_and_report(tmp_path, tiny_model_dir):
     (["--method", "npo", "--optimizer", "adamw", "--model", "./no/such/model"], "does not exist"),
     (["--method", "npo", "--optimizer", "adamw", "--set", "benchmark.people=[0,2,4]",
       "--set", "benchmark.cities=[0,2,2]", "--set", "benchmark.organizations=[0,2,2]"], "forget split is empty"),
-    (["--method", "npo", "--optimizer", "adamw", "--set", "method.betta=1"], "bad option for method 'npo'"),
+    (["--method", "npo", "--optimizer", "adamw", "--set", "method.betta=1"], "unknown option 'betta' for method 'npo'"),
     (["--method", "npo", "--optimizer", "adamw", "--set", "optimizer.momentum=0.9"],
      "optimizer 'adamw'"),
 ])
@@ -97,8 +97,8 @@ def test_malformed_yaml(tmp_path):
 
 def test_nan_loss_leaves_no_run_folder(tmp_path, tiny_model_dir):
     result = cli("run", "--method", "npo", "--optimizer", "adamw", "--model", str(tiny_model_dir),
-                 "--steps", "2", "--set", "method.alpha=.nan", "-q", *TINY_BENCH, cwd=tmp_path)
-    assert_user_error(result, "loss became nan at step 1", tmp_path)
+                 "--steps", "3", "--lr", "1e30", "-q", *TINY_BENCH, cwd=tmp_path)
+    assert_user_error(result, "loss became nan at step", tmp_path)
 
 
 def test_eval_and_report_errors(tmp_path):
@@ -129,7 +129,7 @@ def test_lora_run_with_a_conflict_aware_optimizer(tmp_path, tiny_model_dir):
 def test_bad_lora_rank(tmp_path, tiny_model_dir):
     result = cli("run", "--method", "npo", "--optimizer", "zo", "--lora-rank", "-1", "--model",
                  str(tiny_model_dir), "-q", *TINY_BENCH, cwd=tmp_path)
-    assert_user_error(result, "train.lora_rank must be an integer >= 0", tmp_path)
+    assert_user_error(result, "train.lora_rank must be an integer >= 0, got -1", tmp_path)
 
 
 def test_optimizers_lists_every_grade(tmp_path):

@@ -133,7 +133,7 @@ def test_rmu_default_layer_scales_with_depth(tiny):
 def test_unknown_method_and_option():
     with pytest.raises(ValueError, match="unknown method 'bogus'; choose from: ga, gradascent"):
         build_objective("bogus")
-    with pytest.raises(ValueError, match="bad option for method 'npo'"):
+    with pytest.raises(ValueError, match="unknown option 'betta' for method 'npo'"):
         build_objective("npo", betta=0.1)
 
 

@@ -1,12 +1,14 @@
-"""`unlearn run | eval | report | prepare | models`.
+"""`unlearn run | eval | attack | report | prepare | models | optimizers | example-data`.
 
-User mistakes (UserError) end in one line on stderr and exit code 2; nothing half-written stays
-on disk because every output is staged and renamed into place (unlearn/runs.py).
+User mistakes (UserError) end in one line on stderr and exit code 2; an interrupt (Ctrl-C, SIGTERM) ends in
+`error: interrupted` / `error: terminated` and exit code 130 / 143. Nothing half-written stays on disk because
+every output is staged and renamed into place (unlearn/runs.py).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -19,13 +21,34 @@ from unlearn.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="LLM unlearning robustness toolkit: unlearn, attack, evaluate, report.")
-console = Console(soft_wrap=True)  # long paths and table rows must not be wrapped
+# Long paths and table rows must not be wrapped; names, paths and notes come from input, so nothing printed is
+# read as rich markup.
+console = Console(soft_wrap=True)
 
 
 def _fail(message: str, code: int) -> None:
     # Plain print, not rich: errors must stay on one line whatever the terminal width.
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+class Interrupted(BaseException):
+    """Raised in the main thread by SIGINT/SIGTERM. A BaseException of our own, not KeyboardInterrupt: typer
+    turns KeyboardInterrupt into a silent return (exit 0), and library code that catches Exception must not
+    swallow it. Unwinding runs every `finally`, so staging folders and locks are removed on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
+SIGNAL_EXITS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated", 143)}
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="Allow model folders and hub repos to run their own code (never read from configs).")]
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML file merged over configs/run.yaml.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any config key: train.max_steps=100.")]
@@ -53,7 +76,16 @@ def _benchmark_flags(data: str | None, engine: str | None, openqa: bool, judge: 
             "eval.judge": _path_or_name(judge)}
 
 
+def _preflight() -> None:
+    """Checks every model-loading command makes before loading anything: the cache folder takes files."""
+    from unlearn.models import cache_dir
+    from unlearn.runs import writable_dir
+
+    writable_dir(cache_dir(), "cache folder (UNLEARN_CACHE)")
+
+
 def _setup_torch() -> None:
+    _preflight()
     import torch
 
     # Deterministic CPU math and no oversubscription on small machines.
@@ -97,7 +129,7 @@ def run(
     name: Annotated[str | None, typer.Option(help="Run folder name (default METHOD-OPTIMIZER).")] = None,
     output_dir: Annotated[str | None, typer.Option(help="Where run folders go (default runs).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder of the same name.")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow model repos to run their own code.")] = False,
+    trust_remote_code: TrustOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -107,14 +139,15 @@ def run(
     from unlearn.config import load_run_config
     from unlearn.pipeline import run as run_pipeline
 
-    flags = {"model": model, "train.max_steps": steps, "optimizer.lr": lr,
+    flags = {"model": _path_or_name(model), "train.max_steps": steps, "optimizer.lr": lr,
              "train.batch_size": batch_size, "train.seed": seed, "train.lora_rank": lora_rank, "name": name,
-             "output_dir": output_dir, "trust_remote_code": trust_remote_code or None,
+             "output_dir": output_dir,
              "benchmark.forget_corpus": _path_or_name(forget_corpus),
              "benchmark.retain_corpus": _path_or_name(retain_corpus)} | _benchmark_flags(data, engine, openqa, judge)
     cfg = load_run_config(method, optimizer, config, flags, set_, benchmark=benchmark)
     _setup_torch()
-    outcome = run_pipeline(cfg, overwrite=overwrite, progress=not quiet, log=console.print)
+    outcome = run_pipeline(cfg, overwrite=overwrite, progress=not quiet, log=console.print,
+                           trust_remote_code=trust_remote_code)
     record = {"method": cfg.method["name"], "optimizer": cfg.optimizer["name"], "benchmark": cfg.benchmark["name"]}
     _markdown_table([
         row_from("(before unlearning)", {"method": "—", "optimizer": "—", "benchmark": cfg.benchmark["name"],
@@ -127,7 +160,7 @@ def run(
 
 
 def _subject(run_dir: Path | None, model: str | None, config: Path | None, set_: list[str] | None,
-             benchmark: str | None = None, flags: dict[str, object] | None = None):
+             benchmark: str | None = None, flags: dict[str, object] | None = None, trust_remote_code: bool = False):
     """The model under evaluation or attack: a run folder (on its own benchmark, with flags applied on top),
     or any model on the configured benchmark."""
     from attacks.runner import Subject, subject_from_run
@@ -139,16 +172,17 @@ def _subject(run_dir: Path | None, model: str | None, config: Path | None, set_:
     if run_dir is not None:
         if benchmark is not None or any(v is not None for k, v in (flags or {}).items() if k.startswith("bench")):
             raise UserError("a run is evaluated on its own benchmark: --benchmark/--data go with --model")
-        return subject_from_run(run_dir, load_task, {k: v for k, v in (flags or {}).items() if v is not None})
+        return subject_from_run(run_dir, load_task, {k: v for k, v in (flags or {}).items() if v is not None},
+                                trust_remote_code)
     # Only the benchmark and eval sections matter here.
     cfg = load_run_config(None, None, config, flags or {}, set_, benchmark=benchmark)
     return Subject(model_spec=model, task=load_task(cfg.benchmark), run_dir=None, unlearned=None, target=None,
-                   target_model=None, eval_settings=cfg.eval)
+                   target_model=None, eval_settings=cfg.eval, trust_remote_code=trust_remote_code)
 
 
 def _print_metrics(metrics: dict[str, float]) -> None:
     for key, value in metrics.items():
-        console.print(f"{key:40s} {value:.4f}", markup=False, highlight=False)
+        console.print(f"{key:40s} {value:.4f}")
 
 
 @app.command("eval")
@@ -160,6 +194,7 @@ def eval_(
     engine: EngineOpt = None,
     openqa: OpenQAOpt = False,
     judge: JudgeOpt = None,
+    trust_remote_code: TrustOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -171,19 +206,20 @@ def eval_(
     from unlearn.models import load_model
     from unlearn.runs import read_json, write_json_atomic
 
-    subject = _subject(run_dir, model, config, set_, benchmark, _benchmark_flags(data, engine, openqa, judge))
+    subject = _subject(run_dir, model, config, set_, benchmark, _benchmark_flags(data, engine, openqa, judge),
+                       trust_remote_code)
     for note in subject.task.notes:
-        console.print(f"note: {note}", markup=False, highlight=False)
+        console.print(f"note: {note}")
     _setup_torch()
     started = time.perf_counter()
-    loaded = load_model(subject.model_spec)
+    loaded = load_model(subject.model_spec, trust_remote_code=trust_remote_code)
     metrics = evaluate_subject(loaded.model, loaded.tokenizer, subject, progress=not quiet)
     if subject.run_dir is not None:
         path = subject.run_dir / "metrics.json"
         write_json_atomic(path, (read_json(path) if path.is_file() else {}) | {"metrics": metrics})
     _print_metrics(metrics)
     console.print(f"{subject.task.name}: {len(metrics)} metrics in {time.perf_counter() - started:.1f} s "
-                  f"(model load included)", markup=False, highlight=False)
+                  f"(model load included)")
 
 
 QUANTIZE_CHOICES = {"4bit": ("bnb", 4), "8bit": ("bnb", 8), "rtn2": ("rtn", 2), "rtn3": ("rtn", 3),
@@ -210,6 +246,7 @@ def attack(
     seed: Annotated[int, typer.Option(help="Seed for the relearning split and data order.")] = 0,
     benchmark: BenchmarkOpt = None,
     data: DataOpt = None,
+    trust_remote_code: TrustOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -218,6 +255,7 @@ def attack(
     from attacks.quantize import QuantSpec
     from attacks.relearn import RelearnSettings
     from attacks.runner import quantize_attack, relearn_attack
+    from unlearn.settings import from_mapping
 
     if (quantize is None) == (not relearn):
         raise UserError("choose one attack: --quantize BITS or --relearn")
@@ -227,16 +265,23 @@ def attack(
         points = [int(x) for x in checkpoints.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--checkpoints expects comma-separated integers, got '{checkpoints}'") from None
-    subject = _subject(run_dir, model, config, set_, benchmark, {"benchmark.data": _path_or_name(data)})
-    _setup_torch()
+    # Settings first, so a bad value fails before the model or the benchmark is loaded.
+    spec, settings = None, None
     if quantize is not None:
         method, bits = QUANTIZE_CHOICES[quantize]
         spec = QuantSpec(method=method, bits=bits, quant_type=quant_type, group_size=group_size)
+    else:
+        settings = from_mapping(RelearnSettings, {
+            "samples": samples, "steps": steps, "lr": lr, "batch_size": batch_size, "lora": lora,
+            "lora_rank": lora_rank, "domain": "retain" if out_of_domain else "forget", "checkpoints": points,
+            "seed": seed}, "relearn")
+    subject = _subject(run_dir, model, config, set_, benchmark, {"benchmark.data": _path_or_name(data)},
+                       trust_remote_code)
+    _setup_torch()
+    if spec is not None:
         record, folder = quantize_attack(subject, spec, progress=not quiet)
     else:
-        settings = RelearnSettings(samples=samples, steps=steps, lr=lr, batch_size=batch_size, lora=lora,
-                                   lora_rank=lora_rank, domain="retain" if out_of_domain else "forget",
-                                   checkpoints=points, seed=seed)
+        assert settings is not None
         record, folder = relearn_attack(subject, settings, progress=not quiet)
         for point in record["curve"]:
             console.print(f"step {point['step']:4d}  forget (unseen) acc {point['forget_unseen_acc']:.3f}  "
@@ -267,6 +312,7 @@ def report(
 @app.command()
 def prepare(
     model: Annotated[str | None, typer.Option(help="Base model (default from configs/run.yaml).")] = None,
+    trust_remote_code: TrustOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -276,10 +322,10 @@ def prepare(
     from unlearn.config import load_run_config
     from unlearn.pipeline import load_task
 
-    cfg = load_run_config("npo", "adamw", config, {"model": model}, set_)
-    _setup_torch()
+    cfg = load_run_config("npo", "adamw", config, {"model": _path_or_name(model)}, set_)
     task = load_task(cfg.benchmark)
-    folder = target_model(cfg.model, task, cfg.benchmark.get("prepare", {}), cfg.trust_remote_code,
+    _setup_torch()
+    folder = target_model(cfg.model, task, cfg.benchmark.get("prepare", {}), trust_remote_code,
                           progress=not quiet)
     record = prepare_record(folder)
     for split in ("forget", "retain", "holdout"):
@@ -298,14 +344,13 @@ def example_data(
     written = write_example_data(folder, overwrite=overwrite)
     wmdp, muse = written["wmdp"], written["muse"]
     console.print(f"wrote {wmdp}/ (questions.jsonl, mmlu.jsonl, forget_corpus.jsonl, retain_corpus.jsonl) "
-                  f"and {muse}/ (MUSE layout)", markup=False, highlight=False)
+                  f"and {muse}/ (MUSE layout)")
     console.print("The embedded target model knows these facts: `unlearn prepare` prints its folder. Try:\n"
                   f"  unlearn eval --benchmark wmdp --data {wmdp}/questions.jsonl --set benchmark.utility="
                   f"{wmdp}/mmlu.jsonl --model TARGET\n"
                   f"  unlearn eval --benchmark muse --data {muse} --model TARGET\n"
                   f"  unlearn run --benchmark wmdp --data {wmdp}/questions.jsonl --forget-corpus "
-                  f"{wmdp}/forget_corpus.jsonl --retain-corpus {wmdp}/retain_corpus.jsonl --model TARGET",
-                  markup=False, highlight=False)
+                  f"{wmdp}/forget_corpus.jsonl --retain-corpus {wmdp}/retain_corpus.jsonl --model TARGET")
 
 
 @app.command()
@@ -336,14 +381,24 @@ def optimizers() -> None:
 
 
 def main() -> None:
+    for signum in SIGNAL_EXITS:
+        signal.signal(signum, _raise_interrupted)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        # Non-standalone typer *returns* the exit code of an explicit typer.Exit (and 130 for a
+        # KeyboardInterrupt raised outside our handler): it must still reach the shell.
+        if isinstance(code, int) and code != 0:
+            if code == 130:
+                _fail("interrupted", 130)
+            sys.exit(code)
+    except Interrupted as err:
+        _fail(*SIGNAL_EXITS[signal.Signals(err.signum)])
     except UserError as err:
         _fail(str(err), 2)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
     except typer.Abort:
-        _fail("aborted", 130)
+        _fail("interrupted", 130)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except Exception as err:  # noqa: BLE001 - last line of defence: one line unless debugging

@@ -18,6 +18,8 @@ from typing import Any
 import yaml
 
 from unlearn.errors import UserError
+from unlearn.runs import check_name, read_text
+from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, Limit, from_mapping, setting
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -38,21 +40,24 @@ def parse_yaml(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
+EVAL_ENGINES = ("lm-eval", "native")
+
+
 @dataclass
 class TrainConfig:
-    max_steps: int = 60
-    batch_size: int = 8
-    seed: int = 0
-    lora_rank: int = 0  # > 0: train LoRA adapters of this rank instead of the weights themselves
+    max_steps: int = setting(60, limit=AT_LEAST_ONE)
+    batch_size: int = setting(8, limit=AT_LEAST_ONE)
+    seed: int = setting(0, limit=NON_NEGATIVE)
+    lora_rank: int = setting(0, limit=NON_NEGATIVE)  # > 0: train LoRA adapters of this rank, not the weights
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 64
-    max_new_tokens: int = 16
+    batch_size: int = setting(64, limit=AT_LEAST_ONE)
+    max_new_tokens: int = setting(16, limit=AT_LEAST_ONE)
     # How WMDP/MMLU-style MCQs are scored: "lm-eval" (lm-eval-harness, the reference) or "native" (the
     # toolkit's in-loop scorer; a test shows both give the same accuracy).
-    engine: str = "lm-eval"
+    engine: str = setting("lm-eval", limit=Limit(choices=EVAL_ENGINES))
     openqa: bool = False  # also ask the MCQs open-ended and judge the free-text answers
     judge: str | None = None  # NLI model (hub id or folder) judging open-ended answers; None: normalized match
 
@@ -67,7 +72,6 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs"
     name: str | None = None
-    trust_remote_code: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,8 +88,9 @@ class RunConfig:
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
+    text = read_text(path, "config file")
     try:
-        data = parse_yaml(path.read_text())
+        data = parse_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -163,29 +168,33 @@ def _component(kind: str, name: str | None, *layers: dict[str, Any]) -> dict[str
     return {**out, "name": chosen}
 
 
-def _dataclass(cls, data: Any, section: str):
-    if not isinstance(data, dict):
-        raise UserError(f"config section '{section}' must be a mapping")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise UserError(f"unknown key(s) in '{section}': {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    return cls(**data)
-
-
-EVAL_ENGINES = ("lm-eval", "native")
-
-
 def check_engine(engine: str) -> None:
     if engine not in EVAL_ENGINES:
         raise UserError(f"unknown eval.engine '{engine}'; choose from: {', '.join(EVAL_ENGINES)}")
 
 
 def eval_config(data: Any) -> EvalConfig:
-    """The `eval` section as EvalConfig, rejecting unknown keys and engines (also for a saved run's config)."""
-    settings = _dataclass(EvalConfig, data if data is not None else {}, "eval")
-    check_engine(settings.engine)
+    """The `eval` section as EvalConfig: unknown keys, types and ranges checked (also for a saved run's config)."""
+    if isinstance(data, dict) and isinstance(data.get("engine"), str):
+        check_engine(data["engine"])  # the message lists the engines by name
+    settings = from_mapping(EvalConfig, data, "eval")
+    if settings.judge is not None and not settings.judge.strip():
+        raise UserError("eval.judge must name an NLI model (hub id or folder), or be null")
     return settings
+
+
+# Facts a run records in its config.yaml beside the settings (reading such a file back ignores them).
+RECORDED_KEYS = ("target_model",)
+REMOTE_CODE_KEY = "trust_remote_code"
+
+
+def _refuse_remote_code(layers: dict[str, dict[str, Any]]) -> None:
+    """Remote code runs only when the user types --trust-remote-code: never because a config (perhaps one
+    received with a run folder) says so. A saved `trust_remote_code: false` (older run configs) is harmless."""
+    for where, layer in layers.items():
+        if layer.pop(REMOTE_CODE_KEY, False) not in (False, None):
+            raise UserError(f"{REMOTE_CODE_KEY} in {where} is refused: a model's own code runs only with the "
+                            "--trust-remote-code flag on the command line")
 
 
 def load_run_config(method: str | None = None, optimizer: str | None = None,
@@ -193,6 +202,8 @@ def load_run_config(method: str | None = None, optimizer: str | None = None,
                     overrides: list[str] | None = None, benchmark: str | None = None) -> RunConfig:
     raw = read_yaml(CONFIG_DIR / "run.yaml")
     user = read_yaml(config_file) if config_file is not None else {}
+    for key in RECORDED_KEYS:
+        user.pop(key, None)
     # Flags and --set go into their own layer so that they win over the chosen method's and
     # optimizer's YAML defaults, which are only known once the names are settled.
     cli: dict[str, Any] = {}
@@ -201,6 +212,7 @@ def load_run_config(method: str | None = None, optimizer: str | None = None,
             apply_override(cli, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
     for assignment in overrides or []:
         apply_override(cli, assignment)
+    _refuse_remote_code({str(config_file): user, "--set": cli})
     # A method may need different run settings (RMU: another learning rate and more steps); its YAML's
     # `run:` section sits right above run.yaml, below everything the user says.
     recipe = _defaults("method", _chosen("method", method, raw, user, cli)).get("run") or {}
@@ -213,12 +225,17 @@ def load_run_config(method: str | None = None, optimizer: str | None = None,
     raw = merge(raw, cli)
     raw.update(components)
     known = {f.name for f in fields(RunConfig)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(str(k) for k in raw if k not in known)
     if unknown:
         raise UserError(f"unknown top-level config key(s): {', '.join(unknown)}")
-    raw["train"] = _dataclass(TrainConfig, raw.get("train", {}), "train")
-    raw["eval"] = eval_config(raw.get("eval", {}))
+    raw["train"] = from_mapping(TrainConfig, raw.get("train"), "train")
+    raw["eval"] = eval_config(raw.get("eval"))
     for key in ("model", "benchmark"):
         if key not in raw:
             raise UserError(f"config has no '{key}'")
+    for key in ("model", "output_dir"):
+        if not isinstance(raw.get(key), str) or not raw[key].strip() or "\0" in raw[key]:
+            raise UserError(f"config '{key}' must be a non-empty string (a path or hub id), got {raw.get(key)!r}")
+    if raw.get("name") is not None:
+        check_name(raw["name"])
     return RunConfig(**raw)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +23,10 @@ EMBEDDED = {
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("UNLEARN_CACHE", Path.home() / ".cache" / "unlearn")).expanduser()
+    path = Path(os.environ.get("UNLEARN_CACHE") or Path.home() / ".cache" / "unlearn").expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"the cache folder {path} (UNLEARN_CACHE) is a file, not a folder")
+    return path
 
 
 @dataclass
@@ -64,17 +65,11 @@ def embedded_path(alias: str) -> Path:
     config.pop("quantization_config", None)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
     model.load_state_dict(quantized.state_dict(), strict=True)
-    staging = target.with_name(f".{alias}-{uuid.uuid4().hex[:8]}")
-    try:
+    from unlearn.runs import staged_dir
+
+    # A concurrent conversion waits for ours and then writes the same weights again.
+    with staged_dir(target, overwrite=True, wait=True, kind="model") as staging:
         save_model(model, tokenizer, staging)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():  # a concurrent conversion won the race: keep theirs
-            shutil.rmtree(staging)
-        else:
-            staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -84,8 +79,15 @@ def resolve(spec: str) -> str:
         return str(embedded_path(spec))
     path = Path(spec).expanduser()
     if path.exists():
+        if not path.is_dir():
+            raise UserError(f"model path {spec} is a file; give a Hugging Face model folder or a hub id")
         if not (path / "config.json").is_file():
             raise UserError(f"model directory {spec} has no config.json (not a Hugging Face model folder)")
+        if not any(path.glob("*.safetensors")):
+            others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".gguf"))
+            hint = f" (found {', '.join(others[:3])}: only safetensors are loaded, since pickled weights can run " \
+                   "code; convert them with a trusted copy of transformers)" if others else ""
+            raise UserError(f"model directory {spec} has no .safetensors weights{hint}")
         return str(path)
     looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep + os.sep in spec
     if looks_local:
@@ -93,9 +95,27 @@ def resolve(spec: str) -> str:
     return spec  # a hub id
 
 
-def _load_error(spec: str, err: OSError) -> UserError:
+def _load_error(spec: str, err: Exception, what: str = "model") -> UserError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return UserError(f"cannot load model '{spec}': {first}")
+    return UserError(f"cannot load {what} '{spec}': {first}")
+
+
+def load_errors() -> tuple[type[Exception], ...]:
+    """What a damaged or foreign model folder raises while loading: a missing or unreadable file (OSError), a
+    truncated or corrupt safetensors file, malformed JSON, a config transformers cannot read (ValueError)."""
+    from safetensors import SafetensorError
+
+    return OSError, SafetensorError, ValueError, UnicodeDecodeError
+
+
+def from_pretrained(source: str, spec: str, what: str = "model", **kwargs) -> torch.nn.Module:
+    """AutoModelForCausalLM.from_pretrained with safetensors only, every loading failure one UserError."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **kwargs)
+    except load_errors() as err:
+        raise _load_error(spec, err, what) from None
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> tuple[object, str]:
@@ -105,8 +125,8 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> tuple[object, 
     source = resolve(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise _load_error(spec, err) from None
+    except load_errors() as err:
+        raise _load_error(spec, err, "the tokenizer of") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, source
@@ -114,14 +134,8 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> tuple[object, 
 
 def load_model(spec: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> Loaded:
     """Load a causal LM and its tokenizer. Safetensors only; remote code only when asked for."""
-    from transformers import AutoModelForCausalLM
-
     tokenizer, source = load_tokenizer(spec, trust_remote_code)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise _load_error(spec, err) from None
+    model = from_pretrained(source, spec, dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval()  # no dropout: zeroth-order steps need two forwards of the *same* function
     return Loaded(model=model, tokenizer=tokenizer, source=source)
 

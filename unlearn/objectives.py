@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from unlearn.data import Encoded, fixed_batches
 from unlearn.loss import Loss
 from unlearn.scoring import mean_token_nll, sequence_logprobs
+from unlearn.settings import NON_NEGATIVE, POSITIVE, Limit, SettingError, check_call_options
 
 Batch = dict[str, torch.Tensor]
 OBJECTIVES: dict[str, type[Objective]] = {}
@@ -24,15 +25,23 @@ OBJECTIVES: dict[str, type[Objective]] = {}
 def register(*names: str) -> Callable[[type[Objective]], type[Objective]]:
     def add(cls: type[Objective]) -> type[Objective]:
         for name in names:
+            if name in OBJECTIVES:  # a silent overwrite would make configs mean different things by import order
+                raise RuntimeError(f"objective '{name}' registered twice")
             OBJECTIVES[name] = cls
         return cls
     return add
 
 
+# Loss weights scale a part of the objective; a negative one would turn forgetting into learning.
+WEIGHT = NON_NEGATIVE
+
+
 class Objective:
-    """Base: all parameters train and nothing is precomputed."""
+    """Base: all parameters train and nothing is precomputed. The constructor's annotated keyword arguments
+    are the method's settings; `limits` gives their ranges (checked by `build_objective`)."""
 
     name = "objective"
+    limits: dict[str, Limit] = {}
 
     def trainable(self, model: torch.nn.Module) -> None:
         """Set requires_grad on the parameters this objective updates (default: leave as is)."""
@@ -61,6 +70,7 @@ class GradDiff(Objective):
     """L = gamma * (-NLL(forget)) + alpha * NLL(retain)."""
 
     name = "graddiff"
+    limits = {"gamma": WEIGHT, "alpha": WEIGHT}
 
     def __init__(self, gamma: float = 1.0, alpha: float = 1.0) -> None:
         self.gamma, self.alpha = gamma, alpha
@@ -85,6 +95,7 @@ class NPO(Objective):
     total = gamma * L_f + alpha * NLL(retain)."""
 
     name = "npo"
+    limits = {"beta": POSITIVE, "gamma": WEIGHT, "alpha": WEIGHT}  # L_f divides by beta
 
     def __init__(self, beta: float = 0.1, gamma: float = 1.0, alpha: float = 2.0) -> None:
         self.beta, self.gamma, self.alpha = beta, gamma, alpha
@@ -111,6 +122,7 @@ class SimNPO(Objective):
     L_f = -(2/beta) * E_f[log sigmoid(-(beta/|y|) * log pi(y|x) - delta)]; total adds alpha * NLL(retain)."""
 
     name = "simnpo"
+    limits = {"beta": POSITIVE, "gamma": WEIGHT, "alpha": WEIGHT}
 
     def __init__(self, beta: float = 2.5, delta: float = 0.0, gamma: float = 1.0, alpha: float = 1.0) -> None:
         self.beta, self.delta, self.gamma, self.alpha = beta, delta, gamma, alpha
@@ -163,6 +175,8 @@ class RMU(Objective):
     set: the published c = 6.5..20 was tuned for a 7B model whose activation norms differ."""
 
     name = "rmu"
+    limits = {"layer": NON_NEGATIVE, "steering": POSITIVE, "steering_scale": POSITIVE, "alpha": WEIGHT,
+              "seed": NON_NEGATIVE}
 
     def __init__(self, layer: int | None = None, steering: float | None = None,
                  steering_scale: float = 4.0, alpha: float = 100.0, seed: int = 0) -> None:
@@ -219,12 +233,16 @@ class RMU(Objective):
 
 
 def build_objective(name: str, **options) -> Objective:
+    """The objective registered as `name`; a one-line ValueError for an unknown name, option, type or range."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown method '{name}'; choose from: {', '.join(sorted(OBJECTIVES))}")
+    cls = OBJECTIVES[name]
     try:
-        return OBJECTIVES[name](**options)
-    except TypeError as err:
-        raise ValueError(f"bad option for method '{name}': {err}") from None
+        options = check_call_options(cls.__init__, options, "method", cls.limits, skip=("self",),
+                                     owner=f"method '{name}'")
+    except SettingError as err:
+        raise ValueError(str(err)) from None
+    return cls(**options)
 
 
 class LanguageModeling(Objective):

@@ -104,11 +104,17 @@ class NLIJudge:
     def __init__(self, spec: str, batch_size: int = 32, trust_remote_code: bool = False) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from unlearn.models import load_errors, resolve
+
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+            source = resolve(spec)  # a local folder must hold config.json and safetensors weights
+        except UserError as err:
+            raise UserError(f"cannot load NLI judge: {err}") from None
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                spec, use_safetensors=True, trust_remote_code=trust_remote_code).eval()
-        except (OSError, ValueError) as err:
+                source, use_safetensors=True, trust_remote_code=trust_remote_code).eval()
+        except load_errors() as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"cannot load NLI judge '{spec}': {first}") from None
         labels = {int(i): str(name).lower() for i, name in self.model.config.id2label.items()}

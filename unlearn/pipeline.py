@@ -23,8 +23,8 @@ from unlearn.data import encode
 from unlearn.errors import UserError
 from unlearn.models import load_model, save_model
 from unlearn.objectives import build_objective
-from unlearn.optim import OPTIMIZERS, build_optimizer, check_options
-from unlearn.runs import free_run_dir, staged_dir, write_json_atomic, write_yaml
+from unlearn.optim import OPTIMIZERS, build_optimizer, dry_build
+from unlearn.runs import open_run_dir, staged_dir, write_json_atomic, write_yaml
 from unlearn.train import train
 
 
@@ -51,24 +51,41 @@ def _build(builder, name: str, *args, **options):
         raise UserError(str(err)) from None
 
 
-def starting_model(cfg: RunConfig, task: Task, progress: bool = True) -> str:
+def starting_model(cfg: RunConfig, task: Task, progress: bool = True, trust_remote_code: bool = False) -> str:
     """The model unlearning starts from. On the embedded benchmark that is the target model (the base model
     fine-tuned to know the facts); on real benchmarks it is the model as given."""
     if not task.needs_target:
         return cfg.model
     return str(target_model(cfg.model, task, cfg.benchmark.get("prepare", {}),
-                            trust_remote_code=cfg.trust_remote_code, progress=progress) / "model")
+                            trust_remote_code=trust_remote_code, progress=progress) / "model")
 
 
 def _describe(metrics: dict[str, float], keys: tuple[str, ...]) -> str:
     return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if isinstance(metrics.get(k), float))
 
 
-def _optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def _optimizer_options(cfg: RunConfig) -> dict[str, Any]:
     options = dict(cfg.optimizer_options)
-    if "total_steps" in inspect.signature(OPTIMIZERS[cfg.optimizer["name"]]).parameters:
+    cls = OPTIMIZERS.get(cfg.optimizer["name"])
+    if cls is not None and "total_steps" in inspect.signature(cls).parameters:
         options.setdefault("total_steps", cfg.train.max_steps)  # schedules that must end on a phase
-    return _build(build_optimizer, cfg.optimizer["name"], model.named_parameters(), **options)
+    return options
+
+
+def _optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    return _build(build_optimizer, cfg.optimizer["name"], model.named_parameters(), **_optimizer_options(cfg))
+
+
+def check_run_config(cfg: RunConfig) -> Task:
+    """Everything a run's settings can get wrong, found in seconds, before any model is loaded: the method and
+    its options, the optimizer and its options (built on stand-in tensors), the benchmark and its data."""
+    _build(build_objective, cfg.method["name"], **cfg.method_options)
+    _build(dry_build, cfg.optimizer["name"], _optimizer_options(cfg))
+    task = load_task(cfg.benchmark)
+    if not task.forget:
+        raise UserError(f"benchmark '{task.name}' gives no forget text to unlearn "
+                        "(wmdp/openqa: pass --forget-corpus FILE of {text} records)")
+    return task
 
 
 def _unlearn_request(cfg: RunConfig, objective, model: torch.nn.Module, tok, forget_examples, retain,
@@ -92,35 +109,34 @@ def _unlearn_request(cfg: RunConfig, objective, model: torch.nn.Module, tok, for
     return model, result
 
 
-def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=print) -> RunOutcome:
-    # Fail on typos (method, optimizer, their options) before minutes of model preparation, not after.
-    objective = _build(build_objective, cfg.method["name"], **cfg.method_options)
-    _build(check_options, cfg.optimizer["name"], cfg.optimizer_options)
-    lora_rank = cfg.train.lora_rank
-    if not isinstance(lora_rank, int) or isinstance(lora_rank, bool) or lora_rank < 0:
-        raise UserError(f"train.lora_rank must be an integer >= 0 (0: no LoRA), got {lora_rank!r}")
-    task = load_task(cfg.benchmark)
-    if not task.forget:
-        raise UserError(f"benchmark '{task.name}' gives no forget text to unlearn "
-                        "(wmdp/openqa: pass --forget-corpus FILE of {text} records)")
+def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=print,
+        trust_remote_code: bool = False) -> RunOutcome:
+    """`trust_remote_code` comes from the command-line flag only: it is never a config setting (see config.py)."""
+    task = check_run_config(cfg)
+    objective = build_objective(cfg.method["name"], **cfg.method_options)
     for note in task.notes:
         log(f"note: {note}")
-    torch.manual_seed(cfg.train.seed)
+    name = cfg.name or f"{cfg.method['name']}-{cfg.optimizer['name']}"
+    # The run folder is claimed before minutes of model loading: a second run on the same name is refused now.
+    with open_run_dir(Path(cfg.output_dir), name, overwrite) as (final, notes):
+        for note in notes:
+            log(f"note: {note}")
+        return _run(cfg, task, objective, final, overwrite, progress, log, trust_remote_code)
 
-    start_spec = starting_model(cfg, task, progress)
-    loaded = load_model(start_spec, trust_remote_code=cfg.trust_remote_code)
+
+def _run(cfg: RunConfig, task: Task, objective, final: Path, overwrite: bool, progress: bool, log,
+         trust_remote_code: bool) -> RunOutcome:
+    torch.manual_seed(cfg.train.seed)
+    start_spec = starting_model(cfg, task, progress, trust_remote_code)
+    loaded = load_model(start_spec, trust_remote_code=trust_remote_code)
     target_metrics = baseline_metrics(start_spec, task, cfg.eval, progress=progress, loaded=loaded)
     log(f"starting model: {start_spec}  ({_describe(target_metrics, task.forget_metrics)})")
     model, tok = loaded.model, loaded.tokenizer
     retain = [encode(tok, ex) for ex in task.retain]
 
-    name = cfg.name or f"{cfg.method['name']}-{cfg.optimizer['name']}"
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    final = free_run_dir(output_dir, name, overwrite)
     requests = task.stages or [Stage("forget", task.forget)]
     stages: list[dict[str, Any]] = []
-    with staged_dir(final, overwrite=overwrite) as stage_dir:
+    with staged_dir(final, overwrite=overwrite, claimed=True) as stage_dir:
         config = cfg.to_dict() | {"name": final.name, "target_model": start_spec}
         write_yaml(stage_dir / "config.yaml", config)
         seconds, forwards, steps = 0.0, 0, 0

@@ -1,15 +1,28 @@
-"""Run folders written atomically: everything goes into a hidden staging folder next to the
-final one and is renamed into place only when complete, so a crash or an error never leaves a
-folder that looks like a finished run."""
+"""Folders the toolkit writes (runs, attack results, cached targets, example data), safely.
+
+- **Atomic.** Everything goes into a hidden staging folder beside the final one and is renamed into place only
+  when complete, so a crash, an error or an interrupt never leaves a folder that looks like a finished one.
+- **Marked.** Every folder written here holds a `.unlearn` marker. `--overwrite` replaces only folders that
+  have it (or, for folders written before the marker existed, only the files this toolkit writes), never an
+  arbitrary folder a name or a received config happens to point at.
+- **One writer.** A lock file beside the final folder (`.NAME.lock`, `flock`) is held for the whole write: a
+  second process on the same name is refused instead of silently losing one of the two results.
+- **Self-cleaning.** The marker inside a staging folder is locked by its writer while it writes; the kernel
+  drops that lock when the writer dies, even by `kill -9`, so the next write into the same parent folder can
+  tell a dead writer's staging folder from a live one and removes it (and says so).
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -17,38 +30,267 @@ import yaml
 
 from unlearn.errors import UserError
 
+MARKER = ".unlearn"
+STAGING_PREFIX = ".staging-"
+TRASH_PREFIX = ".trash-"
+# What toolkit folders held before the marker existed: such a folder may still be replaced by --overwrite.
+LEGACY_ENTRIES = {"config.yaml", "metrics.json", "log.jsonl", "model", "attacks", "prepare.json", "wmdp", "muse"}
+# A staging folder without a marker is being created right now, unless it is older than this.
+_UNMARKED_GRACE_S = 60.0
+MAX_NAME_LENGTH = 200
 
-def free_run_dir(output_dir: Path, name: str, overwrite: bool = False) -> Path:
-    """`name`, or `name-2`, `name-3`, ... if taken (unless overwriting)."""
-    candidate = output_dir / name
-    if overwrite or not candidate.exists():
-        return candidate
-    n = 2
-    while (output_dir / f"{name}-{n}").exists():
-        n += 1
-    return output_dir / f"{name}-{n}"
+
+def check_name(name: Any, what: str = "run name") -> str:
+    """`name` if it names one folder inside its parent; a one-line UserError otherwise."""
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"{what} must be a non-empty string, got {name!r}")
+    bad = [c for c in name if ord(c) < 32 or ord(c) == 127]
+    if bad:
+        raise UserError(f"{what} {name!r} contains a control character ({bad[0]!r})")
+    if name in (".", "..") or "/" in name or "\\" in name or (os.altsep and os.altsep in name):
+        raise UserError(f"{what} {name!r} must be a plain folder name (no '/', '\\', '.' or '..')")
+    if name.startswith("."):
+        raise UserError(f"{what} {name!r} must not start with '.' (hidden names are the toolkit's own)")
+    if len(name) > MAX_NAME_LENGTH:
+        raise UserError(f"{what} is {len(name)} characters long; at most {MAX_NAME_LENGTH}")
+    return name
+
+
+def child(parent: Path, name: str, what: str = "run name") -> Path:
+    """parent/name, checked to be a direct child of parent once both are resolved (no escape via links)."""
+    path = parent / check_name(name, what)
+    if path.resolve().parent != parent.resolve():
+        raise UserError(f"{what} {name!r} resolves outside {parent}")
+    return path
+
+
+def writable_dir(path: Path, what: str) -> Path:
+    """Create `path` if needed and prove it takes files (a probe file, since root passes every access check)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".probe-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"{what} {path} is not writable ({err.strerror or type(err).__name__})") from None
+    return path
+
+
+class _Lock:
+    """An exclusive `flock` on one file, held until released or until the process dies."""
+
+    def __init__(self, path: Path, create: bool = True) -> None:
+        self.path, self.create, self.fd = path, create, -1
+
+    def acquire(self, wait: bool = False) -> bool:
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | (os.O_CREAT if self.create else 0), 0o644)
+            except FileNotFoundError:
+                return False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except OSError as err:
+                os.close(fd)
+                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    return False
+                raise
+            # The previous holder may have unlinked the file between our open and our flock: then the lock we
+            # hold is on a file nobody else will ever open, and we must start over on the current one.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same or not self.create:
+                self.fd = fd
+                return True
+            os.close(fd)
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def write_owner(self) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self, unlink: bool) -> None:
+        if self.fd < 0:
+            return
+        if unlink:  # before closing: whoever opens it later sees it gone and retries on a fresh file
+            with suppress(FileNotFoundError):
+                self.path.unlink()
+        os.close(self.fd)
+        self.fd = -1
 
 
 @contextmanager
-def staged_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
-    if final.exists() and not overwrite:
-        raise UserError(f"{final} already exists")
-    staging = final.parent / f".staging-{final.name}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
+def claim(final: Path, wait: bool = False) -> Iterator[None]:
+    """The right to write `final`, exclusive among processes, for the duration of the block."""
+    lock = _Lock(final.parent / f".{final.name}.lock")
+    if not lock.acquire(wait=wait):
+        raise UserError(f"{final} is being written by another process (pid {lock.holder()}); wait for it to "
+                        "finish or choose another name")
+    lock.write_owner()
     try:
-        yield staging
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
+        yield
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        lock.release(unlink=True)
+
+
+def _size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with suppress(OSError):
+                total += (Path(root) / f).lstat().st_size
+    return total
+
+
+def _is_stale(staging: Path) -> bool:
+    marker = staging / MARKER
+    if not marker.exists():
+        try:
+            return time.time() - staging.stat().st_mtime > _UNMARKED_GRACE_S
+        except FileNotFoundError:
+            return False
+    lock = _Lock(marker, create=False)
+    if not lock.acquire():
+        return False  # its writer is alive
+    lock.release(unlink=False)
+    return True
+
+
+def clean_stale(parent: Path) -> list[str]:
+    """Remove what dead writers left in `parent` (staging and trash folders, lock files); one note each."""
+    notes: list[str] = []
+    if not parent.is_dir():
+        return notes
+    for entry in sorted(parent.iterdir()):
+        name = entry.name
+        if name.startswith(TRASH_PREFIX) or (name.startswith(STAGING_PREFIX) and entry.is_dir()
+                                             and _is_stale(entry)):
+            size = _size(entry)
+            shutil.rmtree(entry, ignore_errors=True)
+            notes.append(f"removed {entry} ({size / 2**20:.1f} MiB), left by a writer that was interrupted or killed")
+        elif name.startswith(".") and name.endswith(".lock") and entry.is_file():
+            lock = _Lock(entry)
+            if lock.acquire():  # nobody holds it: a killed writer's; removing it under the lock is race-free
+                lock.release(unlink=True)
+    return notes
+
+
+def replaceable(folder: Path) -> bool:
+    """True if `folder` is one this toolkit wrote (so `--overwrite` may replace it)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    entries = {p.name for p in folder.iterdir()}
+    if MARKER in entries:
+        return True
+    legacy = {e for e in entries if not (e.startswith("log-") and e.endswith(".jsonl"))}
+    return bool(entries) and legacy <= LEGACY_ENTRIES
+
+
+def _refuse_replacing(final: Path) -> None:
+    if not replaceable(final):
+        raise UserError(f"{final} exists and was not written by this toolkit; --overwrite only replaces its own "
+                        "folders (run folders, attack results): choose another name or remove it yourself")
+
+
+@contextmanager
+def open_run_dir(output_dir: Path, name: str, overwrite: bool = False) -> Iterator[tuple[Path, list[str]]]:
+    """Claim the run folder `output_dir/name` for the whole run: (final path, notes for the user).
+
+    Without `overwrite`, a name that exists or is being written is taken, and the first free `name-N` is used
+    instead (a note says so). With `overwrite`, the folder must be a toolkit folder and nobody may be writing it.
+    """
+    check_name(name)
+    writable_dir(output_dir, "output folder")
+    notes = clean_stale(output_dir)
+    candidates = [name] if overwrite else [name] + [f"{name}-{n}" for n in range(2, 10_000)]
+    for candidate in candidates:
+        final = child(output_dir, candidate)
+        if not overwrite and (final.exists() or final.is_symlink()):
+            continue
+        lock = _Lock(output_dir / f".{candidate}.lock")
+        if not lock.acquire():
+            if overwrite:
+                raise UserError(f"{final} is being written by another process (pid {lock.holder()}); wait for "
+                                "it to finish or choose another --name")
+            continue
+        lock.write_owner()
+        try:
+            if overwrite and (final.exists() or final.is_symlink()):
+                _refuse_replacing(final)
+            elif final.exists():  # created between our check and our lock
+                continue
+            if candidate != name:
+                notes.append(f"{output_dir / name} exists; writing {final} instead (--overwrite replaces it)")
+            yield final, notes
+            return
+        finally:
+            lock.release(unlink=True)
+    raise UserError(f"no free run name like {name}-N under {output_dir}")
+
+
+@contextmanager
+def staged_dir(final: Path, overwrite: bool = False, claimed: bool = False, wait: bool = False,
+               kind: str = "run") -> Iterator[Path]:
+    """Yield a staging folder; on success it replaces `final` atomically. `claimed`: the caller already holds
+    `final`'s lock (open_run_dir); `wait`: block on a concurrent writer instead of failing (shared caches)."""
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with nullcontext() if claimed else claim(final, wait=wait):
+        clean_stale(parent)
+        if final.exists() or final.is_symlink():
+            if not overwrite:
+                raise UserError(f"{final} already exists")
+            _refuse_replacing(final)
+        staging = parent / f"{STAGING_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        owner = _Lock(staging / MARKER)
+        try:
+            owner.acquire()
+            os.pwrite(owner.fd, json.dumps({"toolkit": "unlearn", "kind": kind}).encode() + b"\n", 0)
+            yield staging
+            trash = parent / f"{TRASH_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+            if final.exists():
+                final.rename(trash)  # two renames: the old folder is only deleted once the new one is in place
+            staging.rename(final)
+            shutil.rmtree(trash, ignore_errors=True)
+        finally:
+            owner.release(unlink=False)
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+def read_text(path: Path, what: str = "file") -> str:
+    """A UTF-8 text file's contents; one-line UserError for a missing, unreadable or non-UTF-8 file."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a folder, not a file") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                        f"{err.start})") from None
+    except OSError as err:
+        raise UserError(f"cannot read {what} {path} ({err.strerror or type(err).__name__})") from None
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def write_yaml(path: Path, data: Any) -> None:
@@ -56,9 +298,11 @@ def write_yaml(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    text = read_text(path)
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist") from None
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f"malformed JSON in {path} (line {err.lineno}): {err.msg}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data

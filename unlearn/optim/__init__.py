@@ -5,7 +5,15 @@ Build by name with ``build_optimizer(name, params, **options)``; ``OPTIMIZERS`` 
 
 from unlearn.optim.first_order import SGD, AdamW
 from unlearn.optim.hybrid import Hybrid
-from unlearn.optim.protocol import OPTIMIZERS, BackwardStep, Closure, build_optimizer, check_options, register
+from unlearn.optim.protocol import (
+    OPTIMIZERS,
+    BackwardStep,
+    Closure,
+    build_optimizer,
+    check_options,
+    dry_build,
+    register,
+)
 from unlearn.optim.second_order import Sophia
 from unlearn.optim.sign import SignAdam, SignSGD, Signum
 from unlearn.optim.spectral import SIFT, Muon, newton_schulz
@@ -33,6 +41,7 @@ __all__ = [
     "ZerothOrderSign",
     "build_optimizer",
     "check_options",
+    "dry_build",
     "newton_schulz",
     "register",
 ]

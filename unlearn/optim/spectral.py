@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from unlearn.loss import loss_parts, total_loss
-from unlearn.optim.protocol import BackwardStep, Closure, check_int, register, require_closure
+from unlearn.optim.protocol import BackwardStep, Closure, ModelDependent, check_int, register, require_closure
 
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # Keller Jordan's quintic: maximal slope at 0 in 5 steps
 
@@ -339,7 +339,7 @@ class SIFT(_Composite):
                 other.append(item)
         if not selected:  # it would silently be plain AdamW
             sample = next((n for n, p in map(_split_item, items) if p.ndim == 2 and n), "no 2-D parameter")
-            raise ValueError(f"pattern {pattern!r} selects no trainable 2-D parameter (e.g. {sample!r}); "
+            raise ModelDependent(f"pattern {pattern!r} selects no trainable 2-D parameter (e.g. {sample!r}); "
                              f"set 'pattern' to match this model's matrix names")
         parts: dict[str, torch.optim.Optimizer] = {
             "sift": _ConflictSpectral(selected, lr, momentum, rank, threshold, weight_decay)
