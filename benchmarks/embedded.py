@@ -13,6 +13,7 @@ from benchmarks.synthetic import SPLITS, Benchmark, SyntheticSettings, generate
 from benchmarks.task import MCQ, Task
 from unlearn.data import Example, qa_prompt
 from unlearn.errors import UserError
+from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SettingError, check_value, from_mapping, setting
 
 
 @dataclass
@@ -27,13 +28,35 @@ class TaskData(Task):
         return evaluate(model, tokenizer, self, settings, progress=progress)
 
 
+@dataclass
+class PrepareSettings:
+    """The fine-tuning that turns the base model into the target model (configs/benchmark/embedded.yaml)."""
+
+    epochs: int = setting(8, limit=AT_LEAST_ONE)
+    lr: float = setting(1e-4, limit=POSITIVE)
+    batch_size: int = setting(16, limit=AT_LEAST_ONE)
+
+
+SIZE_KEYS = ("people", "cities", "organizations")
+
+
 def settings_from(config: dict[str, Any]) -> SyntheticSettings:
+    """The world's sizes from the benchmark section, every key known and every value checked."""
+    unknown = sorted(str(k) for k in config if k not in {"name", "seed", "prepare", *SIZE_KEYS})
+    if unknown:
+        raise UserError(f"unknown key(s) in benchmark 'embedded': {', '.join(unknown)} "
+                        f"(known: name, seed, prepare, {', '.join(SIZE_KEYS)})")
+    from_mapping(PrepareSettings, config.get("prepare"), "benchmark.prepare")
     try:
-        return SyntheticSettings(seed=int(config.get("seed", 0)),
-                                 **{k: tuple(int(x) for x in config[k])
-                                    for k in ("people", "cities", "organizations") if k in config})
-    except (TypeError, ValueError) as err:
-        raise UserError(f"bad embedded benchmark settings: {err}") from None
+        seed = check_value("benchmark.seed", config.get("seed", 0), int, NON_NEGATIVE)
+        sizes = {k: tuple(check_value(f"benchmark.{k}", config[k], tuple[int, int, int])) for k in SIZE_KEYS
+                 if k in config}
+    except SettingError as err:
+        raise UserError(str(err)) from None
+    for key, counts in sizes.items():
+        if min(counts) < 0:
+            raise UserError(f"benchmark.{key} counts must be >= 0, got {list(counts)}")
+    return SyntheticSettings(seed=seed, **sizes)
 
 
 def task_from(bench: Benchmark) -> TaskData:

@@ -38,6 +38,7 @@ from benchmarks.records import chunk_texts, read_records, string_field
 from benchmarks.task import Stage, Task
 from unlearn.data import Example
 from unlearn.errors import UserError
+from unlearn.runs import read_text
 
 # Hub layout, read from the dataset cards of muse-bench/MUSE-News and MUSE-Books: subsets raw (forget, retain1,
 # retain2, holdout; text), knowmem (forget_qa, retain_qa, forget_qa_icl, retain_qa_icl; question, answer),
@@ -268,7 +269,7 @@ class _LocalSource:
         self.digest.update(f"{subset}/{path.name}\0".encode())
         self.digest.update(path.read_bytes())
         if path.suffix.lower() == ".txt":
-            content = path.read_text(encoding="utf-8")
+            content = read_text(path, "MUSE text file")
             if not content.strip():
                 raise UserError(f"{path}: no text")
             return str(path), [content]

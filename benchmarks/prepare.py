@@ -22,7 +22,8 @@ from unlearn.data import encode
 from unlearn.models import EMBEDDED, cache_dir, load_model, resolve, save_model
 from unlearn.objectives import LanguageModeling
 from unlearn.optim import build_optimizer
-from unlearn.runs import read_json, staged_dir, write_json_atomic
+from unlearn.runs import read_json, read_text, staged_dir, write_json_atomic
+from unlearn.settings import from_mapping
 from unlearn.train import train
 
 PREPARE_VERSION = 1  # bump when the preparation recipe changes, to invalidate caches
@@ -36,7 +37,7 @@ def _model_identity(spec: str) -> str:
     if not path.is_dir():
         return spec  # hub id
     stamps = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in path.glob("*.safetensors"))
-    return json.dumps({"path": str(path.resolve()), "config": (path / "config.json").read_text(),
+    return json.dumps({"path": str(path.resolve()), "config": read_text(path / "config.json", "model config"),
                        "weights": stamps})
 
 
@@ -54,9 +55,10 @@ def target_key(spec: str, task: Task, settings: dict[str, Any]) -> str:
 def target_model(spec: str, task: Task, settings: dict[str, Any], trust_remote_code: bool = False,
                  progress: bool = True) -> Path:
     """Path of the cached target model folder (`model/` + `prepare.json`), building it if needed."""
-    epochs = int(settings.get("epochs", 8))
-    lr = float(settings.get("lr", 1e-4))
-    batch_size = int(settings.get("batch_size", 16))
+    from benchmarks.embedded import PrepareSettings
+
+    checked = from_mapping(PrepareSettings, settings, "benchmark.prepare")
+    epochs, lr, batch_size = checked.epochs, float(checked.lr), checked.batch_size
     folder = cache_dir() / "targets" / target_key(spec, task, {"epochs": epochs, "lr": lr,
                                                                "batch_size": batch_size})
     if (folder / "prepare.json").is_file():

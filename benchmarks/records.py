@@ -14,13 +14,14 @@ from typing import Any
 
 from benchmarks.task import MCQ
 from unlearn.errors import UserError
+from unlearn.runs import read_text
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 def _read_jsonl(path: Path) -> list[Any]:
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "data file").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -32,7 +33,7 @@ def _read_jsonl(path: Path) -> list[Any]:
 
 def _read_json(path: Path) -> list[Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path, "data file"))
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     if not isinstance(data, list):

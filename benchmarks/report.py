@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearn.errors import UserError
-from unlearn.runs import read_json
+from unlearn.runs import read_json as _read_json
 
 METRIC_COLUMNS = [
     # embedded
@@ -41,6 +41,27 @@ COLUMNS = [("run", "run"), ("benchmark", "benchmark"), ("method", "method"), ("o
 ALWAYS = {"run", "method", "optimizer"}
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A run's or an attack's metrics.json, shape-checked: run folders are shared, and a malformed one must
+    end in one line naming it, not in a traceback halfway through the table."""
+    record = _read_json(path)
+    for key in ("metrics", "train", "target", "recovery"):
+        if record.get(key) is not None and not isinstance(record[key], dict):
+            raise UserError(f"{path}: '{key}' must be a JSON object, got {type(record[key]).__name__}")
+    metrics = record.get("metrics") or {}
+    bad = next((k for k, v in metrics.items() if v is not None and not isinstance(v, int | float)), None)
+    if bad is not None:
+        raise UserError(f"{path}: metric '{bad}' must be a number, got {metrics[bad]!r}")
+    curve = record.get("curve")
+    if curve is not None and (not isinstance(curve, list) or not curve or not all(
+            isinstance(p, dict) and isinstance(p.get("step"), int) and isinstance(p.get("forget_unseen_acc"),
+                                                                                  int | float) for p in curve)):
+        raise UserError(f"{path}: 'curve' must be a non-empty list of {{step, forget_unseen_acc}} points")
+    if not isinstance(record.get("headline", ""), str):
+        raise UserError(f"{path}: 'headline' must be a metric name")
+    return record
+
+
 def attack_columns(run_dir: Path, headline: str = "forget/mcq_acc") -> dict[str, Any]:
     """Robustness columns from runs/<name>/attacks/*/metrics.json (absent attacks stay empty)."""
     out: dict[str, Any] = {}
@@ -51,6 +72,8 @@ def attack_columns(run_dir: Path, headline: str = "forget/mcq_acc") -> dict[str,
     path = run_dir / "attacks" / "relearn" / "metrics.json"
     if path.is_file():
         record = read_json(path)
+        if not record.get("curve"):
+            raise UserError(f"{path}: a relearning result needs its 'curve'")
         out["attack/relearn"] = record["curve"][-1]["forget_unseen_acc"]
         out["attack/relearn_steps"] = record["curve"][-1]["step"]
         out["attack/relearn_recovery"] = (record.get("recovery") or {}).get("ratio")
@@ -63,7 +86,7 @@ def relearn_curves(runs_dir: Path) -> dict[str, list[tuple[int, float]]]:
     for folder in _run_folders(runs_dir):
         path = folder / "attacks" / "relearn" / "metrics.json"
         if path.is_file():
-            curves[folder.name] = [(p["step"], p["forget_unseen_acc"]) for p in read_json(path)["curve"]]
+            curves[folder.name] = [(p["step"], p["forget_unseen_acc"]) for p in read_json(path).get("curve") or []]
     return curves
 
 

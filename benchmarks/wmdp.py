@@ -28,6 +28,7 @@ from benchmarks.task import MCQ, Task
 from unlearn.config import check_engine
 from unlearn.data import Example
 from unlearn.errors import UserError
+from unlearn.settings import AT_LEAST_ONE, SettingError, check_value
 
 LETTERS = "ABCDEFGHIJ"
 DESCRIPTION = "The following are multiple choice questions (with answers) about {subject}.\n\n"
@@ -259,6 +260,20 @@ def _limit(config: dict[str, Any]) -> int | None:
     return limit
 
 
+def _positive_int(config: dict[str, Any], key: str, default: int | None) -> Any:
+    try:
+        return check_value(f"benchmark.{key}", config.get(key, default), int | None, AT_LEAST_ONE)
+    except SettingError as err:
+        raise UserError(str(err)) from None
+
+
+def _field_name(config: dict[str, Any], key: str, default: str | None) -> str | None:
+    value = config.get(key, default)
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise UserError(f"benchmark.{key} must name a record field, got {value!r}")
+    return value
+
+
 def _subject(source: str, config: dict[str, Any]) -> str | None:
     if config.get("subject"):
         return str(config["subject"])
@@ -320,7 +335,10 @@ def load(config: dict[str, Any], name: str = "wmdp", openqa: bool = False) -> WM
                         f"as jsonl/json/parquet) or a hub task ({', '.join(HUB_TASKS)})")
     source = _source(config["data"], "benchmark.data")
     limit = _limit(config)
-    questions = QuestionSet(name, source, _subject(source, config), config.get("tag_field", "concept"), limit)
+    if config.get("subject") is not None and not isinstance(config["subject"], str):
+        raise UserError(f"benchmark.subject must be a string, got {config['subject']!r}")
+    questions = QuestionSet(name, source, _subject(source, config), _field_name(config, "tag_field", "concept"),
+                            limit)
     if not questions.is_hub:
         questions.questions()  # a malformed file fails now, before any model is loaded
     utility_spec = config.get("utility", "auto")
@@ -333,11 +351,11 @@ def load(config: dict[str, Any], name: str = "wmdp", openqa: bool = False) -> WM
     utility = None
     if utility_spec:
         utility = QuestionSet("mmlu", _source(utility_spec, "benchmark.utility"), None,
-                              config.get("utility_tag_field", "subject"), limit)
+                              _field_name(config, "utility_tag_field", "subject"), limit)
         if not utility.is_hub:
             utility.questions()
-    words = int(config.get("chunk_words", 150))
-    corpus_limit = config.get("corpus_limit")
+    words = _positive_int(config, "chunk_words", 150)
+    corpus_limit = _positive_int(config, "corpus_limit", None)
     forget: list[Example] = []
     retain: list[Example] = []
     if config.get("forget_corpus"):

@@ -209,7 +209,19 @@ def open_run_dir(output_dir: Path, name: str, overwrite: bool = False) -> Iterat
     instead (a note says so). With `overwrite`, the folder must be a toolkit folder and nobody may be writing it.
     """
     check_name(name)
+    created = not output_dir.exists()
     writable_dir(output_dir, "output folder")
+    try:
+        with _free_name(output_dir, name, overwrite) as claimed:
+            yield claimed
+    finally:
+        if created:  # a run that failed before writing anything leaves no trace, not even an empty folder
+            with suppress(OSError):
+                output_dir.rmdir()
+
+
+@contextmanager
+def _free_name(output_dir: Path, name: str, overwrite: bool) -> Iterator[tuple[Path, list[str]]]:
     notes = clean_stale(output_dir)
     candidates = [name] if overwrite else [name] + [f"{name}-{n}" for n in range(2, 10_000)]
     for candidate in candidates:

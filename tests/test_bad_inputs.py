@@ -1,0 +1,206 @@
+"""Fuzz-style table of bad inputs through the real CLI entry point (`unlearn.cli.main`).
+
+Every row must end with exit code 2, exactly one `error: …` line on stderr naming the problem, no traceback,
+and the working folder exactly as it was (no run folder, no staging folder, no lock file left behind).
+The calls run in-process: the same `main()` the `unlearn` script runs, without paying a Python start-up per
+row (a few rows go through a real subprocess in test_safety.py).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import TINY_BENCH
+
+RUN = ["run", "--method", "npo", "--optimizer", "adamw"]
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if "cache" not in p.relative_to(root).parts}
+
+
+def call_main(args: list[str], cwd: Path, monkeypatch, capsys, env: dict[str, str] | None = None):
+    """(exit code, stdout, stderr) of `unlearn ARGS` run in-process in `cwd`."""
+    from unlearn.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("UNLEARN_CACHE", str(cwd / "cache"))
+    monkeypatch.delenv("UNLEARN_DEBUG", raising=False)
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "argv", ["unlearn", *args])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    """Files the rows point at: broken configs, data and model folders, a file where a folder should be."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    (root / "latin1.yaml").write_bytes("train:\n  seed: 0  # caf\xe9\n".encode("latin-1"))
+    (root / "broken.yaml").write_text("train: [1, 2\n")
+    (root / "list.yaml").write_text("- 1\n- 2\n")
+    (root / "remote.yaml").write_text("trust_remote_code: true\n")
+    (root / "latin1.jsonl").write_bytes('{"question": "caf\xe9?", "choices": ["a","b","c","d"], "answer": 0}\n'
+                                        .encode("latin-1"))
+    (root / "good.jsonl").write_text('{"question": "Why?", "choices": ["a", "b", "c", "d"], "answer": 0}\n')
+    (root / "a-file").write_text("not a folder\n")
+    no_weights = root / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    (no_weights / "pytorch_model.bin").write_bytes(b"\x80\x02pickled")
+    truncated = root / "truncated"
+    truncated.mkdir()
+    for f in tiny_model_dir.iterdir():
+        data = f.read_bytes()
+        (truncated / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
+    bad_json = root / "bad-json-model"
+    bad_json.mkdir()
+    (bad_json / "config.json").write_text("{not json")
+    (bad_json / "model.safetensors").write_bytes(b"")
+    run = root / "runs-in" / "broken-run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "config.json").write_text("{}")
+    (run / "config.yaml").write_bytes(b"benchmark: \xff\xfe\n")
+    report = root / "report-runs"
+    for name, text in (("not-object", "[]"), ("bad-metric", '{"metrics": {"forget/mcq_acc": "high"}}'),
+                       ("bad-json", "{")):
+        (report / name).mkdir(parents=True)
+        (report / name / "metrics.json").write_text(text)
+    return {"root": root, "tiny": tiny_model_dir, "no_weights": no_weights, "truncated": truncated,
+            "bad_json": bad_json, "run": run, "report": report}
+
+
+# (arguments, text the one error line must contain); "{root}" / "{tiny}" / ... are filled from `world`.
+CASES: list[tuple[list[str], str]] = [
+    # train.* and eval.*: types and ranges, all before any model is loaded
+    ([*RUN, "--batch-size", "0"], "train.batch_size must be an integer >= 1, got 0"),
+    ([*RUN, "--steps", "0"], "train.max_steps must be an integer >= 1, got 0"),
+    ([*RUN, "--seed=-1"], "train.seed must be an integer >= 0, got -1"),
+    ([*RUN, "--lora-rank=-2"], "train.lora_rank must be an integer >= 0, got -2"),
+    ([*RUN, "--set", "train.batch_size=1.5"], "train.batch_size must be an integer >= 1, got 1.5"),
+    ([*RUN, "--set", "train.lora_rank=true"], "train.lora_rank must be an integer >= 0, got True"),
+    ([*RUN, "--set", "train.max_steps.x=1"], "train.max_steps must be an integer >= 1, got {'x': 1}"),
+    ([*RUN, "--set", "train=5"], "config section 'train' must be a mapping"),
+    ([*RUN, "--set", "train.bogus=1"], "unknown key(s) in 'train': bogus"),
+    ([*RUN, "--set", "eval.batch_size=0"], "eval.batch_size must be an integer >= 1, got 0"),
+    ([*RUN, "--set", "eval.max_new_tokens=-1"], "eval.max_new_tokens must be an integer >= 1, got -1"),
+    ([*RUN, "--set", "eval.engine=fast"], "unknown eval.engine 'fast'"),
+    ([*RUN, "--set", "eval.openqa=maybe"], "eval.openqa must be true or false, got 'maybe'"),
+    ([*RUN, "--set", "eval.judge=''"], "eval.judge must name an NLI model"),
+    ([*RUN, "--set", "bogus=1"], "unknown top-level config key(s): bogus"),
+    ([*RUN, "--set", "novalue"], "--set expects key.path=value"),
+    # method and optimizer options
+    (["run", "--method", "bogus", "--optimizer", "adamw"], "unknown method 'bogus'"),
+    (["run", "--method", "npo", "--optimizer", "lion"], "unknown optimizer 'lion'"),
+    ([*RUN, "--set", "method.beta=0"], "method.beta must be a finite number > 0, got 0"),
+    ([*RUN, "--set", "method.beta=abc"], "method.beta must be a finite number > 0, got 'abc'"),
+    ([*RUN, "--set", "method.alpha=-1"], "method.alpha must be a finite number >= 0, got -1"),
+    ([*RUN, "--set", "method.alpha=.nan"], "method.alpha must be a finite number >= 0, got nan"),
+    (["run", "--method", "rmu", "--optimizer", "adamw", "--set", "method.layer=1.5"],
+     "method.layer must be an integer (or null) >= 0, got 1.5"),
+    ([*RUN, "--lr=-1"], "Invalid learning rate: -1"),
+    ([*RUN, "--set", "optimizer.lr=abc"], "optimizer.lr must be a finite number, got 'abc'"),
+    ([*RUN, "--set", "optimizer.betas=[0.9]"], "optimizer.betas must be a list of 2 numbers, got [0.9]"),
+    (["run", "--method", "npo", "--optimizer", "zo", "--set", "optimizer.q=0"], "q must be an integer >= 1, got 0"),
+    (["run", "--method", "npo", "--optimizer", "zo", "--set", "optimizer.direction=cauchy"],
+     "direction must be one of gaussian, rademacher, sphere"),
+    (["run", "--method", "npo", "--optimizer", "hybrid", "--set", "optimizer.zo.q=0"],
+     "bad options for optimizer 'zo': q must be an integer >= 1"),
+    (["run", "--method", "npo", "--optimizer", "hybrid", "--set", "optimizer.block=0"],
+     "block must be an integer >= 1, got 0"),
+    # run names and output folders
+    ([*RUN, "--name", "../../x"], "must be a plain folder name"),
+    ([*RUN, "--name", "a/b"], "must be a plain folder name"),
+    ([*RUN, "--name", "/tmp/somewhere"], "must be a plain folder name"),
+    ([*RUN, "--name", "."], "must be a plain folder name"),
+    ([*RUN, "--name", ".."], "must be a plain folder name"),
+    ([*RUN, "--name", ""], "run name must be a non-empty string"),
+    ([*RUN, "--name", ".hidden"], "must not start with '.'"),
+    ([*RUN, "--name", "x" * 300], "at most 200"),
+    ([*RUN, "--set", 'name="a\\0b"'], "contains a control character"),
+    ([*RUN, "--output-dir", "{root}/a-file"], "output folder {root}/a-file is a file, not a folder"),
+    ([*RUN, "--output-dir", "{root}/a-file/runs"], "is not writable"),
+    # config files
+    ([*RUN, "--config", "{root}/latin1.yaml"], "is not UTF-8 text"),
+    ([*RUN, "--config", "{root}/broken.yaml"], "malformed YAML in"),
+    ([*RUN, "--config", "{root}/list.yaml"], "must hold a mapping at the top level"),
+    ([*RUN, "--config", "{root}/missing.yaml"], "does not exist"),
+    ([*RUN, "--config", "{root}/remote.yaml"], "trust_remote_code in {root}/remote.yaml is refused"),
+    ([*RUN, "--set", "trust_remote_code=true"], "trust_remote_code in --set is refused"),
+    # benchmarks and data files
+    ([*RUN, "--benchmark", "bogus"], "unknown benchmark 'bogus'"),
+    ([*RUN, "--benchmark", "wmdp"], "benchmark 'wmdp' needs questions"),
+    ([*RUN, "--benchmark", "wmdp", "--data", "{root}/latin1.jsonl"], "is not UTF-8 text"),
+    ([*RUN, "--benchmark", "wmdp", "--data", "{root}/good.jsonl", "--set", "benchmark.chunk_words=abc"],
+     "benchmark.chunk_words must be an integer"),
+    ([*RUN, "--set", "benchmark.people=abc"], "benchmark.people must be a list of 3 integers"),
+    ([*RUN, "--set", "benchmark.prepare.epochs=0"], "benchmark.prepare.epochs must be an integer >= 1"),
+    ([*RUN, "--set", "benchmark.peple=[1,1,1]"], "unknown key(s) in benchmark 'embedded': peple"),
+    # model folders
+    ([*RUN, "--model", "{no_weights}", *TINY_BENCH], "has no .safetensors weights (found pytorch_model.bin"),
+    ([*RUN, "--model", "{truncated}", *TINY_BENCH], "cannot load model"),
+    ([*RUN, "--model", "{bad_json}", *TINY_BENCH], "cannot load"),
+    ([*RUN, "--model", "{root}/a-file"], "is a file"),
+    ([*RUN, "--model", "./no/such/model"], "does not exist"),
+    # the cache
+    ([*RUN, "--model", "{tiny}", *TINY_BENCH, "--env", "UNLEARN_CACHE={root}/a-file"],
+     "cache folder {root}/a-file (UNLEARN_CACHE) is a file"),
+    # eval, attack, report, example-data
+    (["eval", "--run", "{root}/runs-in/missing"], "does not exist"),
+    (["eval", "--run", "{run}"], "is not UTF-8 text"),
+    (["eval", "--run", "{run}", "--model", "{tiny}"], "give exactly one of --run RUN_DIR or --model MODEL"),
+    (["attack", "--model", "{tiny}", "--quantize", "3bit"], "unsupported --quantize '3bit'"),
+    (["attack", "--model", "{tiny}", "--quantize", "4bit", "--relearn"], "choose one attack"),
+    (["attack", "--model", "{tiny}", "--quantize", "rtn4", "--group-size", "0"], "group size must be a positive"),
+    (["attack", "--model", "{tiny}", "--relearn", "--steps", "0"], "relearn.steps must be an integer >= 1"),
+    (["attack", "--model", "{tiny}", "--relearn", "--lr=-1"], "relearn.lr must be a finite number > 0"),
+    (["attack", "--model", "{tiny}", "--relearn", "--batch-size", "0"], "relearn.batch_size must be an integer"),
+    (["attack", "--model", "{tiny}", "--relearn", "--checkpoints", "a,b"], "--checkpoints expects comma-separated"),
+    (["attack", "--model", "{tiny}", "--relearn", "--checkpoints=-5"], "checkpoints must be steps >= 0"),
+    (["report", "{report}/missing"], "does not exist"),
+    (["report", "{report}"], "bad-json/metrics.json"),
+]
+
+
+def _fill(text: str, world: dict[str, Path]) -> str:
+    for key, path in world.items():
+        text = text.replace("{" + key + "}", str(path))
+    return text
+
+
+@pytest.mark.parametrize(("args", "message"), CASES, ids=[f"{i:02d}" for i in range(len(CASES))])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(args, message, world, tmp_path, monkeypatch, capsys):
+    args = [_fill(a, world) for a in args]
+    env = {}
+    if "--env" in args:  # not a CLI option: the row sets an environment variable instead
+        i = args.index("--env")
+        key, _, value = args[i + 1].partition("=")
+        env[key] = value
+        del args[i:i + 2]
+    before_world, before_here = _tree(world["root"]), _tree(tmp_path)
+    code, out, err = call_main(args, tmp_path, monkeypatch, capsys, env)
+    lines = err.strip().splitlines()
+    assert code == 2, (code, err)
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert _fill(message, world) in lines[0], lines[0]
+    assert "Traceback" not in out + err
+    assert _tree(tmp_path) == before_here, "something was left in the working folder"
+    assert _tree(world["root"]) == before_world, "a shared input folder was changed"
+
+
+def test_the_table_is_big_enough():
+    assert len(CASES) >= 40
