@@ -1,0 +1,223 @@
+"""Shared configs and run folders are untrusted: each hole found in them has a test that replays the attack.
+
+- template injection through `benchmark.subject` (lm-eval renders descriptions with Jinja);
+- `trust_remote_code` smuggled in through a config or a saved run config;
+- run names that escape the output folder, and `--overwrite` deleting a folder that is not a run;
+- two writers on one run folder; staging folders left by killed runs;
+- Ctrl-C / SIGTERM reported as success.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.test_bad_inputs import call_main
+from tests.test_cli import TINY_BENCH
+
+MARKER = "PWNED"
+
+
+def _payload(folder: Path) -> str:
+    """The exploit from the issue: with lm-eval's own Jinja environment it runs a shell command."""
+    return "{{ lipsum.__globals__['os'].system('touch " + str(folder / MARKER) + "') }}"
+
+
+def _questions(path: Path) -> Path:
+    rows = [{"question": f"Which number is {i}?", "choices": [str(i), str(i + 1), str(i + 2), str(i + 3)],
+             "answer": 0} for i in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_the_payload_is_real_and_both_walls_stop_it(tmp_path):
+    """Control: lm-eval's stock template rendering executes the payload. Then: the escaped description renders
+    to the payload's text, and inside the sandbox even the raw payload fails instead of running."""
+    import lm_eval.utils
+    from jinja2.exceptions import SecurityError
+
+    from benchmarks.wmdp import jinja_literal, sandboxed_lm_eval_templates
+
+    payload = _payload(tmp_path)
+    lm_eval.utils.apply_template(payload, {})
+    assert (tmp_path / MARKER).exists(), "the control must show the payload runs unprotected"
+    (tmp_path / MARKER).unlink()
+    assert lm_eval.utils.apply_template(jinja_literal(payload), {}) == payload
+    with sandboxed_lm_eval_templates(), pytest.raises(SecurityError):
+        lm_eval.utils.apply_template(payload, {})
+    assert lm_eval.utils.apply_template("{{ question.strip() }}", {"question": " q "}) == "q"  # restored
+    assert not (tmp_path / MARKER).exists()
+
+
+def test_payload_in_a_config_and_in_a_received_run_runs_nothing(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    data = _questions(tmp_path / "questions.jsonl")
+    config = tmp_path / "evil.yaml"
+    config.write_text(yaml.safe_dump({"benchmark": {"name": "wmdp", "data": str(data), "subject": _payload(tmp_path)},
+                                      "eval": {"engine": "lm-eval", "batch_size": 4}}))
+    code, out, err = call_main(["eval", "--model", str(tiny_model_dir), "--config", str(config), "-q"], tmp_path,
+                               monkeypatch, capsys)
+    assert code == 0, err
+    assert "wmdp/acc" in out  # it was scored by lm-eval, with the payload as plain description text
+    assert not (tmp_path / MARKER).exists()
+
+    received = tmp_path / "received" / "evilrun"
+    shutil.copytree(tiny_model_dir, received / "model")
+    (received / "config.yaml").write_text(config.read_text())
+    code, out, err = call_main(["eval", "--run", str(received), "-q"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert "wmdp/acc" in out
+    assert not (tmp_path / MARKER).exists()
+
+
+def test_remote_code_never_comes_from_a_config(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A model folder whose config maps the model to its own script: loading it without the flag must not run
+    the script; a config cannot turn the flag on; a run made with the flag does not pass it on."""
+    evil = tmp_path / "evil-model"
+    shutil.copytree(tiny_model_dir, evil)
+    config = json.loads((evil / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil_code.EvilConfig", "AutoModelForCausalLM": "evil_code.EvilModel"}
+    (evil / "config.json").write_text(json.dumps(config))
+    (evil / "evil_code.py").write_text(f"import pathlib\npathlib.Path({str(tmp_path / MARKER)!r}).touch()\n")
+
+    code, _, err = call_main(["run", "--method", "npo", "--optimizer", "adamw", "--model", str(tiny_model_dir),
+                              "--steps", "1", "--batch-size", "2", "--name", "made-with-flag", "-q",
+                              "--trust-remote-code", *TINY_BENCH], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    saved = yaml.safe_load((tmp_path / "runs" / "made-with-flag" / "config.yaml").read_text())
+    assert "trust_remote_code" not in saved  # whoever reuses this config does not inherit the flag
+
+    code, _, err = call_main(["eval", "--model", str(evil), "-q", *TINY_BENCH], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert not (tmp_path / MARKER).exists(), "the model folder's own code ran without --trust-remote-code"
+
+    (tmp_path / "smuggle.yaml").write_text("trust_remote_code: true\n")
+    code, _, err = call_main(["eval", "--model", str(evil), "--config", str(tmp_path / "smuggle.yaml"), "-q"],
+                             tmp_path, monkeypatch, capsys)
+    assert code == 2 and "is refused" in err
+    assert not (tmp_path / MARKER).exists()
+
+
+def test_overwrite_only_replaces_toolkit_folders(tmp_path, monkeypatch, capsys):
+    precious = tmp_path / "runs" / "thesis"
+    precious.mkdir(parents=True)
+    (precious / "chapter1.tex").write_text("months of work")
+    code, _, err = call_main(["run", "--method", "npo", "--optimizer", "adamw", "--name", "thesis", "--overwrite"],
+                             tmp_path, monkeypatch, capsys)
+    assert code == 2 and "was not written by this toolkit" in err
+    assert (precious / "chapter1.tex").read_text() == "months of work"
+
+    link = tmp_path / "runs" / "linked"
+    link.symlink_to(precious, target_is_directory=True)
+    code, _, err = call_main(["run", "--method", "npo", "--optimizer", "adamw", "--name", "linked", "--overwrite"],
+                             tmp_path, monkeypatch, capsys)
+    assert code == 2 and "was not written by this toolkit" in err
+    assert (precious / "chapter1.tex").exists()
+
+    code, _, err = call_main(["example-data", str(precious), "--overwrite"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "was not written by this toolkit" in err
+    assert sorted(p.name for p in precious.iterdir()) == ["chapter1.tex"]
+
+    code, _, err = call_main(["example-data", str(tmp_path / "ex")], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    code, _, err = call_main(["example-data", str(tmp_path / "ex"), "--overwrite"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err  # its own folder: replaced
+
+
+def test_a_second_writer_on_the_same_run_is_refused(tmp_path, monkeypatch, capsys):
+    from unlearn.runs import open_run_dir
+
+    runs = tmp_path / "runs"
+    with open_run_dir(runs, "same") as (final, notes):
+        assert final == runs / "same" and notes == []
+        code, _, err = call_main(["run", "--method", "npo", "--optimizer", "adamw", "--name", "same", "--overwrite"],
+                                 tmp_path, monkeypatch, capsys)
+        assert code == 2 and "is being written by another process" in err
+        with open_run_dir(runs, "same") as (other, notes):  # without --overwrite: the next free name, said
+            assert other == runs / "same-2" and "writing" in notes[0] and "same-2" in notes[0]
+    assert not runs.exists()  # locks go with their writers, and so does the folder they created
+
+
+def test_stale_staging_of_dead_writers_is_removed_and_live_ones_kept(tmp_path):
+    from unlearn.runs import MARKER as RUN_MARKER
+    from unlearn.runs import _Lock, clean_stale
+
+    runs = tmp_path / "runs"
+    dead = runs / ".staging-dead-0000aaaa"
+    (dead / "model").mkdir(parents=True)
+    (dead / RUN_MARKER).write_text("{}")
+    (dead / "model" / "model.safetensors").write_bytes(b"\0" * 2**20)
+    live = runs / ".staging-live-0000bbbb"
+    live.mkdir()
+    holder = _Lock(live / RUN_MARKER)
+    assert holder.acquire()
+    young = runs / ".staging-young-0000cccc"  # no marker yet: being created right now
+    young.mkdir()
+    old = runs / ".staging-old-0000dddd"  # no marker and old: its writer died before writing one
+    old.mkdir()
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    (runs / ".trash-x-0000eeee").mkdir()
+    (runs / ".gone.lock").write_text("123\n")  # a killed writer's lock file
+    notes = clean_stale(runs)
+    holder.release(unlink=False)
+    assert sorted(p.name for p in runs.iterdir()) == [".staging-live-0000bbbb", ".staging-young-0000cccc"]
+    assert len(notes) == 3 and any("1.0 MiB" in n and "staging-dead" in n for n in notes)
+
+
+def test_names_must_stay_inside_the_output_folder(tmp_path):
+    from unlearn.errors import UserError
+    from unlearn.runs import check_name, child
+
+    for good in ("npo-hybrid", "seed 3", "zo_q4+lora", "αβ"):
+        assert check_name(good) == good
+    for bad in ("", " ", ".", "..", "a/b", "../x", "/abs", "a\\b", "a\0b", "tab\there", ".hidden", "x" * 201):
+        with pytest.raises(UserError):
+            check_name(bad)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "escape").symlink_to(tmp_path)
+    assert child(tmp_path / "out", "fine") == tmp_path / "out" / "fine"
+    with pytest.raises(UserError, match="resolves outside"):
+        child(tmp_path / "out", "escape")
+
+
+# ----------------------------------------------------------------------------- real signals, real processes
+
+
+def _start(args: list[str], cwd: Path, cache: Path) -> subprocess.Popen:
+    env = {**os.environ, "UNLEARN_CACHE": str(cache), "UNLEARN_THREADS": "1"}
+    env.pop("UNLEARN_DEBUG", None)
+    return subprocess.Popen([sys.executable, "-m", "unlearn.cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the run to start training")
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(("signum", "code", "word"), [(signal.SIGINT, 130, "interrupted"),
+                                                      (signal.SIGTERM, 143, "terminated")])
+def test_interrupt_is_an_error_and_leaves_nothing(tmp_path, tiny_model_dir, signum, code, word):
+    runs = tmp_path / "runs"
+    proc = _start(["run", "--method", "npo", "--optimizer", "adamw", "--model", str(tiny_model_dir), "--steps",
+                   "100000", "--batch-size", "2", "--name", "long", "-q", *TINY_BENCH], tmp_path, tmp_path / "cache")
+    # Training has started once the staging folder holds the step log.
+    _wait_for(lambda: any(runs.glob(".staging-long-*/log.jsonl")) or proc.poll() is not None)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1] == f"error: {word}"
+    assert "Traceback" not in err
+    assert not runs.exists() or not any(runs.iterdir()), list(runs.iterdir())
