@@ -221,3 +221,10 @@ def test_interrupt_is_an_error_and_leaves_nothing(tmp_path, tiny_model_dir, sign
     assert err.strip().splitlines()[-1] == f"error: {word}"
     assert "Traceback" not in err
     assert not runs.exists() or not any(runs.iterdir()), list(runs.iterdir())
+
+
+def test_kill_9_leaves_nothing_half_written():
+    """Two trials of tests/kill_trials.py (one `run`, one `attack`); the script runs ten for the issue's check."""
+    from tests.kill_trials import main
+
+    assert main(["--trials", "2", "--seed", "3"]) == 0
