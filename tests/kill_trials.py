@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{' (had finished)' if result.finished_before_kill else ''}: {result.state_after_kill}; "
                   f"left {result.leftovers_after_kill or 'nothing'}; next command "
                   f"{'ok' if result.next_ok else 'FAILED'}"
-                  f"{', reported the removal' if result.reported else ''}; after it {result.leftovers_after_next or 'clean'}"
+                  f"{', reported the removal' if result.reported else ''}; "
+                  f"after it {result.leftovers_after_next or 'clean'}"
                   f" -> {'pass' if result.passed else 'FAIL'}")
         failed = sum(not r.passed for r in results)
         print(f"{len(results) - failed}/{len(results)} trials passed")
