@@ -48,15 +48,20 @@ def recovery_ratio(attacked: float, unlearned: float, target: float) -> tuple[fl
 def _finish(subject: Subject, name: str, record: dict[str, Any]) -> Path | None:
     if subject.run_dir is None:
         return None
-    attacks = subject.run_dir / "attacks"
-    if attacks.is_symlink() or (attacks.exists() and not attacks.is_dir()):
-        # A received run folder must not redirect (or make us replace) results outside itself.
-        raise UserError(f"{attacks} is not a plain folder inside the run; results are not written through it")
+    attacks = _attacks_dir(subject.run_dir)
     final = attacks / name
     attacks.mkdir(parents=True, exist_ok=True)
     with staged_dir(final, overwrite=True, kind="attack") as stage:
         write_json_atomic(stage / "metrics.json", record)
     return final
+
+
+def _attacks_dir(run_dir: Path) -> Path:
+    attacks = run_dir / "attacks"
+    if attacks.is_symlink() or (attacks.exists() and not attacks.is_dir()):
+        # A received run folder must not redirect (or make us replace) results outside itself.
+        raise UserError(f"{attacks} is not a plain folder inside the run; results are not written through it")
+    return attacks
 
 
 def evaluate_subject(model, tokenizer, subject: Subject, progress: bool) -> dict[str, float]:
@@ -122,6 +127,7 @@ def subject_from_run(run_dir: Path, load_task, eval_overrides: dict[str, Any] | 
         raise UserError(f"run folder {run_dir} does not exist")
     if not (run_dir / "model" / "config.json").is_file():
         raise UserError(f"run folder {run_dir} has no model/ (was it written by `unlearn run`?)")
+    _attacks_dir(run_dir)  # checked before anything is loaded
     saved = read_yaml(run_dir / "config.yaml")
     settings = dict(saved.get("eval") or {})
     settings.update({k.removeprefix("eval."): v for k, v in (eval_overrides or {}).items()})

@@ -18,6 +18,7 @@ from typing import Any
 
 from unlearn.errors import UserError
 from unlearn.runs import read_json as _read_json
+from unlearn.runs import write_atomic, write_text_atomic
 
 METRIC_COLUMNS = [
     # embedded
@@ -106,7 +107,7 @@ def plot_relearn_curves(curves: dict[str, list[tuple[int, float]]], path: Path) 
     ax.set_title("Relearning attack: recovery of unseen forget facts")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -217,6 +218,6 @@ def write_report(runs_dir: Path, csv_path: Path | None = None) -> tuple[str, lis
         page += ["Recovery ratio = (acc_attacked − acc_unlearned) / (acc_target − acc_unlearned), on forget facts "
                  "not used for relearning: 0 = nothing came back, 1 = all of it.", "",
                  "![relearning recovery curves](relearn_curves.png)", ""]
-    written[0].write_text("\n".join(page))
-    written[1].write_text(to_csv(rows))
+    write_text_atomic(written[0], "\n".join(page))
+    write_text_atomic(written[1], to_csv(rows))
     return table, written

@@ -228,3 +228,30 @@ def test_kill_9_leaves_nothing_half_written():
     from tests.kill_trials import main
 
     assert main(["--trials", "2", "--seed", "3"]) == 0
+
+
+def test_a_received_folder_cannot_redirect_our_writes(tmp_path, monkeypatch, capsys):
+    """Symlinks planted in a received runs folder: attack results are not written through `attacks/`, and the
+    report replaces a `report.md` link instead of overwriting the file it points at."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    run = tmp_path / "runs" / "received"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "config.json").write_text("{}")
+    (run / "config.yaml").write_text("benchmark: embedded\n")
+    (run / "metrics.json").write_text(json.dumps({"method": "npo", "optimizer": "zo",
+                                                  "metrics": {"forget/mcq_acc": 0.3}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run / "attacks").symlink_to(elsewhere, target_is_directory=True)
+    code, _, err = call_main(["attack", "--run", str(run), "--quantize", "rtn4"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "is not a plain folder inside the run" in err
+    assert not any(elsewhere.iterdir())
+
+    (run / "attacks").unlink()
+    (tmp_path / "runs" / "report.md").symlink_to(victim)
+    code, out, err = call_main(["report", str(tmp_path / "runs")], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert victim.read_text() == "keep me"
+    report = tmp_path / "runs" / "report.md"
+    assert not report.is_symlink() and "| received |" in report.read_text()

@@ -295,14 +295,24 @@ def read_text(path: Path, what: str = "file") -> str:
         raise UserError(f"cannot read {what} {path} ({err.strerror or type(err).__name__})") from None
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_atomic(path: Path, write: Any) -> None:
+    """`write(tmp_path)` then rename over `path`: readers never see half a file, and a symlink planted at
+    `path` (in a received folder) is replaced, not followed to overwrite whatever it points at."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
     try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_yaml(path: Path, data: Any) -> None:
