@@ -8,13 +8,11 @@ row (a few rows go through a real subprocess in test_safety.py).
 
 from __future__ import annotations
 
-import signal
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.test_cli import TINY_BENCH
+from tests.test_cli import TINY_BENCH, cli
 
 RUN = ["run", "--method", "npo", "--optimizer", "adamw"]
 
@@ -23,27 +21,10 @@ def _tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if "cache" not in p.relative_to(root).parts}
 
 
-def call_main(args: list[str], cwd: Path, monkeypatch, capsys, env: dict[str, str] | None = None):
+def call_main(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """(exit code, stdout, stderr) of `unlearn ARGS` run in-process in `cwd`."""
-    from unlearn.cli import main
-
-    monkeypatch.chdir(cwd)
-    monkeypatch.setenv("UNLEARN_CACHE", str(cwd / "cache"))
-    monkeypatch.delenv("UNLEARN_DEBUG", raising=False)
-    for key, value in (env or {}).items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setattr(sys, "argv", ["unlearn", *args])
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    code = 0
-    try:
-        main()
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    result = cli(*args, cwd=cwd, env=env)
+    return result.returncode, result.stdout, result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +164,7 @@ def _fill(text: str, world: dict[str, Path]) -> str:
 
 
 @pytest.mark.parametrize(("args", "message"), CASES, ids=[f"{i:02d}" for i in range(len(CASES))])
-def test_bad_input_is_one_line_exit_2_and_leaves_nothing(args, message, world, tmp_path, monkeypatch, capsys):
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(args, message, world, tmp_path):
     args = [_fill(a, world) for a in args]
     env = {}
     if "--env" in args:  # not a CLI option: the row sets an environment variable instead
@@ -192,7 +173,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(args, message, world, t
         env[key] = value
         del args[i:i + 2]
     before_world, before_here = _tree(world["root"]), _tree(tmp_path)
-    code, out, err = call_main(args, tmp_path, monkeypatch, capsys, env)
+    code, out, err = call_main(args, tmp_path, env)
     lines = err.strip().splitlines()
     assert code == 2, (code, err)
     assert len(lines) == 1 and lines[0].startswith("error: "), err

@@ -19,10 +19,12 @@ TINY_BENCH = ["--set", "benchmark.people=[2,2,4]", "--set", "benchmark.cities=[1
               "--set", "eval.max_new_tokens=4"]
 
 
-def cli(*args: str, cwd: Path, separate_process: bool = False) -> subprocess.CompletedProcess:
-    """`unlearn ARGS` in `cwd`, its cache in cwd/cache. In-process by default: the same `main()` the `unlearn`
-    script runs, without a Python start-up (seconds) per call; `separate_process` for what needs a real one."""
-    env = {**os.environ, "UNLEARN_CACHE": str(cwd / "cache"), "UNLEARN_THREADS": "2"}
+def cli(*args: str, cwd: Path, separate_process: bool = False,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`unlearn ARGS` in `cwd`, its cache in cwd/cache (`env` adds or overrides variables). In-process by
+    default: the same `main()` the `unlearn` script runs, without a Python start-up (seconds) per call;
+    `separate_process` for what needs a real one."""
+    env = {**os.environ, "UNLEARN_CACHE": str(cwd / "cache"), "UNLEARN_THREADS": "2", **(env or {})}
     env.pop("UNLEARN_DEBUG", None)
     if separate_process:
         return subprocess.run([sys.executable, "-m", "unlearn.cli", *args], cwd=cwd, env=env,

@@ -58,13 +58,12 @@ def test_the_payload_is_real_and_both_walls_stop_it(tmp_path):
     assert not (tmp_path / MARKER).exists()
 
 
-def test_payload_in_a_config_and_in_a_received_run_runs_nothing(tmp_path, tiny_model_dir, monkeypatch, capsys):
+def test_payload_in_a_config_and_in_a_received_run_runs_nothing(tmp_path, tiny_model_dir):
     data = _questions(tmp_path / "questions.jsonl")
     config = tmp_path / "evil.yaml"
     config.write_text(yaml.safe_dump({"benchmark": {"name": "wmdp", "data": str(data), "subject": _payload(tmp_path)},
                                       "eval": {"engine": "lm-eval", "batch_size": 4}}))
-    code, out, err = call_main(["eval", "--model", str(tiny_model_dir), "--config", str(config), "-q"], tmp_path,
-                               monkeypatch, capsys)
+    code, out, err = call_main(["eval", "--model", str(tiny_model_dir), "--config", str(config), "-q"], tmp_path)
     assert code == 0, err
     assert "wmdp/acc" in out  # it was scored by lm-eval, with the payload as plain description text
     assert not (tmp_path / MARKER).exists()
@@ -72,13 +71,13 @@ def test_payload_in_a_config_and_in_a_received_run_runs_nothing(tmp_path, tiny_m
     received = tmp_path / "received" / "evilrun"
     shutil.copytree(tiny_model_dir, received / "model")
     (received / "config.yaml").write_text(config.read_text())
-    code, out, err = call_main(["eval", "--run", str(received), "-q"], tmp_path, monkeypatch, capsys)
+    code, out, err = call_main(["eval", "--run", str(received), "-q"], tmp_path)
     assert code == 0, err
     assert "wmdp/acc" in out
     assert not (tmp_path / MARKER).exists()
 
 
-def test_remote_code_never_comes_from_a_config(tmp_path, tiny_model_dir, monkeypatch, capsys):
+def test_remote_code_never_comes_from_a_config(tmp_path, tiny_model_dir):
     """A model folder whose config maps the model to its own script: loading it without the flag must not run
     the script; a config cannot turn the flag on; a run made with the flag does not pass it on."""
     evil = tmp_path / "evil-model"
@@ -90,56 +89,56 @@ def test_remote_code_never_comes_from_a_config(tmp_path, tiny_model_dir, monkeyp
 
     code, _, err = call_main(["run", "--method", "npo", "--optimizer", "adamw", "--model", str(tiny_model_dir),
                               "--steps", "1", "--batch-size", "2", "--name", "made-with-flag", "-q",
-                              "--trust-remote-code", *TINY_BENCH], tmp_path, monkeypatch, capsys)
+                              "--trust-remote-code", *TINY_BENCH], tmp_path)
     assert code == 0, err
     saved = yaml.safe_load((tmp_path / "runs" / "made-with-flag" / "config.yaml").read_text())
     assert "trust_remote_code" not in saved  # whoever reuses this config does not inherit the flag
 
-    code, _, err = call_main(["eval", "--model", str(evil), "-q", *TINY_BENCH], tmp_path, monkeypatch, capsys)
+    code, _, err = call_main(["eval", "--model", str(evil), "-q", *TINY_BENCH], tmp_path)
     assert code == 0, err
     assert not (tmp_path / MARKER).exists(), "the model folder's own code ran without --trust-remote-code"
 
     (tmp_path / "smuggle.yaml").write_text("trust_remote_code: true\n")
     code, _, err = call_main(["eval", "--model", str(evil), "--config", str(tmp_path / "smuggle.yaml"), "-q"],
-                             tmp_path, monkeypatch, capsys)
+                             tmp_path)
     assert code == 2 and "is refused" in err
     assert not (tmp_path / MARKER).exists()
 
 
-def test_overwrite_only_replaces_toolkit_folders(tmp_path, monkeypatch, capsys):
+def test_overwrite_only_replaces_toolkit_folders(tmp_path):
     precious = tmp_path / "runs" / "thesis"
     precious.mkdir(parents=True)
     (precious / "chapter1.tex").write_text("months of work")
     code, _, err = call_main(["run", "--method", "npo", "--optimizer", "adamw", "--name", "thesis", "--overwrite"],
-                             tmp_path, monkeypatch, capsys)
+                             tmp_path)
     assert code == 2 and "was not written by this toolkit" in err
     assert (precious / "chapter1.tex").read_text() == "months of work"
 
     link = tmp_path / "runs" / "linked"
     link.symlink_to(precious, target_is_directory=True)
     code, _, err = call_main(["run", "--method", "npo", "--optimizer", "adamw", "--name", "linked", "--overwrite"],
-                             tmp_path, monkeypatch, capsys)
+                             tmp_path)
     assert code == 2 and "was not written by this toolkit" in err
     assert (precious / "chapter1.tex").exists()
 
-    code, _, err = call_main(["example-data", str(precious), "--overwrite"], tmp_path, monkeypatch, capsys)
+    code, _, err = call_main(["example-data", str(precious), "--overwrite"], tmp_path)
     assert code == 2 and "was not written by this toolkit" in err
     assert sorted(p.name for p in precious.iterdir()) == ["chapter1.tex"]
 
-    code, _, err = call_main(["example-data", str(tmp_path / "ex")], tmp_path, monkeypatch, capsys)
+    code, _, err = call_main(["example-data", str(tmp_path / "ex")], tmp_path)
     assert code == 0, err
-    code, _, err = call_main(["example-data", str(tmp_path / "ex"), "--overwrite"], tmp_path, monkeypatch, capsys)
+    code, _, err = call_main(["example-data", str(tmp_path / "ex"), "--overwrite"], tmp_path)
     assert code == 0, err  # its own folder: replaced
 
 
-def test_a_second_writer_on_the_same_run_is_refused(tmp_path, monkeypatch, capsys):
+def test_a_second_writer_on_the_same_run_is_refused(tmp_path):
     from unlearn.runs import open_run_dir
 
     runs = tmp_path / "runs"
     with open_run_dir(runs, "same") as (final, notes):
         assert final == runs / "same" and notes == []
         code, _, err = call_main(["run", "--method", "npo", "--optimizer", "adamw", "--name", "same", "--overwrite"],
-                                 tmp_path, monkeypatch, capsys)
+                                 tmp_path)
         assert code == 2 and "is being written by another process" in err
         with open_run_dir(runs, "same") as (other, notes):  # without --overwrite: the next free name, said
             assert other == runs / "same-2" and "writing" in notes[0] and "same-2" in notes[0]
@@ -230,7 +229,7 @@ def test_kill_9_leaves_nothing_half_written():
     assert main(["--trials", "2", "--seed", "3"]) == 0
 
 
-def test_a_received_folder_cannot_redirect_our_writes(tmp_path, monkeypatch, capsys):
+def test_a_received_folder_cannot_redirect_our_writes(tmp_path):
     """Symlinks planted in a received runs folder: attack results are not written through `attacks/`, and the
     report replaces a `report.md` link instead of overwriting the file it points at."""
     victim = tmp_path / "victim.txt"
@@ -244,13 +243,13 @@ def test_a_received_folder_cannot_redirect_our_writes(tmp_path, monkeypatch, cap
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (run / "attacks").symlink_to(elsewhere, target_is_directory=True)
-    code, _, err = call_main(["attack", "--run", str(run), "--quantize", "rtn4"], tmp_path, monkeypatch, capsys)
+    code, _, err = call_main(["attack", "--run", str(run), "--quantize", "rtn4"], tmp_path)
     assert code == 2 and "is not a plain folder inside the run" in err
     assert not any(elsewhere.iterdir())
 
     (run / "attacks").unlink()
     (tmp_path / "runs" / "report.md").symlink_to(victim)
-    code, out, err = call_main(["report", str(tmp_path / "runs")], tmp_path, monkeypatch, capsys)
+    code, out, err = call_main(["report", str(tmp_path / "runs")], tmp_path)
     assert code == 0, err
     assert victim.read_text() == "keep me"
     report = tmp_path / "runs" / "report.md"
