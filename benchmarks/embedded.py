@@ -13,7 +13,17 @@ from benchmarks.synthetic import SPLITS, Benchmark, SyntheticSettings, generate
 from benchmarks.task import MCQ, Task
 from unlearn.data import Example, qa_prompt
 from unlearn.errors import UserError
-from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, SettingError, check_value, from_mapping, setting
+from unlearn.settings import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    SettingError,
+    check_value,
+    from_mapping,
+    key_list,
+    setting,
+    unknown_keys,
+)
 
 
 @dataclass
@@ -42,9 +52,9 @@ SIZE_KEYS = ("people", "cities", "organizations")
 
 def settings_from(config: dict[str, Any]) -> SyntheticSettings:
     """The world's sizes from the benchmark section, every key known and every value checked."""
-    unknown = sorted(str(k) for k in config if k not in {"name", "seed", "prepare", *SIZE_KEYS})
+    unknown = unknown_keys(config, {"name", "seed", "prepare", *SIZE_KEYS})
     if unknown:
-        raise UserError(f"unknown key(s) in benchmark 'embedded': {', '.join(unknown)} "
+        raise UserError(f"unknown key(s) in benchmark 'embedded': {key_list(unknown)} "
                         f"(known: name, seed, prepare, {', '.join(SIZE_KEYS)})")
     from_mapping(PrepareSettings, config.get("prepare"), "benchmark.prepare")
     try:

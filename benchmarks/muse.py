@@ -39,6 +39,7 @@ from benchmarks.task import Stage, Task
 from unlearn.data import Example
 from unlearn.errors import UserError
 from unlearn.runs import read_text
+from unlearn.settings import key_list, unknown_keys
 
 # Hub layout, read from the dataset cards of muse-bench/MUSE-News and MUSE-Books: subsets raw (forget, retain1,
 # retain2, holdout; text), knowmem (forget_qa, retain_qa, forget_qa_icl, retain_qa_icl; question, answer),
@@ -359,9 +360,9 @@ def _positive_int(config: dict[str, Any], key: str, default: int | None) -> int 
 
 
 def settings_from(config: dict[str, Any]) -> MuseSettings:
-    unknown = sorted(set(config) - KNOWN_KEYS)
+    unknown = unknown_keys(config, KNOWN_KEYS)
     if unknown:
-        raise UserError(f"unknown key(s) in benchmark 'muse': {', '.join(unknown)} "
+        raise UserError(f"unknown key(s) in benchmark 'muse': {key_list(unknown)} "
                         f"(known: {', '.join(sorted(KNOWN_KEYS))})")
     d = MuseSettings()
     sequential = config.get("sequential", False)

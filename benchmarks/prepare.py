@@ -22,7 +22,7 @@ from unlearn.data import encode
 from unlearn.models import EMBEDDED, cache_dir, load_model, resolve, save_model
 from unlearn.objectives import LanguageModeling
 from unlearn.optim import build_optimizer
-from unlearn.runs import read_json, read_text, staged_dir, write_json_atomic
+from unlearn.runs import claim, read_json, read_text, staged_dir, write_json_atomic
 from unlearn.settings import from_mapping
 from unlearn.train import train
 
@@ -82,11 +82,14 @@ def target_model(spec: str, task: Task, settings: dict[str, Any], trust_remote_c
               "epochs": epochs, "lr": lr, "batch_size": batch_size, "steps": steps,
               "seconds": round(result.seconds, 1), "final_loss": result.final_loss, "metrics": metrics}
     folder.parent.mkdir(parents=True, exist_ok=True)
-    # Two runs may build the same target at once: the second waits for the first's write, then replaces it
-    # with an identical result (the recipe is seeded).
-    with staged_dir(folder, overwrite=True, wait=True, kind="target") as staging:
-        save_model(model, tok, staging / "model")
-        write_json_atomic(staging / "prepare.json", record)
+    # Two runs may build the same target at once: the second waits for the first's write and keeps it (a run
+    # may already be reading it), rather than replacing it with its own, identical, result.
+    with claim(folder, wait=True):
+        if (folder / "prepare.json").is_file():
+            return folder
+        with staged_dir(folder, overwrite=True, claimed=True, kind="target") as staging:
+            save_model(model, tok, staging / "model")
+            write_json_atomic(staging / "prepare.json", record)
     # Those are also the target's baseline under default evaluation settings: runs need not recompute them.
     _store_baseline(str(folder / "model"), task, EvalConfig(), metrics)
     return folder

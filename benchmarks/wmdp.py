@@ -28,7 +28,7 @@ from benchmarks.task import MCQ, Task
 from unlearn.config import check_engine
 from unlearn.data import Example
 from unlearn.errors import UserError
-from unlearn.settings import AT_LEAST_ONE, SettingError, check_value
+from unlearn.settings import AT_LEAST_ONE, SettingError, check_value, key_list, unknown_keys
 
 LETTERS = "ABCDEFGHIJ"
 DESCRIPTION = "The following are multiple choice questions (with answers) about {subject}.\n\n"
@@ -261,8 +261,10 @@ def _limit(config: dict[str, Any]) -> int | None:
 
 
 def _positive_int(config: dict[str, Any], key: str, default: int | None) -> Any:
+    """benchmark.KEY as an integer >= 1; null only where the default is null (no limit)."""
     try:
-        return check_value(f"benchmark.{key}", config.get(key, default), int | None, AT_LEAST_ONE)
+        return check_value(f"benchmark.{key}", config.get(key, default), int if default is not None else int | None,
+                           AT_LEAST_ONE)
     except SettingError as err:
         raise UserError(str(err)) from None
 
@@ -326,9 +328,9 @@ KNOWN_KEYS = {"name", "data", "subject", "tag_field", "utility", "utility_tag_fi
 
 
 def load(config: dict[str, Any], name: str = "wmdp", openqa: bool = False) -> WMDPTask:
-    unknown = sorted(set(config) - KNOWN_KEYS)
+    unknown = unknown_keys(config, KNOWN_KEYS)
     if unknown:
-        raise UserError(f"unknown key(s) in benchmark '{name}': {', '.join(unknown)} "
+        raise UserError(f"unknown key(s) in benchmark '{name}': {key_list(unknown)} "
                         f"(known: {', '.join(sorted(KNOWN_KEYS))})")
     if not config.get("data"):
         raise UserError(f"benchmark '{name}' needs questions: pass --data FILE ({{question, choices, answer}} records "

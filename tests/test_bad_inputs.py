@@ -35,6 +35,8 @@ def world(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     (root / "broken.yaml").write_text("train: [1, 2\n")
     (root / "list.yaml").write_text("- 1\n- 2\n")
     (root / "remote.yaml").write_text("trust_remote_code: true\n")
+    (root / "numeric-key.yaml").write_text("1: x\nnull: y\n")
+    (root / "newline-key.yaml").write_text('train:\n  "a\\nb": 1\n')
     (root / "latin1.jsonl").write_bytes('{"question": "caf\xe9?", "choices": ["a","b","c","d"], "answer": 0}\n'
                                         .encode("latin-1"))
     (root / "good.jsonl").write_text('{"question": "Why?", "choices": ["a", "b", "c", "d"], "answer": 0}\n')
@@ -122,6 +124,14 @@ CASES: list[tuple[list[str], str]] = [
     ([*RUN, "--config", "{root}/missing.yaml"], "does not exist"),
     ([*RUN, "--config", "{root}/remote.yaml"], "trust_remote_code in {root}/remote.yaml is refused"),
     ([*RUN, "--set", "trust_remote_code=true"], "trust_remote_code in --set is refused"),
+    ([*RUN, "--config", "{root}/numeric-key.yaml"], "unknown top-level config key(s): 1, None"),
+    ([*RUN, "--config", "{root}/newline-key.yaml"], "unknown key(s) in 'train': 'a\\nb'"),
+    ([*RUN, "--set", "method.beta=" + "9" * 400], "method.beta must be a finite number > 0"),
+    ([*RUN, "--set", "train.max_steps=1e400"], "train.max_steps must be an integer >= 1, got inf"),
+    ([*RUN, "--name", "名" * 90], "bytes long (UTF-8); at most 200"),
+    # command-line usage, as typer reports it, still one line and exit 2
+    ([*RUN, "--no-such-flag"], "No such option: --no-such-flag"),
+    ([*RUN, "--steps", "abc"], "Invalid value for '--steps'"),
     # benchmarks and data files
     ([*RUN, "--benchmark", "bogus"], "unknown benchmark 'bogus'"),
     ([*RUN, "--benchmark", "wmdp"], "benchmark 'wmdp' needs questions"),

@@ -163,12 +163,40 @@ def test_stale_staging_of_dead_writers_is_removed_and_live_ones_kept(tmp_path):
     old = runs / ".staging-old-0000dddd"  # no marker and old: its writer died before writing one
     old.mkdir()
     os.utime(old, (time.time() - 3600, time.time() - 3600))
-    (runs / ".trash-x-0000eeee").mkdir()
-    (runs / ".gone.lock").write_text("123\n")  # a killed writer's lock file
+    # An old folder moved aside for a replacement that never arrived (kill -9 between the two renames) is put
+    # back; one whose replacement is in place is garbage.
+    (runs / ".trash-orphan-0000eeee").mkdir()
+    (runs / ".trash-orphan-0000eeee" / "metrics.json").write_text("{}")
+    (runs / "replaced").mkdir()
+    (runs / ".trash-replaced-0000ffff").mkdir()
+    gone = runs / ".gone.lock"  # a killed writer's lock file, unheld and old
+    gone.write_text("123\n")
+    os.utime(gone, (time.time() - 3600, time.time() - 3600))
+    (runs / ".fresh.lock").write_text("")  # just created by a writer about to lock it: left alone
+    (runs / ".staging-not-ours").mkdir()  # not a name this toolkit makes: never touched
     notes = clean_stale(runs)
     holder.release(unlink=False)
-    assert sorted(p.name for p in runs.iterdir()) == [".staging-live-0000bbbb", ".staging-young-0000cccc"]
-    assert len(notes) == 3 and any("1.0 MiB" in n and "staging-dead" in n for n in notes)
+    assert sorted(p.name for p in runs.iterdir()) == [".fresh.lock", ".staging-live-0000bbbb", ".staging-not-ours",
+                                                      ".staging-young-0000cccc", "orphan", "replaced"]
+    assert (runs / "orphan" / "metrics.json").is_file()
+    assert len(notes) == 4 and any("1.0 MiB" in n and "staging-dead" in n for n in notes)
+    assert any(n.startswith("restored") and "orphan" in n for n in notes)
+
+
+def test_lock_files_are_never_followed_through_a_symlink(tmp_path):
+    """A received run folder plants `attacks/.NAME.lock` -> some file: taking the lock must not truncate it."""
+    from unlearn.errors import UserError
+    from unlearn.runs import staged_dir
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    attacks = tmp_path / "run" / "attacks"
+    attacks.mkdir(parents=True)
+    (attacks / ".rtn-4bit-channel.lock").symlink_to(victim)
+    with pytest.raises(UserError, match="is a symbolic link"), staged_dir(attacks / "rtn-4bit-channel",
+                                                                         overwrite=True):
+        pass
+    assert victim.read_text() == "keep me"
 
 
 def test_names_must_stay_inside_the_output_folder(tmp_path):

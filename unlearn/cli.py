@@ -23,7 +23,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="LLM unlearning robustness toolkit: unlearn, attack, evaluate, report.")
 # Long paths and table rows must not be wrapped; names, paths and notes come from input, so nothing printed is
 # read as rich markup.
-console = Console(soft_wrap=True)
+console = Console(soft_wrap=True, markup=False, emoji=False, highlight=False)
 
 
 def _fail(message: str, code: int) -> None:
@@ -380,9 +380,22 @@ def optimizers() -> None:
         console.print(f"{name:11s} {cls.grade:13s} {shown}")  # type: ignore[attr-defined]
 
 
+def _usage_error(err: BaseException) -> tuple[str, int] | None:
+    """(one-line message, exit code) for a command-line usage error. typer may carry its own copy of click, so
+    its exceptions are recognised by what they provide, not by class."""
+    show, message = getattr(err, "show", None), getattr(err, "format_message", None)
+    code = getattr(err, "exit_code", None)
+    if callable(show) and callable(message) and isinstance(code, int):
+        text = " ".join(str(message()).split()) or type(err).__name__
+        command = getattr(getattr(err, "ctx", None), "command_path", None)
+        return (f"{text} (see `{command} --help`)" if command else text), code or 2
+    return None
+
+
 def main() -> None:
     for signum in SIGNAL_EXITS:
-        signal.signal(signum, _raise_interrupted)
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # a job started to ignore Ctrl-C keeps ignoring it
+            signal.signal(signum, _raise_interrupted)
     try:
         code = app(standalone_mode=False)
         # Non-standalone typer *returns* the exit code of an explicit typer.Exit (and 130 for a
@@ -392,6 +405,8 @@ def main() -> None:
                 _fail("interrupted", 130)
             sys.exit(code)
     except Interrupted as err:
+        for signum in SIGNAL_EXITS:  # a second Ctrl-C while reporting the first must not print a traceback
+            signal.signal(signum, signal.SIG_IGN)
         _fail(*SIGNAL_EXITS[signal.Signals(err.signum)])
     except UserError as err:
         _fail(str(err), 2)
@@ -402,11 +417,9 @@ def main() -> None:
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except Exception as err:  # noqa: BLE001 - last line of defence: one line unless debugging
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(2)
+        usage = _usage_error(err)
+        if usage is not None:
+            _fail(*usage)
         if os.environ.get("UNLEARN_DEBUG"):
             traceback.print_exc()
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""

@@ -19,7 +19,7 @@ import yaml
 
 from unlearn.errors import UserError
 from unlearn.runs import check_name, read_text
-from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, Limit, from_mapping, setting
+from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, Limit, from_mapping, key_list, setting, unknown_keys
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -170,7 +170,7 @@ def _component(kind: str, name: str | None, *layers: dict[str, Any]) -> dict[str
 
 def check_engine(engine: str) -> None:
     if engine not in EVAL_ENGINES:
-        raise UserError(f"unknown eval.engine '{engine}'; choose from: {', '.join(EVAL_ENGINES)}")
+        raise UserError(f"unknown eval.engine {engine!r}; choose from: {', '.join(EVAL_ENGINES)}")
 
 
 def eval_config(data: Any) -> EvalConfig:
@@ -225,9 +225,9 @@ def load_run_config(method: str | None = None, optimizer: str | None = None,
     raw = merge(raw, cli)
     raw.update(components)
     known = {f.name for f in fields(RunConfig)}
-    unknown = sorted(str(k) for k in raw if k not in known)
+    unknown = unknown_keys(raw, known)
     if unknown:
-        raise UserError(f"unknown top-level config key(s): {', '.join(unknown)}")
+        raise UserError(f"unknown top-level config key(s): {key_list(unknown)}")
     raw["train"] = from_mapping(TrainConfig, raw.get("train"), "train")
     raw["eval"] = eval_config(raw.get("eval"))
     for key in ("model", "benchmark"):

@@ -65,11 +65,14 @@ def embedded_path(alias: str) -> Path:
     config.pop("quantization_config", None)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
     model.load_state_dict(quantized.state_dict(), strict=True)
-    from unlearn.runs import staged_dir
+    from unlearn.runs import claim, staged_dir
 
-    # A concurrent conversion waits for ours and then writes the same weights again.
-    with staged_dir(target, overwrite=True, wait=True, kind="model") as staging:
-        save_model(model, tokenizer, staging)
+    # A concurrent conversion waits for ours and keeps it: another process may already be loading it.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with claim(target, wait=True):
+        if not (target / "model.safetensors").is_file():
+            with staged_dir(target, overwrite=True, claimed=True, kind="model") as staging:
+                save_model(model, tokenizer, staging)
     return target
 
 

@@ -235,7 +235,7 @@ class RMU(Objective):
 def build_objective(name: str, **options) -> Objective:
     """The objective registered as `name`; a one-line ValueError for an unknown name, option, type or range."""
     if name not in OBJECTIVES:
-        raise ValueError(f"unknown method '{name}'; choose from: {', '.join(sorted(OBJECTIVES))}")
+        raise ValueError(f"unknown method {name!r}; choose from: {', '.join(sorted(OBJECTIVES))}")
     cls = OBJECTIVES[name]
     try:
         options = check_call_options(cls.__init__, options, "method", cls.limits, skip=("self",),

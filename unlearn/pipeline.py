@@ -40,7 +40,7 @@ class RunOutcome:
 def load_task(benchmark: dict[str, Any]) -> Task:
     name = benchmark.get("name", "embedded")
     if name not in BENCHMARKS:
-        raise UserError(f"unknown benchmark '{name}'; choose from: {', '.join(sorted(BENCHMARKS))}")
+        raise UserError(f"unknown benchmark {name!r}; choose from: {', '.join(sorted(BENCHMARKS))}")
     return BENCHMARKS[name](benchmark)
 
 

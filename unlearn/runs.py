@@ -18,7 +18,11 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
+import signal
+import stat
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,7 +38,7 @@ MARKER = ".unlearn"
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
 # What toolkit folders held before the marker existed: such a folder may still be replaced by --overwrite.
-LEGACY_ENTRIES = {"config.yaml", "metrics.json", "log.jsonl", "model", "attacks", "prepare.json", "wmdp", "muse"}
+LEGACY_ENTRIES = {"config.yaml", "metrics.json", "log.jsonl", "model", "attacks", "prepare.json"}
 # A staging folder without a marker is being created right now, unless it is older than this.
 _UNMARKED_GRACE_S = 60.0
 MAX_NAME_LENGTH = 200
@@ -47,12 +51,16 @@ def check_name(name: Any, what: str = "run name") -> str:
     bad = [c for c in name if ord(c) < 32 or ord(c) == 127]
     if bad:
         raise UserError(f"{what} {name!r} contains a control character ({bad[0]!r})")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{what} {name!r} is not valid Unicode text") from None
     if name in (".", "..") or "/" in name or "\\" in name or (os.altsep and os.altsep in name):
         raise UserError(f"{what} {name!r} must be a plain folder name (no '/', '\\', '.' or '..')")
     if name.startswith("."):
         raise UserError(f"{what} {name!r} must not start with '.' (hidden names are the toolkit's own)")
-    if len(name) > MAX_NAME_LENGTH:
-        raise UserError(f"{what} is {len(name)} characters long; at most {MAX_NAME_LENGTH}")
+    if len(name.encode("utf-8")) > MAX_NAME_LENGTH:
+        raise UserError(f"{what} is {len(name.encode('utf-8'))} bytes long (UTF-8); at most {MAX_NAME_LENGTH}")
     return name
 
 
@@ -84,19 +92,49 @@ class _Lock:
     def __init__(self, path: Path, create: bool = True) -> None:
         self.path, self.create, self.fd = path, create, -1
 
-    def acquire(self, wait: bool = False) -> bool:
-        while True:
+    def _open(self) -> int | None:
+        """The lock file's descriptor; never through a symlink (a received folder may plant one to make us
+        truncate another file) and only a regular file."""
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if self.create else 0)
+        for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_RDWR | (os.O_CREAT if self.create else 0), 0o644)
+                fd = os.open(self.path, flags, 0o644)
+                break
             except FileNotFoundError:
+                if not self.create:
+                    return None
+                self.path.parent.mkdir(parents=True, exist_ok=True)  # removed by a run that created it
+            except OSError as err:
+                if err.errno == errno.ELOOP:
+                    raise UserError(f"{self.path} is a symbolic link; remove it (lock files are never followed)") \
+                        from None
+                raise
+        else:
+            raise UserError(f"cannot create the lock file {self.path}")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UserError(f"{self.path} is not a regular file; remove it")
+        return fd
+
+    def acquire(self, wait: bool = False) -> bool:
+        busy_tries = 0
+        while True:
+            fd = self._open()
+            if fd is None:
                 return False
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except OSError as err:
                 os.close(fd)
-                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    return False
-                raise
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                # Held with no pid in it: a cleaner probing a dead writer's lock, or an owner a moment before
+                # it writes its pid. Either lets go within milliseconds.
+                if self.create and not self._pid() and busy_tries < 20:
+                    busy_tries += 1
+                    time.sleep(0.05)
+                    continue
+                return False
             # The previous holder may have unlinked the file between our open and our flock: then the lock we
             # hold is on a file nobody else will ever open, and we must start over on the current one.
             try:
@@ -108,11 +146,15 @@ class _Lock:
                 return True
             os.close(fd)
 
-    def holder(self) -> str:
+    def _pid(self) -> str:
         try:
-            return self.path.read_text().strip() or "unknown"
+            text = self.path.read_bytes()[:32].decode("ascii", "replace").strip()
         except OSError:
-            return "unknown"
+            return ""
+        return text if text.isdigit() else ""
+
+    def holder(self) -> str:
+        return self._pid() or "unknown"
 
     def write_owner(self) -> None:
         os.ftruncate(self.fd, 0)
@@ -165,23 +207,47 @@ def _is_stale(staging: Path) -> bool:
     return True
 
 
+_LEFTOVER = re.compile(r"^\.(staging|trash)-(.+)-[0-9a-f]{8}$")
+_LOCK_FILE = re.compile(r"^\.(.+)\.lock$")
+
+
 def clean_stale(parent: Path) -> list[str]:
-    """Remove what dead writers left in `parent` (staging and trash folders, lock files); one note each."""
+    """Tidy what dead writers left in `parent`, one note each: their staging folders are removed, an old folder
+    moved aside for a replacement that never arrived is put back, and old unheld lock files go. Only names
+    this module makes are touched (`parent` may be any folder a config names)."""
     notes: list[str] = []
     if not parent.is_dir():
         return notes
     for entry in sorted(parent.iterdir()):
-        name = entry.name
-        if name.startswith(TRASH_PREFIX) or (name.startswith(STAGING_PREFIX) and entry.is_dir()
-                                             and _is_stale(entry)):
+        leftover, lock_file = _LEFTOVER.match(entry.name), _LOCK_FILE.match(entry.name)
+        if leftover and entry.is_dir() and not entry.is_symlink():
+            kind, name = leftover.groups()
+            home = parent / name
+            if kind == "trash" and not (home.exists() or home.is_symlink()):
+                owner = _Lock(parent / f".{name}.lock")
+                if owner.acquire():  # nobody is in the middle of replacing it
+                    with suppress(OSError):
+                        entry.rename(home)
+                        notes.append(f"restored {home} (its replacement was interrupted before it was in place)")
+                    owner.release(unlink=True)
+                continue
+            if kind == "staging" and not _is_stale(entry):
+                continue
             size = _size(entry)
             shutil.rmtree(entry, ignore_errors=True)
             notes.append(f"removed {entry} ({size / 2**20:.1f} MiB), left by a writer that was interrupted or killed")
-        elif name.startswith(".") and name.endswith(".lock") and entry.is_file():
+        elif lock_file and entry.is_file() and not entry.is_symlink() and _older_than_grace(entry):
             lock = _Lock(entry)
             if lock.acquire():  # nobody holds it: a killed writer's; removing it under the lock is race-free
                 lock.release(unlink=True)
     return notes
+
+
+def _older_than_grace(path: Path) -> bool:
+    try:
+        return time.time() - path.lstat().st_mtime > _UNMARKED_GRACE_S
+    except FileNotFoundError:
+        return False
 
 
 def replaceable(folder: Path) -> bool:
@@ -192,7 +258,7 @@ def replaceable(folder: Path) -> bool:
     if MARKER in entries:
         return True
     legacy = {e for e in entries if not (e.startswith("log-") and e.endswith(".jsonl"))}
-    return bool(entries) and legacy <= LEGACY_ENTRIES
+    return bool(entries & {"metrics.json", "prepare.json"}) and legacy <= LEGACY_ENTRIES
 
 
 def _refuse_replacing(final: Path) -> None:
@@ -225,9 +291,9 @@ def _free_name(output_dir: Path, name: str, overwrite: bool) -> Iterator[tuple[P
     notes = clean_stale(output_dir)
     candidates = [name] if overwrite else [name] + [f"{name}-{n}" for n in range(2, 10_000)]
     for candidate in candidates:
-        final = child(output_dir, candidate)
-        if not overwrite and (final.exists() or final.is_symlink()):
+        if not overwrite and ((output_dir / candidate).exists() or (output_dir / candidate).is_symlink()):
             continue
+        final = child(output_dir, candidate)
         lock = _Lock(output_dir / f".{candidate}.lock")
         if not lock.acquire():
             if overwrite:
@@ -264,20 +330,40 @@ def staged_dir(final: Path, overwrite: bool = False, claimed: bool = False, wait
             _refuse_replacing(final)
         staging = parent / f"{STAGING_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
         staging.mkdir()
-        owner = _Lock(staging / MARKER)
+        # The marker is locked before it gets its name: a cleaner that finds `.unlearn` in a staging folder and
+        # can lock it knows the writer is gone (the grace period covers the moment before it is named).
+        owner = _Lock(staging / f"{MARKER}.new")
         try:
-            owner.acquire()
+            if not owner.acquire(wait=True):
+                raise UserError(f"cannot lock {owner.path}")
             os.pwrite(owner.fd, json.dumps({"toolkit": "unlearn", "kind": kind}).encode() + b"\n", 0)
+            os.rename(owner.path, staging / MARKER)
             yield staging
-            trash = parent / f"{TRASH_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
-            if final.exists():
-                final.rename(trash)  # two renames: the old folder is only deleted once the new one is in place
-            staging.rename(final)
-            shutil.rmtree(trash, ignore_errors=True)
+            _swap_into_place(staging, final)
         finally:
             owner.release(unlink=False)
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_into_place(staging: Path, final: Path) -> None:
+    """Two renames, with SIGINT/SIGTERM held back between them: the old folder is moved aside (a `.trash-`
+    sibling) only to be deleted once the new one is in place. A kill -9 between the two leaves the trash,
+    which the next `clean_stale` puts back where it was."""
+    trash = final.parent / f"{TRASH_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+    held = {signal.SIGINT, signal.SIGTERM}
+    blocked = threading.current_thread() is threading.main_thread()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held) if blocked else set()
+    try:
+        if final.exists() or final.is_symlink():
+            final.rename(trash)
+        staging.rename(final)
+    finally:
+        if final.parent.joinpath(trash.name).exists() and not (final.exists() or final.is_symlink()):
+            trash.rename(final)  # the new folder did not make it: the old one stays
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def read_text(path: Path, what: str = "file") -> str:

@@ -49,6 +49,16 @@ class Limit:
         return " and ".join(parts)
 
 
+def key_list(keys) -> str:
+    """Keys from a config for a one-line message: plain names as they are, anything else (a key with a newline,
+    a number, null) as its repr, so the message stays one line and never fails on a non-string key."""
+    return ", ".join(sorted(k if isinstance(k, str) and k.isidentifier() else repr(k) for k in keys))
+
+
+def unknown_keys(data: Mapping[Any, Any], known) -> list[Any]:
+    return [k for k in data if not isinstance(k, str) or k not in known]
+
+
 def _num(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
@@ -80,7 +90,9 @@ def _matches(value: Any, tp: Any) -> bool:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if tp is float:
-        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return abs(value) < 2**1023  # math.isfinite would overflow on a 400-digit integer
+        return isinstance(value, float) and math.isfinite(value)
     if tp is str:
         return isinstance(value, str)
     if origin is tuple:
@@ -162,9 +174,9 @@ def from_mapping(cls: type[Settings], data: Any, section: str) -> Settings:
     if not isinstance(data, dict):
         raise UserError(f"config section '{section}' must be a mapping, got {data!r}")
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(str(k) for k in data if k not in known)
+    unknown = unknown_keys(data, known)
     if unknown:
-        raise UserError(f"unknown key(s) in '{section}': {', '.join(unknown)} "
+        raise UserError(f"unknown key(s) in '{section}': {key_list(unknown)} "
                         f"(known: {', '.join(sorted(known))})")
     hints = typing.get_type_hints(cls)
     values = {}
@@ -192,6 +204,6 @@ def check_call_options(target: Callable[..., Any], options: Mapping[str, Any], s
     checked = {}
     for key, value in options.items():
         if key not in parameters:
-            raise SettingError(f"unknown option '{key}' for {owner or section}; valid: {', '.join(sorted(parameters))}")
+            raise SettingError(f"unknown option {key!r} for {owner or section}; valid: {', '.join(sorted(parameters))}")
         checked[key] = check_value(f"{section}.{key}", value, hints.get(key, Any), (limits or {}).get(key))
     return checked

@@ -100,7 +100,7 @@ def check_options(name: str, options: dict[str, Any]) -> type[torch.optim.Optimi
     callers can validate a config before spending minutes on anything else."""
     cls = OPTIMIZERS.get(name)
     if cls is None:
-        raise ValueError(f"unknown optimizer '{name}'; choose from: {', '.join(sorted(OPTIMIZERS))}")
+        raise ValueError(f"unknown optimizer {name!r}; choose from: {', '.join(sorted(OPTIMIZERS))}")
     # Checked against the signature rather than left to the constructor: some library optimizers take
     # **kwargs and would silently ignore a misspelled option.
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
