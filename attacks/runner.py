@@ -20,8 +20,9 @@ from benchmarks.embedded import TaskData
 from benchmarks.task import Task
 from unlearn.config import EvalConfig, eval_config
 from unlearn.errors import UserError
+from unlearn.files import read_json, write_json_atomic
 from unlearn.models import load_model, load_tokenizer
-from unlearn.runs import read_json, staged_dir, write_json_atomic
+from unlearn.runs import staged_dir
 
 
 @dataclass

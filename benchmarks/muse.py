@@ -38,7 +38,7 @@ from benchmarks.records import chunk_texts, read_records, string_field
 from benchmarks.task import Stage, Task
 from unlearn.data import Example
 from unlearn.errors import UserError
-from unlearn.runs import read_text
+from unlearn.files import read_text
 from unlearn.settings import key_list, unknown_keys
 
 # Hub layout, read from the dataset cards of muse-bench/MUSE-News and MUSE-Books: subsets raw (forget, retain1,

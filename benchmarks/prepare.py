@@ -19,10 +19,12 @@ import torch
 from benchmarks.task import Task
 from unlearn.config import EvalConfig
 from unlearn.data import encode
+from unlearn.files import read_json, read_text, write_json_atomic
+from unlearn.locks import claim
 from unlearn.models import EMBEDDED, cache_dir, load_model, resolve, save_model
 from unlearn.objectives import LanguageModeling
 from unlearn.optim import build_optimizer
-from unlearn.runs import claim, read_json, read_text, staged_dir, write_json_atomic
+from unlearn.runs import staged_dir
 from unlearn.settings import from_mapping
 from unlearn.train import train
 

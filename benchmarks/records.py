@@ -14,7 +14,7 @@ from typing import Any
 
 from benchmarks.task import MCQ
 from unlearn.errors import UserError
-from unlearn.runs import read_text
+from unlearn.files import read_text
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 

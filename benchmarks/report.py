@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from unlearn.errors import UserError
-from unlearn.runs import read_json as _read_json
-from unlearn.runs import write_atomic, write_text_atomic
+from unlearn.files import read_json as _read_json
+from unlearn.files import write_atomic, write_text_atomic
 
 METRIC_COLUMNS = [
     # embedded

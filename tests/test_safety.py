@@ -146,8 +146,9 @@ def test_a_second_writer_on_the_same_run_is_refused(tmp_path):
 
 
 def test_stale_staging_of_dead_writers_is_removed_and_live_ones_kept(tmp_path):
+    from unlearn.locks import FileLock
     from unlearn.runs import MARKER as RUN_MARKER
-    from unlearn.runs import _Lock, clean_stale
+    from unlearn.runs import clean_stale
 
     runs = tmp_path / "runs"
     dead = runs / ".staging-dead-0000aaaa"
@@ -156,7 +157,7 @@ def test_stale_staging_of_dead_writers_is_removed_and_live_ones_kept(tmp_path):
     (dead / "model" / "model.safetensors").write_bytes(b"\0" * 2**20)
     live = runs / ".staging-live-0000bbbb"
     live.mkdir()
-    holder = _Lock(live / RUN_MARKER)
+    holder = FileLock(live / RUN_MARKER)
     assert holder.acquire()
     young = runs / ".staging-young-0000cccc"  # no marker yet: being created right now
     young.mkdir()

@@ -78,8 +78,8 @@ def _benchmark_flags(data: str | None, engine: str | None, openqa: bool, judge: 
 
 def _preflight() -> None:
     """Checks every model-loading command makes before loading anything: the cache folder takes files."""
+    from unlearn.files import writable_dir
     from unlearn.models import cache_dir
-    from unlearn.runs import writable_dir
 
     writable_dir(cache_dir(), "cache folder (UNLEARN_CACHE)")
 
@@ -203,8 +203,8 @@ def eval_(
     import time
 
     from attacks.runner import evaluate_subject
+    from unlearn.files import read_json, write_json_atomic
     from unlearn.models import load_model
-    from unlearn.runs import read_json, write_json_atomic
 
     subject = _subject(run_dir, model, config, set_, benchmark, _benchmark_flags(data, engine, openqa, judge),
                        trust_remote_code)

@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 
 from unlearn.errors import UserError
-from unlearn.runs import check_name, read_text
+from unlearn.files import read_text
+from unlearn.runs import check_name
 from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, Limit, from_mapping, key_list, setting, unknown_keys
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"

@@ -65,7 +65,8 @@ def embedded_path(alias: str) -> Path:
     config.pop("quantization_config", None)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
     model.load_state_dict(quantized.state_dict(), strict=True)
-    from unlearn.runs import claim, staged_dir
+    from unlearn.locks import claim
+    from unlearn.runs import staged_dir
 
     # A concurrent conversion waits for ours and keeps it: another process may already be loading it.
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -21,10 +21,11 @@ from unlearn.adapters import add_lora
 from unlearn.config import RunConfig
 from unlearn.data import encode
 from unlearn.errors import UserError
+from unlearn.files import write_json_atomic, write_yaml
 from unlearn.models import load_model, save_model
 from unlearn.objectives import build_objective
 from unlearn.optim import OPTIMIZERS, build_optimizer, dry_build
-from unlearn.runs import open_run_dir, staged_dir, write_json_atomic, write_yaml
+from unlearn.runs import open_run_dir, staged_dir
 from unlearn.train import train
 
 

@@ -14,14 +14,11 @@
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import re
 import shutil
 import signal
-import stat
 import threading
 import time
 import uuid
@@ -30,9 +27,9 @@ from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from unlearn.errors import UserError
+from unlearn.files import writable_dir
+from unlearn.locks import FileLock, claim
 
 MARKER = ".unlearn"
 STAGING_PREFIX = ".staging-"
@@ -72,118 +69,6 @@ def child(parent: Path, name: str, what: str = "run name") -> Path:
     return path
 
 
-def writable_dir(path: Path, what: str) -> Path:
-    """Create `path` if needed and prove it takes files (a probe file, since root passes every access check)."""
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{what} {path} is a file, not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".probe-{uuid.uuid4().hex[:8]}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"{what} {path} is not writable ({err.strerror or type(err).__name__})") from None
-    return path
-
-
-class _Lock:
-    """An exclusive `flock` on one file, held until released or until the process dies."""
-
-    def __init__(self, path: Path, create: bool = True) -> None:
-        self.path, self.create, self.fd = path, create, -1
-
-    def _open(self) -> int | None:
-        """The lock file's descriptor; never through a symlink (a received folder may plant one to make us
-        truncate another file) and only a regular file."""
-        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if self.create else 0)
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, flags, 0o644)
-                break
-            except FileNotFoundError:
-                if not self.create:
-                    return None
-                self.path.parent.mkdir(parents=True, exist_ok=True)  # removed by a run that created it
-            except OSError as err:
-                if err.errno == errno.ELOOP:
-                    raise UserError(f"{self.path} is a symbolic link; remove it (lock files are never followed)") \
-                        from None
-                raise
-        else:
-            raise UserError(f"cannot create the lock file {self.path}")
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise UserError(f"{self.path} is not a regular file; remove it")
-        return fd
-
-    def acquire(self, wait: bool = False) -> bool:
-        busy_tries = 0
-        while True:
-            fd = self._open()
-            if fd is None:
-                return False
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except OSError as err:
-                os.close(fd)
-                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                # Held with no pid in it: a cleaner probing a dead writer's lock, or an owner a moment before
-                # it writes its pid. Either lets go within milliseconds.
-                if self.create and not self._pid() and busy_tries < 20:
-                    busy_tries += 1
-                    time.sleep(0.05)
-                    continue
-                return False
-            # The previous holder may have unlinked the file between our open and our flock: then the lock we
-            # hold is on a file nobody else will ever open, and we must start over on the current one.
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same = False
-            if same or not self.create:
-                self.fd = fd
-                return True
-            os.close(fd)
-
-    def _pid(self) -> str:
-        try:
-            text = self.path.read_bytes()[:32].decode("ascii", "replace").strip()
-        except OSError:
-            return ""
-        return text if text.isdigit() else ""
-
-    def holder(self) -> str:
-        return self._pid() or "unknown"
-
-    def write_owner(self) -> None:
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
-
-    def release(self, unlink: bool) -> None:
-        if self.fd < 0:
-            return
-        if unlink:  # before closing: whoever opens it later sees it gone and retries on a fresh file
-            with suppress(FileNotFoundError):
-                self.path.unlink()
-        os.close(self.fd)
-        self.fd = -1
-
-
-@contextmanager
-def claim(final: Path, wait: bool = False) -> Iterator[None]:
-    """The right to write `final`, exclusive among processes, for the duration of the block."""
-    lock = _Lock(final.parent / f".{final.name}.lock")
-    if not lock.acquire(wait=wait):
-        raise UserError(f"{final} is being written by another process (pid {lock.holder()}); wait for it to "
-                        "finish or choose another name")
-    lock.write_owner()
-    try:
-        yield
-    finally:
-        lock.release(unlink=True)
-
-
 def _size(path: Path) -> int:
     total = 0
     for root, _dirs, files in os.walk(path):
@@ -200,7 +85,7 @@ def _is_stale(staging: Path) -> bool:
             return time.time() - staging.stat().st_mtime > _UNMARKED_GRACE_S
         except FileNotFoundError:
             return False
-    lock = _Lock(marker, create=False)
+    lock = FileLock(marker, create=False)
     if not lock.acquire():
         return False  # its writer is alive
     lock.release(unlink=False)
@@ -224,7 +109,7 @@ def clean_stale(parent: Path) -> list[str]:
             kind, name = leftover.groups()
             home = parent / name
             if kind == "trash" and not (home.exists() or home.is_symlink()):
-                owner = _Lock(parent / f".{name}.lock")
+                owner = FileLock(parent / f".{name}.lock")
                 if owner.acquire():  # nobody is in the middle of replacing it
                     with suppress(OSError):
                         entry.rename(home)
@@ -237,7 +122,7 @@ def clean_stale(parent: Path) -> list[str]:
             shutil.rmtree(entry, ignore_errors=True)
             notes.append(f"removed {entry} ({size / 2**20:.1f} MiB), left by a writer that was interrupted or killed")
         elif lock_file and entry.is_file() and not entry.is_symlink() and _older_than_grace(entry):
-            lock = _Lock(entry)
+            lock = FileLock(entry)
             if lock.acquire():  # nobody holds it: a killed writer's; removing it under the lock is race-free
                 lock.release(unlink=True)
     return notes
@@ -294,7 +179,7 @@ def _free_name(output_dir: Path, name: str, overwrite: bool) -> Iterator[tuple[P
         if not overwrite and ((output_dir / candidate).exists() or (output_dir / candidate).is_symlink()):
             continue
         final = child(output_dir, candidate)
-        lock = _Lock(output_dir / f".{candidate}.lock")
+        lock = FileLock(output_dir / f".{candidate}.lock")
         if not lock.acquire():
             if overwrite:
                 raise UserError(f"{final} is being written by another process (pid {lock.holder()}); wait for "
@@ -332,7 +217,7 @@ def staged_dir(final: Path, overwrite: bool = False, claimed: bool = False, wait
         staging.mkdir()
         # The marker is locked before it gets its name: a cleaner that finds `.unlearn` in a staging folder and
         # can lock it knows the writer is gone (the grace period covers the moment before it is named).
-        owner = _Lock(staging / f"{MARKER}.new")
+        owner = FileLock(staging / f"{MARKER}.new")
         try:
             if not owner.acquire(wait=True):
                 raise UserError(f"cannot lock {owner.path}")
@@ -364,53 +249,3 @@ def _swap_into_place(staging: Path, final: Path) -> None:
         if blocked:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def read_text(path: Path, what: str = "file") -> str:
-    """A UTF-8 text file's contents; one-line UserError for a missing, unreadable or non-UTF-8 file."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise UserError(f"{what} {path} is a folder, not a file") from None
-    except UnicodeDecodeError as err:
-        raise UserError(f"{what} {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
-                        f"{err.start})") from None
-    except OSError as err:
-        raise UserError(f"cannot read {what} {path} ({err.strerror or type(err).__name__})") from None
-
-
-def write_atomic(path: Path, write: Any) -> None:
-    """`write(tmp_path)` then rename over `path`: readers never see half a file, and a symlink planted at
-    `path` (in a received folder) is replaced, not followed to overwrite whatever it points at."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def write_yaml(path: Path, data: Any) -> None:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    text = read_text(path)
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UserError(f"malformed JSON in {path} (line {err.lineno}): {err.msg}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
