@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearn.errors import UserError
-from unlearn.files import read_json as _read_json
-from unlearn.files import write_atomic, write_text_atomic
+from unlearn.files import read_json, write_atomic, write_text_atomic
 
 METRIC_COLUMNS = [
     # embedded
@@ -42,10 +41,10 @@ COLUMNS = [("run", "run"), ("benchmark", "benchmark"), ("method", "method"), ("o
 ALWAYS = {"run", "method", "optimizer"}
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_record(path: Path) -> dict[str, Any]:
     """A run's or an attack's metrics.json, shape-checked: run folders are shared, and a malformed one must
     end in one line naming it, not in a traceback halfway through the table."""
-    record = _read_json(path)
+    record = read_json(path)
     for key in ("metrics", "train", "target", "recovery"):
         if record.get(key) is not None and not isinstance(record[key], dict):
             raise UserError(f"{path}: '{key}' must be a JSON object, got {type(record[key]).__name__}")
@@ -69,10 +68,10 @@ def attack_columns(run_dir: Path, headline: str = "forget/mcq_acc") -> dict[str,
     for name in ("bnb-8bit", "bnb-4bit-nf4"):
         path = run_dir / "attacks" / name / "metrics.json"
         if path.is_file():
-            out[f"attack/{name}"] = read_json(path)["metrics"].get(headline)
+            out[f"attack/{name}"] = read_record(path)["metrics"].get(headline)
     path = run_dir / "attacks" / "relearn" / "metrics.json"
     if path.is_file():
-        record = read_json(path)
+        record = read_record(path)
         if not record.get("curve"):
             raise UserError(f"{path}: a relearning result needs its 'curve'")
         out["attack/relearn"] = record["curve"][-1]["forget_unseen_acc"]
@@ -87,7 +86,7 @@ def relearn_curves(runs_dir: Path) -> dict[str, list[tuple[int, float]]]:
     for folder in _run_folders(runs_dir):
         path = folder / "attacks" / "relearn" / "metrics.json"
         if path.is_file():
-            curves[folder.name] = [(p["step"], p["forget_unseen_acc"]) for p in read_json(path).get("curve") or []]
+            curves[folder.name] = [(p["step"], p["forget_unseen_acc"]) for p in read_record(path).get("curve") or []]
     return curves
 
 
@@ -128,7 +127,7 @@ def row_from(name: str, record: dict[str, Any]) -> dict[str, Any]:
 def _records(runs_dir: Path) -> list[tuple[str, dict[str, Any]]]:
     if not runs_dir.is_dir():
         raise UserError(f"runs folder {runs_dir} does not exist")
-    found = [(folder, read_json(folder / "metrics.json")) for folder in _run_folders(runs_dir)
+    found = [(folder, read_record(folder / "metrics.json")) for folder in _run_folders(runs_dir)
              if (folder / "metrics.json").is_file()]
     if not found:
         raise UserError(f"no runs with metrics.json under {runs_dir}")

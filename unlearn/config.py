@@ -20,7 +20,7 @@ import yaml
 from unlearn.errors import UserError
 from unlearn.files import read_text
 from unlearn.runs import check_name
-from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, Limit, from_mapping, key_list, setting, unknown_keys
+from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, from_mapping, key_list, setting, unknown_keys
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -58,7 +58,7 @@ class EvalConfig:
     max_new_tokens: int = setting(16, limit=AT_LEAST_ONE)
     # How WMDP/MMLU-style MCQs are scored: "lm-eval" (lm-eval-harness, the reference) or "native" (the
     # toolkit's in-loop scorer; a test shows both give the same accuracy).
-    engine: str = setting("lm-eval", limit=Limit(choices=EVAL_ENGINES))
+    engine: str = "lm-eval"  # checked by check_engine, whose message names the engines
     openqa: bool = False  # also ask the MCQs open-ended and judge the free-text answers
     judge: str | None = None  # NLI model (hub id or folder) judging open-ended answers; None: normalized match
 
@@ -176,9 +176,8 @@ def check_engine(engine: str) -> None:
 
 def eval_config(data: Any) -> EvalConfig:
     """The `eval` section as EvalConfig: unknown keys, types and ranges checked (also for a saved run's config)."""
-    if isinstance(data, dict) and isinstance(data.get("engine"), str):
-        check_engine(data["engine"])  # the message lists the engines by name
     settings = from_mapping(EvalConfig, data, "eval")
+    check_engine(settings.engine)
     if settings.judge is not None and not settings.judge.strip():
         raise UserError("eval.judge must name an NLI model (hub id or folder), or be null")
     return settings

@@ -99,13 +99,22 @@ class FileLock:
         self.fd = -1
 
 
+def lock_path(final: Path) -> Path:
+    """The lock file that guards writing `final`: a hidden sibling."""
+    return final.parent / f".{final.name}.lock"
+
+
+def busy(final: Path, lock: FileLock) -> UserError:
+    return UserError(f"{final} is being written by another process (pid {lock.holder()}); wait for it to finish "
+                     "or choose another name")
+
+
 @contextmanager
 def claim(final: Path, wait: bool = False) -> Iterator[None]:
     """The right to write `final`, exclusive among processes, for the duration of the block."""
-    lock = FileLock(final.parent / f".{final.name}.lock")
+    lock = FileLock(lock_path(final))
     if not lock.acquire(wait=wait):
-        raise UserError(f"{final} is being written by another process (pid {lock.holder()}); wait for it to "
-                        "finish or choose another name")
+        raise busy(final, lock)
     lock.write_owner()
     try:
         yield

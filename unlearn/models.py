@@ -99,7 +99,7 @@ def resolve(spec: str) -> str:
     return spec  # a hub id
 
 
-def _load_error(spec: str, err: Exception, what: str = "model") -> UserError:
+def load_error(spec: str, err: Exception, what: str = "model") -> UserError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return UserError(f"cannot load {what} '{spec}': {first}")
 
@@ -119,7 +119,7 @@ def from_pretrained(source: str, spec: str, what: str = "model", **kwargs) -> to
     try:
         return AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **kwargs)
     except load_errors() as err:
-        raise _load_error(spec, err, what) from None
+        raise load_error(spec, err, what) from None
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> tuple[object, str]:
@@ -130,7 +130,7 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> tuple[object, 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except load_errors() as err:
-        raise _load_error(spec, err, "the tokenizer of") from None
+        raise load_error(spec, err, "the tokenizer of") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, source

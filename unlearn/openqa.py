@@ -104,7 +104,7 @@ class NLIJudge:
     def __init__(self, spec: str, batch_size: int = 32, trust_remote_code: bool = False) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from unlearn.models import load_errors, resolve
+        from unlearn.models import load_error, load_errors, resolve
 
         try:
             source = resolve(spec)  # a local folder must hold config.json and safetensors weights
@@ -115,8 +115,7 @@ class NLIJudge:
             self.model = AutoModelForSequenceClassification.from_pretrained(
                 source, use_safetensors=True, trust_remote_code=trust_remote_code).eval()
         except load_errors() as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"cannot load NLI judge '{spec}': {first}") from None
+            raise load_error(spec, err, "NLI judge") from None
         labels = {int(i): str(name).lower() for i, name in self.model.config.id2label.items()}
         entail = [i for i, name in labels.items() if name.startswith("entail")]
         if len(entail) != 1:

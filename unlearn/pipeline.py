@@ -23,7 +23,7 @@ from unlearn.data import encode
 from unlearn.errors import UserError
 from unlearn.files import write_json_atomic, write_yaml
 from unlearn.models import load_model, save_model
-from unlearn.objectives import build_objective
+from unlearn.objectives import Objective, build_objective
 from unlearn.optim import OPTIMIZERS, build_optimizer, dry_build
 from unlearn.runs import open_run_dir, staged_dir
 from unlearn.train import train
@@ -77,16 +77,17 @@ def _optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     return _build(build_optimizer, cfg.optimizer["name"], model.named_parameters(), **_optimizer_options(cfg))
 
 
-def check_run_config(cfg: RunConfig) -> Task:
+def check_run_config(cfg: RunConfig) -> tuple[Task, Objective]:
     """Everything a run's settings can get wrong, found in seconds, before any model is loaded: the method and
-    its options, the optimizer and its options (built on stand-in tensors), the benchmark and its data."""
-    _build(build_objective, cfg.method["name"], **cfg.method_options)
+    its options, the optimizer and its options (built on stand-in tensors), the benchmark and its data.
+    Returns the task and the objective, both ready for the run."""
+    objective = _build(build_objective, cfg.method["name"], **cfg.method_options)
     _build(dry_build, cfg.optimizer["name"], _optimizer_options(cfg))
     task = load_task(cfg.benchmark)
     if not task.forget:
         raise UserError(f"benchmark '{task.name}' gives no forget text to unlearn "
                         "(wmdp/openqa: pass --forget-corpus FILE of {text} records)")
-    return task
+    return task, objective
 
 
 def _unlearn_request(cfg: RunConfig, objective, model: torch.nn.Module, tok, forget_examples, retain,
@@ -113,8 +114,7 @@ def _unlearn_request(cfg: RunConfig, objective, model: torch.nn.Module, tok, for
 def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=print,
         trust_remote_code: bool = False) -> RunOutcome:
     """`trust_remote_code` comes from the command-line flag only: it is never a config setting (see config.py)."""
-    task = check_run_config(cfg)
-    objective = build_objective(cfg.method["name"], **cfg.method_options)
+    task, objective = check_run_config(cfg)
     for note in task.notes:
         log(f"note: {note}")
     name = cfg.name or f"{cfg.method['name']}-{cfg.optimizer['name']}"
@@ -125,7 +125,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
         return _run(cfg, task, objective, final, overwrite, progress, log, trust_remote_code)
 
 
-def _run(cfg: RunConfig, task: Task, objective, final: Path, overwrite: bool, progress: bool, log,
+def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrite: bool, progress: bool, log,
          trust_remote_code: bool) -> RunOutcome:
     torch.manual_seed(cfg.train.seed)
     start_spec = starting_model(cfg, task, progress, trust_remote_code)

@@ -29,7 +29,7 @@ from typing import Any
 
 from unlearn.errors import UserError
 from unlearn.files import writable_dir
-from unlearn.locks import FileLock, claim
+from unlearn.locks import FileLock, busy, claim, lock_path
 
 MARKER = ".unlearn"
 STAGING_PREFIX = ".staging-"
@@ -109,7 +109,7 @@ def clean_stale(parent: Path) -> list[str]:
             kind, name = leftover.groups()
             home = parent / name
             if kind == "trash" and not (home.exists() or home.is_symlink()):
-                owner = FileLock(parent / f".{name}.lock")
+                owner = FileLock(lock_path(home))
                 if owner.acquire():  # nobody is in the middle of replacing it
                     with suppress(OSError):
                         entry.rename(home)
@@ -179,11 +179,10 @@ def _free_name(output_dir: Path, name: str, overwrite: bool) -> Iterator[tuple[P
         if not overwrite and ((output_dir / candidate).exists() or (output_dir / candidate).is_symlink()):
             continue
         final = child(output_dir, candidate)
-        lock = FileLock(output_dir / f".{candidate}.lock")
+        lock = FileLock(lock_path(final))
         if not lock.acquire():
             if overwrite:
-                raise UserError(f"{final} is being written by another process (pid {lock.holder()}); wait for "
-                                "it to finish or choose another --name")
+                raise busy(final, lock)
             continue
         lock.write_owner()
         try:
@@ -201,13 +200,12 @@ def _free_name(output_dir: Path, name: str, overwrite: bool) -> Iterator[tuple[P
 
 
 @contextmanager
-def staged_dir(final: Path, overwrite: bool = False, claimed: bool = False, wait: bool = False,
-               kind: str = "run") -> Iterator[Path]:
+def staged_dir(final: Path, overwrite: bool = False, claimed: bool = False, kind: str = "run") -> Iterator[Path]:
     """Yield a staging folder; on success it replaces `final` atomically. `claimed`: the caller already holds
     `final`'s lock (open_run_dir); `wait`: block on a concurrent writer instead of failing (shared caches)."""
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
-    with nullcontext() if claimed else claim(final, wait=wait):
+    with nullcontext() if claimed else claim(final):
         clean_stale(parent)
         if final.exists() or final.is_symlink():
             if not overwrite:
