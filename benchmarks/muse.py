@@ -39,7 +39,7 @@ from benchmarks.task import Stage, Task
 from unlearn.data import Example
 from unlearn.errors import UserError
 from unlearn.files import read_text
-from unlearn.settings import key_list, unknown_keys
+from unlearn.settings import config_count, key_list, unknown_keys
 
 # Hub layout, read from the dataset cards of muse-bench/MUSE-News and MUSE-Books: subsets raw (forget, retain1,
 # retain2, holdout; text), knowmem (forget_qa, retain_qa, forget_qa_icl, retain_qa_icl; question, answer),
@@ -350,15 +350,6 @@ def _split_spec(value: Any, key: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------------- config
 
 
-def _positive_int(config: dict[str, Any], key: str, default: int | None) -> int | None:
-    value = config.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"benchmark.{key} must be an integer >= 1, got {value!r}")
-    return value
-
-
 def settings_from(config: dict[str, Any]) -> MuseSettings:
     unknown = unknown_keys(config, KNOWN_KEYS)
     if unknown:
@@ -385,14 +376,14 @@ def settings_from(config: dict[str, Any]) -> MuseSettings:
     _split_spec(retain, "retain")
     return MuseSettings(
         forget=forget, retain=retain, sequential=sequential,
-        chunk_words=_positive_int(config, "chunk_words", d.chunk_words) or d.chunk_words,
-        verbmem_tokens=_positive_int(config, "verbmem_tokens", d.verbmem_tokens) or d.verbmem_tokens,
-        knowmem_tokens=_positive_int(config, "knowmem_tokens", d.knowmem_tokens) or d.knowmem_tokens,
+        chunk_words=config_count(config, "chunk_words", d.chunk_words) or d.chunk_words,
+        verbmem_tokens=config_count(config, "verbmem_tokens", d.verbmem_tokens) or d.verbmem_tokens,
+        knowmem_tokens=config_count(config, "knowmem_tokens", d.knowmem_tokens) or d.knowmem_tokens,
         k_percent=float(k), auc_retrain=None if auc is None else float(auc),
         retrain_model=None if retrain_model is None else str(retrain_model),
-        privleak_max_tokens=_positive_int(config, "privleak_max_tokens", d.privleak_max_tokens)
+        privleak_max_tokens=config_count(config, "privleak_max_tokens", d.privleak_max_tokens)
         or d.privleak_max_tokens,
-        limit=_positive_int(config, "limit", None))
+        limit=config_count(config, "limit", None))
 
 
 def _source(data: Any, digest: Any) -> _Source:

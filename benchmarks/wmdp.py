@@ -28,9 +28,10 @@ from benchmarks.task import MCQ, Task
 from unlearn.config import check_engine
 from unlearn.data import Example
 from unlearn.errors import UserError
-from unlearn.settings import AT_LEAST_ONE, SettingError, check_value, key_list, unknown_keys
+from unlearn.settings import config_count, key_list, unknown_keys
 
 LETTERS = "ABCDEFGHIJ"
+CHUNK_WORDS = 150  # words per forget/retain training passage cut from a corpus
 DESCRIPTION = "The following are multiple choice questions (with answers) about {subject}.\n\n"
 # lm-eval's own WMDP tasks: the hub dataset each reads and the subject its description names.
 HUB_TASKS = {"wmdp_bio": ("cais/wmdp", "wmdp-bio", "biology"),
@@ -253,22 +254,6 @@ class WMDPTask(Task):
         return run_steps(steps, progress)
 
 
-def _limit(config: dict[str, Any]) -> int | None:
-    limit = config.get("limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise UserError(f"benchmark.limit must be an integer >= 1, got {limit!r}")
-    return limit
-
-
-def _positive_int(config: dict[str, Any], key: str, default: int | None) -> Any:
-    """benchmark.KEY as an integer >= 1; null only where the default is null (no limit)."""
-    try:
-        return check_value(f"benchmark.{key}", config.get(key, default), int if default is not None else int | None,
-                           AT_LEAST_ONE)
-    except SettingError as err:
-        raise UserError(str(err)) from None
-
-
 def _field_name(config: dict[str, Any], key: str, default: str | None) -> str | None:
     value = config.get(key, default)
     if value is not None and (not isinstance(value, str) or not value.strip()):
@@ -336,7 +321,7 @@ def load(config: dict[str, Any], name: str = "wmdp", openqa: bool = False) -> WM
         raise UserError(f"benchmark '{name}' needs questions: pass --data FILE ({{question, choices, answer}} records "
                         f"as jsonl/json/parquet) or a hub task ({', '.join(HUB_TASKS)})")
     source = _source(config["data"], "benchmark.data")
-    limit = _limit(config)
+    limit = config_count(config, "limit", None)
     if config.get("subject") is not None and not isinstance(config["subject"], str):
         raise UserError(f"benchmark.subject must be a string, got {config['subject']!r}")
     questions = QuestionSet(name, source, _subject(source, config), _field_name(config, "tag_field", "concept"),
@@ -356,8 +341,8 @@ def load(config: dict[str, Any], name: str = "wmdp", openqa: bool = False) -> WM
                               _field_name(config, "utility_tag_field", "subject"), limit)
         if not utility.is_hub:
             utility.questions()
-    words = _positive_int(config, "chunk_words", 150)
-    corpus_limit = _positive_int(config, "corpus_limit", None)
+    words = config_count(config, "chunk_words", CHUNK_WORDS, nullable=False)
+    corpus_limit = config_count(config, "corpus_limit", None)
     forget: list[Example] = []
     retain: list[Example] = []
     if config.get("forget_corpus"):

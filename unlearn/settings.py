@@ -69,6 +69,27 @@ AT_LEAST_ONE = Limit(ge=1)
 UNIT_OPEN = Limit(ge=0, lt=1)
 
 
+def check_int(name: str, value: Any, minimum: int = 1) -> None:
+    """One-line SettingError (a ValueError) unless ``value`` is an integer (not a bool) >= ``minimum``: counts,
+    ranks, periods, limits."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise SettingError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def config_count(config: Mapping[str, Any], key: str, default: int | None, section: str = "benchmark",
+                 nullable: bool = True) -> int | None:
+    """config[key] (else `default`) as an integer >= 1; with `nullable`, null passes (callers read it as "no
+    limit" or "the default"). A one-line UserError naming `section.key` otherwise."""
+    value = config.get(key, default)
+    if value is None and nullable:
+        return None
+    try:
+        check_int(f"{section}.{key}", value)
+    except SettingError as err:
+        raise UserError(str(err)) from None
+    return value
+
+
 def setting(default: Any = MISSING, *, limit: Limit | None = None, default_factory: Any = MISSING) -> Any:
     """A dataclass field with a declared range: `max_steps: int = setting(60, limit=AT_LEAST_ONE)`."""
     metadata = {"limit": limit} if limit else {}

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from unlearn.optim.protocol import Closure, build_optimizer, check_int, register, require_closure
+from unlearn.optim.protocol import Closure, build_optimizer, register, require_closure
+from unlearn.settings import check_int
 
 
 def _sub_optimizer(

@@ -43,12 +43,6 @@ def register(name: str) -> Callable[[OptimizerClass], OptimizerClass]:
     return add
 
 
-def check_int(name: str, value: Any, minimum: int = 1) -> None:
-    """One-line ValueError unless ``value`` is an integer (not a bool) >= ``minimum``: counts, ranks, periods."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 class ModelDependent(ValueError):
     """Options that are fine in themselves but select nothing in *this* model (a name pattern, say): only the
     real build can tell, so ``dry_build`` lets it pass."""

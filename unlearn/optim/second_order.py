@@ -17,7 +17,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from unlearn.loss import total_loss
-from unlearn.optim.protocol import Closure, check_int, register, require_closure
+from unlearn.optim.protocol import Closure, register, require_closure
+from unlearn.settings import check_int
 
 
 @register("sophia")

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from unlearn.loss import loss_parts, total_loss
-from unlearn.optim.protocol import BackwardStep, Closure, ModelDependent, check_int, register, require_closure
+from unlearn.optim.protocol import BackwardStep, Closure, ModelDependent, register, require_closure
+from unlearn.settings import check_int
 
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # Keller Jordan's quintic: maximal slope at 0 in 5 steps
 

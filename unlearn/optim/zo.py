@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from unlearn.optim.protocol import Closure, check_int, register, require_closure
+from unlearn.optim.protocol import Closure, register, require_closure
 from unlearn.optim.zo_directions import (
     Directions,
     IIDDirections,
@@ -52,6 +52,7 @@ from unlearn.optim.zo_directions import (
     PoolDirections,
     SubspaceDirections,
 )
+from unlearn.settings import check_int
 
 _SEED_RANGE = 2**62
 
