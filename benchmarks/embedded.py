@@ -86,6 +86,10 @@ def task_from(bench: Benchmark) -> TaskData:
              for s in SPLITS},
         qa={s: pairs(s) for s in SPLITS},
         passages=dict(bench.passages),
+        units={**{f"{s}/mcq_acc": "fraction correct" for s in SPLITS},
+               **{f"{s}/openqa_acc": "fraction correct" for s in SPLITS},
+               "forget/rougeL": "ROUGE-L F1 (0-1)", "retain/rougeL": "ROUGE-L F1 (0-1)",
+               "retain/perplexity": "perplexity"},
     )
 
 

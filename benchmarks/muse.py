@@ -6,25 +6,29 @@ Data comes from a local folder in MUSE's layout or from the hub (`muse-bench/MUS
     knowmem/forget_qa_icl.json, knowmem/retain_qa_icl.json [{question, answer}]  few-shot examples (optional)
     verbmem/forget.json                                    [{prompt, gt}]        (VerbMem)
     privleak/forget.json, privleak/holdout.json            ["text", ...] or [{text}]  (PrivLeak; retain.json unused)
-    raw/{forget,retain1,retain2,holdout}.*                 unlearning text
+    raw/{forget,retain1,retain2,holdout}.*                 unlearning text (only `unlearn run` reads it)
     scal/forget_<i>.*, sust/forget_<i>.*                   scalability / sustainability forget sets
 
 Raw-like files (raw/, scal/, sust/) may be .txt (one whole text), .json (a list of strings or {text}),
-.jsonl ({text}) or .parquet ({text}).
+.jsonl ({text}) or .parquet ({text}); empty records in them are skipped and counted in a note.
 
-Metrics (`MuseTask.evaluate`):
-- muse/verbmem_forget: ROUGE-L F1 of a greedy continuation (`verbmem_tokens` new tokens) of each prompt vs `gt`.
-- muse/knowmem_forget, muse/knowmem_retain: ROUGE-L F1 of a greedy few-shot answer vs the answer.
-- muse/privleak_auc: ROC AUC of a Min-K% membership attack, holdout = 1, forget = 0 (MUSE's sign: ~0 when the
-  model still knows the forget texts, ~0.5 for a retrained model, -> 1 when over-unlearned).
-- muse/privleak: (AUC - AUC_retrain) / AUC_retrain * 100, only when AUC_retrain is known.
+Metrics (`MuseTask.evaluate`), computed as MUSE's own evaluation code computes them (muse_bench eval.py and
+metrics/{verbmem,knowmem,privleak}.py) and on MUSE's scale (×100, as in its tables):
+- muse/verbmem_forget: mean ROUGE-L F1 (rouge-score, no stemming) ×100 of a greedy continuation of
+  `verbmem_tokens` (128) new tokens of each prompt against the first 128 tokens of `gt`.
+- muse/knowmem_forget, muse/knowmem_retain: mean ROUGE-L F1 ×100 of a greedy few-shot answer (32 new tokens,
+  prompt "Question: q\nAnswer: a\n\n" per shot, then "Question: q\nAnswer: "), cut before the first "\n\n",
+  "\nQuestion" or "Question:", against the reference answer.
+- muse/privleak_auc: ROC AUC of the Min-40% membership attack, holdout = 1, forget = 0, each passage scored
+  whole (up to the model's context): the mean of the lowest floor(40% · n) token log-probabilities.
+- muse/privleak: (AUC - AUC_retrain) / AUC_retrain × 100, only when AUC_retrain is known.
+Prompts and passages are tokenized with the tokenizer's special tokens (a BOS where it adds one), as MUSE's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -54,6 +58,13 @@ STAGE_SPLIT = re.compile(r"forget_(\d+)")
 HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")
 # Elements of one float32 logits block in the Min-K% pass: bounds memory for large vocabularies and long texts.
 LOGIT_BUDGET = 2**27
+# MUSE's knowmem answer is cut before the first of these, in this order (metrics/knowmem.py).
+KNOWMEM_STOPS = ("\n\n", "\nQuestion", "Question:")
+SCALE = 100  # MUSE reports ROUGE and PrivLeak in percent
+UNITS = {"muse/verbmem_forget": "ROUGE-L F1 ×100", "muse/knowmem_forget": "ROUGE-L F1 ×100",
+         "muse/knowmem_retain": "ROUGE-L F1 ×100", "muse/privleak_auc": "AUC (0-1)",
+         "muse/privleak_auc_retrain": "AUC (0-1)", "muse/privleak": "% of AUC_retrain",
+         "muse/privleak_truncated": "passages"}
 
 KNOWN_KEYS = {"name", "data", "forget", "retain", "chunk_words", "sequential", "verbmem_tokens", "knowmem_tokens",
               "k_percent", "auc_retrain", "retrain_model", "privleak_max_tokens", "limit"}
@@ -72,20 +83,25 @@ class MuseSettings:
     k_percent: float = 40.0
     auc_retrain: float | None = None
     retrain_model: str | None = None
-    privleak_max_tokens: int = 512
+    privleak_max_tokens: int | None = None  # None: whole passages, up to the model's context
     limit: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------- metrics (pure)
 
 
+def min_k_count(n: int, k_percent: float) -> int:
+    """How many of n token log-probabilities Min-K% averages: int(n * ratio), as MUSE's privleak code takes it."""
+    return int(n * (k_percent / 100))
+
+
 def min_k_score(logprobs: torch.Tensor | list[float], k_percent: float) -> float:
-    """Mean of the lowest K% (rounded up, at least one) of a text's token log-probabilities."""
+    """Mean of the lowest floor(n·K/100) of a text's token log-probabilities (MUSE's Min-K%, sign: higher =
+    more likely seen)."""
     values = torch.as_tensor(logprobs, dtype=torch.float64).flatten()
-    if values.numel() == 0:
-        raise ValueError("Min-K% needs at least one scored token")
-    # round() first: n * K / 100 in floating point can land a hair above an integer and ceil one too far.
-    k = max(1, math.ceil(round(values.numel() * k_percent / 100, 9)))
+    k = min_k_count(values.numel(), k_percent)
+    if k < 1:
+        raise ValueError(f"Min-{k_percent:g}% of {values.numel()} token(s) selects none")
     return float(values.sort().values[:k].mean())
 
 
@@ -103,8 +119,23 @@ def privleak(auc: float, auc_retrain: float) -> float:
 
 
 def knowmem_prompt(question: str, icl: list[tuple[str, str]]) -> str:
+    """MUSE's few-shot prompt; it ends "Answer: " with the space, so the answer's first token carries none."""
     shots = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in icl)
-    return f"{shots}Question: {question}\nAnswer:"
+    return f"{shots}Question: {question}\nAnswer: "
+
+
+def knowmem_answer(generation: str) -> str:
+    """A generation cut as MUSE cuts it: before "\n\n", then "\nQuestion", then "Question:" (not stripped)."""
+    for stop in KNOWMEM_STOPS:
+        generation = generation.split(stop)[0]
+    return generation
+
+
+def verbmem_reference(tokenizer: Any, gt: str, n_tokens: int) -> str:
+    """The ground truth VerbMem compares against: its first `n_tokens` tokens (special tokens included when the
+    tokenizer adds them, as MUSE encodes it), decoded back to text."""
+    ids = tokenizer(gt, add_special_tokens=True).input_ids[:n_tokens]
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
 
 
 # ---------------------------------------------------------------------------------------------- model passes
@@ -117,40 +148,73 @@ def _vocab_size(model: Any) -> int:
     return int(getattr(model.config, "vocab_size", 32_000))
 
 
+@dataclass
+class Scored:
+    """One passage's token log-probabilities and whether it was cut to fit."""
+
+    logprobs: torch.Tensor
+    n_tokens: int  # tokens of the whole passage as tokenized
+    truncated: bool
+
+
 @torch.no_grad()
-def token_logprobs(model: Any, tokenizer: Any, texts: list[str], max_tokens: int,
-                   batch_size: int) -> list[torch.Tensor]:
-    """log p(x_t | x_<t) for tokens 2..n of each text (tokenized as the toolkit trains: no special tokens),
-    the text cut to `max_tokens` tokens."""
-    ids = [tokenizer(t, add_special_tokens=False).input_ids[:max_tokens] for t in texts]
+def token_logprobs(model: Any, tokenizer: Any, texts: list[str], max_tokens: int | None, batch_size: int,
+                   max_batch_tokens: int | None = None) -> list[Scored]:
+    """log p(x_t | x_<t) for tokens 2..n of each text, tokenized as MUSE does (`tokenizer.encode`: special
+    tokens included), whole unless longer than `max_tokens` or the model's context (then cut and marked).
+    Batched longest first; logits are computed a slice of positions at a time so a long passage of a
+    large-vocabulary model never holds a full float32 logits tensor."""
+    from unlearn.evaluate import _bar, length_batches, model_context
+
+    limits = [v for v in (max_tokens, model_context(model)) if v is not None]
+    limit = min(limits) if limits else None
+    full = [tokenizer(t, add_special_tokens=True).input_ids for t in texts]
+    ids = [row[:limit] if limit else row for row in full]
     for index, row in enumerate(ids):
         if len(row) < 2:
             raise UserError(f"privleak text {index + 1} has fewer than 2 tokens: Min-K% has nothing to score")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     vocab = _vocab_size(model)
-    out: list[torch.Tensor] = []
-    start = 0
-    while start < len(ids):
-        width = max(len(r) for r in ids[start:start + batch_size])
-        rows = max(1, min(batch_size, LOGIT_BUDGET // (width * vocab)))
-        chunk = ids[start:start + rows]
-        width = max(len(r) for r in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, row in enumerate(chunk):
-            input_ids[i, :len(row)] = torch.tensor(row)
-            mask[i, :len(row)] = 1
-        input_ids, mask = input_ids.to(model.device), mask.to(model.device)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
-        lp = -F.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
-        out.extend(lp[i, :len(row) - 1].cpu() for i, row in enumerate(chunk))
-        start += len(chunk)
-    return out
+    out: list[Scored | None] = [None] * len(texts)
+    with _bar(len(texts)) as bar:
+        for indices in length_batches([len(r) for r in ids], batch_size, max_batch_tokens):
+            width = max(len(ids[i]) for i in indices)
+            input_ids = torch.full((len(indices), width), pad, dtype=torch.long)
+            for row, i in enumerate(indices):
+                input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
+            # Right padding needs no attention mask in a causal model (see unlearn/scoring.py: _logits_at).
+            lp = _shifted_logprobs(model, input_ids.to(model.device), vocab)
+            for row, i in enumerate(indices):
+                out[i] = Scored(lp[row, :len(ids[i]) - 1].cpu(), len(full[i]), len(ids[i]) < len(full[i]))
+            bar.update(len(indices))
+    return [s for s in out if s is not None]
 
 
-def min_k_scores(model: Any, tokenizer: Any, texts: list[str], k_percent: float, max_tokens: int,
-                 batch_size: int) -> list[float]:
-    return [min_k_score(lp, k_percent) for lp in token_logprobs(model, tokenizer, texts, max_tokens, batch_size)]
+def _shifted_logprobs(model: Any, input_ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for every position t, [rows, width - 1]."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    targets = input_ids[:, 1:]
+    if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+        logits = model(input_ids=input_ids).logits[:, :-1].float()
+        return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    hidden = decoder(input_ids=input_ids).last_hidden_state[:, :-1]
+    step = max(1, LOGIT_BUDGET // (vocab * input_ids.shape[0]))
+    parts = [-F.cross_entropy(head(hidden[:, s:s + step]).float().transpose(1, 2), targets[:, s:s + step],
+                              reduction="none") for s in range(0, hidden.shape[1], step)]
+    return torch.cat(parts, dim=1)
+
+
+def min_k_scores(model: Any, tokenizer: Any, texts: list[str], k_percent: float, max_tokens: int | None,
+                 batch_size: int, max_batch_tokens: int | None = None) -> tuple[list[float], list[Scored]]:
+    scored = token_logprobs(model, tokenizer, texts, max_tokens, batch_size, max_batch_tokens)
+    scores = []
+    for index, item in enumerate(scored):
+        if min_k_count(item.logprobs.numel(), k_percent) < 1:
+            raise UserError(f"privleak text {index + 1} has {item.logprobs.numel() + 1} tokens: Min-{k_percent:g}% "
+                            "(MUSE's floor(n·K/100)) selects none of them")
+        scores.append(min_k_score(item.logprobs, k_percent))
+    return scores, scored
 
 
 # ---------------------------------------------------------------------------------------------- the task
@@ -165,26 +229,45 @@ class MuseTask(Task):
     privleak_texts: dict[str, list[str]] = field(default_factory=dict)  # forget, holdout
     _auc_retrain: float | None = field(default=None, init=False, repr=False)  # computed once per task
 
-    def privleak_auc(self, model: Any, tokenizer: Any, batch_size: int) -> float:
-        s = self.settings
-        scores = {split: min_k_scores(model, tokenizer, self.privleak_texts[split], s.k_percent,
-                                      s.privleak_max_tokens, batch_size)
-                  for split in ("forget", "holdout")}
-        return privleak_auc(scores["forget"], scores["holdout"])
+    def privleak_auc(self, model: Any, tokenizer: Any, batch_size: int,
+                     max_batch_tokens: int | None = None) -> dict[str, float]:
+        """{"auc": ..., "truncated": passages cut to fit (only when some were)}; samples logged per passage."""
+        from unlearn.evaluate import collecting_samples, log_samples
 
-    def auc_retrain(self, device: Any, dtype: torch.dtype, batch_size: int) -> float | None:
+        s = self.settings
+        scores, scored = {}, {}
+        for split in ("forget", "holdout"):
+            scores[split], scored[split] = min_k_scores(model, tokenizer, self.privleak_texts[split], s.k_percent,
+                                                        s.privleak_max_tokens, batch_size, max_batch_tokens)
+        out = {"auc": privleak_auc(scores["forget"], scores["holdout"])}
+        truncated = sum(item.truncated for split in scored.values() for item in split)
+        if truncated:
+            out["truncated"] = float(truncated)
+        if collecting_samples():
+            log_samples([{"split": split, "member": split == "holdout", "text": text, "tokens": item.n_tokens,
+                          "scored_tokens": item.logprobs.numel() + 1, "truncated": item.truncated, "min_k": score}
+                         for split in ("forget", "holdout")
+                         for text, item, score in zip(self.privleak_texts[split], scored[split], scores[split],
+                                                      strict=True)])
+        return out
+
+    def auc_retrain(self, device: Any, dtype: torch.dtype, batch_size: int,
+                    max_batch_tokens: int | None = None) -> float | None:
         """AUC_retrain: given, or measured once on benchmark.retrain_model (then cached on the task)."""
         if self.settings.auc_retrain is not None:
             return self.settings.auc_retrain
         if self.settings.retrain_model is None:
             return None
         if self._auc_retrain is None:
+            from unlearn.evaluate import metric_scope
             from unlearn.models import load_model
 
             loaded = load_model(self.settings.retrain_model, dtype=dtype)
             retrained = loaded.model.to(device)
             try:
-                self._auc_retrain = self.privleak_auc(retrained, loaded.tokenizer, batch_size)
+                with metric_scope("muse/privleak_auc_retrain"):
+                    self._auc_retrain = self.privleak_auc(retrained, loaded.tokenizer, batch_size,
+                                                          max_batch_tokens)["auc"]
             finally:
                 del retrained, loaded
                 if torch.cuda.is_available():
@@ -193,25 +276,34 @@ class MuseTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: Any, tokenizer: Any, settings: Any, progress: bool = True) -> dict[str, float]:
-        from unlearn.evaluate import generate_answers, rouge_l_f1, run_steps
+        from unlearn.evaluate import generate_texts, log_generations, rouge_l_scores, run_steps
 
-        s, batch_size = self.settings, settings.batch_size
+        s, batch_size, budget = self.settings, settings.batch_size, settings.max_batch_tokens
         model.eval()
+
+        def generate(prompts: list[str], max_new_tokens: int) -> list[str]:
+            # MUSE encodes prompts with special tokens and decodes with clean-up of tokenization spaces.
+            return generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, add_special_tokens=True,
+                                  clean_up_spaces=True, max_batch_tokens=budget)
+
+        def scored(prompts: list[str], golds: list[str], outputs: list[str]) -> float:
+            scores = rouge_l_scores(golds, outputs)
+            log_generations(prompts, golds, outputs, [SCALE * x for x in scores])
+            return SCALE * sum(scores) / len(scores) if scores else float("nan")
 
         def verbmem() -> float:
             prompts = [p for p, _ in self.verbmem]
-            # whole continuations: VerbMem compares full passages, not first lines
-            generated = generate_answers(model, tokenizer, prompts, s.verbmem_tokens, batch_size, first_line=False)
-            return rouge_l_f1([gt for _, gt in self.verbmem], generated)
+            golds = [verbmem_reference(tokenizer, gt, s.verbmem_tokens) for _, gt in self.verbmem]
+            return scored(prompts, golds, generate(prompts, s.verbmem_tokens))
 
         def knowmem(split: str) -> float:
             pairs = self.knowmem[split]
             prompts = [knowmem_prompt(q, self.icl.get(split, [])) for q, _ in pairs]
-            answers = generate_answers(model, tokenizer, prompts, s.knowmem_tokens, batch_size)  # first line
-            return rouge_l_f1([a for _, a in pairs], answers)
+            answers = [knowmem_answer(g) for g in generate(prompts, s.knowmem_tokens)]
+            return scored(prompts, [a for _, a in pairs], answers)
 
         def retrain_auc() -> float:
-            value = self.auc_retrain(model.device, dtype, batch_size)
+            value = self.auc_retrain(model.device, dtype, batch_size, budget)
             assert value is not None  # only asked for when benchmark.retrain_model is set
             return value
 
@@ -221,13 +313,13 @@ class MuseTask(Task):
             ("muse/verbmem_forget", verbmem),
             ("muse/knowmem_forget", lambda: knowmem("forget")),
             ("muse/knowmem_retain", lambda: knowmem("retain")),
-            ("muse/privleak", lambda: {"auc": self.privleak_auc(model, tokenizer, batch_size)}),
+            ("muse/privleak", lambda: self.privleak_auc(model, tokenizer, batch_size, budget)),
         ]
         if s.auc_retrain is None and s.retrain_model is not None:
             # Its own step (a model load and a Min-K% pass the first time) so the progress bar shows it.
             steps.append(("muse/privleak_auc_retrain", retrain_auc))
         metrics = run_steps(steps, progress)
-        retrain = self.auc_retrain(model.device, dtype, batch_size)
+        retrain = self.auc_retrain(model.device, dtype, batch_size, budget)
         if retrain is not None:
             metrics["muse/privleak_auc_retrain"] = retrain
             if retrain > 0:  # a retrained AUC of exactly 0 leaves the ratio undefined: report the AUCs only
@@ -239,6 +331,8 @@ class MuseTask(Task):
 
 
 class _Source(Protocol):
+    where: str  # the folder or hub repository, for messages
+
     def records(self, subset: str, split: str, *, text: bool, required: bool) -> tuple[str, list[Any]] | None:
         """(where, records) of one split; None when an optional split is absent."""
 
@@ -249,6 +343,7 @@ class _Source(Protocol):
 class _LocalSource:
     def __init__(self, root: Path, digest: Any) -> None:
         self.root, self.digest = root, digest
+        self.where = str(root)
 
     def _find(self, subset: str, split: str, suffixes: tuple[str, ...]) -> Path | None:
         found = [self.root / subset / f"{split}{s}" for s in suffixes if (self.root / subset / f"{split}{s}").is_file()]
@@ -286,6 +381,7 @@ class _LocalSource:
 class _HubSource:
     def __init__(self, repo: str, digest: Any) -> None:
         self.repo, self.digest = repo, digest
+        self.where = repo
         self.digest.update(f"hub:{repo}\0".encode())
 
     def _fail(self, what: str, err: Exception) -> UserError:
@@ -320,16 +416,23 @@ class _HubSource:
 # ---------------------------------------------------------------------------------------------- record checks
 
 
-def _texts(where: str, records: list[Any]) -> list[str]:
-    """Strings, or {text} records (the hub's form): both are accepted."""
-    out = []
+def _texts(where: str, records: list[Any], skipped: list[str] | None = None) -> list[str]:
+    """Strings, or {text} records (the hub's form): both are accepted. With `skipped`, empty records are
+    left out and counted there (MUSE-News raw/forget.json has some); otherwise an empty one is an error."""
+    out, empty = [], 0
     for index, record in enumerate(records):
+        value = record.get("text") if isinstance(record, dict) and skipped is not None else record
+        if skipped is not None and isinstance(value, str) and not value.strip():
+            empty += 1
+            continue
         if isinstance(record, str):
             if not record.strip():
                 raise UserError(f"{where}: record {index + 1} is an empty string")
             out.append(record)
         else:
             out.append(string_field(record, f"{where}: record {index + 1}", "text"))
+    if empty and skipped is not None:
+        skipped.append(f"{where}: {empty} empty record(s) of {len(records)} skipped")
     return out
 
 
@@ -416,10 +519,15 @@ def _first(source: _Source, subset: str, names: tuple[str, ...], *, required: bo
     return _need(source, subset, names[0], text=False) if required else None  # the error names the usual name
 
 
-def _training(source: _Source, spec: str, words: int) -> list[Example]:
+def _training(source: _Source, spec: str, words: int, notes: list[str], required: bool = True) -> list[Example] | None:
+    """Unlearning passages of one raw-like split; None when it is absent and not `required` (evaluation reads
+    no raw text, so `unlearn eval` works on a folder without raw/)."""
     subset, split = _split_spec(spec, "forget")
-    where, records = _need(source, subset, split, text=True)
-    return [Example("", chunk) for chunk in chunk_texts(_texts(where, records), words)]
+    found = source.records(subset, split, text=True, required=required)
+    if found is None:
+        return None
+    where, records = found
+    return [Example("", chunk) for chunk in chunk_texts(_texts(where, records, notes), words)]
 
 
 def load(config: dict[str, Any]) -> MuseTask:
@@ -429,20 +537,27 @@ def load(config: dict[str, Any]) -> MuseTask:
     notes: list[str] = []
 
     stages: list[Stage] = []
+    missing: list[str] = []
     if s.sequential:
         names = source.stage_splits()
         if not names:
             raise UserError("benchmark.sequential needs sust/forget_1, sust/forget_2, ... (none found)")
-        stages = [Stage(name, _training(source, f"sust/{name}", s.chunk_words)) for name in names]
+        stages = [Stage(name, _training(source, f"sust/{name}", s.chunk_words, notes) or []) for name in names]
         for stage in stages:
             if not stage.forget:
                 raise UserError(f"sust/{stage.name} has no text: nothing to unlearn")
-        forget = stages[0].forget
+        forget: list[Example] | None = stages[0].forget
     else:
-        forget = _training(source, s.forget, s.chunk_words)
-    if not forget:
-        raise UserError(f"the forget split {s.forget} has no text: nothing to unlearn")
-    retain = _training(source, s.retain, s.chunk_words)
+        forget = _training(source, s.forget, s.chunk_words, notes, required=False)
+        if forget is None:
+            missing.append(s.forget)
+        elif not forget:
+            raise UserError(f"the forget split {s.forget} has no text: nothing to unlearn")
+    retain = _training(source, s.retain, s.chunk_words, notes, required=False)
+    if retain is None:
+        missing.append(s.retain)
+    training_hint = (f"MUSE's unlearning text {' and '.join(missing)} was not found in {source.where}"
+                     if missing else "")
 
     def cut(items: list[Any]) -> list[Any]:
         return items[:s.limit] if s.limit else items
@@ -469,7 +584,8 @@ def load(config: dict[str, Any]) -> MuseTask:
     if s.auc_retrain is None and s.retrain_model is None:
         notes.append(PRIVLEAK_NOTE)
 
-    return MuseTask(name="muse", fingerprint=digest.hexdigest()[:16], forget=forget, retain=retain,
+    return MuseTask(name="muse", fingerprint=digest.hexdigest()[:16], forget=[] if missing else forget or [],
+                    retain=[] if missing else retain or [], training_hint=training_hint, units=dict(UNITS),
                     forget_metrics=("muse/verbmem_forget", "muse/knowmem_forget"), needs_target=False,
                     stages=stages, notes=notes, settings=s, verbmem=verbmem, knowmem=knowmem, icl=icl,
                     privleak_texts=privleak_texts)

@@ -28,10 +28,10 @@ METRIC_COLUMNS = [
     # wmdp (MMLU = utility) and openqa
     ("wmdp/acc", "WMDP ↓"), ("wmdp/openqa_acc", "WMDP open-QA ↓"),
     ("openqa/openqa_acc", "open-QA ↓"), ("openqa/acc", "MCQ on open-QA set ↓"), ("mmlu/acc", "MMLU ↑"),
-    # muse
-    ("muse/verbmem_forget", "VerbMem ↓"), ("muse/knowmem_forget", "KnowMem forget ↓"),
-    ("muse/knowmem_retain", "KnowMem retain ↑"), ("muse/privleak_auc", "Min-K% AUC"),
-    ("muse/privleak", "PrivLeak (→0)"),
+    # muse, on MUSE's scale: ROUGE-L F1 x 100, PrivLeak in percent of AUC_retrain
+    ("muse/verbmem_forget", "VerbMem ×100 ↓"), ("muse/knowmem_forget", "KnowMem forget ×100 ↓"),
+    ("muse/knowmem_retain", "KnowMem retain ×100 ↑"), ("muse/privleak_auc", "Min-40% AUC"),
+    ("muse/privleak", "PrivLeak % (→0)"),
 ]
 COLUMNS = [("run", "run"), ("benchmark", "benchmark"), ("method", "method"), ("optimizer", "optimizer"),
            *METRIC_COLUMNS, ("steps", "steps"), ("seconds", "seconds"),

@@ -50,6 +50,16 @@ class Task(ABC):
     # Sequential unlearning: requests applied one after another, evaluated after each. Empty = one request.
     stages: list[Stage] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # metrics that could not be computed, and why
+    # Why `forget` is empty when it is (the data has no unlearning text): the error `unlearn run` gives.
+    training_hint: str = ""
+    units: dict[str, str] = field(default_factory=dict)  # metric key -> unit, as printed beside the value
+
+    def unit(self, key: str) -> str:
+        """A metric's unit: its own entry, else that of the longest declared key it extends
+        ("wmdp/acc/virology" has the unit of "wmdp/acc")."""
+        best = max((k for k in self.units if key == k or key.startswith(k + "/") or key.startswith(k + "_")),
+                   key=len, default=None)
+        return self.units[best] if best is not None else ""
 
     @property
     def headline(self) -> str:

@@ -28,6 +28,7 @@ from benchmarks.task import MCQ, Task
 from unlearn.config import check_engine
 from unlearn.data import Example
 from unlearn.errors import UserError
+from unlearn.evaluate import tagged_accuracy
 from unlearn.settings import config_count, key_list, unknown_keys
 
 LETTERS = "ABCDEFGHIJ"
@@ -109,6 +110,16 @@ class QuestionSet:
     def per_record_subject(self) -> bool:
         return all(isinstance(r, dict) and r.get("subject") for r in self.records())
 
+    def subject_accuracy(self, correct: list[bool]) -> dict[str, float]:
+        """`subject_acc/<subject>` when a local file mixes subjects (a `subject` field with several values) and
+        the concept breakdown is not already by subject; {} otherwise."""
+        if self.is_hub or self.tag_field == "subject" or not self.per_record_subject():
+            return {}
+        subjects = [str(r["subject"]) for r in self.records()]
+        if len(set(subjects)) < 2:
+            return {}
+        return {f"subject_{k}": v for k, v in tagged_accuracy(subjects, correct).items() if k != "acc"}
+
     def records(self) -> list[dict[str, Any]]:
         if self._records is None:
             rows = _hub_records(self.source) if self.is_hub else read_records(Path(self.source))
@@ -183,7 +194,7 @@ def lm_eval_accuracy(model: Any, tokenizer: Any, sets: list[QuestionSet], batch_
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    from unlearn.evaluate import tagged_accuracy
+    from unlearn.evaluate import collecting_samples, log_samples
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     tasks = {s.key: s.lm_eval_task() for s in sets}
@@ -212,17 +223,38 @@ def lm_eval_accuracy(model: Any, tokenizer: Any, sets: list[QuestionSet], batch_
         tags = [str(x["doc"].get(s.tag_field) or "") if s.tag_field else "" for _, x in samples]
         if len(names) > 1:
             tags = [tag or n for tag, (n, _) in zip(tags, samples, strict=True)]
-        scores = tagged_accuracy(tags, [bool(x["acc"]) for _, x in samples])
+        correct = [bool(x["acc"]) for _, x in samples]
+        scores = tagged_accuracy(tags, correct)
+        if isinstance(task, dict):  # a local file: samples sorted back to file order line up with its records
+            by_doc = sorted(range(len(samples)), key=lambda i: samples[i][1]["doc_id"])
+            scores.update(s.subject_accuracy([correct[i] for i in by_doc]))
         metrics.update({f"{s.key}/{k}": v for k, v in scores.items()})
+        if collecting_samples():
+            log_samples([_lm_eval_sample(x, tag) for (_, x), tag in zip(samples, tags, strict=True)], f"{s.key}/acc")
     return metrics
 
 
-def native_accuracy(model: Any, tokenizer: Any, sets: list[QuestionSet], batch_size: int) -> dict[str, float]:
-    from unlearn.evaluate import mcq_accuracy
+def _lm_eval_sample(sample: dict[str, Any], tag: str) -> dict[str, Any]:
+    """One lm-eval per-sample record in the toolkit's sample form (as the native engine writes it)."""
+    arguments = sample.get("arguments") or []
+    scores = [float(r[0]) for r in sample.get("filtered_resps") or []]
+    pred = max(range(len(scores)), key=scores.__getitem__) if scores else None
+    return {"prompt": arguments[0][0] if arguments else None,
+            "choices": [a[1].removeprefix(" ") for a in arguments], "gold": sample.get("target"),
+            "scores": scores, "pred": pred, "correct": bool(sample["acc"]), "concept": tag,
+            "doc_id": sample.get("doc_id")}
+
+
+def native_accuracy(model: Any, tokenizer: Any, sets: list[QuestionSet], batch_size: int,
+                    max_batch_tokens: int | None = None) -> dict[str, float]:
+    from unlearn.evaluate import mcq_correct, metric_scope
 
     metrics: dict[str, float] = {}
     for s in sets:
-        scores = mcq_accuracy(model, tokenizer, s.questions(), batch_size)
+        questions = s.questions()
+        with metric_scope(f"{s.key}/acc"):
+            correct = mcq_correct(model, tokenizer, questions, batch_size, max_batch_tokens)
+        scores = tagged_accuracy([q.tag for q in questions], correct) | s.subject_accuracy(correct)
         metrics.update({f"{s.key}/{k}": v for k, v in scores.items()})
     return metrics
 
@@ -245,12 +277,14 @@ class WMDPTask(Task):
         if settings.engine == "lm-eval":
             steps.append(("", lambda: lm_eval_accuracy(model, tokenizer, sets, settings.batch_size, progress)))
         else:
-            steps.append(("", lambda: native_accuracy(model, tokenizer, sets, settings.batch_size)))
+            steps.append(("", lambda: native_accuracy(model, tokenizer, sets, settings.batch_size,
+                                                      settings.max_batch_tokens)))
         if self.openqa or settings.openqa:
             judge = make_judge(settings.judge)
             steps.append((f"{self.questions.key}/openqa",
                           lambda: openqa_accuracy(model, tokenizer, self.questions.questions(), judge,  # type: ignore[union-attr]
-                                                  batch_size=settings.batch_size)))
+                                                  batch_size=settings.batch_size,
+                                                  max_batch_tokens=settings.max_batch_tokens)))
         return run_steps(steps, progress)
 
 
@@ -261,13 +295,34 @@ def _field_name(config: dict[str, Any], key: str, default: str | None) -> str | 
     return value
 
 
-def _subject(source: str, config: dict[str, Any]) -> str | None:
+def _units(name: str) -> dict[str, str]:
+    return {f"{name}/acc": "fraction correct", f"{name}/subject_acc": "fraction correct",
+            f"{name}/openqa_acc": "fraction correct", "mmlu/acc": "fraction correct",
+            "mmlu/subject_acc": "fraction correct"}
+
+
+def _subject(source: str, config: dict[str, Any]) -> tuple[str | None, str]:
+    """The description's subject and where it came from (printed, so a user sees which line was used)."""
     if config.get("subject"):
-        return str(config["subject"])
+        return str(config["subject"]), "benchmark.subject"
     if source in HUB_TASKS:
-        return HUB_TASKS[source][2]
+        return HUB_TASKS[source][2], f"lm-eval's {source} task"
     stem = Path(source).stem.lower()
-    return next((s for hint, s in SUBJECT_HINTS.items() if hint in stem), None)
+    hint = next((hint for hint in SUBJECT_HINTS if hint in stem), None)
+    if hint is None:
+        return None, ""
+    return SUBJECT_HINTS[hint], f"'{hint}' in the file name {Path(source).name}; benchmark.subject overrides it"
+
+
+def _description_note(questions: QuestionSet, why: str) -> str:
+    if questions.subject:
+        line = DESCRIPTION.format(subject=questions.subject).strip()
+        return f"{questions.key}: each question follows the description {line!r} ({why})"
+    if not questions.is_hub and questions.per_record_subject():
+        return (f"{questions.key}: each question follows the description of its own 'subject' field "
+                "(MMLU style); set benchmark.subject for one line for all")
+    return (f"{questions.key}: no description line before the questions (the file name names no WMDP subject: "
+            "bio, cyber, chem); set benchmark.subject to add one")
 
 
 def _source(value: Any, what: str) -> str:
@@ -324,12 +379,12 @@ def load(config: dict[str, Any], name: str = "wmdp", openqa: bool = False) -> WM
     limit = config_count(config, "limit", None)
     if config.get("subject") is not None and not isinstance(config["subject"], str):
         raise UserError(f"benchmark.subject must be a string, got {config['subject']!r}")
-    questions = QuestionSet(name, source, _subject(source, config), _field_name(config, "tag_field", "concept"),
-                            limit)
+    subject, why = _subject(source, config)
+    questions = QuestionSet(name, source, subject, _field_name(config, "tag_field", "concept"), limit)
     if not questions.is_hub:
         questions.questions()  # a malformed file fails now, before any model is loaded
     utility_spec = config.get("utility", "auto")
-    notes: list[str] = []
+    notes: list[str] = [_description_note(questions, why)]
     if utility_spec == "auto":
         # MMLU from the hub when the questions come from the hub too; offline (local questions) it must be named.
         utility_spec = UTILITY_HUB if questions.is_hub else None
@@ -352,6 +407,7 @@ def load(config: dict[str, Any], name: str = "wmdp", openqa: bool = False) -> WM
     metrics = (f"{name}/openqa_acc", f"{name}/acc") if openqa else (f"{name}/acc",)
     return WMDPTask(name=name, fingerprint=fingerprint(config, files),
                     forget=forget, retain=retain, forget_metrics=metrics, notes=notes, questions=questions,
+                    training_hint="pass --forget-corpus FILE of {text} records", units=_units(name),
                     utility=utility, openqa=openqa)
 
 

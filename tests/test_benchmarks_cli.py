@@ -79,8 +79,7 @@ def test_wmdp_run_needs_a_forget_corpus(tmp_path: Path, tiny_model_dir: Path, da
                  "wmdp", "--data", str(data / "wmdp" / "questions.jsonl"), *FAST, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "error: benchmark 'wmdp' gives no forget text to unlearn (wmdp/openqa: pass --forget-corpus FILE of "
-        "{text} records)"]
+        "error: benchmark 'wmdp' gives no forget text to unlearn: pass --forget-corpus FILE of {text} records"]
     assert not (tmp_path / "runs" / "npo-adamw").exists()
 
 
@@ -101,7 +100,7 @@ def test_muse_sequential_run(tmp_path: Path, tiny_model_dir: Path, data: Path) -
     assert record["metrics"]["muse/privleak"] == pytest.approx((record["metrics"]["muse/privleak_auc"] - 0.5) / 0.5
                                                                * 100)
     assert result.stdout.count("| after forget_") == 3  # a table row after each earlier request
-    assert "VerbMem ↓" in result.stdout
+    assert "VerbMem ×100 ↓" in result.stdout
 
 
 def test_muse_eval_of_any_model(tmp_path: Path, tiny_model_dir: Path, data: Path) -> None:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from benchmarks import BENCHMARKS, muse
-from benchmarks.muse import MuseTask, knowmem_prompt, min_k_score, privleak, privleak_auc, write_muse_layout
+from benchmarks.muse import (MuseTask, knowmem_answer, knowmem_prompt, min_k_score, privleak, privleak_auc,
+                             verbmem_reference, write_muse_layout)
 from benchmarks.records import chunk_texts
 from unlearn.config import EvalConfig
 from unlearn.errors import UserError
@@ -117,7 +118,31 @@ def test_other_file_formats_and_missing_icl(tmp_path: Path) -> None:
     assert [e.target for e in task.forget] == ["a b", "c", "d e"]  # chunks never span two documents
     assert task.privleak_texts["forget"] == ["x y", "z w"]
     assert task.icl["forget"] == [] and any("zero-shot" in n and "forget_qa_icl" in n for n in task.notes)
-    assert knowmem_prompt("q", []) == "Question: q\nAnswer:"
+    assert knowmem_prompt("q", []) == "Question: q\nAnswer: "
+
+
+def test_empty_raw_records_are_skipped_and_counted(tmp_path: Path) -> None:
+    data = layout(tmp_path / "m")
+    (data / "raw" / "forget.txt").unlink()
+    # MUSE-News raw/forget.json has empty strings among its records; they are skipped, with a count.
+    (data / "raw" / "forget.json").write_text(json.dumps(["a b", "", "   ", "c d e", {"text": ""}]))
+    task = load(data, chunk_words=2)
+    assert [e.target for e in task.forget] == ["a b", "c d", "e"]
+    assert any(n.endswith("forget.json: 3 empty record(s) of 5 skipped") for n in task.notes)
+    # Evaluation items are not raw text: an empty privleak passage stays an error (it cannot be scored).
+    (data / "privleak" / "forget.json").write_text(json.dumps(["x y", ""]))
+    with pytest.raises(UserError, match=r"privleak.forget.json: record 2 is an empty string"):
+        load(data)
+
+
+def test_eval_needs_no_raw_text(tmp_path: Path) -> None:
+    import shutil
+
+    data = layout(tmp_path / "m")
+    shutil.rmtree(data / "raw")
+    task = load(data)  # everything evaluation reads is there
+    assert task.forget == [] and task.retain == [] and task.verbmem
+    assert task.training_hint == f"MUSE's unlearning text raw/forget and raw/retain1 was not found in {data}"
 
 
 def test_limit_cuts_every_eval_split(data: Path) -> None:
@@ -141,28 +166,57 @@ def test_fingerprint_follows_files_and_settings(data: Path) -> None:
 
 def test_min_k_score_by_hand() -> None:
     values = [-1.0, -5.0, -2.0, -4.0, -3.0]
-    assert min_k_score(values, 40) == pytest.approx(-4.5)  # ceil(0.4 * 5) = 2 lowest: -5, -4
+    assert min_k_score(values, 40) == pytest.approx(-4.5)  # int(0.4 * 5) = 2 lowest: -5, -4
     assert min_k_score(values, 100) == pytest.approx(-3.0)
-    assert min_k_score(values, 1) == -5.0  # at least one token
     assert min_k_score([-1.0] * 10 + [-2.0] * 10, 50) == pytest.approx(-2.0)  # exactly 10 of 20, not 11
+    # MUSE takes int(n * ratio): 4 tokens at 40% average 1 of them (rounding up would take 2).
+    assert min_k_score([-1.0, -2.0, -3.0, -4.0], 40) == -4.0
+    with pytest.raises(ValueError, match="selects none"):
+        min_k_score(values, 1)  # int(0.05) = 0 tokens: MUSE's mean of nothing, refused here
 
 
 def test_min_k_matches_a_direct_computation(tiny) -> None:
     model, tok = tiny
     texts = ["the quick brown fox", "jumps over the lazy dog again and again", "hi there"]
-    for k in (100, 40, 0.001):
-        got = muse.min_k_scores(model, tok, texts, k, max_tokens=512, batch_size=2)
+    for k in (100, 40, 60):
+        got, _ = muse.min_k_scores(model, tok, texts, k, max_tokens=None, batch_size=2)
         for string, score in zip(texts, got, strict=True):
             lp = direct_logprobs(model, tok, string)
-            n = max(1, math.ceil(len(lp) * k / 100))
+            n = int(len(lp) * k / 100)
             assert score == pytest.approx(float(lp.sort().values[:n].mean()), abs=1e-4)
-    # K = 100 is the mean token log-prob, K -> 0 the minimum.
+    # K = 100 is the mean token log-prob.
     lp = direct_logprobs(model, tok, texts[1])
-    assert muse.min_k_scores(model, tok, texts[1:2], 100, 512, 1)[0] == pytest.approx(float(lp.mean()), abs=1e-4)
-    assert muse.min_k_scores(model, tok, texts[1:2], 0.001, 512, 1)[0] == pytest.approx(float(lp.min()), abs=1e-4)
-    # Truncation: only the first max_tokens tokens are scored.
-    cut = muse.min_k_scores(model, tok, [texts[1]], 100, 5, 1)[0]
+    assert muse.min_k_scores(model, tok, texts[1:2], 100, None, 1)[0][0] == pytest.approx(float(lp.mean()), abs=1e-4)
+    # With max_tokens, only the first max_tokens tokens are scored, and the passage is marked as cut.
+    (cut,), (scored,) = muse.min_k_scores(model, tok, [texts[1]], 100, 5, 1)
     assert cut == pytest.approx(float(direct_logprobs(model, tok, texts[1][:5]).mean()), abs=1e-4)
+    assert scored.truncated and scored.n_tokens == len(texts[1])
+
+
+def test_privleak_scores_whole_passages(tiny, data: Path) -> None:
+    """MUSE scores each passage whole: a passage past 512 tokens changes the score only when it is cut."""
+    model, tok = tiny
+    model.config.max_position_embeddings = 2048  # rotary positions: the tiny model takes long inputs
+    long_text = text(120)  # about 700 characters: 700 tokens for the character-level tokenizer
+    assert len(tok(long_text).input_ids) > 600
+    (whole,), (item,) = muse.min_k_scores(model, tok, [long_text], 40, None, 1)
+    lp = direct_logprobs(model, tok, long_text)
+    assert whole == pytest.approx(float(lp.sort().values[:int(len(lp) * 0.4)].mean()), abs=1e-4)
+    assert not item.truncated
+    (cut,), (cut_item,) = muse.min_k_scores(model, tok, [long_text], 40, 512, 1)
+    assert cut_item.truncated and cut != pytest.approx(whole, abs=1e-4)
+    # In the task: the default scores whole passages and reports no truncation; a cap is reported when it cuts.
+    passages = {"forget": [long_text, text(60, 3)], "holdout": [text(110, 5), text(15, 7)]}
+    lengths = [len(tok(t).input_ids) for split in passages.values() for t in split]
+    assert sum(n > 512 for n in lengths) == 2 and sum(n > 256 for n in lengths) == 3
+    layout(data, privleak=passages)
+    whole_task = load(data, **FAST).privleak_auc(model, tok, batch_size=2)
+    assert set(whole_task) == {"auc"}
+    capped = load(data, privleak_max_tokens=512, **FAST).privleak_auc(model, tok, batch_size=2)
+    assert capped["truncated"] == 2.0
+    # The model's context bounds a passage too, and that cut is reported the same way.
+    model.config.max_position_embeddings = 256
+    assert load(data, **FAST).privleak_auc(model, tok, batch_size=2)["truncated"] == 3.0
 
 
 def test_auc_sign_convention() -> None:
@@ -184,7 +238,7 @@ def test_memorized_forget_texts_give_auc_below_half(tiny, data: Path) -> None:
         model(**batch, labels=labels).loss.backward()
         optimizer.step()
     model.eval()
-    assert task.privleak_auc(model, tok, batch_size=3) < 0.25
+    assert task.privleak_auc(model, tok, batch_size=3)["auc"] < 0.25
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
@@ -200,25 +254,40 @@ def test_evaluate_keys_ranges_and_verbmem_of_own_output(tiny, data: Path) -> Non
     metrics = task.evaluate(model, tok, SETTINGS, progress=False)
     assert set(metrics) == {"muse/verbmem_forget", "muse/knowmem_forget", "muse/knowmem_retain",
                             "muse/privleak_auc"}
-    assert all(0.0 <= v <= 1.0 for v in metrics.values())
-    assert metrics["muse/verbmem_forget"] == pytest.approx(1.0)
+    assert 0.0 <= metrics["muse/privleak_auc"] <= 1.0
+    assert all(0.0 <= v <= 100.0 for k, v in metrics.items() if "mem" in k)  # MUSE's scale: ROUGE x 100
+    assert metrics["muse/verbmem_forget"] == pytest.approx(100.0)
     # ... and it can fail: a gt the model does not produce scores below 1.
     wrong = [{"prompt": v["prompt"], "gt": "zebra quilt " + v["gt"][::-1]} for v in verbmem]
     layout(data, verbmem=wrong)
     metrics = load(data, verbmem_tokens=20, knowmem_tokens=1).evaluate(model, tok, SETTINGS, False)
-    assert metrics["muse/verbmem_forget"] < 0.9
+    assert metrics["muse/verbmem_forget"] < 90.0
 
 
-def test_knowmem_prompt_and_first_line_answer(tiny, data: Path) -> None:
+def test_knowmem_answer_is_cut_as_muse_cuts_it() -> None:
+    assert knowmem_answer(" fox 7\n\nQuestion: next") == " fox 7"
+    assert knowmem_answer("fox 7\nQuestion: next") == "fox 7"
+    assert knowmem_answer("fox Question: 7") == "fox "
+    assert knowmem_answer("fox 7\nzebra") == "fox 7\nzebra"  # one newline ends nothing in MUSE's cut
+    assert knowmem_answer("fox 7") == "fox 7"
+
+
+def test_verbmem_reference_is_the_first_tokens_of_gt(tokenizer) -> None:
+    assert verbmem_reference(tokenizer, "on the mat and more", 6) == "on the"  # 6 characters = 6 tokens here
+    assert verbmem_reference(tokenizer, "short", 128) == "short"
+
+
+def test_knowmem_prompt_and_muse_answer_cut(tiny, data: Path) -> None:
     model, tok = tiny
     layout(data, forget_qa=[{"question": "What is f 0?", "answer": "fox 7"}])
     task = load(data, **FAST)
     prompt = knowmem_prompt("What is f 0?", task.icl["forget"])
     assert prompt == ("Question: What is fi 0?\nAnswer: fi 0 is alpha\n\nQuestion: What is fi 1?\nAnswer: fi 1 is beta"
-                      "\n\nQuestion: What is f 0?\nAnswer:")
-    # Teach the model this exact few-shot prompt's answer, followed by more text on the next line: KnowMem is 1.0
-    # only if evaluation asks with the same prompt and cuts the answer at the newline.
-    batch = tok([prompt + " fox 7\nzebra quilt"], return_tensors="pt", add_special_tokens=False)
+                      "\n\nQuestion: What is f 0?\nAnswer: ")
+    # Teach the model this exact few-shot prompt's answer, followed by the next question as a few-shot model
+    # writes it: KnowMem is 100 only if evaluation asks with the same prompt and cuts where MUSE does.
+    # (The character-level test tokenizer has no token for "\n\n"; "\nQuestion" is the cut exercised here.)
+    batch = tok([prompt + "fox 7\nQuestion: zebra"], return_tensors="pt", add_special_tokens=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     for _ in range(150):
@@ -226,10 +295,10 @@ def test_knowmem_prompt_and_first_line_answer(tiny, data: Path) -> None:
         model(**batch, labels=batch["input_ids"]).loss.backward()
         optimizer.step()
     model.eval()
-    assert direct_greedy(model, tok, prompt, 14) == " fox 7\nzebra q"
+    assert direct_greedy(model, tok, prompt, 14) == "fox 7\nQuestion"
     metrics = task.evaluate(model, tok, SETTINGS, progress=False)
-    assert metrics["muse/knowmem_forget"] == pytest.approx(1.0)
-    assert metrics["muse/knowmem_retain"] < 0.5
+    assert metrics["muse/knowmem_forget"] == pytest.approx(100.0)
+    assert metrics["muse/knowmem_retain"] < 50.0
 
 
 def test_privleak_with_auc_retrain(tiny, data: Path) -> None:
@@ -349,9 +418,10 @@ def test_missing_file_is_named(data: Path) -> None:
     with pytest.raises(UserError) as err:
         load(data)
     assert str(err.value).startswith(str(data / "verbmem" / "forget.json") + ": file not found")
-    (data / "raw" / "retain1.txt").unlink()
-    with pytest.raises(UserError, match=r"raw/retain1\.txt: file not found"):
-        load(data)
+    layout(data)
+    (data / "raw" / "retain1.txt").unlink()  # only unlearning reads raw text: `unlearn run` names it
+    task = load(data)
+    assert task.forget == [] and task.training_hint.startswith("MUSE's unlearning text raw/retain1 was not found")
 
 
 @pytest.mark.parametrize(("subpath", "content", "message"), [

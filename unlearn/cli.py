@@ -53,6 +53,10 @@ TrustOpt = Annotated[bool, typer.Option(
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML file merged over configs/run.yaml.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any config key: train.max_steps=100.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+LogSamplesOpt = Annotated[bool, typer.Option(
+    "--log-samples", help="Also write one JSON line per scored item (prompt, gold, scores or generation, correct) "
+                          "to samples.jsonl in the run folder, or to --samples-path.")]
+SamplesPathOpt = Annotated[Path | None, typer.Option(help="Where --log-samples writes (a .jsonl file).")]
 BenchmarkOpt = Annotated[str | None, typer.Option(
     help="Benchmark: embedded (default), wmdp, muse, openqa (options in configs/benchmark/).")]
 DataOpt = Annotated[str | None, typer.Option(
@@ -130,6 +134,9 @@ def run(
     output_dir: Annotated[str | None, typer.Option(help="Where run folders go (default runs).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder of the same name.")] = False,
     trust_remote_code: TrustOpt = False,
+    log_samples: Annotated[bool, typer.Option(
+        "--log-samples", help="Also write the final evaluation's per-item samples to samples.jsonl in the run "
+                              "folder.")] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -147,7 +154,7 @@ def run(
     cfg = load_run_config(method, optimizer, config, flags, set_, benchmark=benchmark)
     _setup_torch()
     outcome = run_pipeline(cfg, overwrite=overwrite, progress=not quiet, log=console.print,
-                           trust_remote_code=trust_remote_code)
+                           trust_remote_code=trust_remote_code, log_samples=log_samples)
     record = {"method": cfg.method["name"], "optimizer": cfg.optimizer["name"], "benchmark": cfg.benchmark["name"]}
     _markdown_table([
         row_from("(before unlearning)", {"method": "—", "optimizer": "—", "benchmark": cfg.benchmark["name"],
@@ -155,7 +162,7 @@ def run(
         *[row_from(f"after {s['stage']}", record | {"metrics": s["metrics"]}) for s in outcome.stages[:-1]],
         row_from(outcome.run_dir.name, record | {"metrics": outcome.metrics, "train": outcome.train}),
     ])
-    logs = "log-<n>-<request>.jsonl" if outcome.stages else "log.jsonl"
+    logs = ("log-<n>-<request>.jsonl" if outcome.stages else "log.jsonl") + (", samples.jsonl" if log_samples else "")
     console.print(f"run saved to {outcome.run_dir}/ (model/, metrics.json, config.yaml, {logs})")
 
 
@@ -180,9 +187,28 @@ def _subject(run_dir: Path | None, model: str | None, config: Path | None, set_:
                    target_model=None, eval_settings=cfg.eval, trust_remote_code=trust_remote_code)
 
 
-def _print_metrics(metrics: dict[str, float]) -> None:
+def _print_metrics(metrics: dict[str, float], task=None) -> None:
+    """One metric per line with its unit (benchmarks report on different scales: MUSE ×100, accuracies 0-1)."""
     for key, value in metrics.items():
-        console.print(f"{key:40s} {value:.4f}")
+        unit = task.unit(key) if task is not None else ""
+        console.print(f"{key:40s} {value:10.4f}  {unit}".rstrip())
+
+
+def _samples_path(log_samples: bool, samples_path: Path | None, run_dir: Path | None) -> Path | None:
+    """Where per-item samples go; checked before any model loads."""
+    if samples_path is not None and not log_samples:
+        raise UserError("--samples-path goes with --log-samples")
+    if not log_samples:
+        return None
+    if samples_path is None:
+        if run_dir is None:
+            raise UserError("--log-samples with --model needs --samples-path FILE.jsonl (there is no run folder)")
+        return run_dir / "samples.jsonl"
+    if samples_path.is_dir():
+        raise UserError(f"--samples-path {samples_path} is a folder; give a file name")
+    if not samples_path.parent.is_dir():
+        raise UserError(f"--samples-path: folder {samples_path.parent} does not exist")
+    return samples_path
 
 
 @app.command("eval")
@@ -195,6 +221,8 @@ def eval_(
     openqa: OpenQAOpt = False,
     judge: JudgeOpt = None,
     trust_remote_code: TrustOpt = False,
+    log_samples: LogSamplesOpt = False,
+    samples_path: SamplesPathOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -203,9 +231,11 @@ def eval_(
     import time
 
     from attacks.runner import evaluate_subject
-    from unlearn.files import read_json, write_json_atomic
+    from unlearn.evaluate import collect_samples
+    from unlearn.files import read_json, write_json_atomic, write_jsonl_atomic
     from unlearn.models import load_model
 
+    samples_file = _samples_path(log_samples, samples_path, run_dir)
     subject = _subject(run_dir, model, config, set_, benchmark, _benchmark_flags(data, engine, openqa, judge),
                        trust_remote_code)
     for note in subject.task.notes:
@@ -213,11 +243,15 @@ def eval_(
     _setup_torch()
     started = time.perf_counter()
     loaded = load_model(subject.model_spec, trust_remote_code=trust_remote_code)
-    metrics = evaluate_subject(loaded.model, loaded.tokenizer, subject, progress=not quiet)
+    with collect_samples() as samples:
+        metrics = evaluate_subject(loaded.model, loaded.tokenizer, subject, progress=not quiet)
     if subject.run_dir is not None:
         path = subject.run_dir / "metrics.json"
         write_json_atomic(path, (read_json(path) if path.is_file() else {}) | {"metrics": metrics})
-    _print_metrics(metrics)
+    _print_metrics(metrics, subject.task)
+    if samples_file is not None:
+        write_jsonl_atomic(samples_file, samples)
+        console.print(f"wrote {samples_file} ({len(samples)} samples)")
     console.print(f"{subject.task.name}: {len(metrics)} metrics in {time.perf_counter() - started:.1f} s "
                   f"(model load included)")
 
@@ -286,7 +320,7 @@ def attack(
         for point in record["curve"]:
             console.print(f"step {point['step']:4d}  forget (unseen) acc {point['forget_unseen_acc']:.3f}  "
                           f"retain acc {point['retain_acc']:.3f}")
-    _print_metrics(record["metrics"])
+    _print_metrics(record["metrics"], subject.task)
     recovery = record.get("recovery")
     if recovery:
         ratio = recovery["ratio"]

@@ -55,6 +55,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = setting(64, limit=AT_LEAST_ONE)
+    # Padded tokens per scoring batch (rows x longest row): long texts get fewer rows, short ones more.
+    # None: rows are limited by batch_size alone. The default is measured (benchmarks/eval_speed.py).
+    max_batch_tokens: int | None = setting(2048, limit=AT_LEAST_ONE)
     max_new_tokens: int = setting(16, limit=AT_LEAST_ONE)
     # How WMDP/MMLU-style MCQs are scored: "lm-eval" (lm-eval-harness, the reference) or "native" (the
     # toolkit's in-loop scorer; a test shows both give the same accuracy).

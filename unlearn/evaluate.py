@@ -4,14 +4,21 @@
   question prompt (completion-style, as lm-eval scores `acc`).
 - ROUGE-L F1 of greedy answers against the reference answers.
 - Perplexity on retain passages: exp of the mean token NLL.
+
+Every scorer batches its items longest first under a token budget (`eval.max_batch_tokens`), so a batch
+holds texts of similar length and little padding, and restores the input order in its results. What
+they score item by item can be collected with `collect_samples()` (`--log-samples`).
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 import torch
 from rouge_score import rouge_scorer
@@ -19,7 +26,7 @@ from tqdm import tqdm
 
 from benchmarks.task import MCQ
 from unlearn.config import EvalConfig
-from unlearn.data import Encoded, Example, encode, fixed_batches
+from unlearn.data import Encoded, Example, collate, encode
 from unlearn.scoring import next_token_logprobs, sequence_logprobs
 
 
@@ -29,16 +36,131 @@ class EmbeddedLike(Protocol):
     passages: dict[str, list[str]]
 
 
+# ---------------------------------------------------------------------------------------------- scope
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """What the scorer running now belongs to: the metric (progress bar title, sample tag), whether bars are
+    drawn, and where per-item samples go (None: not collected)."""
+
+    metric: str = ""
+    progress: bool = False
+    samples: list[dict[str, Any]] | None = None
+
+
+# A context variable rather than a parameter threaded through every scorer: the metric name and the sample
+# sink are known by the step runner, several calls above the loops that score the items.
+_SCOPE: ContextVar[_Scope] = ContextVar("unlearn_eval_scope", default=_Scope())  # noqa: B039 - frozen
+
+
+@contextmanager
+def collect_samples() -> Iterator[list[dict[str, Any]]]:
+    """Collect one dict per scored item (metric, index, prompt, gold, scores or generation, correct, ...)."""
+    samples: list[dict[str, Any]] = []
+    token = _SCOPE.set(replace(_SCOPE.get(), samples=samples))
+    try:
+        yield samples
+    finally:
+        _SCOPE.reset(token)
+
+
+@contextmanager
+def metric_scope(metric: str, progress: bool | None = None) -> Iterator[None]:
+    scope = _SCOPE.get()
+    token = _SCOPE.set(replace(scope, metric=metric, progress=scope.progress if progress is None else progress))
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+def collecting_samples() -> bool:
+    return _SCOPE.get().samples is not None
+
+
+def log_samples(rows: list[dict[str, Any]], metric: str | None = None) -> None:
+    """Add per-item rows (in input order) to the collected samples, tagged with the metric they score."""
+    scope = _SCOPE.get()
+    if scope.samples is None:
+        return
+    name = scope.metric if metric is None else metric
+    scope.samples.extend({"metric": name, "index": i, **row} for i, row in enumerate(rows))
+
+
+def _bar(total: int) -> tqdm:
+    scope = _SCOPE.get()
+    return tqdm(total=total, desc=scope.metric or "scoring", unit="item", disable=not scope.progress, leave=False)
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Item indices in batches, longest first: at most `batch_size` rows and, when `max_tokens` is set, at
+    most that many tokens once padded (a single item longer than the budget gets a batch of its own).
+    Sorting keeps similar lengths together, so padding is small; longest first makes an out-of-memory batch
+    show itself at the start, not after minutes (lm-eval orders its requests the same way)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep the input order
+    batches: list[list[int]] = []
+    for index in order:
+        if batches:
+            batch = batches[-1]
+            width = lengths[batch[0]]  # the batch's first item is its longest
+            if len(batch) < batch_size and (max_tokens is None or width * (len(batch) + 1) <= max_tokens):
+                batch.append(index)
+                continue
+        batches.append([index])
+    return batches
+
+
+def model_context(model: Any) -> int | None:
+    """The longest sequence the model takes (its position table), or None when it does not say."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def _scoring_item(tokenizer: Any, prompt: str, continuation: str, context: int | None) -> Encoded:
+    """prompt + continuation as token ids, cut from the left to the model's context when longer (what
+    lm-eval does), never cut at a fixed length: long questions are scored whole."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
+    target_ids = tokenizer(continuation, add_special_tokens=False).input_ids
+    ids = prompt_ids + target_ids
+    n_prompt = len(prompt_ids)
+    if context is not None and len(ids) > context:
+        cut = len(ids) - context
+        ids, n_prompt = ids[cut:], max(0, n_prompt - cut)
+    return Encoded(input_ids=ids, n_prompt=n_prompt)
+
+
+def _run_batches(items: Sequence[Encoded], batch_size: int, max_tokens: int | None, pad_id: int,
+                 score: Callable[[dict[str, torch.Tensor], list[int]], list[Any]]) -> list[Any]:
+    """`score(batch, indices)` over length-sorted batches of `items`, one result per item in input order."""
+    out: list[Any] = [None] * len(items)
+    with _bar(len(items)) as bar:
+        for indices in length_batches([len(it.input_ids) for it in items], batch_size, max_tokens):
+            batch = collate([items[i] for i in indices], pad_id)
+            for i, value in zip(indices, score(batch, indices), strict=True):
+                out[i] = value
+            bar.update(len(indices))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- MCQ
+
+
 @torch.no_grad()
-def choice_scores(model, tokenizer, questions: list[MCQ], batch_size: int = 64) -> list[list[float]]:
+def choice_scores(model, tokenizer, questions: list[MCQ], batch_size: int = 64,
+                  max_batch_tokens: int | None = None) -> list[list[float]]:
     """Summed log-likelihood of each choice as a continuation of its question's prompt (after a space, as
     lm-eval's target delimiter puts it): one list per question.
 
     Questions whose choices are all one token long (" A" ... " D": WMDP, MMLU) take one forward of the prompt,
-    reading every choice off the next-token distribution, instead of one forward per choice; the value is the
-    same log p(choice | prompt), at a quarter of the compute.
+    reading every choice off the next-token distribution at the last position only, instead of one forward
+    per choice and the output head at every position; the value is the same log p(choice | prompt).
     """
-    encoded = [[encode(tokenizer, Example(q.prompt, " " + choice), add_eos=False) for choice in q.choices]
+    context = model_context(model)
+    encoded = [[_scoring_item(tokenizer, q.prompt, " " + choice, context) for choice in q.choices]
                for q in questions]
     single = [i for i, items in enumerate(encoded)
               if all(it.n_prompt >= 1 and len(it.input_ids) - it.n_prompt == 1 for it in items)]
@@ -46,13 +168,13 @@ def choice_scores(model, tokenizer, questions: list[MCQ], batch_size: int = 64) 
     if single:
         prompts = [encoded[i][0].input_ids[:encoded[i][0].n_prompt] for i in single]
         tokens = [[it.input_ids[-1] for it in encoded[i]] for i in single]
-        out.update(zip(single, _next_token_scores(model, prompts, tokens, tokenizer.pad_token_id, batch_size),
-                       strict=True))
+        out.update(zip(single, _next_token_scores(model, prompts, tokens, tokenizer.pad_token_id, batch_size,
+                                                  max_batch_tokens), strict=True))
     rest = [i for i in range(len(questions)) if i not in out]
     items = [it for i in rest for it in encoded[i]]
     if items:
-        flat = torch.cat([sequence_logprobs(model, b)[0].float().cpu()
-                          for b in fixed_batches(items, batch_size, tokenizer.pad_token_id)]).tolist()
+        flat = _run_batches(items, batch_size, max_batch_tokens, tokenizer.pad_token_id,
+                            lambda batch, _idx: sequence_logprobs(model, _on(model, batch), False)[0].float().cpu().tolist())
         start = 0
         for i in rest:
             out[i] = flat[start:start + len(encoded[i])]
@@ -60,24 +182,43 @@ def choice_scores(model, tokenizer, questions: list[MCQ], batch_size: int = 64) 
     return [out[i] for i in range(len(questions))]
 
 
+def _on(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    device = getattr(model, "device", None)
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+
+
 def _next_token_scores(model, prompts: list[list[int]], tokens: list[list[int]], pad_id: int,
-                       batch_size: int) -> list[list[float]]:
+                       batch_size: int, max_batch_tokens: int | None = None) -> list[list[float]]:
     """log p(t | prompt) for each prompt's candidate tokens `t`, one forward per prompt."""
     items = [Encoded(input_ids=ids, n_prompt=len(ids)) for ids in prompts]
-    out: list[list[float]] = []
-    for start, batch in zip(range(0, len(items), batch_size), fixed_batches(items, batch_size, pad_id), strict=True):
-        logprobs = next_token_logprobs(model, {k: v.to(model.device) for k, v in batch.items()}).cpu()
-        out.extend(logprobs[row, tokens[start + row]].tolist() for row in range(logprobs.shape[0]))
-    return out
+
+    def score(batch: dict[str, torch.Tensor], indices: list[int]) -> list[list[float]]:
+        logprobs = next_token_logprobs(model, _on(model, batch), padding_mask=False).cpu()
+        return [logprobs[row, tokens[i]].tolist() for row, i in enumerate(indices)]
+
+    return _run_batches(items, batch_size, max_batch_tokens, pad_id, score)
 
 
-def mcq_accuracy(model, tokenizer, questions: list[MCQ], batch_size: int = 64) -> dict[str, float]:
-    """Overall accuracy plus accuracy per tag: the choice with the highest log-likelihood is the answer
-    (the first one on ties, as numpy's argmax in lm-eval)."""
+def mcq_correct(model, tokenizer, questions: list[MCQ], batch_size: int = 64,
+                max_batch_tokens: int | None = None) -> list[bool]:
+    """Whether each question is answered right: the choice with the highest log-likelihood is the answer
+    (the first one on ties, as numpy's argmax in lm-eval). Logged per question when samples are collected."""
+    scores = choice_scores(model, tokenizer, questions, batch_size, max_batch_tokens)
+    picks = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    correct = [pick == q.answer_index for q, pick in zip(questions, picks, strict=True)]
+    if collecting_samples():
+        log_samples([{"prompt": q.prompt, "choices": q.choices, "gold": q.answer_index, "scores": s, "pred": pick,
+                      "correct": ok, "concept": q.tag}
+                     for q, s, pick, ok in zip(questions, scores, picks, correct, strict=True)])
+    return correct
+
+
+def mcq_accuracy(model, tokenizer, questions: list[MCQ], batch_size: int = 64,
+                 max_batch_tokens: int | None = None) -> dict[str, float]:
+    """Overall accuracy plus accuracy per tag (see `mcq_correct`)."""
     if not questions:
         return {}
-    scores = choice_scores(model, tokenizer, questions, batch_size)
-    correct = [max(range(len(s)), key=s.__getitem__) == q.answer_index for q, s in zip(questions, scores, strict=True)]
+    correct = mcq_correct(model, tokenizer, questions, batch_size, max_batch_tokens)
     return tagged_accuracy([q.tag for q in questions], correct)
 
 
@@ -92,54 +233,97 @@ def tagged_accuracy(tags: list[str], correct: list[bool]) -> dict[str, float]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- generation
+
+
 @torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 32,
+                   add_special_tokens: bool = False, clean_up_spaces: bool | None = None,
+                   max_batch_tokens: int | None = None) -> list[str]:
+    """Greedy continuations of each prompt, whole (special tokens dropped), in input order. Batched longest
+    first with left padding, so every prompt ends where generation starts. `add_special_tokens` and
+    `clean_up_spaces` follow the tokenizer's defaults unless a benchmark's reference code fixes them."""
+    encoded = [tokenizer(p, add_special_tokens=add_special_tokens).input_ids for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = getattr(model, "device", None)
+    out: list[str] = [""] * len(prompts)
+    decode_options = {} if clean_up_spaces is None else {"clean_up_tokenization_spaces": clean_up_spaces}
+    lengths = [len(ids) + max_new_tokens for ids in encoded]
+    with _bar(len(prompts)) as bar:
+        for indices in length_batches(lengths, batch_size, max_batch_tokens):
+            width = max(len(encoded[i]) for i in indices)
+            input_ids = torch.full((len(indices), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(indices), width), dtype=torch.long)
+            for row, i in enumerate(indices):
+                ids = encoded[i]
+                if ids:
+                    input_ids[row, width - len(ids):] = torch.tensor(ids)
+                    mask[row, width - len(ids):] = 1
+            generated = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                       max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True, **decode_options)
+            for i, text in zip(indices, texts, strict=True):
+                out[i] = text
+            bar.update(len(indices))
+    return out
+
+
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 16,
-                     batch_size: int = 32, first_line: bool = True) -> list[str]:
-    """Greedy answers, batched with left padding so every prompt ends where generation starts. Answers are cut
-    at their first line (a QA answer ends there); `first_line=False` keeps whole continuations (VerbMem)."""
-    answers: list[str] = []
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(model.device) for k, v in enc.items()}
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            new = out[:, enc["input_ids"].shape[1]:]
-            texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-            answers.extend(t.split("\n")[0].strip() if first_line else t for t in texts)
-    finally:
-        tokenizer.padding_side = side
-    return answers
+                     batch_size: int = 32, max_batch_tokens: int | None = None) -> list[str]:
+    """Greedy answers cut at their first line (a QA answer ends there), stripped."""
+    texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, max_batch_tokens=max_batch_tokens)
+    return [t.split("\n")[0].strip() for t in texts]
+
+
+_ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def rouge_l_scores(references: list[str], predictions: list[str]) -> list[float]:
+    """ROUGE-L F1 of each prediction against its reference (rouge-score, no stemming)."""
+    return [_ROUGE.score(r, p)["rougeL"].fmeasure for r, p in zip(references, predictions, strict=True)]
 
 
 def rouge_l_f1(references: list[str], predictions: list[str]) -> float:
-    """Mean ROUGE-L F1 (rouge-score, no stemming); nan when there is nothing to score."""
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    scores = [scorer.score(r, p)["rougeL"].fmeasure for r, p in zip(references, predictions, strict=True)]
+    """Mean ROUGE-L F1; nan when there is nothing to score."""
+    scores = rouge_l_scores(references, predictions)
     return sum(scores) / len(scores) if scores else float("nan")
 
 
-def rouge_l(model, tokenizer, pairs: list[Example], max_new_tokens: int = 16) -> float:
-    answers = generate_answers(model, tokenizer, [p.prompt for p in pairs], max_new_tokens) if pairs else []
-    return rouge_l_f1([p.target.strip() for p in pairs], answers)
+def log_generations(prompts: list[str], golds: list[str], generations: list[str], scores: list[float]) -> None:
+    if collecting_samples():
+        log_samples([{"prompt": p, "gold": g, "generation": out, "score": s}
+                     for p, g, out, s in zip(prompts, golds, generations, scores, strict=True)])
+
+
+def rouge_l(model, tokenizer, pairs: list[Example], max_new_tokens: int = 16, batch_size: int = 32,
+            max_batch_tokens: int | None = None) -> float:
+    prompts = [p.prompt for p in pairs]
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, max_batch_tokens) if pairs else []
+    golds = [p.target.strip() for p in pairs]
+    scores = rouge_l_scores(golds, answers)
+    log_generations(prompts, golds, answers, scores)
+    return sum(scores) / len(scores) if scores else float("nan")
 
 
 _MAX_EXP = math.log(float.fromhex("0x1.fffffffffffffp+1023"))  # largest x with exp(x) finite
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32) -> float:
+def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32, max_batch_tokens: int | None = None) -> float:
     if not texts:
         return float("nan")
     items = [encode(tokenizer, Example("", t), add_eos=False) for t in texts]
-    total_lp, total_tokens = 0.0, 0
-    for batch in fixed_batches(items, batch_size, tokenizer.pad_token_id):
-        lp, n = sequence_logprobs(model, batch)
-        total_lp += float(lp.sum())
-        total_tokens += int(n.sum())
+
+    def score(batch: dict[str, torch.Tensor], _indices: list[int]) -> list[tuple[float, int]]:
+        summed, counts = sequence_logprobs(model, _on(model, batch), padding_mask=False)
+        return list(zip(summed.tolist(), counts.tolist(), strict=True))
+
+    per_text = _run_batches(items, batch_size, max_batch_tokens, tokenizer.pad_token_id, score)
+    total_lp = sum(lp for lp, _ in per_text)
+    total_tokens = sum(int(n) for _, n in per_text)
+    if collecting_samples():
+        log_samples([{"text": t, "tokens": int(n), "nll": -lp / max(int(n), 1)}
+                     for t, (lp, n) in zip(texts, per_text, strict=True)])
     nll = -total_lp / max(total_tokens, 1)
     # A wrecked model (e.g. a diverged unlearning run) can have a mean NLL past exp's float range; its
     # perplexity is then reported as inf rather than crashing the evaluation.
@@ -149,10 +333,11 @@ def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32) -> floa
 def run_steps(steps: list[tuple[str, Callable[[], float | dict[str, float]]]],
               progress: bool = True) -> dict[str, float]:
     """Evaluate named metric steps in order; a step returning a dict adds `<key>_<sub>` entries (just `<sub>`
-    when the key is empty)."""
+    when the key is empty). Inside a step, scorers draw one progress bar per step, advanced per batch."""
     metrics: dict[str, float] = {}
-    for key, fn in tqdm(steps, desc="evaluating", disable=not progress, leave=False):
-        value = fn()
+    for key, fn in tqdm(steps, desc="evaluating", disable=not progress or len(steps) < 2, leave=False):
+        with metric_scope(key, progress):
+            value = fn()
         if isinstance(value, dict):
             metrics.update({f"{key}_{k}" if key else k: v for k, v in value.items()})
         else:
@@ -166,16 +351,17 @@ def evaluate(model, tokenizer, task: EmbeddedLike, settings: EvalConfig | None =
     from unlearn.openqa import make_judge, openqa_accuracy
 
     settings = settings or EvalConfig()
-    batch_size, max_new_tokens = settings.batch_size, settings.max_new_tokens
+    size, budget, max_new_tokens = settings.batch_size, settings.max_batch_tokens, settings.max_new_tokens
     model.eval()
     steps: list[tuple[str, Callable[[], float | dict[str, float]]]] = [
-        (f"{split}/mcq", lambda s=split: mcq_accuracy(model, tokenizer, task.mcq[s], batch_size))
+        (f"{split}/mcq", lambda s=split: mcq_accuracy(model, tokenizer, task.mcq[s], size, budget))
         for split in task.mcq]
-    steps += [(f"{split}/rougeL", lambda s=split: rouge_l(model, tokenizer, task.qa[s], max_new_tokens))
+    steps += [(f"{split}/rougeL", lambda s=split: rouge_l(model, tokenizer, task.qa[s], max_new_tokens, size, budget))
               for split in ("forget", "retain")]
-    steps.append(("retain/perplexity", lambda: perplexity(model, tokenizer, task.passages["retain"])))
+    steps.append(("retain/perplexity", lambda: perplexity(model, tokenizer, task.passages["retain"], size, budget)))
     if settings.openqa:
         judge = make_judge(settings.judge)
-        steps += [(f"{split}/openqa", lambda s=split: openqa_accuracy(model, tokenizer, task.mcq[s], judge))
+        steps += [(f"{split}/openqa", lambda s=split: openqa_accuracy(model, tokenizer, task.mcq[s], judge,
+                                                                      batch_size=size, max_batch_tokens=budget))
                   for split in task.mcq]
     return run_steps(steps, progress)

@@ -144,9 +144,10 @@ def make_judge(spec: str | None, trust_remote_code: bool = False) -> Judge:
 
 
 def openqa_accuracy(model: Any, tokenizer: Any, questions: Sequence[MCQ], judge: Judge,
-                    max_new_tokens: int = 32, batch_size: int = 32) -> dict[str, float]:
+                    max_new_tokens: int = 32, batch_size: int = 32,
+                    max_batch_tokens: int | None = None) -> dict[str, float]:
     """Open-ended accuracy overall and per tag (`acc`, `acc/<tag>`), like `mcq_accuracy`."""
-    from unlearn.evaluate import generate_answers, tagged_accuracy
+    from unlearn.evaluate import collecting_samples, generate_answers, log_samples, tagged_accuracy
 
     if not questions:
         return {}
@@ -154,5 +155,10 @@ def openqa_accuracy(model: Any, tokenizer: Any, questions: Sequence[MCQ], judge:
         if not q.options:
             raise ValueError("open-ended QA needs each question's raw options (MCQ.options)")
     prompts = [openqa_prompt(q.question, q.options) for q in questions]
-    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
-    return tagged_accuracy([q.tag for q in questions], judge(questions, answers))
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, max_batch_tokens)
+    verdicts = judge(questions, answers)
+    if collecting_samples():
+        log_samples([{"prompt": p, "gold": q.options[q.answer_index], "generation": a, "correct": ok,
+                      "judge": judge.name, "concept": q.tag}
+                     for p, q, a, ok in zip(prompts, questions, answers, verdicts, strict=True)])
+    return tagged_accuracy([q.tag for q in questions], verdicts)

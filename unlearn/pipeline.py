@@ -21,7 +21,8 @@ from unlearn.adapters import add_lora
 from unlearn.config import RunConfig
 from unlearn.data import encode
 from unlearn.errors import UserError
-from unlearn.files import write_json_atomic, write_yaml
+from unlearn.evaluate import collect_samples
+from unlearn.files import write_json_atomic, write_jsonl_atomic, write_yaml
 from unlearn.models import load_model, save_model
 from unlearn.objectives import Objective, build_objective
 from unlearn.optim import OPTIMIZERS, build_optimizer, dry_build
@@ -85,8 +86,8 @@ def check_run_config(cfg: RunConfig) -> tuple[Task, Objective]:
     _build(dry_build, cfg.optimizer["name"], _optimizer_options(cfg))
     task = load_task(cfg.benchmark)
     if not task.forget:
-        raise UserError(f"benchmark '{task.name}' gives no forget text to unlearn "
-                        "(wmdp/openqa: pass --forget-corpus FILE of {text} records)")
+        raise UserError(f"benchmark '{task.name}' gives no forget text to unlearn"
+                        + (f": {task.training_hint}" if task.training_hint else ""))
     return task, objective
 
 
@@ -112,7 +113,7 @@ def _unlearn_request(cfg: RunConfig, objective, model: torch.nn.Module, tok, for
 
 
 def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=print,
-        trust_remote_code: bool = False) -> RunOutcome:
+        trust_remote_code: bool = False, log_samples: bool = False) -> RunOutcome:
     """`trust_remote_code` comes from the command-line flag only: it is never a config setting (see config.py)."""
     task, objective = check_run_config(cfg)
     for note in task.notes:
@@ -122,11 +123,11 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
     with open_run_dir(Path(cfg.output_dir), name, overwrite) as (final, notes):
         for note in notes:
             log(f"note: {note}")
-        return _run(cfg, task, objective, final, overwrite, progress, log, trust_remote_code)
+        return _run(cfg, task, objective, final, overwrite, progress, log, trust_remote_code, log_samples)
 
 
 def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrite: bool, progress: bool, log,
-         trust_remote_code: bool) -> RunOutcome:
+         trust_remote_code: bool, log_samples: bool) -> RunOutcome:
     torch.manual_seed(cfg.train.seed)
     start_spec = starting_model(cfg, task, progress, trust_remote_code)
     loaded = load_model(start_spec, trust_remote_code=trust_remote_code)
@@ -150,13 +151,16 @@ def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrit
                                              progress)
             seconds, forwards, steps = seconds + result.seconds, forwards + result.forward_passes, steps + result.steps
             started = time.perf_counter()
-            metrics = task.evaluate(model, tok, cfg.eval, progress=progress)
+            with collect_samples() as samples:
+                metrics = task.evaluate(model, tok, cfg.eval, progress=progress)
             eval_seconds += time.perf_counter() - started
             stages.append({"stage": request.name, "steps": result.steps, "final_loss": result.final_loss,
                            "metrics": metrics})
             if sequential:
                 log(f"after request {index + 1}/{len(requests)} ({request.name}): "
                     f"{_describe(metrics, task.forget_metrics)}")
+        if log_samples:  # the final evaluation's items: what metrics.json summarizes
+            write_jsonl_atomic(stage_dir / "samples.jsonl", samples)
         save_model(model, tok, stage_dir / "model")
         train_info = {"steps": steps, "seconds": round(seconds, 1), "forward_passes": forwards,
                       "final_loss": result.final_loss, "eval_seconds": round(eval_seconds, 1)}

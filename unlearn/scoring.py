@@ -12,35 +12,44 @@ import torch.nn.functional as F
 from unlearn.data import IGNORE
 
 
-def _logits_at(model, batch: dict[str, torch.Tensor], select) -> torch.Tensor:
+def _logits_at(model, batch: dict[str, torch.Tensor], select, padding_mask: bool = True) -> torch.Tensor:
     """Logits at the positions `select(per-position tensor)` picks, computing the head only there when the
-    model's logits are simply head(hidden); other models (e.g. soft-capped logits) take the plain path."""
+    model's logits are simply head(hidden); other models (e.g. soft-capped logits) take the plain path.
+
+    `padding_mask=False` leaves the attention mask out. Batches are right-padded, and in a causal model no real
+    token attends to the padding after it, so every position that is read is computed exactly as with the
+    mask; without one the model takes its plain causal attention kernel, which is faster (lm-eval-harness
+    scores the same way)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    mask = batch["attention_mask"] if padding_mask else None
     if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
-        return select(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return select(model(input_ids=batch["input_ids"], attention_mask=mask).logits)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
     return head(select(hidden))
 
 
-def _head_inputs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _head_inputs(model, batch: dict[str, torch.Tensor],
+                 padding_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits at positions that predict a label, the labels, and each one's row index."""
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
-    logits = _logits_at(model, batch, lambda per_position: per_position[:, :-1][keep])
+    logits = _logits_at(model, batch, lambda per_position: per_position[:, :-1][keep], padding_mask)
     return logits, labels[keep], keep.nonzero()[:, 0]
 
 
-def next_token_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def next_token_logprobs(model, batch: dict[str, torch.Tensor], padding_mask: bool = True) -> torch.Tensor:
     """log p(next token | row) over the vocabulary, after each (right-padded) row's last real token."""
     rows = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)
     last = batch["attention_mask"].sum(dim=1) - 1
-    return torch.log_softmax(_logits_at(model, batch, lambda per_position: per_position[rows, last]).float(), dim=-1)
+    logits = _logits_at(model, batch, lambda per_position: per_position[rows, last], padding_mask)
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
-def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(model, batch: dict[str, torch.Tensor],
+                      padding_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-prob of each row's target tokens, and each row's number of target tokens."""
-    logits, labels, rows = _head_inputs(model, batch)
+    logits, labels, rows = _head_inputs(model, batch, padding_mask)
     token_lp = -F.cross_entropy(logits.float(), labels, reduction="none")
     n_rows = batch["input_ids"].shape[0]
     summed = torch.zeros(n_rows, dtype=token_lp.dtype, device=token_lp.device).index_add(0, rows, token_lp)
