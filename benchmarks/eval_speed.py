@@ -1,7 +1,7 @@
 """WMDP-style MCQ scoring speed: the native engine, the lm-eval engine and lm-eval-harness itself, side by side.
 
-    python -m benchmarks.eval_speed                          # 256 questions, 2 rounds, embedded model
-    python -m benchmarks.eval_speed --questions 64 --rounds 1 --markdown /tmp/eval_speed.md
+    python -m benchmarks.eval_speed                          # 40 questions, 2 rounds, embedded model
+    python -m benchmarks.eval_speed --questions 16 --rounds 1 --markdown /tmp/eval_speed.md
 
 The question file is generated (seeded) in WMDP's shape: ``{question, choices, answer}`` records whose
 questions range from one line of prose to long code-like listings (``--min-tokens`` to ``--max-tokens``
@@ -108,14 +108,15 @@ def toolkit(model: Any, tokenizer: Any, task: Any, engine: str, batch: int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--questions", type=int, default=256)
+    parser.add_argument("--questions", type=int, default=40)
     parser.add_argument("--min-tokens", type=int, default=50)
     parser.add_argument("--max-tokens", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64, help="native engine: rows per batch at most")
-    parser.add_argument("--budgets", type=int, nargs="+", default=[8192], help="native engine: max_batch_tokens")
-    parser.add_argument("--harness-batch", type=int, default=16, help="harness and lm-eval engine batch size")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[2048, 4096],
+                        help="native engine: eval.max_batch_tokens")
+    parser.add_argument("--harness-batch", type=int, default=8, help="harness and lm-eval engine batch size")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table to this file")
     args = parser.parse_args()

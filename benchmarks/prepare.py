@@ -115,8 +115,14 @@ def baseline_metrics(spec: str, task: Task, settings: EvalConfig, trust_remote_c
     return metrics
 
 
+# Bumped whenever a metric's definition changes (2: MUSE as MUSE computes it, on its x100 scale): a cached
+# baseline computed under an older definition must not sit in a table beside new numbers.
+METRICS_VERSION = 2
+
+
 def _baseline_path(spec: str, task: Task, settings: EvalConfig) -> Path:
-    return cache_dir() / "baselines" / f"{_cache_key(spec, task, eval=settings.__dict__)}.json"
+    key = _cache_key(spec, task, eval=settings.__dict__, metrics=METRICS_VERSION)
+    return cache_dir() / "baselines" / f"{key}.json"
 
 
 def _store_baseline(spec: str, task: Task, settings: EvalConfig, metrics: dict[str, float]) -> None:

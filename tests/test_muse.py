@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +10,16 @@ import pytest
 import torch
 
 from benchmarks import BENCHMARKS, muse
-from benchmarks.muse import (MuseTask, knowmem_answer, knowmem_prompt, min_k_score, privleak, privleak_auc,
-                             verbmem_reference, write_muse_layout)
+from benchmarks.muse import (
+    MuseTask,
+    knowmem_answer,
+    knowmem_prompt,
+    min_k_score,
+    privleak,
+    privleak_auc,
+    verbmem_reference,
+    write_muse_layout,
+)
 from benchmarks.records import chunk_texts
 from unlearn.config import EvalConfig
 from unlearn.errors import UserError

@@ -199,3 +199,41 @@ def test_one_forward_per_question_gives_the_per_choice_scores(monkeypatch) -> No
     assert [len(s) for s in fast] == [len(q.choices) for q in questions]
     for got, want in zip(fast, expected, strict=True):
         assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_long_questions_are_scored_whole_and_cut_from_the_left(tiny) -> None:
+    """A WMDP question can be a long code listing: the native scorer scores it whole (no fixed-length cut), and
+    only past the model's context drops tokens from the left, as lm-eval does."""
+    from benchmarks.task import MCQ
+
+    model, tokenizer = tiny
+    question = MCQ("int f(char *p) { return p[3]; }\n" * 12 + "Answer:", ["A", "B", "C", "D"], 0, "")
+    prompt_ids = tokenizer(question.prompt, add_special_tokens=False).input_ids
+    assert len(prompt_ids) > 300
+
+    def direct(context: int) -> list[float]:
+        out = []
+        for choice in question.choices:
+            cont = tokenizer(" " + choice, add_special_tokens=False).input_ids
+            ids = (prompt_ids + cont)[-context:]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].double(), dim=-1)
+            targets = torch.tensor(ids[1:])
+            out.append(float(logp.gather(-1, targets[:, None]).squeeze(-1)[-len(cont):].sum()))
+        return out
+
+    model.config.max_position_embeddings = 4096  # rotary positions: the tiny model takes the whole question
+    assert choice_scores(model, tokenizer, [question])[0] == pytest.approx(direct(4096), abs=1e-3)
+    model.config.max_position_embeddings = 256
+    assert choice_scores(model, tokenizer, [question])[0] == pytest.approx(direct(256), abs=1e-3)
+
+
+def test_length_batches_sort_budget_and_restore_order() -> None:
+    from unlearn.evaluate import length_batches
+
+    lengths = [5, 50, 7, 50, 1, 30]
+    batches = length_batches(lengths, batch_size=3, max_tokens=100)
+    assert batches == [[1, 3], [5, 2, 0], [4]]  # longest first; 3 x 50 > 100 tokens; ties keep input order
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert length_batches([500, 3], batch_size=8, max_tokens=100) == [[0], [1]]  # too long alone: its own batch
+    assert length_batches(lengths, batch_size=2) == [[1, 3], [5, 2], [0, 4]]  # rows only

@@ -173,8 +173,10 @@ def choice_scores(model, tokenizer, questions: list[MCQ], batch_size: int = 64,
     rest = [i for i in range(len(questions)) if i not in out]
     items = [it for i in rest for it in encoded[i]]
     if items:
-        flat = _run_batches(items, batch_size, max_batch_tokens, tokenizer.pad_token_id,
-                            lambda batch, _idx: sequence_logprobs(model, _on(model, batch), False)[0].float().cpu().tolist())
+        def summed(batch: dict[str, torch.Tensor], _indices: list[int]) -> list[float]:
+            return sequence_logprobs(model, _on(model, batch), padding_mask=False)[0].float().cpu().tolist()
+
+        flat = _run_batches(items, batch_size, max_batch_tokens, tokenizer.pad_token_id, summed)
         start = 0
         for i in rest:
             out[i] = flat[start:start + len(encoded[i])]
