@@ -222,8 +222,11 @@ def test_names_must_stay_inside_the_output_folder(tmp_path):
 def _start(args: list[str], cwd: Path, cache: Path) -> subprocess.Popen:
     env = {**os.environ, "UNLEARN_CACHE": str(cache), "UNLEARN_THREADS": "1"}
     env.pop("UNLEARN_DEBUG", None)
+    # The child gets SIGINT's default disposition, as in a terminal: a test suite started in the background by a
+    # shell without job control inherits SIGINT ignored, and the toolkit rightly keeps an ignored signal ignored.
     return subprocess.Popen([sys.executable, "-m", "unlearn.cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(predicate, timeout: float = 120.0) -> None:

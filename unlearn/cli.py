@@ -12,12 +12,15 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from unlearn.errors import UserError
+
+if TYPE_CHECKING:  # imported for the annotation only: the CLI keeps its start-up light
+    from benchmarks.task import Task
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="LLM unlearning robustness toolkit: unlearn, attack, evaluate, report.")
@@ -187,7 +190,7 @@ def _subject(run_dir: Path | None, model: str | None, config: Path | None, set_:
                    target_model=None, eval_settings=cfg.eval, trust_remote_code=trust_remote_code)
 
 
-def _print_metrics(metrics: dict[str, float], task=None) -> None:
+def _print_metrics(metrics: dict[str, float], task: Task | None = None) -> None:
     """One metric per line with its unit (benchmarks report on different scales: MUSE ×100, accuracies 0-1)."""
     for key, value in metrics.items():
         unit = task.unit(key) if task is not None else ""
@@ -229,6 +232,7 @@ def eval_(
 ) -> None:
     """Evaluate a run's model (rewrites its metrics.json) or any model (prints metrics)."""
     import time
+    from contextlib import nullcontext
 
     from attacks.runner import evaluate_subject
     from unlearn.evaluate import collect_samples
@@ -243,7 +247,7 @@ def eval_(
     _setup_torch()
     started = time.perf_counter()
     loaded = load_model(subject.model_spec, trust_remote_code=trust_remote_code)
-    with collect_samples() as samples:
+    with collect_samples() if samples_file is not None else nullcontext([]) as samples:
         metrics = evaluate_subject(loaded.model, loaded.tokenizer, subject, progress=not quiet)
     if subject.run_dir is not None:
         path = subject.run_dir / "metrics.json"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,7 @@ def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrit
                                              progress)
             seconds, forwards, steps = seconds + result.seconds, forwards + result.forward_passes, steps + result.steps
             started = time.perf_counter()
-            with collect_samples() as samples:
+            with collect_samples() if log_samples else nullcontext([]) as samples:
                 metrics = task.evaluate(model, tok, cfg.eval, progress=progress)
             eval_seconds += time.perf_counter() - started
             stages.append({"stage": request.name, "steps": result.steps, "final_loss": result.final_loss,
