@@ -243,11 +243,16 @@ def test_interrupt_is_an_error_and_leaves_nothing(tmp_path, tiny_model_dir, sign
     runs = tmp_path / "runs"
     proc = _start(["run", "--method", "npo", "--optimizer", "adamw", "--model", str(tiny_model_dir), "--steps",
                    "100000", "--batch-size", "2", "--name", "long", "-q", *TINY_BENCH], tmp_path, tmp_path / "cache")
-    # Training has started once the staging folder holds the step log.
-    _wait_for(lambda: any(runs.glob(".staging-long-*/log.jsonl")) or proc.poll() is not None)
-    assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=60)
+    try:
+        # Training has started once the staging folder holds the step log.
+        _wait_for(lambda: any(runs.glob(".staging-long-*/log.jsonl")) or proc.poll() is not None)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:  # a failed check must not leave a 100000-step run behind on the machine
+            proc.kill()
+            proc.wait()
     assert proc.returncode == code, err
     assert err.strip().splitlines()[-1] == f"error: {word}"
     assert "Traceback" not in err
