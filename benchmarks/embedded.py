@@ -6,12 +6,13 @@ generated answers to the QA pairs, and the retain passages for perplexity.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.synthetic import SPLITS, Benchmark, SyntheticSettings, generate
-from benchmarks.task import MCQ, Task
-from unlearn.data import Example, qa_prompt
+from benchmarks.task import Task
+from unlearn.data import MCQ, Example, qa_prompt
 from unlearn.errors import UserError
 from unlearn.settings import (
     AT_LEAST_ONE,
@@ -33,9 +34,25 @@ class TaskData(Task):
     passages: dict[str, list[str]] = field(default_factory=dict)
 
     def evaluate(self, model: Any, tokenizer: Any, settings: Any, progress: bool = True) -> dict[str, float]:
-        from unlearn.evaluate import evaluate
+        """All metrics for one model, as a flat dict (what metrics.json holds)."""
+        from unlearn.evaluate import mcq_accuracy, perplexity, rouge_l, run_steps
+        from unlearn.openqa import make_judge, openqa_accuracy
 
-        return evaluate(model, tokenizer, self, settings, progress=progress)
+        size, budget, max_new_tokens = settings.batch_size, settings.max_batch_tokens, settings.max_new_tokens
+        model.eval()
+        steps: list[tuple[str, Callable[[], float | dict[str, float]]]] = [
+            (f"{split}/mcq", lambda s=split: mcq_accuracy(model, tokenizer, self.mcq[s], size, budget))
+            for split in self.mcq]
+        steps += [(f"{split}/rougeL", lambda s=split: rouge_l(model, tokenizer, self.qa[s], max_new_tokens, size,
+                                                               budget))
+                  for split in ("forget", "retain")]
+        steps.append(("retain/perplexity", lambda: perplexity(model, tokenizer, self.passages["retain"], size, budget)))
+        if settings.openqa:
+            judge = make_judge(settings.judge)
+            steps += [(f"{split}/openqa", lambda s=split: openqa_accuracy(model, tokenizer, self.mcq[s], judge,
+                                                                          batch_size=size, max_batch_tokens=budget))
+                      for split in self.mcq]
+        return run_steps(steps, progress)
 
 
 @dataclass

@@ -164,7 +164,7 @@ def token_logprobs(model: Any, tokenizer: Any, texts: list[str], max_tokens: int
     tokens included), whole unless longer than `max_tokens` or the model's context (then cut and marked).
     Batched longest first; logits are computed a slice of positions at a time so a long passage of a
     large-vocabulary model never holds a full float32 logits tensor."""
-    from unlearn.evaluate import _bar, length_batches, model_context
+    from unlearn.evaluate import length_batches, model_context, progress_bar
 
     limits = [v for v in (max_tokens, model_context(model)) if v is not None]
     limit = min(limits) if limits else None
@@ -176,7 +176,7 @@ def token_logprobs(model: Any, tokenizer: Any, texts: list[str], max_tokens: int
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     vocab = _vocab_size(model)
     out: list[Scored | None] = [None] * len(texts)
-    with _bar(len(texts)) as bar:
+    with progress_bar(len(texts)) as bar:
         for indices in length_batches([len(r) for r in ids], batch_size, max_batch_tokens):
             width = max(len(ids[i]) for i in indices)
             input_ids = torch.full((len(indices), width), pad, dtype=torch.long)

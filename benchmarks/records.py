@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.task import MCQ
+from unlearn.data import MCQ
 from unlearn.errors import UserError
 from unlearn.files import read_text
 

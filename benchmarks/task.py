@@ -16,19 +16,6 @@ from unlearn.data import Example
 
 
 @dataclass
-class MCQ:
-    """A multiple-choice question as scored (`prompt` + each of `choices` as a continuation) and as asked
-    (`question`, `options`: the raw texts, which open-ended QA shows the model)."""
-
-    prompt: str
-    choices: list[str]
-    answer_index: int
-    tag: str  # the concept asked about, for per-concept breakdowns ("" when the data has none)
-    question: str = ""
-    options: list[str] = field(default_factory=list)
-
-
-@dataclass
 class Stage:
     """One unlearning request of a sequential run (MUSE's sustainability splits): its forget text."""
 

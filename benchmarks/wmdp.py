@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.records import chunk_texts, mcqs_from, read_records, read_texts
-from benchmarks.task import MCQ, Task
+from benchmarks.task import Task
 from unlearn.config import check_engine
-from unlearn.data import Example
+from unlearn.data import MCQ, Example
 from unlearn.errors import UserError
 from unlearn.evaluate import tagged_accuracy
 from unlearn.settings import config_count, key_list, unknown_keys

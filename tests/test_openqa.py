@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.task import MCQ
+from unlearn.data import MCQ
 from unlearn.errors import UserError
 from unlearn.evaluate import generate_answers
 from unlearn.openqa import SHOTS, MatchJudge, NLIJudge, match_judge, normalize, openqa_accuracy, openqa_prompt

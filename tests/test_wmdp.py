@@ -165,10 +165,9 @@ def test_one_forward_per_question_gives_the_per_choice_scores(monkeypatch) -> No
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from benchmarks.task import MCQ
     from tests.conftest import make_model
     from unlearn import evaluate
-    from unlearn.data import Example, encode, fixed_batches
+    from unlearn.data import MCQ, Example, encode, fixed_batches
     from unlearn.scoring import sequence_logprobs
 
     # A tokenizer where " A" ... " D" are single tokens, as in BPE vocabularies (the fixture's is per character).
@@ -204,7 +203,7 @@ def test_one_forward_per_question_gives_the_per_choice_scores(monkeypatch) -> No
 def test_long_questions_are_scored_whole_and_cut_from_the_left(tiny) -> None:
     """A WMDP question can be a long code listing: the native scorer scores it whole (no fixed-length cut), and
     only past the model's context drops tokens from the left, as lm-eval does."""
-    from benchmarks.task import MCQ
+    from unlearn.data import MCQ
 
     model, tokenizer = tiny
     question = MCQ("int f(char *p) { return p[3]; }\n" * 12 + "Answer:", ["A", "B", "C", "D"], 0, "")

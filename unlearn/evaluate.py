@@ -18,23 +18,14 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from rouge_score import rouge_scorer
 from tqdm import tqdm
 
-from benchmarks.task import MCQ
-from unlearn.config import EvalConfig
-from unlearn.data import Encoded, Example, collate, encode
+from unlearn.data import MCQ, Encoded, Example, collate, encode
 from unlearn.scoring import next_token_logprobs, sequence_logprobs
-
-
-class EmbeddedLike(Protocol):
-    mcq: dict[str, list[MCQ]]
-    qa: dict[str, list[Example]]
-    passages: dict[str, list[str]]
-
 
 # ---------------------------------------------------------------------------------------------- scope
 
@@ -88,7 +79,7 @@ def log_samples(rows: list[dict[str, Any]], metric: str | None = None) -> None:
     scope.samples.extend({"metric": name, "index": i, **row} for i, row in enumerate(rows))
 
 
-def _bar(total: int) -> tqdm:
+def progress_bar(total: int) -> tqdm:
     scope = _SCOPE.get()
     return tqdm(total=total, desc=scope.metric or "scoring", unit="item", disable=not scope.progress, leave=False)
 
@@ -137,7 +128,7 @@ def _run_batches(items: Sequence[Encoded], batch_size: int, max_tokens: int | No
                  score: Callable[[dict[str, torch.Tensor], list[int]], list[Any]]) -> list[Any]:
     """`score(batch, indices)` over length-sorted batches of `items`, one result per item in input order."""
     out: list[Any] = [None] * len(items)
-    with _bar(len(items)) as bar:
+    with progress_bar(len(items)) as bar:
         for indices in length_batches([len(it.input_ids) for it in items], batch_size, max_tokens):
             batch = collate([items[i] for i in indices], pad_id)
             for i, value in zip(indices, score(batch, indices), strict=True):
@@ -251,7 +242,7 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 1
     out: list[str] = [""] * len(prompts)
     decode_options = {} if clean_up_spaces is None else {"clean_up_tokenization_spaces": clean_up_spaces}
     lengths = [len(ids) + max_new_tokens for ids in encoded]
-    with _bar(len(prompts)) as bar:
+    with progress_bar(len(prompts)) as bar:
         for indices in length_batches(lengths, batch_size, max_batch_tokens):
             width = max(len(encoded[i]) for i in indices)
             input_ids = torch.full((len(indices), width), pad, dtype=torch.long)
@@ -345,25 +336,3 @@ def run_steps(steps: list[tuple[str, Callable[[], float | dict[str, float]]]],
         else:
             metrics[key] = value
     return metrics
-
-
-def evaluate(model, tokenizer, task: EmbeddedLike, settings: EvalConfig | None = None,
-             progress: bool = True) -> dict[str, float]:
-    """All metrics for one model on the embedded benchmark, as a flat dict (what metrics.json holds)."""
-    from unlearn.openqa import make_judge, openqa_accuracy
-
-    settings = settings or EvalConfig()
-    size, budget, max_new_tokens = settings.batch_size, settings.max_batch_tokens, settings.max_new_tokens
-    model.eval()
-    steps: list[tuple[str, Callable[[], float | dict[str, float]]]] = [
-        (f"{split}/mcq", lambda s=split: mcq_accuracy(model, tokenizer, task.mcq[s], size, budget))
-        for split in task.mcq]
-    steps += [(f"{split}/rougeL", lambda s=split: rouge_l(model, tokenizer, task.qa[s], max_new_tokens, size, budget))
-              for split in ("forget", "retain")]
-    steps.append(("retain/perplexity", lambda: perplexity(model, tokenizer, task.passages["retain"], size, budget)))
-    if settings.openqa:
-        judge = make_judge(settings.judge)
-        steps += [(f"{split}/openqa", lambda s=split: openqa_accuracy(model, tokenizer, task.mcq[s], judge,
-                                                                      batch_size=size, max_batch_tokens=budget))
-                  for split in task.mcq]
-    return run_steps(steps, progress)

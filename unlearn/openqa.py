@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from benchmarks.task import MCQ
+from unlearn.data import MCQ
 from unlearn.errors import UserError
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
