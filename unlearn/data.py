@@ -1,7 +1,8 @@
-"""Turning (prompt, target) text pairs into padded tensors with loss masks.
+"""The items the library works on (text pairs, multiple-choice questions) and their padded tensors.
 
 Prompt and target are tokenized separately and concatenated, everywhere: training, scoring and
-evaluation then agree on exactly which token ids make up an answer.
+evaluation then agree on exactly which token ids make up an answer. Benchmarks build these items; the
+library never needs a benchmark's own types.
 """
 
 from __future__ import annotations
