@@ -14,6 +14,7 @@ from benchmarks.synthetic import SPLITS, Benchmark, SyntheticSettings, generate
 from benchmarks.task import Task
 from unlearn.data import MCQ, Example, qa_prompt
 from unlearn.errors import UserError
+from unlearn.evaluate import mcq_accuracy, perplexity, rouge_l, run_steps
 from unlearn.settings import (
     AT_LEAST_ONE,
     NON_NEGATIVE,
@@ -35,7 +36,6 @@ class TaskData(Task):
 
     def evaluate(self, model: Any, tokenizer: Any, settings: Any, progress: bool = True) -> dict[str, float]:
         """All metrics for one model, as a flat dict (what metrics.json holds)."""
-        from unlearn.evaluate import mcq_accuracy, perplexity, rouge_l, run_steps
         from unlearn.openqa import make_judge, openqa_accuracy
 
         size, budget, max_new_tokens = settings.batch_size, settings.max_batch_tokens, settings.max_new_tokens

@@ -40,8 +40,19 @@ import torch.nn.functional as F
 
 from benchmarks.records import chunk_texts, read_records, string_field
 from benchmarks.task import Stage, Task
-from unlearn.data import Example
+from unlearn.data import Encoded, Example
 from unlearn.errors import UserError
+from unlearn.evaluate import (
+    collecting_samples,
+    generate_texts,
+    log_generations,
+    log_samples,
+    metric_scope,
+    model_context,
+    rouge_l_scores,
+    run_batches,
+    run_steps,
+)
 from unlearn.files import read_text
 from unlearn.settings import config_count, key_list, unknown_keys
 
@@ -164,8 +175,6 @@ def token_logprobs(model: Any, tokenizer: Any, texts: list[str], max_tokens: int
     tokens included), whole unless longer than `max_tokens` or the model's context (then cut and marked).
     Batched longest first; logits are computed a slice of positions at a time so a long passage of a
     large-vocabulary model never holds a full float32 logits tensor."""
-    from unlearn.evaluate import length_batches, model_context, progress_bar
-
     limits = [v for v in (max_tokens, model_context(model)) if v is not None]
     limit = min(limits) if limits else None
     full = [tokenizer(t, add_special_tokens=True).input_ids for t in texts]
@@ -175,19 +184,15 @@ def token_logprobs(model: Any, tokenizer: Any, texts: list[str], max_tokens: int
             raise UserError(f"privleak text {index + 1} has fewer than 2 tokens: Min-K% has nothing to score")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     vocab = _vocab_size(model)
-    out: list[Scored | None] = [None] * len(texts)
-    with progress_bar(len(texts)) as bar:
-        for indices in length_batches([len(r) for r in ids], batch_size, max_batch_tokens):
-            width = max(len(ids[i]) for i in indices)
-            input_ids = torch.full((len(indices), width), pad, dtype=torch.long)
-            for row, i in enumerate(indices):
-                input_ids[row, :len(ids[i])] = torch.tensor(ids[i])
-            # Right padding needs no attention mask in a causal model (see unlearn/scoring.py: _logits_at).
-            lp = _shifted_logprobs(model, input_ids.to(model.device), vocab)
-            for row, i in enumerate(indices):
-                out[i] = Scored(lp[row, :len(ids[i]) - 1].cpu(), len(full[i]), len(ids[i]) < len(full[i]))
-            bar.update(len(indices))
-    return [s for s in out if s is not None]
+
+    def score(batch: dict[str, torch.Tensor], indices: list[int]) -> list[torch.Tensor]:
+        # Right padding needs no attention mask in a causal model (see unlearn/scoring.py: _logits_at).
+        lp = _shifted_logprobs(model, batch["input_ids"].to(model.device), vocab)
+        return [lp[row, :len(ids[i]) - 1].cpu() for row, i in enumerate(indices)]
+
+    logprobs = run_batches([Encoded(input_ids=row, n_prompt=0) for row in ids], batch_size, max_batch_tokens,
+                           pad, score)
+    return [Scored(lp, len(f), len(i) < len(f)) for lp, f, i in zip(logprobs, full, ids, strict=True)]
 
 
 def _shifted_logprobs(model: Any, input_ids: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -232,8 +237,6 @@ class MuseTask(Task):
     def privleak_auc(self, model: Any, tokenizer: Any, batch_size: int,
                      max_batch_tokens: int | None = None) -> dict[str, float]:
         """{"auc": ..., "truncated": passages cut to fit (only when some were)}; samples logged per passage."""
-        from unlearn.evaluate import collecting_samples, log_samples
-
         s = self.settings
         scores, scored = {}, {}
         for split in ("forget", "holdout"):
@@ -259,7 +262,6 @@ class MuseTask(Task):
         if self.settings.retrain_model is None:
             return None
         if self._auc_retrain is None:
-            from unlearn.evaluate import metric_scope
             from unlearn.models import load_model
 
             loaded = load_model(self.settings.retrain_model, dtype=dtype)
@@ -276,8 +278,6 @@ class MuseTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: Any, tokenizer: Any, settings: Any, progress: bool = True) -> dict[str, float]:
-        from unlearn.evaluate import generate_texts, log_generations, rouge_l_scores, run_steps
-
         s, batch_size, budget = self.settings, settings.batch_size, settings.max_batch_tokens
         model.eval()
 

@@ -28,7 +28,7 @@ from benchmarks.task import Task
 from unlearn.config import check_engine
 from unlearn.data import MCQ, Example
 from unlearn.errors import UserError
-from unlearn.evaluate import tagged_accuracy
+from unlearn.evaluate import collecting_samples, log_samples, mcq_correct, metric_scope, run_steps, tagged_accuracy
 from unlearn.settings import config_count, key_list, unknown_keys
 
 LETTERS = "ABCDEFGHIJ"
@@ -194,8 +194,6 @@ def lm_eval_accuracy(model: Any, tokenizer: Any, sets: list[QuestionSet], batch_
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    from unlearn.evaluate import collecting_samples, log_samples
-
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     tasks = {s.key: s.lm_eval_task() for s in sets}
     # lm-eval stamps its results with the git hash of the working folder (printing "fatal: not a git repository"
@@ -247,8 +245,6 @@ def _lm_eval_sample(sample: dict[str, Any], tag: str) -> dict[str, Any]:
 
 def native_accuracy(model: Any, tokenizer: Any, sets: list[QuestionSet], batch_size: int,
                     max_batch_tokens: int | None = None) -> dict[str, float]:
-    from unlearn.evaluate import mcq_correct, metric_scope
-
     metrics: dict[str, float] = {}
     for s in sets:
         questions = s.questions()
@@ -266,7 +262,6 @@ class WMDPTask(Task):
     openqa: bool = False  # always ask open-ended too (the `openqa` benchmark)
 
     def evaluate(self, model: Any, tokenizer: Any, settings: Any, progress: bool = True) -> dict[str, float]:
-        from unlearn.evaluate import run_steps
         from unlearn.openqa import make_judge, openqa_accuracy
 
         check_engine(settings.engine)  # also checked with the config; this guards direct callers

@@ -124,7 +124,7 @@ def _scoring_item(tokenizer: Any, prompt: str, continuation: str, context: int |
     return Encoded(input_ids=ids, n_prompt=n_prompt)
 
 
-def _run_batches(items: Sequence[Encoded], batch_size: int, max_tokens: int | None, pad_id: int,
+def run_batches(items: Sequence[Encoded], batch_size: int, max_tokens: int | None, pad_id: int,
                  score: Callable[[dict[str, torch.Tensor], list[int]], list[Any]]) -> list[Any]:
     """`score(batch, indices)` over length-sorted batches of `items`, one result per item in input order."""
     out: list[Any] = [None] * len(items)
@@ -167,7 +167,7 @@ def choice_scores(model, tokenizer, questions: list[MCQ], batch_size: int = 64,
         def summed(batch: dict[str, torch.Tensor], _indices: list[int]) -> list[float]:
             return sequence_logprobs(model, _on(model, batch), padding_mask=False)[0].float().cpu().tolist()
 
-        flat = _run_batches(items, batch_size, max_batch_tokens, tokenizer.pad_token_id, summed)
+        flat = run_batches(items, batch_size, max_batch_tokens, tokenizer.pad_token_id, summed)
         start = 0
         for i in rest:
             out[i] = flat[start:start + len(encoded[i])]
@@ -189,7 +189,7 @@ def _next_token_scores(model, prompts: list[list[int]], tokens: list[list[int]],
         logprobs = next_token_logprobs(model, _on(model, batch), padding_mask=False).cpu()
         return [logprobs[row, tokens[i]].tolist() for row, i in enumerate(indices)]
 
-    return _run_batches(items, batch_size, max_batch_tokens, pad_id, score)
+    return run_batches(items, batch_size, max_batch_tokens, pad_id, score)
 
 
 def mcq_correct(model, tokenizer, questions: list[MCQ], batch_size: int = 64,
@@ -276,12 +276,6 @@ def rouge_l_scores(references: list[str], predictions: list[str]) -> list[float]
     return [_ROUGE.score(r, p)["rougeL"].fmeasure for r, p in zip(references, predictions, strict=True)]
 
 
-def rouge_l_f1(references: list[str], predictions: list[str]) -> float:
-    """Mean ROUGE-L F1; nan when there is nothing to score."""
-    scores = rouge_l_scores(references, predictions)
-    return sum(scores) / len(scores) if scores else float("nan")
-
-
 def log_generations(prompts: list[str], golds: list[str], generations: list[str], scores: list[float]) -> None:
     if collecting_samples():
         log_samples([{"prompt": p, "gold": g, "generation": out, "score": s}
@@ -311,7 +305,7 @@ def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32, max_bat
         summed, counts = sequence_logprobs(model, _on(model, batch), padding_mask=False)
         return list(zip(summed.tolist(), counts.tolist(), strict=True))
 
-    per_text = _run_batches(items, batch_size, max_batch_tokens, tokenizer.pad_token_id, score)
+    per_text = run_batches(items, batch_size, max_batch_tokens, tokenizer.pad_token_id, score)
     total_lp = sum(lp for lp, _ in per_text)
     total_tokens = sum(int(n) for _, n in per_text)
     if collecting_samples():
