@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.embedded import TaskData
 from unlearn.adapters import add_lora
+from unlearn.benchmarks.embedded import TaskData
 from unlearn.data import encode
 from unlearn.errors import UserError
 from unlearn.evaluate import mcq_accuracy

@@ -10,8 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks.synthetic import SPLITS, Benchmark, SyntheticSettings, generate
-from benchmarks.task import Task
+from unlearn.benchmarks.synthetic import SPLITS, Benchmark, SyntheticSettings, generate
 from unlearn.data import MCQ, Example, qa_prompt
 from unlearn.errors import UserError
 from unlearn.evaluate import mcq_accuracy, perplexity, rouge_l, run_steps
@@ -26,6 +25,7 @@ from unlearn.settings import (
     setting,
     unknown_keys,
 )
+from unlearn.task import Task
 
 
 @dataclass

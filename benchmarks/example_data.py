@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.synthetic import Benchmark, Fact, SyntheticSettings, generate
+from unlearn.benchmarks.synthetic import Benchmark, Fact, SyntheticSettings, generate
 from unlearn.runs import staged_dir
 
 
@@ -57,7 +57,7 @@ def _parts(items: list[str], n: int) -> list[list[str]]:
 def write_muse(folder: Path, bench: Benchmark) -> Path:
     """MUSE layout: raw/ text, knowmem/ QA (holdout facts as the few-shot examples), verbmem/ passage halves,
     privleak/ forget vs holdout passages, scal/ growing and sust/ consecutive slices of the forget passages."""
-    from benchmarks.muse import write_muse_layout
+    from unlearn.benchmarks.muse import write_muse_layout
 
     forget, retain, holdout = (bench.passages[s] for s in ("forget", "retain", "holdout"))
     sust = {f"forget_{i + 1}": part for i, part in enumerate(_parts(forget, 4))}

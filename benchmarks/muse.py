@@ -38,8 +38,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from benchmarks.records import chunk_texts, read_records, string_field
-from benchmarks.task import Stage, Task
+from unlearn.benchmarks.datafiles import chunk_texts, read_records, string_field
 from unlearn.data import Encoded, Example
 from unlearn.errors import UserError
 from unlearn.evaluate import (
@@ -55,6 +54,7 @@ from unlearn.evaluate import (
 )
 from unlearn.files import read_text
 from unlearn.settings import config_count, key_list, unknown_keys
+from unlearn.task import Stage, Task
 
 # Hub layout, read from the dataset cards of muse-bench/MUSE-News and MUSE-Books: subsets raw (forget, retain1,
 # retain2, holdout; text), knowmem (forget_qa, retain_qa, forget_qa_icl, retain_qa_icl; question, answer),

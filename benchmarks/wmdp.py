@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.records import chunk_texts, mcqs_from, read_records, read_texts
-from benchmarks.task import Task
+from unlearn.benchmarks.datafiles import chunk_texts, mcqs_from, read_records, read_texts
 from unlearn.config import check_engine
 from unlearn.data import MCQ, Example
 from unlearn.errors import UserError
 from unlearn.evaluate import collecting_samples, log_samples, mcq_correct, metric_scope, run_steps, tagged_accuracy
 from unlearn.settings import config_count, key_list, unknown_keys
+from unlearn.task import Task
 
 LETTERS = "ABCDEFGHIJ"
 CHUNK_WORDS = 150  # words per forget/retain training passage cut from a corpus

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from attacks.relearn import split_forget
-from attacks.runner import recovery_ratio
 from tests.test_cli import TINY_BENCH, cli
+from unlearn.attacks.relearn import split_forget
 from unlearn.errors import UserError
+from unlearn.recipes.attack import recovery_ratio
 
 
 @pytest.fixture(scope="module")

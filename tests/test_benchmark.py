@@ -1,6 +1,6 @@
 from dataclasses import asdict
 
-from benchmarks.synthetic import SPLITS, SyntheticSettings, generate
+from unlearn.benchmarks.synthetic import SPLITS, SyntheticSettings, generate
 
 
 def test_generator_is_deterministic():

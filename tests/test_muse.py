@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from benchmarks import BENCHMARKS, muse
-from benchmarks.muse import (
+from unlearn.benchmarks import BENCHMARKS, muse
+from unlearn.benchmarks.datafiles import chunk_texts
+from unlearn.benchmarks.muse import (
     MuseTask,
     knowmem_answer,
     knowmem_prompt,
@@ -20,7 +21,6 @@ from benchmarks.muse import (
     verbmem_reference,
     write_muse_layout,
 )
-from benchmarks.records import chunk_texts
 from unlearn.config import EvalConfig
 from unlearn.errors import UserError
 

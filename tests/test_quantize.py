@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from attacks.quantize import (
+from unlearn.attacks.quantize import (
     QuantSpec,
     fake_quantize,
     load_quantized,

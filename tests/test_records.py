@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from benchmarks.records import read_mcqs, read_records, read_texts
+from unlearn.benchmarks.datafiles import read_mcqs, read_records, read_texts
 from unlearn.errors import UserError
 
 RECORDS = [{"question": "What is 2 + 2?", "choices": ["3", "4", "5", "22"], "answer": 1, "subject": "math"},

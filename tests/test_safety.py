@@ -45,7 +45,7 @@ def test_the_payload_is_real_and_both_walls_stop_it(tmp_path):
     import lm_eval.utils
     from jinja2.exceptions import SecurityError
 
-    from benchmarks.wmdp import jinja_literal, sandboxed_lm_eval_templates
+    from unlearn.benchmarks.wmdp import jinja_literal, sandboxed_lm_eval_templates
 
     payload = _payload(tmp_path)
     lm_eval.utils.apply_template(payload, {})

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.example_data import write_jsonl
-from benchmarks.wmdp import QuestionSet, lm_eval_accuracy, load, render
 from tests.test_cli import cli
+from unlearn.benchmarks.example_data import write_jsonl
+from unlearn.benchmarks.wmdp import QuestionSet, lm_eval_accuracy, load, render
 from unlearn.config import EvalConfig
 from unlearn.errors import UserError
 from unlearn.evaluate import choice_scores

@@ -20,7 +20,7 @@ from rich.console import Console
 from unlearn.errors import UserError
 
 if TYPE_CHECKING:  # imported for the annotation only: the CLI keeps its start-up light
-    from benchmarks.task import Task
+    from unlearn.task import Task
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="LLM unlearning robustness toolkit: unlearn, attack, evaluate, report.")
@@ -106,7 +106,7 @@ def _setup_torch() -> None:
 
 
 def _markdown_table(rows) -> None:
-    from benchmarks.report import markdown
+    from unlearn.recipes.report import markdown
 
     print(markdown(rows))  # plain print: rich would wrap table rows at the terminal width
 
@@ -145,9 +145,9 @@ def run(
     quiet: QuietOpt = False,
 ) -> None:
     """Unlearn the forget set from the target model, save it, evaluate it, print the table."""
-    from benchmarks.report import row_from
     from unlearn.config import load_run_config
-    from unlearn.pipeline import run as run_pipeline
+    from unlearn.recipes.pipeline import run as run_pipeline
+    from unlearn.recipes.report import row_from
 
     flags = {"model": _path_or_name(model), "train.max_steps": steps, "optimizer.lr": lr,
              "train.batch_size": batch_size, "train.seed": seed, "train.lora_rank": lora_rank, "name": name,
@@ -173,9 +173,9 @@ def _subject(run_dir: Path | None, model: str | None, config: Path | None, set_:
              benchmark: str | None = None, flags: dict[str, object] | None = None, trust_remote_code: bool = False):
     """The model under evaluation or attack: a run folder (on its own benchmark, with flags applied on top),
     or any model on the configured benchmark."""
-    from attacks.runner import Subject, subject_from_run
     from unlearn.config import load_run_config
-    from unlearn.pipeline import load_task
+    from unlearn.recipes.attack import Subject, subject_from_run
+    from unlearn.recipes.pipeline import load_task
 
     if (run_dir is None) == (model is None):
         raise UserError("give exactly one of --run RUN_DIR or --model MODEL")
@@ -234,10 +234,10 @@ def eval_(
     import time
     from contextlib import nullcontext
 
-    from attacks.runner import evaluate_subject
     from unlearn.evaluate import collect_samples
     from unlearn.files import read_json, write_json_atomic, write_jsonl_atomic
     from unlearn.models import load_model
+    from unlearn.recipes.attack import evaluate_subject
 
     samples_file = _samples_path(log_samples, samples_path, run_dir)
     subject = _subject(run_dir, model, config, set_, benchmark, _benchmark_flags(data, engine, openqa, judge),
@@ -290,9 +290,9 @@ def attack(
     quiet: QuietOpt = False,
 ) -> None:
     """Attack an unlearned model by quantizing it or by relearning, and score it like `unlearn eval`."""
-    from attacks.quantize import QuantSpec
-    from attacks.relearn import RelearnSettings
-    from attacks.runner import quantize_attack, relearn_attack
+    from unlearn.attacks.quantize import QuantSpec
+    from unlearn.attacks.relearn import RelearnSettings
+    from unlearn.recipes.attack import quantize_attack, relearn_attack
     from unlearn.settings import from_mapping
 
     if (quantize is None) == (not relearn):
@@ -340,7 +340,7 @@ def report(
     csv_path: Annotated[Path | None, typer.Option("--csv", help="CSV output (default RUNS_DIR/report.csv).")] = None,
 ) -> None:
     """One Markdown row per run (printed, and saved as report.md) plus the same as CSV."""
-    from benchmarks.report import write_report
+    from unlearn.recipes.report import write_report
 
     table, written = write_report(runs_dir, csv_path)
     print(table)
@@ -356,9 +356,9 @@ def prepare(
     quiet: QuietOpt = False,
 ) -> None:
     """Build (or find cached) the target model that knows the benchmark's forget and retain facts."""
-    from benchmarks.prepare import prepare_record, target_model
     from unlearn.config import load_run_config
-    from unlearn.pipeline import load_task
+    from unlearn.recipes.pipeline import load_task
+    from unlearn.recipes.prepare import prepare_record, target_model
 
     cfg = load_run_config("npo", "adamw", config, {"model": _path_or_name(model)}, set_)
     task = load_task(cfg.benchmark)
@@ -377,7 +377,7 @@ def example_data(
     overwrite: Annotated[bool, typer.Option(help="Replace the folder if it exists.")] = False,
 ) -> None:
     """Write small WMDP-format and MUSE-layout files about the embedded world (for offline use and tests)."""
-    from benchmarks.example_data import write_example_data
+    from unlearn.benchmarks.example_data import write_example_data
 
     written = write_example_data(folder, overwrite=overwrite)
     wmdp, muse = written["wmdp"], written["muse"]

@@ -22,7 +22,17 @@ from unlearn.files import read_text
 from unlearn.runs import check_name
 from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, from_mapping, key_list, setting, unknown_keys
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _config_dir() -> Path:
+    """configs/: package data (unlearn/configs) in an installed wheel, the top-level folder in a source checkout
+    (an editable install reads it in place, so edits to the YAML files take effect at once)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "configs"
+    return packaged if packaged.is_dir() else here.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 
 class _Loader(yaml.SafeLoader):
@@ -56,7 +66,7 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = setting(64, limit=AT_LEAST_ONE)
     # Padded tokens per scoring batch (rows x longest row): long texts get fewer rows, short ones more.
-    # None: rows are limited by batch_size alone. The default is measured (benchmarks/eval_speed.py).
+    # None: rows are limited by batch_size alone. The default is measured (unlearn/perf/eval_speed.py).
     max_batch_tokens: int | None = setting(2048, limit=AT_LEAST_ONE)
     max_new_tokens: int = setting(16, limit=AT_LEAST_ONE)
     # How WMDP/MMLU-style MCQs are scored: "lm-eval" (lm-eval-harness, the reference) or "native" (the

@@ -1,7 +1,7 @@
 """WMDP-style MCQ scoring speed: the native engine, the lm-eval engine and lm-eval-harness itself, side by side.
 
-    python -m benchmarks.eval_speed                          # 40 questions, 2 rounds, embedded model
-    python -m benchmarks.eval_speed --questions 16 --rounds 1 --markdown /tmp/eval_speed.md
+    python -m unlearn.perf.eval_speed                          # 40 questions, 2 rounds, embedded model
+    python -m unlearn.perf.eval_speed --questions 16 --rounds 1 --markdown /tmp/eval_speed.md
 
 The question file is generated (seeded) in WMDP's shape: ``{question, choices, answer}`` records whose
 questions range from one line of prose to long code-like listings (``--min-tokens`` to ``--max-tokens``
@@ -123,7 +123,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from benchmarks.wmdp import load
+    from unlearn.benchmarks.wmdp import load
     from unlearn.models import load_model, resolve
 
     model_dir = resolve(args.model)

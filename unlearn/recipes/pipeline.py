@@ -15,10 +15,8 @@ from typing import Any
 
 import torch
 
-from benchmarks import BENCHMARKS
-from benchmarks.prepare import baseline_metrics, target_model
-from benchmarks.task import Stage, Task
 from unlearn.adapters import add_lora
+from unlearn.benchmarks import BENCHMARKS
 from unlearn.config import RunConfig
 from unlearn.data import encode
 from unlearn.errors import UserError
@@ -27,7 +25,9 @@ from unlearn.files import write_json_atomic, write_jsonl_atomic, write_yaml
 from unlearn.models import load_model, save_model
 from unlearn.objectives import Objective, build_objective
 from unlearn.optim import OPTIMIZERS, build_optimizer, dry_build
+from unlearn.recipes.prepare import baseline_metrics, target_model
 from unlearn.runs import open_run_dir, staged_dir
+from unlearn.task import Stage, Task
 from unlearn.train import train
 
 

@@ -14,15 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attacks.quantize import QuantSpec, load_quantized
-from attacks.relearn import RelearnSettings, relearn, split_forget, unseen_accuracy
-from benchmarks.embedded import TaskData
-from benchmarks.task import Task
+from unlearn.attacks.quantize import QuantSpec, load_quantized
+from unlearn.attacks.relearn import RelearnSettings, relearn, split_forget, unseen_accuracy
+from unlearn.benchmarks.embedded import TaskData
 from unlearn.config import EvalConfig, eval_config
 from unlearn.errors import UserError
 from unlearn.files import read_json, write_json_atomic
 from unlearn.models import load_model, load_tokenizer
 from unlearn.runs import staged_dir
+from unlearn.task import Task
 
 
 @dataclass

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from benchmarks.task import Task
 from unlearn.config import EvalConfig
 from unlearn.data import encode
 from unlearn.files import read_json, read_text, write_json_atomic
@@ -26,6 +25,7 @@ from unlearn.objectives import LanguageModeling
 from unlearn.optim import build_optimizer
 from unlearn.runs import staged_dir
 from unlearn.settings import from_mapping
+from unlearn.task import Task
 from unlearn.train import train
 
 PREPARE_VERSION = 1  # bump when the preparation recipe changes, to invalidate caches
@@ -57,7 +57,7 @@ def target_key(spec: str, task: Task, settings: dict[str, Any]) -> str:
 def target_model(spec: str, task: Task, settings: dict[str, Any], trust_remote_code: bool = False,
                  progress: bool = True) -> Path:
     """Path of the cached target model folder (`model/` + `prepare.json`), building it if needed."""
-    from benchmarks.embedded import PrepareSettings
+    from unlearn.benchmarks.embedded import PrepareSettings
 
     checked = from_mapping(PrepareSettings, settings, "benchmark.prepare")
     epochs, lr, batch_size = checked.epochs, float(checked.lr), checked.batch_size

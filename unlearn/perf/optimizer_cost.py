@@ -1,8 +1,8 @@
 """Cost of every optimizer grade against plain inference, measured side by side on one fixed batch.
 
-    python -m benchmarks.optimizer_cost                      # every registered grade, embedded model
-    python -m benchmarks.optimizer_cost --grades zo adamw    # a subset
-    python -m benchmarks.optimizer_cost --markdown docs/PERFORMANCE.md
+    python -m unlearn.perf.optimizer_cost                      # every registered grade, embedded model
+    python -m unlearn.perf.optimizer_cost --grades zo adamw    # a subset
+    python -m unlearn.perf.optimizer_cost --markdown docs/PERFORMANCE.md
 
 For each grade a fresh child process loads the model, builds the fixed batch (8 forget + 8 retain
 questions of the embedded benchmark under the NPO objective) and measures, in this order:
@@ -34,7 +34,8 @@ from typing import Any
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from unlearn.config import CONFIG_DIR
+
 BATCH = 8
 # Schedules are timed over whole periods so the mean is the true cost per step.
 STEPS = {"hybrid": 4, "sophia": 10}
@@ -75,7 +76,7 @@ class Meter:
 
 
 def measure(name: str, steps: int, model_id: str, device: str, repeats: int) -> dict[str, Any]:
-    from benchmarks import BENCHMARKS
+    from unlearn.benchmarks import BENCHMARKS
     from unlearn.data import collate, encode
     from unlearn.models import load_model
     from unlearn.objectives import build_objective
@@ -110,7 +111,7 @@ def measure(name: str, steps: int, model_id: str, device: str, repeats: int) -> 
         forward_times = [timed(closure) for _ in range(repeats)]
     inference_mb = meter.peak_mb()
 
-    options = yaml.safe_load((ROOT / "configs" / "optimizer" / f"{name}.yaml").read_text()) or {}
+    options = yaml.safe_load((CONFIG_DIR / "optimizer" / f"{name}.yaml").read_text()) or {}
     options.update(OVERRIDES.get(name, {}))
     if "total_steps" in inspect.signature(OPTIMIZERS[name]).parameters:
         options.setdefault("total_steps", steps + 1)
@@ -171,9 +172,9 @@ def main() -> None:
     rows = []
     for grade in grades:
         # One process per grade: peak memory is per process, and no grade inherits another's allocations.
-        cmd = [sys.executable, "-m", "benchmarks.optimizer_cost", "--child", grade, "--steps", str(args.steps),
+        cmd = [sys.executable, "-m", "unlearn.perf.optimizer_cost", "--child", grade, "--steps", str(args.steps),
                "--repeats", str(args.repeats), "--model", args.model, "--device", args.device]
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+        out = subprocess.run(cmd, capture_output=True, text=True,
                              env=os.environ | {"HF_HUB_DISABLE_PROGRESS_BARS": "1"})
         if out.returncode != 0:
             sys.exit(f"error: {grade} failed:\n{out.stderr[-2000:]}")

@@ -1,0 +1,1 @@
+"""Performance scripts: side-by-side timings printed as ratios (figures in docs/PERFORMANCE.md)."""
