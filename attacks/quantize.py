@@ -30,8 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from unlearn.attacks.base import ATTACKS, Attack, AttackResult, Subject
 from unlearn.errors import UserError
-from unlearn.models import from_pretrained, resolve
+from unlearn.models import from_pretrained, load_tokenizer, resolve
+from unlearn.settings import AT_LEAST_ONE, Limit, setting
 
 METHODS = ("bnb", "rtn")
 BITS = {"bnb": (4, 8), "rtn": (2, 3, 4, 8)}
@@ -40,12 +42,14 @@ QUANT_TYPES = ("nf4", "fp4")
 
 @dataclass
 class QuantSpec:
-    """What to quantize to. `quant_type` only matters for bnb 4-bit, `group_size` only for rtn."""
+    """What to quantize to (the quantize attack's settings). `quant_type` only matters for bnb 4-bit,
+    `group_size` only for rtn."""
 
-    method: str
-    bits: int
-    quant_type: str = "nf4"
-    group_size: int | None = None  # rtn: None = one scale per output channel, else per this many input columns
+    method: str = setting("bnb", limit=Limit(choices=METHODS))
+    bits: int = 4
+    quant_type: str = setting("nf4", limit=Limit(choices=QUANT_TYPES))
+    group_size: int | None = setting(None, limit=AT_LEAST_ONE)  # rtn: None = per output channel, else per this
+    # many input columns
 
     def __post_init__(self) -> None:
         self.validate()
@@ -275,3 +279,20 @@ def load_quantized(model_dir: str | Path, spec: QuantSpec, trust_remote_code: bo
                                  device_map=_device_map(), trust_remote_code=trust_remote_code)
         _check_cpu_4bit(model.named_modules())
     return model.eval()
+
+
+@ATTACKS.register("quantize")
+class Quantize(Attack):
+    """Load the model quantized (the float weights never load for bnb) and evaluate it."""
+
+    Settings = QuantSpec
+    summary = "bitsandbytes 4-bit (NF4/FP4) or 8-bit, or round-to-nearest 2/3/4/8-bit; the benchmark's metrics"
+
+    def folder(self, settings: QuantSpec) -> str:
+        return settings.name
+
+    def run(self, subject: Subject, settings: QuantSpec, progress: bool = True) -> AttackResult:
+        tokenizer, source = load_tokenizer(subject.model_spec, subject.trust_remote_code)
+        model = load_quantized(source, settings, trust_remote_code=subject.trust_remote_code)
+        metrics = subject.task.evaluate(model, tokenizer, subject.eval_settings, progress=progress)
+        return AttackResult(metrics=metrics)

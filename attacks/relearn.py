@@ -1,28 +1,30 @@
-"""Relearning attack: fine-tune the unlearned model on a few forget facts, measure the others.
+"""Relearning attack: fine-tune the unlearned model on part of the forget text, measure what comes back.
 
-If unlearning only hid the knowledge, a handful of steps on *some* forget facts brings back the
-*other* forget facts too. So the forget split is cut in two (seeded): the model is fine-tuned on
-one part and forget accuracy is measured on the part it never saw during the attack, at several
-checkpoints, giving a recovery curve. The out-of-domain variant fine-tunes on retain facts instead,
-which tells apart "knowledge came back" from "any fine-tuning shakes things loose".
+If unlearning only hid the knowledge, a handful of steps on *some* forget text brings back the rest too. The
+benchmark says what to fine-tune on and what to measure (`Task.relearn_plan`): on the embedded benchmark the
+forget facts are split (seeded) and recovery is measured on the facts the attack never saw; on WMDP and MUSE
+the attack fine-tunes on part of the forget corpus and the benchmark's forget metric is measured. It is
+measured at several checkpoints, giving a recovery curve. The out-of-domain variant fine-tunes on retain text
+instead, which tells apart "knowledge came back" from "any fine-tuning shakes things loose".
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from unlearn.adapters import add_lora
-from unlearn.benchmarks.embedded import TaskData
+from unlearn.attacks.base import ATTACKS, Attack, AttackResult, Subject
 from unlearn.data import encode
 from unlearn.errors import UserError
-from unlearn.evaluate import mcq_accuracy
+from unlearn.models import load_model
 from unlearn.objectives import LanguageModeling
 from unlearn.optim import build_optimizer
 from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Limit, setting
+from unlearn.task import RelearnPlan
 from unlearn.train import train
 
 DOMAINS = ("forget", "retain")
@@ -30,13 +32,13 @@ DOMAINS = ("forget", "retain")
 
 @dataclass
 class RelearnSettings:
-    samples: int | None = setting(None, limit=AT_LEAST_ONE)  # forget facts to fine-tune on; default half of them
+    samples: int | None = setting(None, limit=AT_LEAST_ONE)  # forget items to fine-tune on; default half of them
     steps: int = setting(50, limit=AT_LEAST_ONE)
     lr: float = setting(2e-5, limit=POSITIVE)
     batch_size: int = setting(4, limit=AT_LEAST_ONE)
     lora: bool = False
     lora_rank: int = setting(16, limit=AT_LEAST_ONE)
-    domain: str = setting("forget", limit=Limit(choices=DOMAINS))  # "retain" = out-of-domain: retain facts
+    domain: str = setting("forget", limit=Limit(choices=DOMAINS))  # "retain" = out-of-domain: retain text
     checkpoints: list[int] = setting(default_factory=lambda: [0, 10, 25, 50, 100])
     seed: int = setting(0, limit=NON_NEGATIVE)
 
@@ -50,38 +52,17 @@ class RelearnSettings:
         return kind + ("-lora" if self.lora else "")
 
 
-def split_forget(n_forget: int, samples: int | None, seed: int) -> tuple[list[int], list[int]]:
-    """(indices used for relearning, indices held out for measuring recovery)."""
-    samples = n_forget // 2 if samples is None else samples
-    if not 1 <= samples < n_forget:
-        raise UserError(f"--samples must be between 1 and {n_forget - 1} (the forget split has {n_forget} facts, "
-                        "and some must stay unseen to measure recovery)")
-    used = sorted(random.Random(seed).sample(range(n_forget), samples))
-    unused = [i for i in range(n_forget) if i not in set(used)]
-    return used, unused
-
-
-def relearn(model: torch.nn.Module, tokenizer, task: TaskData, settings: RelearnSettings,
-            progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Run the attack in place; returns the attacked model (merged if LoRA) and the curve."""
-    if settings.domain not in DOMAINS:
-        raise UserError(f"relearning domain must be one of {', '.join(DOMAINS)}, got '{settings.domain}'")
-    if settings.steps < 1:
-        raise UserError(f"--steps must be >= 1, got {settings.steps}")
-    used, unused = split_forget(len(task.forget), settings.samples, settings.seed)
-    unseen_mcq = [task.mcq["forget"][i] for i in unused]
-    pool = [task.forget[i] for i in used] if settings.domain == "forget" else task.retain
-    items = [encode(tokenizer, ex) for ex in pool]
+def relearn(model: torch.nn.Module, tokenizer, plan: RelearnPlan, settings: RelearnSettings, eval_settings: Any,
+            progress: bool = True) -> tuple[torch.nn.Module, list[dict[str, float]], float]:
+    """Run the attack in place: (the attacked model, merged if LoRA; the curve; training seconds)."""
+    items = [encode(tokenizer, ex) for ex in plan.train]
     checkpoints = sorted({c for c in settings.checkpoints if 0 <= c <= settings.steps} | {0, settings.steps})
-
     curve: list[dict[str, float]] = []
 
     def measure(step: int) -> None:
         if step in checkpoints:
             model.eval()
-            curve.append({"step": step,
-                          "forget_unseen_acc": mcq_accuracy(model, tokenizer, unseen_mcq)["acc"],
-                          "retain_acc": mcq_accuracy(model, tokenizer, task.mcq["retain"])["acc"]})
+            curve.append({"step": step, **plan.probe(model, tokenizer, eval_settings)})
 
     torch.manual_seed(settings.seed)
     if settings.lora:
@@ -94,12 +75,46 @@ def relearn(model: torch.nn.Module, tokenizer, task: TaskData, settings: Relearn
                    desc=settings.name, progress=progress, after_step=measure)
     if settings.lora:
         model = model.merge_and_unload()
-    model.eval()
-    record = {"settings": asdict(settings), "used_forget_indices": used, "unseen_forget_indices": unused,
-              "curve": curve, "seconds": round(result.seconds, 1)}
-    return model, record
+    return model.eval(), curve, result.seconds
 
 
-def unseen_accuracy(model: torch.nn.Module, tokenizer, task: TaskData, unused: list[int]) -> float:
-    """Forget accuracy restricted to the facts the attack did not train on (for the recovery ratio)."""
-    return mcq_accuracy(model, tokenizer, [task.mcq["forget"][i] for i in unused])["acc"]
+@ATTACKS.register("relearn")
+class Relearn(Attack):
+    """Fine-tune (AdamW, optionally through LoRA) on what the benchmark's relearn plan gives, measuring its probe
+    at each checkpoint; then evaluate the attacked model fully."""
+
+    Settings = RelearnSettings
+    summary = "fine-tune on part of the forget text (or retain text: out-of-domain); recovery curve"
+
+    def folder(self, settings: RelearnSettings) -> str:
+        return settings.name
+
+    def check(self, subject: Subject, settings: RelearnSettings) -> None:
+        subject.task.relearn_plan(settings.domain, settings.samples, settings.seed)  # a bad --samples fails now
+        if subject.target_model and not _exists(subject.target_model):
+            # Checked before minutes of fine-tuning: the recovery ratio needs the target model at the end.
+            raise UserError(f"the run's target model {subject.target_model} is gone (cache cleared?); "
+                            "recreate it with `unlearn prepare` using the run's config")
+
+    def run(self, subject: Subject, settings: RelearnSettings, progress: bool = True) -> AttackResult:
+        plan = subject.task.relearn_plan(settings.domain, settings.samples, settings.seed)
+        loaded = load_model(subject.model_spec, trust_remote_code=subject.trust_remote_code)
+        model, curve, seconds = relearn(loaded.model, loaded.tokenizer, plan, settings, subject.eval_settings,
+                                        progress)
+        metrics = subject.task.evaluate(model, loaded.tokenizer, subject.eval_settings, progress=progress)
+        del model, loaded
+        target_probe = None
+        if subject.target_model:
+            # The target measured exactly as the curve is (the same held-out items): like is compared with like.
+            target = load_model(subject.target_model, trust_remote_code=subject.trust_remote_code)
+            target_probe = plan.probe(target.model.eval(), target.tokenizer, subject.eval_settings)
+            del target
+        return AttackResult(metrics=metrics, curve=curve, curve_metrics=plan.probe_metrics,
+                            target_probe=target_probe, measured_on=plan.measured_on,
+                            details={"settings": asdict(settings), **plan.details, "train_seconds": round(seconds, 1)})
+
+
+def _exists(spec: str) -> bool:
+    """A target given as a folder must still be there; a hub id or an embedded alias cannot be checked here."""
+    path = Path(spec)
+    return path.is_dir() or not (path.is_absolute() or spec.startswith("."))

@@ -1,15 +1,8 @@
-"""Benchmarks: each turns its config section into a Task (training text + how to score a model).
-
-A new benchmark is one module with a `load(config) -> Task` function (unlearn/task.py), registered here.
+"""Benchmark suites. Each module registers a `load(config) -> Task` in `unlearn.task.BENCHMARKS`
+(`@BENCHMARKS.register("name")`); importing this package registers them all. See docs/EXTENDING.md.
 """
 
-from __future__ import annotations
+from unlearn.benchmarks import embedded, muse, wmdp  # noqa: F401 - imported for their registrations
+from unlearn.task import BENCHMARKS
 
-from collections.abc import Callable
-from typing import Any
-
-from unlearn.benchmarks import embedded, muse, wmdp
-from unlearn.task import Task
-
-BENCHMARKS: dict[str, Callable[[dict[str, Any]], Task]] = {
-    "embedded": embedded.load, "wmdp": wmdp.load, "openqa": wmdp.load_openqa, "muse": muse.load}
+__all__ = ["BENCHMARKS"]

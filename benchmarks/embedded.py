@@ -25,7 +25,23 @@ from unlearn.settings import (
     setting,
     unknown_keys,
 )
-from unlearn.task import Task
+from unlearn.task import BENCHMARKS, Metric, RelearnPlan, Task, split_items
+
+ACC, ROUGE = "fraction correct", "ROUGE-L F1 (0-1)"
+METRICS = (
+    Metric("forget/mcq_acc", "forget", "lower", "forget", ACC),
+    Metric("forget/rougeL", "forget ROUGE-L", "lower", "forget", ROUGE),
+    Metric("retain/mcq_acc", "retain", "higher", "utility", ACC),
+    Metric("holdout/mcq_acc", "holdout", "none", "info", ACC),
+    Metric("forget/openqa_acc", "forget open-QA", "lower", "forget", ACC),
+    Metric("retain/openqa_acc", "retain open-QA", "higher", "utility", ACC),
+    Metric("holdout/openqa_acc", "holdout open-QA", "none", "info", ACC),
+    Metric("retain/rougeL", "retain ROUGE-L", "higher", "utility", ROUGE),
+    Metric("retain/perplexity", "perplexity", "lower", "utility", "perplexity"),
+)
+# What the relearning attack measures: MCQ accuracy on the forget facts it did not fine-tune on.
+UNSEEN = (Metric("forget_unseen_acc", "forget (unseen)", "lower", "forget", ACC),
+          Metric("retain_acc", "retain", "higher", "utility", ACC))
 
 
 @dataclass
@@ -53,6 +69,23 @@ class TaskData(Task):
                                                                           batch_size=size, max_batch_tokens=budget))
                       for split in self.mcq]
         return run_steps(steps, progress)
+
+    def relearn_plan(self, domain: str, samples: int | None, seed: int) -> RelearnPlan:
+        """The forget facts are split (seeded): the attack fine-tunes on one part (or, out-of-domain, on the
+        retain facts) and recovery is measured on the other, which it never saw. QA pair i and MCQ i of a
+        split ask about the same fact, so a held-out index holds the fact out of both."""
+        used, unseen = split_items(len(self.forget), samples, seed, "forget facts")
+        unseen_mcq = [self.mcq["forget"][i] for i in unseen]
+
+        def probe(model: Any, tokenizer: Any, settings: Any) -> dict[str, float]:
+            size, budget = settings.batch_size, settings.max_batch_tokens
+            return {"forget_unseen_acc": mcq_accuracy(model, tokenizer, unseen_mcq, size, budget)["acc"],
+                    "retain_acc": mcq_accuracy(model, tokenizer, self.mcq["retain"], size, budget)["acc"]}
+
+        train = [self.forget[i] for i in used] if domain == "forget" else list(self.retain)
+        return RelearnPlan(train=train, probe=probe, probe_metrics=UNSEEN,
+                           measured_on="forget facts not used for relearning",
+                           details={"used_forget_indices": used, "unseen_forget_indices": unseen})
 
 
 @dataclass
@@ -97,20 +130,18 @@ def task_from(bench: Benchmark) -> TaskData:
         raise UserError("the retain split is empty: utility cannot be measured")
     return TaskData(
         name="embedded", fingerprint=bench.fingerprint(), forget=forget, retain=retain,
-        forget_metrics=("forget/mcq_acc", "forget/rougeL"), needs_target=True,
+        metrics=METRICS, needs_target=True,
         mcq={s: [MCQ(qa_prompt(f.question), f.choices, f.answer_index, f.attribute, f.question, list(f.choices))
                  for f in bench.facts[s]]
              for s in SPLITS},
         qa={s: pairs(s) for s in SPLITS},
         passages=dict(bench.passages),
-        units={**{f"{s}/mcq_acc": "fraction correct" for s in SPLITS},
-               **{f"{s}/openqa_acc": "fraction correct" for s in SPLITS},
-               "forget/rougeL": "ROUGE-L F1 (0-1)", "retain/rougeL": "ROUGE-L F1 (0-1)",
-               "retain/perplexity": "perplexity"},
     )
 
 
+@BENCHMARKS.register("embedded")
 def load(config: dict[str, Any]) -> TaskData:
+    """Embedded: a synthetic world of facts; the base model is first fine-tuned to know them (offline)."""
     try:
         bench = generate(settings_from(config))
     except ValueError as err:

@@ -54,7 +54,7 @@ from unlearn.evaluate import (
 )
 from unlearn.files import read_text
 from unlearn.settings import config_count, key_list, unknown_keys
-from unlearn.task import Stage, Task
+from unlearn.task import BENCHMARKS, Metric, Stage, Task
 
 # Hub layout, read from the dataset cards of muse-bench/MUSE-News and MUSE-Books: subsets raw (forget, retain1,
 # retain2, holdout; text), knowmem (forget_qa, retain_qa, forget_qa_icl, retain_qa_icl; question, answer),
@@ -72,10 +72,16 @@ LOGIT_BUDGET = 2**27
 # MUSE's knowmem answer is cut before the first of these, in this order (metrics/knowmem.py).
 KNOWMEM_STOPS = ("\n\n", "\nQuestion", "Question:")
 SCALE = 100  # MUSE reports ROUGE and PrivLeak in percent
-UNITS = {"muse/verbmem_forget": "ROUGE-L F1 ×100", "muse/knowmem_forget": "ROUGE-L F1 ×100",
-         "muse/knowmem_retain": "ROUGE-L F1 ×100", "muse/privleak_auc": "AUC (0-1)",
-         "muse/privleak_auc_retrain": "AUC (0-1)", "muse/privleak": "% of AUC_retrain",
-         "muse/privleak_truncated": "passages"}
+ROUGE_X100, AUC = "ROUGE-L F1 ×100", "AUC (0-1)"
+METRICS = (  # on MUSE's own scale: ROUGE-L F1 x 100, PrivLeak in percent of AUC_retrain
+    Metric("muse/verbmem_forget", "VerbMem ×100", "lower", "forget", ROUGE_X100),
+    Metric("muse/knowmem_forget", "KnowMem forget ×100", "lower", "forget", ROUGE_X100),
+    Metric("muse/knowmem_retain", "KnowMem retain ×100", "higher", "utility", ROUGE_X100),
+    Metric("muse/privleak_auc", "Min-40% AUC", "none", "info", AUC),
+    Metric("muse/privleak", "PrivLeak %", "zero", "forget", "% of AUC_retrain"),
+    Metric("muse/privleak_auc_retrain", "AUC_retrain", "none", "info", AUC),
+    Metric("muse/privleak_truncated", "passages truncated", "none", "info", "passages"),
+)
 
 KNOWN_KEYS = {"name", "data", "forget", "retain", "chunk_words", "sequential", "verbmem_tokens", "knowmem_tokens",
               "k_percent", "auc_retrain", "retrain_model", "privleak_max_tokens", "limit"}
@@ -276,10 +282,9 @@ class MuseTask(Task):
                     torch.cuda.empty_cache()  # the retrained copy must not hold memory through training
         return self._auc_retrain
 
-    @torch.no_grad()
-    def evaluate(self, model: Any, tokenizer: Any, settings: Any, progress: bool = True) -> dict[str, float]:
+    def _generation_steps(self, model: Any, tokenizer: Any, settings: Any) -> list[tuple[str, Callable[[], float]]]:
+        """VerbMem and KnowMem: the metrics computed from generations."""
         s, batch_size, budget = self.settings, settings.batch_size, settings.max_batch_tokens
-        model.eval()
 
         def generate(prompts: list[str], max_new_tokens: int) -> list[str]:
             # MUSE encodes prompts with special tokens and decodes with clean-up of tokenization spaces.
@@ -302,6 +307,20 @@ class MuseTask(Task):
             answers = [knowmem_answer(g) for g in generate(prompts, s.knowmem_tokens)]
             return scored(prompts, [a for _, a in pairs], answers)
 
+        return [("muse/verbmem_forget", verbmem), ("muse/knowmem_forget", lambda: knowmem("forget")),
+                ("muse/knowmem_retain", lambda: knowmem("retain"))]
+
+    @torch.no_grad()
+    def probe(self, model: Any, tokenizer: Any, settings: Any) -> dict[str, float]:
+        """VerbMem and KnowMem without the Min-K% pass over every PrivLeak passage."""
+        model.eval()
+        return run_steps(list(self._generation_steps(model, tokenizer, settings)), progress=False)
+
+    @torch.no_grad()
+    def evaluate(self, model: Any, tokenizer: Any, settings: Any, progress: bool = True) -> dict[str, float]:
+        s, batch_size, budget = self.settings, settings.batch_size, settings.max_batch_tokens
+        model.eval()
+
         def retrain_auc() -> float:
             value = self.auc_retrain(model.device, dtype, batch_size, budget)
             assert value is not None  # only asked for when benchmark.retrain_model is set
@@ -310,9 +329,7 @@ class MuseTask(Task):
         dtype = getattr(model, "dtype", torch.float32)
         dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
         steps: list[tuple[str, Callable[[], float | dict[str, float]]]] = [
-            ("muse/verbmem_forget", verbmem),
-            ("muse/knowmem_forget", lambda: knowmem("forget")),
-            ("muse/knowmem_retain", lambda: knowmem("retain")),
+            *self._generation_steps(model, tokenizer, settings),
             ("muse/privleak", lambda: self.privleak_auc(model, tokenizer, batch_size, budget)),
         ]
         if s.auc_retrain is None and s.retrain_model is not None:
@@ -530,7 +547,9 @@ def _training(source: _Source, spec: str, words: int, notes: list[str], required
     return [Example("", chunk) for chunk in chunk_texts(_texts(where, records, notes), words)]
 
 
+@BENCHMARKS.register("muse")
 def load(config: dict[str, Any]) -> MuseTask:
+    """MUSE (News, Books): VerbMem, KnowMem and PrivLeak as MUSE computes them, on its x100 scale."""
     s = settings_from(config)
     digest = hashlib.sha256(json.dumps(asdict(s), sort_keys=True).encode())
     source = _source(config.get("data"), digest)
@@ -585,8 +604,8 @@ def load(config: dict[str, Any]) -> MuseTask:
         notes.append(PRIVLEAK_NOTE)
 
     return MuseTask(name="muse", fingerprint=digest.hexdigest()[:16], forget=[] if missing else forget or [],
-                    retain=[] if missing else retain or [], training_hint=training_hint, units=dict(UNITS),
-                    forget_metrics=("muse/verbmem_forget", "muse/knowmem_forget"), needs_target=False,
+                    retain=[] if missing else retain or [], training_hint=training_hint, metrics=METRICS,
+                    needs_target=False,
                     stages=stages, notes=notes, settings=s, verbmem=verbmem, knowmem=knowmem, icl=icl,
                     privleak_texts=privleak_texts)
 

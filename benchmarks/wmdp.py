@@ -29,7 +29,7 @@ from unlearn.data import MCQ, Example
 from unlearn.errors import UserError
 from unlearn.evaluate import collecting_samples, log_samples, mcq_correct, metric_scope, run_steps, tagged_accuracy
 from unlearn.settings import config_count, key_list, unknown_keys
-from unlearn.task import Task
+from unlearn.task import BENCHMARKS, Metric, Task
 
 LETTERS = "ABCDEFGHIJ"
 CHUNK_WORDS = 150  # words per forget/retain training passage cut from a corpus
@@ -282,6 +282,22 @@ class WMDPTask(Task):
                                                   max_batch_tokens=settings.max_batch_tokens)))
         return run_steps(steps, progress)
 
+    def probe(self, model: Any, tokenizer: Any, settings: Any) -> dict[str, float]:
+        """MCQ accuracy on the questions (and MMLU) by the native scorer, which gives lm-eval's accuracy item
+        for item (tests/test_wmdp.py) without its per-call set-up: cheap enough to repeat during an attack."""
+        assert self.questions is not None
+        model.eval()
+        sets = [self.questions] + ([self.utility] if self.utility else [])
+        scores = native_accuracy(model, tokenizer, sets, settings.batch_size, settings.max_batch_tokens)
+        out = {k: v for k, v in scores.items() if k in {f"{s.key}/acc" for s in sets}}
+        if self.openqa:  # the open-QA benchmark's headline is its open-ended accuracy
+            from unlearn.openqa import make_judge, openqa_accuracy
+
+            out[f"{self.questions.key}/openqa_acc"] = openqa_accuracy(
+                model, tokenizer, self.questions.questions(), make_judge(settings.judge),
+                batch_size=settings.batch_size, max_batch_tokens=settings.max_batch_tokens)["acc"]
+        return out
+
 
 def _field_name(config: dict[str, Any], key: str, default: str | None) -> str | None:
     value = config.get(key, default)
@@ -290,10 +306,17 @@ def _field_name(config: dict[str, Any], key: str, default: str | None) -> str | 
     return value
 
 
-def _units(name: str) -> dict[str, str]:
-    return {f"{name}/acc": "fraction correct", f"{name}/subject_acc": "fraction correct",
-            f"{name}/openqa_acc": "fraction correct", "mmlu/acc": "fraction correct",
-            "mmlu/subject_acc": "fraction correct"}
+def _metrics(name: str, openqa: bool) -> tuple[Metric, ...]:
+    """Declared metrics of a WMDP-style set called `name` (wmdp, openqa) with MMLU as utility. The `openqa`
+    benchmark's headline is its open-ended accuracy; WMDP's is MCQ accuracy (open-ended only with eval.openqa)."""
+    acc, title = "fraction correct", "WMDP" if name == "wmdp" else name
+    mcq = Metric(f"{name}/acc", title if name == "wmdp" else "MCQ on open-QA set", "lower", "forget", acc)
+    open_ended = Metric(f"{name}/openqa_acc", f"{title} open-QA" if name == "wmdp" else "open-QA", "lower",
+                        "forget", acc)
+    return (*((open_ended, mcq) if openqa else (mcq, open_ended)),
+            Metric(f"{name}/subject_acc", f"{title} per subject", "lower", "forget", acc),
+            Metric("mmlu/acc", "MMLU", "higher", "utility", acc),
+            Metric("mmlu/subject_acc", "MMLU per subject", "higher", "utility", acc))
 
 
 def _subject(source: str, config: dict[str, Any]) -> tuple[str | None, str]:
@@ -362,7 +385,9 @@ KNOWN_KEYS = {"name", "data", "subject", "tag_field", "utility", "utility_tag_fi
               "retain_corpus", "chunk_words", "corpus_limit", "limit"}
 
 
+@BENCHMARKS.register("wmdp")
 def load(config: dict[str, Any], name: str = "wmdp", openqa: bool = False) -> WMDPTask:
+    """WMDP-style MCQs (hub or {question, choices, answer} files), MMLU as utility, scored as lm-eval scores."""
     unknown = unknown_keys(config, KNOWN_KEYS)
     if unknown:
         raise UserError(f"unknown key(s) in benchmark '{name}': {key_list(unknown)} "
@@ -399,12 +424,13 @@ def load(config: dict[str, Any], name: str = "wmdp", openqa: bool = False) -> WM
         forget = _corpus(config["forget_corpus"], "benchmark.forget_corpus", words, corpus_limit)
         retain = _corpus(config.get("retain_corpus", "wikitext"), "benchmark.retain_corpus", words, corpus_limit)
     files = [str(p) for p in (source, utility_spec, config.get("forget_corpus"), config.get("retain_corpus")) if p]
-    metrics = (f"{name}/openqa_acc", f"{name}/acc") if openqa else (f"{name}/acc",)
     return WMDPTask(name=name, fingerprint=fingerprint(config, files),
-                    forget=forget, retain=retain, forget_metrics=metrics, notes=notes, questions=questions,
-                    training_hint="pass --forget-corpus FILE of {text} records", units=_units(name),
+                    forget=forget, retain=retain, metrics=_metrics(name, openqa), notes=notes, questions=questions,
+                    training_hint="pass --forget-corpus FILE of {text} records",
                     utility=utility, openqa=openqa)
 
 
+@BENCHMARKS.register("openqa")
 def load_openqa(config: dict[str, Any]) -> WMDPTask:
+    """The same questions asked open-ended (no choices shown), judged by normalized match or an NLI model."""
     return load(config, name="openqa", openqa=True)

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import make_model
 from tests.test_cli import TINY_BENCH, cli
-from unlearn.attacks.relearn import split_forget
 from unlearn.errors import UserError
 from unlearn.recipes.attack import recovery_ratio
+from unlearn.task import split_items
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +38,19 @@ def test_recovery_ratio():
     assert recovery_ratio(1.0, 0.2, 1.0)[0] == pytest.approx(1.0)
     ratio, note = recovery_ratio(0.9, 0.8, 0.8)
     assert ratio is None and "undefined" in note
+    # The declared direction decides what "unlearning moved it" means.
+    assert recovery_ratio(3.0, 4.0, 2.0, better="higher") == (pytest.approx(0.5), "ok")
+    assert recovery_ratio(3.0, 2.0, 4.0, better="higher")[0] is None
+    assert recovery_ratio(-20.0, -5.0, -40.0, better="zero") == (pytest.approx(15 / 35), "ok")
 
 
-def test_split_forget_is_seeded_and_disjoint():
-    used, unused = split_forget(10, None, seed=3)
+def test_split_items_is_seeded_and_disjoint():
+    used, unused = split_items(10, None, seed=3)
     assert len(used) == 5 and sorted(used + unused) == list(range(10))
-    assert split_forget(10, None, seed=3) == (used, unused)
-    assert split_forget(10, None, seed=4) != (used, unused)
+    assert split_items(10, None, seed=3) == (used, unused)
+    assert split_items(10, None, seed=4) != (used, unused)
     with pytest.raises(UserError, match="between 1 and 9"):
-        split_forget(10, 10, seed=0)
+        split_items(10, 10, seed=0)
 
 
 def test_relearn_attack_writes_curve_and_report(workdir):
@@ -54,15 +59,18 @@ def test_relearn_attack_writes_curve_and_report(workdir):
     assert result.returncode == 0, result.stderr
     record = json.loads((workdir / "runs/tiny/attacks/relearn/metrics.json").read_text())
     assert [p["step"] for p in record["curve"]] == [0, 2, 3]
-    assert not set(record["used_forget_indices"]) & set(record["unseen_forget_indices"])
-    assert "forget/mcq_acc" in record["metrics"] and "recovery" in record
+    details = record["details"]
+    assert not set(details["used_forget_indices"]) & set(details["unseen_forget_indices"])
+    assert "forget/mcq_acc" in record["metrics"] and record["recovery"]["metric"] == "forget_unseen_acc"
+    assert record["curve_metrics"][0]["key"] == "forget_unseen_acc"
     curve = record["recovery"]["curve"]
     assert curve[0]["ratio"] in (0.0, None)  # at step 0 nothing can have come back yet
+    assert record["recovery"]["unlearned"] == record["curve"][0]["forget_unseen_acc"]
     report = cli("report", "runs", cwd=workdir)
     assert report.returncode == 0, report.stderr
-    assert "forget relearned (unseen)" in report.stdout
-    assert (workdir / "runs/relearn_curves.png").stat().st_size > 1000
-    assert "relearn_curves.png" in (workdir / "runs/report.md").read_text()
+    assert "headline after relearn" in report.stdout and "forget (unseen) ↓" in report.stdout
+    assert (workdir / "runs/attack_curves.png").stat().st_size > 1000
+    assert "attack_curves.png" in (workdir / "runs/report.md").read_text()
 
 
 def test_relearn_lora_out_of_domain(workdir):
@@ -71,6 +79,7 @@ def test_relearn_lora_out_of_domain(workdir):
     assert result.returncode == 0, result.stderr
     record = json.loads((workdir / "runs/tiny/attacks/relearn-ood-lora/metrics.json").read_text())
     assert record["settings"]["domain"] == "retain" and record["settings"]["lora"]
+    assert record["kind"] == "relearn" and record["settings"]["lora_rank"] == 2
 
 
 @pytest.mark.parametrize("quantize", ["rtn4", "8bit"])
@@ -86,7 +95,14 @@ def test_quantize_attack(workdir, quantize):
     (["--run", "runs/missing", "--quantize", "4bit"], "does not exist"),
     (["--run", "runs/tiny", "--quantize", "3bit"], "unsupported --quantize '3bit'"),
     (["--run", "runs/tiny"], "choose one attack"),
-    (["--run", "runs/tiny", "--relearn", "--samples", "1000"], "--samples must be between"),
+    (["--run", "runs/tiny", "--relearn", "--quantize", "8bit"], "choose one attack"),
+    (["--run", "runs/tiny", "--relearn", "--samples", "1000"], "relearning samples must be between"),
+    (["--run", "runs/tiny", "--quantize", "8bit", "--steps", "3"], "--steps is not a setting of attack 'quantize'"),
+    (["--run", "runs/tiny", "--attack", "nope"], "unknown attack 'nope'; choose from: quantize, relearn"),
+    (["--run", "runs/tiny", "--attack", "quantize", "--set", "attack.bits=5"], "bnb quantization supports 4, 8"),
+    (["--run", "runs/tiny", "--attack", "relearn", "--set", "attack.steps=0"], "attack.steps must be"),
+    (["--run", "runs/tiny", "--attack", "relearn", "--set", "attack.bogus=1"], "unknown key(s) in 'attack': bogus"),
+    (["--run", "runs/tiny", "--quantize", "8bit", "--set", "train.seed=1"], "--set goes with --model"),
 ])
 def test_attack_errors(workdir, args, message):
     result = cli("attack", *args, "-q", cwd=workdir)
@@ -100,3 +116,67 @@ def test_attack_run_without_model(workdir):
     result = cli("attack", "--run", "runs/tiny", "--quantize", "8bit", cwd=workdir)
     assert result.returncode == 2 and "has no model/" in result.stderr
     assert sorted(p.name for p in (workdir / "runs/tiny").iterdir()) == before  # nothing half-written
+
+
+def test_attack_set_form_matches_short_form(workdir):
+    """`--attack quantize --set attack.…` is the long form of `--quantize`: same folder, same record."""
+    short = cli("attack", "--run", "runs/tiny", "--quantize", "rtn4", "-q", cwd=workdir)
+    assert short.returncode == 0, short.stderr
+    path = workdir / "runs/tiny/attacks/rtn-4bit-channel/metrics.json"
+    first = json.loads(path.read_text())
+    long = cli("attack", "--run", "runs/tiny", "--attack", "quantize", "--set", "attack.method=rtn",
+               "--set", "attack.bits=4", "-q", cwd=workdir)
+    assert long.returncode == 0, long.stderr
+    second = json.loads(path.read_text())
+    assert first["settings"] == second["settings"] == {"method": "rtn", "bits": 4, "quant_type": "nf4",
+                                                       "group_size": None}
+    assert first["metrics"] == second["metrics"]
+
+
+@pytest.fixture(scope="module")
+def wide_run(tmp_path_factory, tokenizer) -> Path:
+    """A tiny run on a model 64 wide (bitsandbytes 4-bit on some CPUs needs widths divisible by 64)."""
+    root = tmp_path_factory.mktemp("wide-run")
+    model_dir = root / "model"
+    make_model(len(tokenizer), hidden=64, layers=2).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    result = cli("run", "--method", "graddiff", "--optimizer", "adamw", "--model", str(model_dir), "--steps", "2",
+                 "--batch-size", "2", "--name", "wide", "-q", *TINY_BENCH, cwd=root)
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def test_report_shows_every_attack_folder(wide_run):
+    """RTN, FP4, LoRA relearning and out-of-domain relearning all land in the report and report.md, each with
+    its settings and recovery ratio (the report used to show only bnb-8bit, bnb-4bit-nf4 and relearn)."""
+    attacks = {"rtn-4bit-channel": ["--quantize", "rtn4"],
+               "bnb-4bit-fp4": ["--quantize", "4bit", "--quant-type", "fp4"],
+               "relearn-lora": ["--relearn", "--lora", "--lora-rank", "2", "--steps", "2", "--batch-size", "2"],
+               "relearn-ood": ["--relearn", "--out-of-domain", "--steps", "2", "--batch-size", "2"]}
+    for folder, args in attacks.items():
+        result = cli("attack", "--run", "runs/wide", *args, "-q", cwd=wide_run)
+        assert result.returncode == 0, (folder, result.stderr)
+    report = cli("report", "runs", cwd=wide_run)
+    assert report.returncode == 0, report.stderr
+    page = (wide_run / "runs/report.md").read_text()
+    rows = {}
+    for line in page.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) > 2 and cells[0] == "wide" and cells[1] in attacks:
+            rows[cells[1]] = cells
+    assert set(rows) == set(attacks)
+    header = next(line for line in page.splitlines() if line.startswith("| run | attack |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    for folder, cells in rows.items():
+        record = json.loads((wide_run / "runs/wide/attacks" / folder / "metrics.json").read_text())
+        row = dict(zip(columns, cells, strict=True))
+        assert row["kind"] == record["kind"]
+        ratio = record["recovery"]["ratio"]
+        assert row["recovery ratio"] == (f"{ratio:.3f}" if ratio is not None else record["recovery"]["note"])
+        for key, value in record["settings"].items():
+            if value is not None:
+                assert f"{key}={value}" in row["settings"]
+        assert f"headline after {folder}" in report.stdout  # a runs-table column per attack folder too
+    assert "quant_type=fp4" in rows["bnb-4bit-fp4"][3] and "domain=retain" in rows["relearn-ood"][3]
+    csv_rows = (wide_run / "runs/report-attacks.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + len(attacks)

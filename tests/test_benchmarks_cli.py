@@ -63,14 +63,19 @@ def test_wmdp_run_eval_and_report(tmp_path: Path, tiny_model_dir: Path, data: Pa
     assert attacked.returncode == 0, attacked.stderr
     quantized = json.loads((run / "attacks" / "bnb-8bit" / "metrics.json").read_text())
     assert "wmdp/acc" in quantized["metrics"] and quantized["recovery"]["measured_on"] == "wmdp/acc"
-    relearn = cli("attack", "--run", str(run), "--relearn", "-q", cwd=tmp_path)
-    assert relearn.returncode == 2 and "only the embedded benchmark" in relearn.stderr
+    # Relearning runs on WMDP too: fine-tune on part of the forget corpus, measure WMDP accuracy at each checkpoint.
+    relearn = cli("attack", "--run", str(run), "--relearn", "--steps", "2", "--checkpoints", "0,2", "-q", cwd=tmp_path)
+    assert relearn.returncode == 0, relearn.stderr
+    relearned = json.loads((run / "attacks" / "relearn" / "metrics.json").read_text())
+    assert [p["step"] for p in relearned["curve"]] == [0, 2] and relearned["recovery"]["metric"] == "wmdp/acc"
+    assert relearned["curve"][0]["wmdp/acc"] == pytest.approx(record["metrics"]["wmdp/acc"])  # native = lm-eval
+    assert "wmdp/acc" in relearned["metrics"] and len(relearned["details"]["used_indices"]) >= 1
 
     report = cli("report", "runs", cwd=tmp_path)
     assert report.returncode == 0, report.stderr
     header = report.stdout.splitlines()[0]
     assert "WMDP ↓" in header and "WMDP open-QA ↓" in header and "forget ↓" not in header
-    assert "headline 8-bit" in header
+    assert "headline after bnb-8bit" in header and "headline after relearn" in header
     assert "## Per concept" in (tmp_path / "runs" / "report.md").read_text()
 
 

@@ -88,7 +88,8 @@ def direct_greedy(model: Any, tokenizer: Any, prompt: str, n: int) -> str:
 def test_registered_and_reads_the_layout(data: Path) -> None:
     task = BENCHMARKS["muse"]({"name": "muse", "data": str(data), "chunk_words": 5})
     assert isinstance(task, MuseTask) and task.name == "muse" and not task.needs_target
-    assert task.forget_metrics == ("muse/verbmem_forget", "muse/knowmem_forget")
+    assert task.forget_metrics == ("muse/verbmem_forget", "muse/knowmem_forget", "muse/privleak")
+    assert task.declared("muse/knowmem_retain").role == "utility" and task.declared("muse/privleak").better == "zero"
     # raw/forget.txt is one whole text (the two texts joined by a blank line): 19 words -> 5 + 5 + 5 + 4.
     assert [e.target for e in task.forget] == chunk_texts([text(12) + "\n\n" + text(7, 3)], 5)
     assert [len(e.target.split()) for e in task.forget] == [5, 5, 5, 4]

@@ -1,4 +1,5 @@
-"""`unlearn run | eval | attack | report | prepare | models | optimizers | example-data`.
+"""`unlearn run | eval | attack | report | prepare | example-data`, and the listings `models | methods |
+optimizers | benchmarks | attacks`.
 
 User mistakes (UserError) end in one line on stderr and exit code 2; an interrupt (Ctrl-C, SIGTERM) ends in
 `error: interrupted` / `error: terminated` and exit code 130 / 143. Nothing half-written stays on disk because
@@ -61,7 +62,7 @@ LogSamplesOpt = Annotated[bool, typer.Option(
                           "to samples.jsonl in the run folder, or to --samples-path.")]
 SamplesPathOpt = Annotated[Path | None, typer.Option(help="Where --log-samples writes (a .jsonl file).")]
 BenchmarkOpt = Annotated[str | None, typer.Option(
-    help="Benchmark: embedded (default), wmdp, muse, openqa (options in configs/benchmark/).")]
+    help="Benchmark (default embedded; see `unlearn benchmarks`, options in configs/benchmark/).")]
 DataOpt = Annotated[str | None, typer.Option(
     help="Benchmark data: a file (wmdp, openqa: {question, choices, answer} records), a MUSE-layout folder, "
          "or a hub name (wmdp_bio, news, ...).")]
@@ -105,18 +106,16 @@ def _setup_torch() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _markdown_table(rows) -> None:
+def _markdown_table(table) -> None:
     from unlearn.recipes.report import markdown
 
-    print(markdown(rows))  # plain print: rich would wrap table rows at the terminal width
+    print(markdown(table))  # plain print: rich would wrap table rows at the terminal width
 
 
 @app.command()
 def run(
-    method: Annotated[str | None, typer.Option(help="Objective: npo, graddiff, gradascent, simnpo, rmu.")] = None,
-    optimizer: Annotated[str | None, typer.Option(
-        help="Optimizer: adamw, sgd, signsgd, signum, signadam, sophia, muon, sift, zo, zo-sign, zo-adam, fzoo, "
-             "hizoo, zo-lowrank, zo-muon, hybrid (see `unlearn optimizers`).")] = None,
+    method: Annotated[str | None, typer.Option(help="Objective (see `unlearn methods`).")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="Optimizer grade (see `unlearn optimizers`).")] = None,
     model: Annotated[str | None, typer.Option(help="Hub id, local HF folder, or smollm2-135m.")] = None,
     benchmark: BenchmarkOpt = None,
     data: DataOpt = None,
@@ -147,7 +146,8 @@ def run(
     """Unlearn the forget set from the target model, save it, evaluate it, print the table."""
     from unlearn.config import load_run_config
     from unlearn.recipes.pipeline import run as run_pipeline
-    from unlearn.recipes.report import row_from
+    from unlearn.recipes.report import run_summary
+    from unlearn.results import read_run
 
     flags = {"model": _path_or_name(model), "train.max_steps": steps, "optimizer.lr": lr,
              "train.batch_size": batch_size, "train.seed": seed, "train.lora_rank": lora_rank, "name": name,
@@ -158,13 +158,7 @@ def run(
     _setup_torch()
     outcome = run_pipeline(cfg, overwrite=overwrite, progress=not quiet, log=console.print,
                            trust_remote_code=trust_remote_code, log_samples=log_samples)
-    record = {"method": cfg.method["name"], "optimizer": cfg.optimizer["name"], "benchmark": cfg.benchmark["name"]}
-    _markdown_table([
-        row_from("(before unlearning)", {"method": "—", "optimizer": "—", "benchmark": cfg.benchmark["name"],
-                                         "metrics": outcome.target_metrics}),
-        *[row_from(f"after {s['stage']}", record | {"metrics": s["metrics"]}) for s in outcome.stages[:-1]],
-        row_from(outcome.run_dir.name, record | {"metrics": outcome.metrics, "train": outcome.train}),
-    ])
+    _markdown_table(run_summary(outcome.run_dir.name, read_run(outcome.run_dir / "metrics.json")))
     logs = ("log-<n>-<request>.jsonl" if outcome.stages else "log.jsonl") + (", samples.jsonl" if log_samples else "")
     console.print(f"run saved to {outcome.run_dir}/ (model/, metrics.json, config.yaml, {logs})")
 
@@ -173,8 +167,9 @@ def _subject(run_dir: Path | None, model: str | None, config: Path | None, set_:
              benchmark: str | None = None, flags: dict[str, object] | None = None, trust_remote_code: bool = False):
     """The model under evaluation or attack: a run folder (on its own benchmark, with flags applied on top),
     or any model on the configured benchmark."""
+    from unlearn.attacks import Subject
     from unlearn.config import load_run_config
-    from unlearn.recipes.attack import Subject, subject_from_run
+    from unlearn.recipes.attack import subject_from_run
     from unlearn.recipes.pipeline import load_task
 
     if (run_dir is None) == (model is None):
@@ -237,7 +232,6 @@ def eval_(
     from unlearn.evaluate import collect_samples
     from unlearn.files import read_json, write_json_atomic, write_jsonl_atomic
     from unlearn.models import load_model
-    from unlearn.recipes.attack import evaluate_subject
 
     samples_file = _samples_path(log_samples, samples_path, run_dir)
     subject = _subject(run_dir, model, config, set_, benchmark, _benchmark_flags(data, engine, openqa, judge),
@@ -248,10 +242,11 @@ def eval_(
     started = time.perf_counter()
     loaded = load_model(subject.model_spec, trust_remote_code=trust_remote_code)
     with collect_samples() if samples_file is not None else nullcontext([]) as samples:
-        metrics = evaluate_subject(loaded.model, loaded.tokenizer, subject, progress=not quiet)
+        metrics = subject.task.evaluate(loaded.model, loaded.tokenizer, subject.eval_settings, progress=not quiet)
     if subject.run_dir is not None:
         path = subject.run_dir / "metrics.json"
-        write_json_atomic(path, (read_json(path) if path.is_file() else {}) | {"metrics": metrics})
+        write_json_atomic(path, (read_json(path) if path.is_file() else {})
+                          | {"metrics": metrics, "declared": [m.to_dict() for m in subject.task.metrics]})
     _print_metrics(metrics, subject.task)
     if samples_file is not None:
         write_jsonl_atomic(samples_file, samples)
@@ -260,6 +255,7 @@ def eval_(
                   f"(model load included)")
 
 
+# The short forms users know, as settings of the quantize attack.
 QUANTIZE_CHOICES = {"4bit": ("bnb", 4), "8bit": ("bnb", 8), "rtn2": ("rtn", 2), "rtn3": ("rtn", 3),
                     "rtn4": ("rtn", 4), "rtn8": ("rtn", 8)}
 
@@ -268,20 +264,26 @@ QUANTIZE_CHOICES = {"4bit": ("bnb", 4), "8bit": ("bnb", 8), "rtn2": ("rtn", 2), 
 def attack(
     run_dir: Annotated[Path | None, typer.Option("--run", help="Run folder to attack.")] = None,
     model: Annotated[str | None, typer.Option(help="Attack any model instead of a run (results printed only).")] = None,
+    attack_name: Annotated[str | None, typer.Option(
+        "--attack", help="Attack by name (see `unlearn attacks`); settings from configs/attack/NAME.yaml, "
+                         "--set attack.KEY=VALUE and the flags below.")] = None,
     quantize: Annotated[str | None, typer.Option(
-        help="4bit (bitsandbytes NF4/FP4), 8bit (LLM.int8), or rtn2/rtn3/rtn4/rtn8 (round-to-nearest).")] = None,
-    quant_type: Annotated[str, typer.Option(help="4-bit data type: nf4 or fp4.")] = "nf4",
+        help="Short form of --attack quantize: 4bit (bitsandbytes NF4/FP4), 8bit (LLM.int8), or "
+             "rtn2/rtn3/rtn4/rtn8 (round-to-nearest).")] = None,
+    quant_type: Annotated[str | None, typer.Option(help="4-bit data type: nf4 or fp4 (attack.quant_type).")] = None,
     group_size: Annotated[int | None, typer.Option(help="RTN group size (default: per output channel).")] = None,
-    relearn: Annotated[bool, typer.Option("--relearn", help="Fine-tune on part of the forget set.")] = False,
-    samples: Annotated[int | None, typer.Option(help="Forget facts to relearn on (default: half).")] = None,
-    steps: Annotated[int, typer.Option(help="Relearning steps.")] = 50,
-    lr: Annotated[float, typer.Option(help="Relearning learning rate (AdamW).")] = 2e-5,
-    batch_size: Annotated[int, typer.Option(help="Relearning batch size.")] = 4,
+    relearn: Annotated[bool, typer.Option("--relearn", help="Short form of --attack relearn: fine-tune on part of "
+                                                            "the forget text.")] = False,
+    samples: Annotated[int | None, typer.Option(help="Forget items to relearn on (default: half).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Relearning steps (default 50).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Relearning learning rate (AdamW, default 2e-5).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Relearning batch size (default 4).")] = None,
     lora: Annotated[bool, typer.Option("--lora", help="Relearn through a LoRA adapter.")] = False,
-    lora_rank: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
-    out_of_domain: Annotated[bool, typer.Option("--out-of-domain", help="Relearn on retain facts instead.")] = False,
-    checkpoints: Annotated[str, typer.Option(help="Steps at which to measure recovery.")] = "0,10,25,50,100",
-    seed: Annotated[int, typer.Option(help="Seed for the relearning split and data order.")] = 0,
+    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank (default 16).")] = None,
+    out_of_domain: Annotated[bool, typer.Option("--out-of-domain", help="Relearn on retain text instead.")] = False,
+    checkpoints: Annotated[str | None, typer.Option(
+        help="Steps at which to measure recovery (default 0,10,25,50,100).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for the relearning split and data order.")] = None,
     benchmark: BenchmarkOpt = None,
     data: DataOpt = None,
     trust_remote_code: TrustOpt = False,
@@ -289,49 +291,52 @@ def attack(
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Attack an unlearned model by quantizing it or by relearning, and score it like `unlearn eval`."""
-    from unlearn.attacks.quantize import QuantSpec
-    from unlearn.attacks.relearn import RelearnSettings
-    from unlearn.recipes.attack import quantize_attack, relearn_attack
-    from unlearn.settings import from_mapping
+    """Attack an unlearned model (quantization, relearning, ...) and score it like `unlearn eval`."""
+    from unlearn.recipes.attack import attack_settings, run_attack
 
-    if (quantize is None) == (not relearn):
-        raise UserError("choose one attack: --quantize BITS or --relearn")
-    if quantize is not None and quantize not in QUANTIZE_CHOICES:
-        raise UserError(f"unsupported --quantize '{quantize}'; choose from: {', '.join(QUANTIZE_CHOICES)}")
-    try:
-        points = [int(x) for x in checkpoints.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--checkpoints expects comma-separated integers, got '{checkpoints}'") from None
-    # Settings first, so a bad value fails before the model or the benchmark is loaded.
-    spec, settings = None, None
+    chosen = [n for n, given in (("--attack", attack_name), ("--quantize", quantize), ("--relearn", relearn)) if given]
+    if len(chosen) != 1:
+        raise UserError("choose one attack: --quantize BITS, --relearn or --attack NAME"
+                        + (f" (got {' and '.join(chosen)})" if chosen else ""))
+    flags: dict[str, object] = {"quant_type": quant_type, "group_size": group_size, "samples": samples,
+                                "steps": steps, "lr": lr, "batch_size": batch_size, "lora": lora or None,
+                                "lora_rank": lora_rank, "domain": "retain" if out_of_domain else None, "seed": seed}
+    if checkpoints is not None:
+        try:
+            flags["checkpoints"] = [int(x) for x in checkpoints.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--checkpoints expects comma-separated integers, got '{checkpoints}'") from None
+    name = attack_name or ("relearn" if relearn else "quantize")
     if quantize is not None:
-        method, bits = QUANTIZE_CHOICES[quantize]
-        spec = QuantSpec(method=method, bits=bits, quant_type=quant_type, group_size=group_size)
-    else:
-        settings = from_mapping(RelearnSettings, {
-            "samples": samples, "steps": steps, "lr": lr, "batch_size": batch_size, "lora": lora,
-            "lora_rank": lora_rank, "domain": "retain" if out_of_domain else "forget", "checkpoints": points,
-            "seed": seed}, "relearn")
-    subject = _subject(run_dir, model, config, set_, benchmark, {"benchmark.data": _path_or_name(data)},
+        if quantize not in QUANTIZE_CHOICES:
+            raise UserError(f"unsupported --quantize '{quantize}'; choose from: {', '.join(QUANTIZE_CHOICES)}")
+        flags["method"], flags["bits"] = QUANTIZE_CHOICES[quantize]
+    attack_sets = [a for a in set_ or [] if a.strip().startswith("attack.")]
+    other_sets = [a for a in set_ or [] if a not in attack_sets]
+    # Settings first, so a bad value fails before the model or the benchmark is loaded.
+    name, component, settings = attack_settings(name, flags, attack_sets)
+    if run_dir is not None and other_sets:
+        raise UserError("a run is attacked on its own benchmark: --set goes with --model (or use attack.KEY=VALUE)")
+    subject = _subject(run_dir, model, config, other_sets, benchmark, {"benchmark.data": _path_or_name(data)},
                        trust_remote_code)
     _setup_torch()
-    if spec is not None:
-        record, folder = quantize_attack(subject, spec, progress=not quiet)
-    else:
-        assert settings is not None
-        record, folder = relearn_attack(subject, settings, progress=not quiet)
-        for point in record["curve"]:
-            console.print(f"step {point['step']:4d}  forget (unseen) acc {point['forget_unseen_acc']:.3f}  "
-                          f"retain acc {point['retain_acc']:.3f}")
-    _print_metrics(record["metrics"], subject.task)
-    recovery = record.get("recovery")
-    if recovery:
-        ratio = recovery["ratio"]
-        console.print(f"recovery ratio ({recovery['measured_on']}): "
-                      + (f"{ratio:.3f}" if ratio is not None else recovery["note"]))
+    record, folder = run_attack(subject, name, component, settings, progress=not quiet)
+    if record.curve:
+        keys = [k for k in record.curve[0] if k != "step"]
+        for point in record.curve:
+            console.print(f"step {point['step']:4d}  " + "  ".join(
+                f"{_title(record.curve_metrics, k)} {point[k]:.3f}" for k in keys))
+    _print_metrics(record.metrics, subject.task)
+    recovery = record.recovery
+    if recovery is not None:
+        console.print(f"recovery ratio ({recovery.measured_on}): "
+                      + (f"{recovery.ratio:.3f}" if recovery.ratio is not None else recovery.note))
     if folder is not None:
         console.print(f"wrote {folder / 'metrics.json'}")
+
+
+def _title(metrics, key: str) -> str:
+    return next((m.title for m in metrics if m.key == key), key)
 
 
 @app.command()
@@ -402,20 +407,59 @@ def models() -> None:
         console.print(f"{alias:16s} {filename} from PyPI package {dist}; {state} ({converted})")
 
 
+def _defaults(kind: str, name: str) -> str:
+    from unlearn.config import component_defaults
+
+    return ", ".join(f"{k}={v}" for k, v in component_defaults(kind, name).items())
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+
+
 @app.command()
 def optimizers() -> None:
     """List every optimizer grade with its default options (configs/optimizer/<name>.yaml)."""
-    import yaml
-
-    from unlearn.config import CONFIG_DIR
     from unlearn.optim import OPTIMIZERS
 
     for name in sorted(OPTIMIZERS, key=lambda n: (OPTIMIZERS[n].grade, n)):  # type: ignore[attr-defined]
-        cls = OPTIMIZERS[name]
-        path = CONFIG_DIR / "optimizer" / f"{name}.yaml"
-        options = yaml.safe_load(path.read_text()) if path.is_file() else {}
-        shown = ", ".join(f"{k}={v}" for k, v in (options or {}).items())
-        console.print(f"{name:11s} {cls.grade:13s} {shown}")  # type: ignore[attr-defined]
+        console.print(f"{name:11s} {OPTIMIZERS[name].grade:13s} {_defaults('optimizer', name)}")  # type: ignore[attr-defined]
+
+
+@app.command()
+def methods() -> None:
+    """List every unlearning objective with its default options (configs/method/<name>.yaml)."""
+    from unlearn.objectives import OBJECTIVES
+
+    for name in sorted(OBJECTIVES):
+        aliases = OBJECTIVES.aliases(name)
+        label = name + (f" ({', '.join(aliases)})" if aliases else "")
+        console.print(f"{label:16s} {_first_line(OBJECTIVES[name].__doc__)}")
+        if _defaults("method", name):
+            console.print(f"{'':16s} {_defaults('method', name)}")
+
+
+@app.command()
+def benchmarks() -> None:
+    """List every benchmark (options in configs/benchmark/<name>.yaml)."""
+    import sys
+
+    from unlearn.benchmarks import BENCHMARKS
+
+    for name in sorted(BENCHMARKS):
+        loader = BENCHMARKS[name]
+        about = _first_line(loader.__doc__) or _first_line(sys.modules[loader.__module__].__doc__)
+        console.print(f"{name:10s} {about}")
+
+
+@app.command()
+def attacks() -> None:
+    """List every attack with its default settings (configs/attack/<name>.yaml)."""
+    from unlearn.attacks import ATTACKS
+
+    for name in sorted(ATTACKS):
+        console.print(f"{name:10s} {ATTACKS[name].summary}")
+        console.print(f"{'':10s} {_defaults('attack', name)}")
 
 
 def _usage_error(err: BaseException) -> tuple[str, int] | None:

@@ -23,7 +23,6 @@ from unlearn.runs import check_name
 from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, from_mapping, key_list, setting, unknown_keys
 
 
-
 def _config_dir() -> Path:
     """configs/: package data (unlearn/configs) in an installed wheel, the top-level folder in a source checkout
     (an editable install reads it in place, so edits to the YAML files take effect at once)."""
@@ -166,7 +165,8 @@ def _chosen(kind: str, name: str | None, *layers: dict[str, Any]) -> str:
     return chosen
 
 
-def _defaults(kind: str, name: str) -> dict[str, Any]:
+def component_defaults(kind: str, name: str) -> dict[str, Any]:
+    """configs/<kind>/<name>.yaml (empty when the component has no defaults file)."""
     path = CONFIG_DIR / kind / f"{name}.yaml"
     return read_yaml(path) if path.is_file() else {}
 
@@ -175,7 +175,7 @@ def _component(kind: str, name: str | None, *layers: dict[str, Any]) -> dict[str
     """method/optimizer section: that name's YAML defaults, then each layer's options on top.
     A layer naming a different component (e.g. run.yaml's default) contributes nothing."""
     chosen = _chosen(kind, name, *layers)
-    out = {k: v for k, v in _defaults(kind, chosen).items() if k != "run"}
+    out = {k: v for k, v in component_defaults(kind, chosen).items() if k != "run"}
     for section in _sections(kind, layers):
         if section.get("name") in (None, chosen):
             out = merge(out, {k: v for k, v in section.items() if k != "name"})
@@ -228,7 +228,7 @@ def load_run_config(method: str | None = None, optimizer: str | None = None,
     _refuse_remote_code({str(config_file): user, "--set": cli})
     # A method may need different run settings (RMU: another learning rate and more steps); its YAML's
     # `run:` section sits right above run.yaml, below everything the user says.
-    recipe = _defaults("method", _chosen("method", method, raw, user, cli)).get("run") or {}
+    recipe = component_defaults("method", _chosen("method", method, raw, user, cli)).get("run") or {}
     if not isinstance(recipe, dict):
         raise UserError(f"the 'run' section of configs/method/{_chosen('method', method, raw, user, cli)}.yaml "
                         "must be a mapping")

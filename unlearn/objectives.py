@@ -8,28 +8,20 @@ second copy of the model is ever held in memory.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from unlearn.data import Encoded, fixed_batches
 from unlearn.loss import Loss
+from unlearn.registry import Registry
 from unlearn.scoring import mean_token_nll, sequence_logprobs
 from unlearn.settings import NON_NEGATIVE, POSITIVE, Limit, SettingError, check_call_options
 
 Batch = dict[str, torch.Tensor]
-OBJECTIVES: dict[str, type[Objective]] = {}
-
-
-def register(*names: str) -> Callable[[type[Objective]], type[Objective]]:
-    def add(cls: type[Objective]) -> type[Objective]:
-        for name in names:
-            if name in OBJECTIVES:  # a silent overwrite would make configs mean different things by import order
-                raise RuntimeError(f"objective '{name}' registered twice")
-            OBJECTIVES[name] = cls
-        return cls
-    return add
+OBJECTIVES: Registry[type[Objective]] = Registry("method")
+register = OBJECTIVES.register
 
 
 # Loss weights scale a part of the objective; a negative one would turn forgetting into learning.
@@ -40,7 +32,6 @@ class Objective:
     """Base: all parameters train and nothing is precomputed. The constructor's annotated keyword arguments
     are the method's settings; `limits` gives their ranges (checked by `build_objective`)."""
 
-    name = "objective"
     limits: dict[str, Limit] = {}
 
     def trainable(self, model: torch.nn.Module) -> None:
@@ -59,7 +50,6 @@ class Objective:
 class GradAscent(Objective):
     """L = -NLL(forget): push the forget answers' likelihood down, nothing else."""
 
-    name = "gradascent"
 
     def __call__(self, model, forget, retain):
         return Loss({"forget": -mean_token_nll(model, forget)})
@@ -69,7 +59,6 @@ class GradAscent(Objective):
 class GradDiff(Objective):
     """L = gamma * (-NLL(forget)) + alpha * NLL(retain)."""
 
-    name = "graddiff"
     limits = {"gamma": WEIGHT, "alpha": WEIGHT}
 
     def __init__(self, gamma: float = 1.0, alpha: float = 1.0) -> None:
@@ -94,7 +83,6 @@ class NPO(Objective):
     L_f = -(2/beta) * E_f[log sigmoid(-beta * (log pi(y|x) - log pi_ref(y|x)))];
     total = gamma * L_f + alpha * NLL(retain)."""
 
-    name = "npo"
     limits = {"beta": POSITIVE, "gamma": WEIGHT, "alpha": WEIGHT}  # L_f divides by beta
 
     def __init__(self, beta: float = 0.1, gamma: float = 1.0, alpha: float = 2.0) -> None:
@@ -121,7 +109,6 @@ class SimNPO(Objective):
     """Reference-free NPO with length normalization:
     L_f = -(2/beta) * E_f[log sigmoid(-(beta/|y|) * log pi(y|x) - delta)]; total adds alpha * NLL(retain)."""
 
-    name = "simnpo"
     limits = {"beta": POSITIVE, "gamma": WEIGHT, "alpha": WEIGHT}
 
     def __init__(self, beta: float = 2.5, delta: float = 0.0, gamma: float = 1.0, alpha: float = 1.0) -> None:
@@ -174,7 +161,6 @@ class RMU(Objective):
     (c) defaults to `steering_scale` times the mean activation norm at that layer on the forget
     set: the published c = 6.5..20 was tuned for a 7B model whose activation norms differ."""
 
-    name = "rmu"
     limits = {"layer": NON_NEGATIVE, "steering": POSITIVE, "steering_scale": POSITIVE, "alpha": WEIGHT,
               "seed": NON_NEGATIVE}
 
@@ -234,9 +220,7 @@ class RMU(Objective):
 
 def build_objective(name: str, **options) -> Objective:
     """The objective registered as `name`; a one-line ValueError for an unknown name, option, type or range."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown method {name!r}; choose from: {', '.join(sorted(OBJECTIVES))}")
-    cls = OBJECTIVES[name]
+    cls = OBJECTIVES.lookup(name)
     try:
         options = check_call_options(cls.__init__, options, "method", cls.limits, skip=("self",),
                                      owner=f"method '{name}'")
@@ -249,7 +233,6 @@ class LanguageModeling(Objective):
     """Plain fine-tuning on the first stream (NLL of its targets). Not an unlearning method, so
     it is not registered: benchmark preparation and relearning attacks use it directly."""
 
-    name = "finetune"
 
     def __call__(self, model, forget, retain):
         return Loss({"finetune": mean_token_nll(model, forget)})

@@ -1,18 +1,58 @@
-"""What every benchmark hands the toolkit: training text and a way to score a model.
+"""What every benchmark hands the toolkit: training text, declared metrics, and a way to score a model.
 
-A benchmark module has a `load(config) -> Task` function (registered in `benchmarks/__init__.py`). The Task
-carries the forget/retain training pairs every objective consumes, and `evaluate`, which returns a flat
-dict of metrics (what metrics.json holds). `headline` names the metric whose drop *is* forgetting; the
-attacks measure recovery on it and the report puts it first.
+A benchmark module registers a `load(config) -> Task` function in `BENCHMARKS`. The Task carries the
+forget/retain training pairs every objective consumes, `metrics` (what each metric means, which way is better,
+its role), and `evaluate`, which returns a flat dict of metric values (what metrics.json holds). The report,
+the recovery ratio and the attacks read the declarations, so none of them names a benchmark.
 """
 
 from __future__ import annotations
 
+import random
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from unlearn.data import Example
+from unlearn.errors import UserError
+from unlearn.registry import Registry
+
+ROLES = ("forget", "utility", "info")
+BETTER = ("lower", "higher", "zero", "none")  # "zero": closest to 0 is best (MUSE's PrivLeak)
+ARROWS = {"lower": " ↓", "higher": " ↑", "zero": " (→0)", "none": ""}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One declared metric. `better` is the direction a *good unlearned model* moves it: a forget metric
+    (knowledge that should be gone) is better lower, a utility metric higher. A declared key also covers the
+    keys that extend it ("wmdp/acc" covers the per-concept "wmdp/acc/virology")."""
+
+    key: str
+    title: str
+    better: str
+    role: str
+    unit: str = ""
+
+    def __post_init__(self) -> None:
+        if self.better not in BETTER or self.role not in ROLES:
+            raise ValueError(f"metric {self.key!r}: better must be one of {BETTER} and role one of {ROLES}")
+
+    @property
+    def heading(self) -> str:
+        """Column title: the title, its direction, and its scale where that is not 0-1."""
+        return self.title + ARROWS[self.better]
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def declaration(metrics: tuple[Metric, ...] | list[Metric], key: str) -> Metric | None:
+    """The declaration of `key`: its own, else that of the longest declared key it extends."""
+    best = max((m for m in metrics if key == m.key or key.startswith(m.key + "/") or key.startswith(m.key + "_")),
+               key=lambda m: len(m.key), default=None)
+    return best
 
 
 @dataclass
@@ -23,14 +63,43 @@ class Stage:
     forget: list[Example]
 
 
+Probe = Callable[[Any, Any, Any], dict[str, float]]  # (model, tokenizer, EvalConfig) -> metric values
+
+
+@dataclass
+class RelearnPlan:
+    """What a relearning attack needs from a benchmark: text to fine-tune on and a measurement to repeat.
+
+    `probe` is measured before, during and after the fine-tuning (and on the target model, for the recovery
+    ratio); its first declared metric is the one recovery is measured on. `measured_on` says in words what it
+    covers, and why the text fine-tuned on does not give the answers away."""
+
+    train: list[Example]
+    probe: Probe
+    probe_metrics: tuple[Metric, ...]
+    measured_on: str
+    details: dict[str, Any] = field(default_factory=dict)  # recorded with the result (e.g. which items were used)
+
+
+def split_items(n: int, samples: int | None, seed: int, what: str = "forget items") -> tuple[list[int], list[int]]:
+    """(indices of a seeded sample of `samples` of n items, default half; the other indices)."""
+    samples = n // 2 if samples is None else samples
+    if not 1 <= samples < n:
+        raise UserError(f"relearning samples must be between 1 and {n - 1} (there are {n} {what}, and some must "
+                        "stay out of the fine-tuning)")
+    used = sorted(random.Random(seed).sample(range(n), samples))
+    chosen = set(used)
+    return used, [i for i in range(n) if i not in chosen]
+
+
 @dataclass
 class Task(ABC):
     name: str
     fingerprint: str  # changes whenever the data does: caches (target models, baselines) key on it
     forget: list[Example]
     retain: list[Example]
-    # Metric keys whose drop is forgetting; the first one is the headline (recovery ratio, report).
-    forget_metrics: tuple[str, ...]
+    # Every metric evaluate() returns, declared; the first forget-role metric is the headline (recovery, report).
+    metrics: tuple[Metric, ...]
     # True when the base model must first be fine-tuned to *know* the forget set (the embedded benchmark);
     # real benchmarks unlearn from the model as given.
     needs_target: bool = False
@@ -39,19 +108,50 @@ class Task(ABC):
     notes: list[str] = field(default_factory=list)  # metrics that could not be computed, and why
     # Why `forget` is empty when it is (the data has no unlearning text): the error `unlearn run` gives.
     training_hint: str = ""
-    units: dict[str, str] = field(default_factory=dict)  # metric key -> unit, as printed beside the value
 
-    def unit(self, key: str) -> str:
-        """A metric's unit: its own entry, else that of the longest declared key it extends
-        ("wmdp/acc/virology" has the unit of "wmdp/acc")."""
-        best = max((k for k in self.units if key == k or key.startswith(k + "/") or key.startswith(k + "_")),
-                   key=len, default=None)
-        return self.units[best] if best is not None else ""
+    def __post_init__(self) -> None:
+        if not self.forget_metrics:
+            raise ValueError(f"benchmark {self.name!r} declares no forget metric")
+
+    @property
+    def forget_metrics(self) -> tuple[str, ...]:
+        return tuple(m.key for m in self.metrics if m.role == "forget")
 
     @property
     def headline(self) -> str:
         return self.forget_metrics[0]
 
+    def declared(self, key: str) -> Metric | None:
+        return declaration(self.metrics, key)
+
+    def unit(self, key: str) -> str:
+        spec = self.declared(key)
+        return spec.unit if spec is not None else ""
+
     @abstractmethod
     def evaluate(self, model: Any, tokenizer: Any, settings: Any, progress: bool = True) -> dict[str, float]:
         """All metrics of one model on this benchmark. `settings` is the run's EvalConfig."""
+
+    def probe(self, model: Any, tokenizer: Any, settings: Any) -> dict[str, float]:
+        """The forget and utility metrics alone, measured quickly enough to repeat during an attack. Default:
+        the full evaluation, filtered; benchmarks with a cheaper path override it."""
+        metrics = self.evaluate(model, tokenizer, settings, progress=False)
+        return {m.key: metrics[m.key] for m in self.metrics if m.role != "info" and m.key in metrics}
+
+    def relearn_plan(self, domain: str, samples: int | None, seed: int) -> RelearnPlan:
+        """Fine-tune on a seeded sample of the forget text (domain "forget"; default half of it) or of the
+        retain text (domain "retain": out-of-domain), and measure `probe`. Benchmarks whose evaluation items
+        are the training items themselves override this to hold some out (the embedded benchmark)."""
+        pool = self.forget if domain == "forget" else self.retain
+        if not pool:
+            raise UserError(f"benchmark '{self.name}' gives no {domain} text to relearn on"
+                            + (f": {self.training_hint}" if self.training_hint else ""))
+        used, _ = split_items(len(pool), samples, seed, f"{domain} passages")
+        probed = tuple(m for m in self.metrics if m.role != "info")
+        return RelearnPlan(train=[pool[i] for i in used], probe=self.probe, probe_metrics=probed,
+                           measured_on=f"{probed[0].key}: the benchmark's own forget items (the attack fine-tunes on "
+                                       f"{len(used)} of {len(pool)} {domain} passages)",
+                           details={"used_indices": used})
+
+
+BENCHMARKS: Registry[Callable[[dict[str, Any]], Task]] = Registry("benchmark")

@@ -22,6 +22,7 @@ from unlearn.data import Encoded, endless_batches
 from unlearn.errors import UserError
 from unlearn.loss import Loss, loss_parts
 from unlearn.objectives import Objective
+from unlearn.optim.protocol import Diagnosing, Graded, Scheduled
 
 
 @dataclass
@@ -30,6 +31,14 @@ class TrainResult:
     seconds: float
     forward_passes: int
     final_loss: float
+
+
+def _grade(optimizer: torch.optim.Optimizer) -> str:
+    """The grade that took this step: a hybrid's active block, else the optimizer's own (library optimizers used
+    directly, outside the registry, declare none)."""
+    if isinstance(optimizer, Scheduled) and optimizer.last_grade:
+        return optimizer.last_grade
+    return optimizer.grade if isinstance(optimizer, Graded) else "unknown"
 
 
 def _lr(optimizer: torch.optim.Optimizer) -> float:
@@ -76,12 +85,11 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if log:
                 record = {"step": step, "loss": loss_value, "lr": _lr(optimizer),
-                          "grade": getattr(optimizer, "last_grade", getattr(optimizer, "grade", "unknown")),
+                          "grade": _grade(optimizer),
                           "forwards": step_forwards, "seconds": round(seconds, 4),
                           "parts": {k: v / max(step_forwards, 1) for k, v in part_sums.items()}}
-                diagnostics = getattr(optimizer, "diagnostics", None)  # optional, e.g. SIFT's conflict counts
-                if diagnostics is not None:
-                    record["optimizer"] = {k: v for k, v in diagnostics().items() if math.isfinite(v)}
+                if isinstance(optimizer, Diagnosing):
+                    record["optimizer"] = {k: v for k, v in optimizer.diagnostics().items() if math.isfinite(v)}
                 log.write(json.dumps(record) + "\n")
             if after_step is not None:
                 paused = time.perf_counter()

@@ -7,26 +7,24 @@ from typing import Any
 
 import torch
 
-from unlearn.optim.protocol import Closure, build_optimizer, register, require_closure
+from unlearn.optim.protocol import OPTIMIZERS, Closure, build_optimizer, register, require_closure
 from unlearn.settings import check_int
 
 
-def _sub_optimizer(
-    role: str, spec: dict[str, Any], params: list[torch.Tensor], grades: tuple[str, ...]
-) -> torch.optim.Optimizer:
+def _sub_optimizer(role: str, spec: Any, params: list[torch.Tensor], gradients: bool) -> torch.optim.Optimizer:
+    """The `fo` (any gradient-based grade) or `zo` (any zeroth-order member) block's optimizer; never a hybrid."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"hybrid '{role}' must be a mapping like {{'name': 'adamw', 'lr': 1e-5}}, got {spec!r}")
     options = dict(spec)
     name = options.pop("name", None)
     if name is None:
         raise ValueError(f"hybrid '{role}' needs a 'name', e.g. {{'name': 'adamw', 'lr': 1e-5}}")
-    opt = build_optimizer(name, params, **options)
-    grade = getattr(opt, "grade", "")
-    if grade not in grades:  # also rules out nesting a hybrid inside a hybrid
-        raise ValueError(f"hybrid '{role}' must be a {' or '.join(grades)} optimizer, got '{name}' ({grade})")
-    return opt
-
-
-# Any gradient-based grade may fill the first-order blocks; the zeroth-order blocks take any ZO member.
-FO_GRADES = ("first-order", "sign", "second-order", "spectral")
+    cls = OPTIMIZERS.lookup(name)
+    if cls.uses_gradients != gradients or cls.grade == "hybrid":  # type: ignore[attr-defined]
+        wanted = "gradient-based (not hybrid)" if gradients else "zeroth-order"
+        raise ValueError(f"hybrid '{role}' must be a {wanted} optimizer, got '{name}' "
+                         f"({cls.grade})")  # type: ignore[attr-defined]
+    return build_optimizer(name, params, section=f"optimizer.{role}", **options)
 
 
 @register("hybrid")
@@ -41,6 +39,7 @@ class Hybrid(torch.optim.Optimizer):
     """
 
     grade = "hybrid"
+    uses_gradients = True  # its first-order blocks do
 
     def __init__(
         self,
@@ -57,8 +56,8 @@ class Hybrid(torch.optim.Optimizer):
         if total_steps is not None and total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         params = list(params)  # shared by both sub-optimizers and this one; a generator would run dry
-        self.fo = _sub_optimizer("fo", fo or {"name": "adamw", "lr": 1e-5}, params, FO_GRADES)
-        self.zo = _sub_optimizer("zo", zo or {"name": "zo", "lr": 1e-5}, params, ("zeroth-order",))
+        self.fo = _sub_optimizer("fo", fo or {"name": "adamw", "lr": 1e-5}, params, gradients=True)
+        self.zo = _sub_optimizer("zo", zo or {"name": "zo", "lr": 1e-5}, params, gradients=False)
         self.fo_block, self.zo_block = block, round(block * ratio)
         self.total_steps = total_steps
         self.steps_taken = 0

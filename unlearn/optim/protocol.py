@@ -15,32 +15,55 @@ conflict-aware ones (SIFT) differentiate the parts separately. Parameters may be
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from unlearn.loss import LossValue, total_loss
+from unlearn.registry import Registry
 from unlearn.settings import SettingError, check_call_options
 
 Closure = Callable[[], LossValue]
 Params = Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 
 
-OptimizerClass = TypeVar("OptimizerClass", bound=type[torch.optim.Optimizer])
+# The grades, and whether an optimizer of that grade differentiates the loss.
+GRADES = {"first-order": True, "sign": True, "second-order": True, "spectral": True, "zeroth-order": False,
+          "hybrid": True}
 
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {}
+
+@runtime_checkable
+class Graded(Protocol):
+    """What every registered optimizer declares beside torch.optim.Optimizer's own interface (the registry
+    refuses a class without it)."""
+
+    grade: str  # one of GRADES
+    uses_gradients: bool  # False: it only evaluates the closure (zeroth-order), so no backward pass runs
 
 
-def register(name: str) -> Callable[[OptimizerClass], OptimizerClass]:
-    """Class decorator: make the optimizer buildable by ``name``."""
+@runtime_checkable
+class Diagnosing(Protocol):
+    """An optimizer with per-step counters worth logging (SIFT's conflict counts): log.jsonl records them."""
 
-    def add(cls: OptimizerClass) -> OptimizerClass:
-        if name in OPTIMIZERS:  # a silent overwrite would make configs mean different things by import order
-            raise RuntimeError(f"optimizer '{name}' registered twice")
-        OPTIMIZERS[name] = cls
-        return cls
+    def diagnostics(self) -> dict[str, float]: ...
 
-    return add
+
+@runtime_checkable
+class Scheduled(Protocol):
+    """An optimizer that delegates each step to another grade (hybrid): log.jsonl records which one ran."""
+
+    last_grade: str | None
+
+
+def _declares_grade(name: str, cls: type) -> None:
+    grade, gradients = getattr(cls, "grade", None), getattr(cls, "uses_gradients", None)
+    if grade not in GRADES or not isinstance(gradients, bool):
+        raise TypeError(f"optimizer '{name}' must declare grade (one of {', '.join(GRADES)}) and uses_gradients "
+                        f"(got {grade!r}, {gradients!r})")
+
+
+OPTIMIZERS: Registry[type[torch.optim.Optimizer]] = Registry("optimizer", check=_declares_grade)
+register = OPTIMIZERS.register  # class decorator: make the optimizer buildable by name
 
 
 class ModelDependent(ValueError):
@@ -61,6 +84,7 @@ class BackwardStep:
     """
 
     grade: str = "first-order"
+    uses_gradients = True
 
     def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
         closure = require_closure(closure)
@@ -88,18 +112,21 @@ def trainable(params: Params) -> list[Any]:
     return kept
 
 
-def check_options(name: str, options: dict[str, Any]) -> type[torch.optim.Optimizer]:
+class OptionError(ValueError):
+    """A bad optimizer option, its message already naming the setting (`optimizer.fo.lr must be ...`): passed on
+    as it is by the builders that wrap everything else."""
+
+
+def check_options(name: str, options: dict[str, Any], section: str = "optimizer") -> type[torch.optim.Optimizer]:
     """The class registered as ``name``, after checking ``options`` against its constructor; cheap, so
     callers can validate a config before spending minutes on anything else."""
-    cls = OPTIMIZERS.get(name)
-    if cls is None:
-        raise ValueError(f"unknown optimizer {name!r}; choose from: {', '.join(sorted(OPTIMIZERS))}")
+    cls = OPTIMIZERS.lookup(name)
     # Checked against the signature (names and annotated types) rather than left to the constructor: some
     # library optimizers take **kwargs and would silently ignore a misspelled option.
     try:
-        check_call_options(cls.__init__, options, "optimizer", owner=f"optimizer '{name}'")
+        check_call_options(cls.__init__, options, section, owner=f"optimizer '{name}'")
     except SettingError as err:
-        raise ValueError(str(err)) from None
+        raise OptionError(str(err)) from None
     return cls
 
 
@@ -128,22 +155,16 @@ def dry_build(name: str, options: dict[str, Any]) -> None:
         raise
 
 
-def build_optimizer(name: str, params: Params, **options: Any) -> torch.optim.Optimizer:
+def build_optimizer(name: str, params: Params, section: str = "optimizer", **options: Any) -> torch.optim.Optimizer:
     """Build the optimizer registered as ``name`` over the trainable tensors in ``params``.
 
     Every user mistake (unknown name, unknown option, bad value) becomes a one-line ``ValueError``.
     """
-    cls = check_options(name, options)
+    cls = check_options(name, options, section)
     try:
         return cls(trainable(params), **options)
+    except OptionError:
+        raise
     except (TypeError, ValueError) as err:  # e.g. lr given as the string "1e-5" by a YAML config
-        raise ValueError(f"bad options for optimizer '{name}': {err}") from err
+        raise OptionError(f"bad options for optimizer '{name}': {err}") from err
 
-
-def named_params(optimizer: torch.optim.Optimizer) -> list[tuple[str | None, torch.Tensor]]:
-    """(name or None, tensor) for every parameter, in param_groups order."""
-    out: list[tuple[str | None, torch.Tensor]] = []
-    for group in optimizer.param_groups:
-        names = group.get("param_names") or [None] * len(group["params"])
-        out.extend(zip(names, group["params"], strict=True))
-    return out

@@ -24,6 +24,7 @@ from unlearn.settings import check_int
 @register("sophia")
 class Sophia(pytorch_optimizer.SophiaH):
     grade = "second-order"
+    uses_gradients = True
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-5, betas: tuple[float, float] = (0.96, 0.99),
                  weight_decay: float = 0.0, clip: float = 0.01, update_period: int = 10,

@@ -307,6 +307,7 @@ class SIFT(_Composite):
     """
 
     grade = "spectral"
+    uses_gradients = True
 
     def __init__(
         self,

@@ -66,6 +66,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
     ``make_directions`` or ``apply_update``. lr and weight_decay live in param_groups (schedulers work)."""
 
     grade = "zeroth-order"
+    uses_gradients = False  # the closure is only evaluated: no backward pass, no gradient memory
     linear_update = True  # θ −= lr·ĝ: applied seed by seed, no buffer; False: built chunk by chunk
 
     def __init__(self, params: Iterable[Any], *, lr: float, mu: float, q: int, direction: str,

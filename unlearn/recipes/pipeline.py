@@ -26,6 +26,7 @@ from unlearn.models import load_model, save_model
 from unlearn.objectives import Objective, build_objective
 from unlearn.optim import OPTIMIZERS, build_optimizer, dry_build
 from unlearn.recipes.prepare import baseline_metrics, target_model
+from unlearn.results import RunRecord
 from unlearn.runs import open_run_dir, staged_dir
 from unlearn.task import Stage, Task
 from unlearn.train import train
@@ -41,10 +42,7 @@ class RunOutcome:
 
 
 def load_task(benchmark: dict[str, Any]) -> Task:
-    name = benchmark.get("name", "embedded")
-    if name not in BENCHMARKS:
-        raise UserError(f"unknown benchmark {name!r}; choose from: {', '.join(sorted(BENCHMARKS))}")
-    return BENCHMARKS[name](benchmark)
+    return BENCHMARKS.lookup(benchmark.get("name", "embedded"))(benchmark)
 
 
 def _build(builder, name: str, *args, **options):
@@ -165,11 +163,9 @@ def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrit
         save_model(model, tok, stage_dir / "model")
         train_info = {"steps": steps, "seconds": round(seconds, 1), "forward_passes": forwards,
                       "final_loss": result.final_loss, "eval_seconds": round(eval_seconds, 1)}
-        record = {"method": cfg.method["name"], "optimizer": cfg.optimizer["name"], "benchmark": task.name,
-                  "headline": task.headline, "forget_metrics": list(task.forget_metrics), "metrics": metrics,
-                  "train": train_info, "target": target_metrics, "notes": task.notes}
-        if len(requests) > 1:
-            record["stages"] = stages
-        write_json_atomic(stage_dir / "metrics.json", record)
+        record = RunRecord(method=cfg.method["name"], optimizer=cfg.optimizer["name"], benchmark=task.name,
+                           headline=task.headline, metrics=metrics, declared=list(task.metrics), train=train_info,
+                           target=target_metrics, notes=task.notes, stages=stages if len(requests) > 1 else None)
+        write_json_atomic(stage_dir / "metrics.json", record.to_json())
     return RunOutcome(run_dir=final, metrics=metrics, target_metrics=target_metrics, train=train_info,
                       stages=stages if len(requests) > 1 else [])

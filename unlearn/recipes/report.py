@@ -1,10 +1,13 @@
-"""Report tables: one row per run folder, as Markdown (printed) and CSV (written).
+"""Report tables: one row per run folder, one row per attack result, as Markdown (printed) and CSV (written).
 
-Each benchmark contributes its own columns (embedded: MCQ accuracy per split, ROUGE-L, perplexity; WMDP:
-WMDP and MMLU accuracy; MUSE: VerbMem, KnowMem, PrivLeak; open-ended QA beside MCQ accuracy); a column only
-appears when some run has it. Attack results found under runs/<name>/attacks/ add robustness columns: the
-run's headline forget metric after 8-bit and 4-bit quantization and after relearning, and the relearning
-recovery ratio. report.md also breaks the headline metric down per concept when the questions are tagged.
+Everything is read from the records (unlearn/results.py) and their metric declarations, so the report names
+no benchmark and no attack:
+- runs table: the run's declared metrics (a column appears once some run has a value in it), and for every
+  attack folder found under any run's attacks/, the run's headline metric after that attack;
+- attacks table: every attack folder of every run, with its settings, the metric recovery is measured on,
+  its value unlearned / attacked / at the target, and the recovery ratio;
+- per concept: the headline metric per tag, when the questions are tagged;
+- curves: every attack that measured repeatedly (relearning), one panel per measured metric.
 """
 
 from __future__ import annotations
@@ -13,160 +16,134 @@ import csv
 import io
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from unlearn.errors import UserError
-from unlearn.files import read_json, write_atomic, write_text_atomic
-
-METRIC_COLUMNS = [
-    # embedded
-    ("forget/mcq_acc", "forget ↓"), ("retain/mcq_acc", "retain ↑"), ("holdout/mcq_acc", "holdout"),
-    ("forget/openqa_acc", "forget open-QA ↓"), ("retain/openqa_acc", "retain open-QA ↑"),
-    ("forget/rougeL", "forget ROUGE-L ↓"), ("retain/rougeL", "retain ROUGE-L ↑"),
-    ("retain/perplexity", "perplexity"),
-    # wmdp (MMLU = utility) and openqa
-    ("wmdp/acc", "WMDP ↓"), ("wmdp/openqa_acc", "WMDP open-QA ↓"),
-    ("openqa/openqa_acc", "open-QA ↓"), ("openqa/acc", "MCQ on open-QA set ↓"), ("mmlu/acc", "MMLU ↑"),
-    # muse, on MUSE's scale: ROUGE-L F1 x 100, PrivLeak in percent of AUC_retrain
-    ("muse/verbmem_forget", "VerbMem ×100 ↓"), ("muse/knowmem_forget", "KnowMem forget ×100 ↓"),
-    ("muse/knowmem_retain", "KnowMem retain ×100 ↑"), ("muse/privleak_auc", "Min-40% AUC"),
-    ("muse/privleak", "PrivLeak % (→0)"),
-]
-COLUMNS = [("run", "run"), ("benchmark", "benchmark"), ("method", "method"), ("optimizer", "optimizer"),
-           *METRIC_COLUMNS, ("steps", "steps"), ("seconds", "seconds"),
-           ("attack/bnb-8bit", "headline 8-bit"), ("attack/bnb-4bit-nf4", "headline 4-bit"),
-           ("attack/relearn", "forget relearned (unseen)"), ("attack/relearn_steps", "relearn steps"),
-           ("attack/relearn_recovery", "relearn recovery")]
-ALWAYS = {"run", "method", "optimizer"}
+from unlearn.files import write_atomic, write_text_atomic
+from unlearn.results import AttackRecord, RunRecord, read_attack, read_run
+from unlearn.task import Metric, declaration
 
 
-def read_record(path: Path) -> dict[str, Any]:
-    """A run's or an attack's metrics.json, shape-checked: run folders are shared, and a malformed one must
-    end in one line naming it, not in a traceback halfway through the table."""
-    record = read_json(path)
-    for key in ("metrics", "train", "target", "recovery"):
-        if record.get(key) is not None and not isinstance(record[key], dict):
-            raise UserError(f"{path}: '{key}' must be a JSON object, got {type(record[key]).__name__}")
-    metrics = record.get("metrics") or {}
-    bad = next((k for k, v in metrics.items() if v is not None and not isinstance(v, int | float)), None)
-    if bad is not None:
-        raise UserError(f"{path}: metric '{bad}' must be a number, got {metrics[bad]!r}")
-    curve = record.get("curve")
-    if curve is not None and (not isinstance(curve, list) or not curve or not all(
-            isinstance(p, dict) and isinstance(p.get("step"), int) and isinstance(p.get("forget_unseen_acc"),
-                                                                                  int | float) for p in curve)):
-        raise UserError(f"{path}: 'curve' must be a non-empty list of {{step, forget_unseen_acc}} points")
-    if not isinstance(record.get("headline", ""), str):
-        raise UserError(f"{path}: 'headline' must be a metric name")
-    return record
+@dataclass
+class Found:
+    name: str
+    record: RunRecord
+    attacks: list[AttackRecord]
 
 
-def attack_columns(run_dir: Path, headline: str = "forget/mcq_acc") -> dict[str, Any]:
-    """Robustness columns from runs/<name>/attacks/*/metrics.json (absent attacks stay empty)."""
-    out: dict[str, Any] = {}
-    for name in ("bnb-8bit", "bnb-4bit-nf4"):
-        path = run_dir / "attacks" / name / "metrics.json"
-        if path.is_file():
-            out[f"attack/{name}"] = read_record(path)["metrics"].get(headline)
-    path = run_dir / "attacks" / "relearn" / "metrics.json"
-    if path.is_file():
-        record = read_record(path)
-        if not record.get("curve"):
-            raise UserError(f"{path}: a relearning result needs its 'curve'")
-        out["attack/relearn"] = record["curve"][-1]["forget_unseen_acc"]
-        out["attack/relearn_steps"] = record["curve"][-1]["step"]
-        out["attack/relearn_recovery"] = (record.get("recovery") or {}).get("ratio")
-    return out
+def _folders(parent: Path) -> list[Path]:
+    return sorted(p for p in parent.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
 
 
-def relearn_curves(runs_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """run name -> [(step, forget accuracy on unseen facts)], for runs that were relearn-attacked."""
-    curves = {}
-    for folder in _run_folders(runs_dir):
-        path = folder / "attacks" / "relearn" / "metrics.json"
-        if path.is_file():
-            curves[folder.name] = [(p["step"], p["forget_unseen_acc"]) for p in read_record(path).get("curve") or []]
-    return curves
-
-
-def plot_relearn_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in sorted(curves.items()):
-        ax.plot([s for s, _ in points], [a for _, a in points], marker="o", label=name)
-    ax.axhline(0.25, color="grey", linestyle=":", label="chance (4 options)")
-    ax.set_xlabel("relearning steps")
-    ax.set_ylabel("forget MCQ accuracy on unseen facts")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("Relearning attack: recovery of unseen forget facts")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
-
-
-def _run_folders(runs_dir: Path) -> list[Path]:
-    return sorted(p for p in runs_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def row_from(name: str, record: dict[str, Any]) -> dict[str, Any]:
-    metrics = record.get("metrics", {})
-    train = record.get("train", {})
-    row: dict[str, Any] = {"run": name, "benchmark": record.get("benchmark"), "method": record.get("method", "?"),
-                           "optimizer": record.get("optimizer", "?"),
-                           "steps": train.get("steps"), "seconds": train.get("seconds")}
-    row.update({key: metrics.get(key) for key, _ in METRIC_COLUMNS})
-    return row
-
-
-def _records(runs_dir: Path) -> list[tuple[str, dict[str, Any]]]:
+def find_runs(runs_dir: Path) -> list[Found]:
     if not runs_dir.is_dir():
         raise UserError(f"runs folder {runs_dir} does not exist")
-    found = [(folder, read_record(folder / "metrics.json")) for folder in _run_folders(runs_dir)
-             if (folder / "metrics.json").is_file()]
+    found = []
+    for folder in _folders(runs_dir):
+        if not (folder / "metrics.json").is_file():
+            continue
+        attacks_dir = folder / "attacks"
+        attacks = [read_attack(a / "metrics.json", a.name) for a in _folders(attacks_dir)
+                   if (a / "metrics.json").is_file()] if attacks_dir.is_dir() and not attacks_dir.is_symlink() else []
+        found.append(Found(folder.name, read_run(folder / "metrics.json"), attacks))
     if not found:
         raise UserError(f"no runs with metrics.json under {runs_dir}")
-    return [(folder.name, record) for folder, record in found]
+    return found
 
 
-def collect(runs_dir: Path) -> list[dict[str, Any]]:
-    """Rows: each distinct starting point once ("before unlearning"), then one row per run."""
+def _declared(record: RunRecord) -> list[Metric]:
+    """The run's declarations; a record written before runs declared their metrics gets plain ones (its key
+    as the title, no direction) for its top-level keys."""
+    if record.declared:
+        return record.declared
+    return [Metric(k, k, "none", "forget" if k == record.headline else "info") for k in record.metrics
+            if k.count("/") <= 1]
+
+
+def _heading(metric: Metric | None, key: str) -> str:
+    return metric.heading if metric is not None else key
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+@dataclass
+class Table:
+    columns: list[tuple[str, str]]  # (key, title)
+    rows: list[dict[str, Any]]
+
+    def shown(self, always: set[str]) -> list[tuple[str, str]]:
+        """A column appears once some row has a value in it: no walls of n/a."""
+        return [(k, t) for k, t in self.columns if k in always or any(r.get(k) is not None for r in self.rows)]
+
+
+ALWAYS = {"run", "method", "optimizer", "attack"}
+
+
+def runs_table(found: list[Found]) -> Table:
+    metrics: dict[str, Metric] = {}
+    for item in found:
+        for m in _declared(item.record):
+            metrics.setdefault(m.key, m)
+    attack_names = sorted({a.attack for item in found for a in item.attacks})
+    columns = [("run", "run"), ("benchmark", "benchmark"), ("method", "method"), ("optimizer", "optimizer"),
+               *[(k, m.heading) for k, m in metrics.items()], ("steps", "steps"), ("seconds", "seconds"),
+               *[(f"attack/{a}", f"headline after {a}") for a in attack_names]]
     rows: list[dict[str, Any]] = []
     before: dict[str, dict[str, Any]] = {}
-    for name, record in _records(runs_dir):
-        rows.append(row_from(name, record) | attack_columns(runs_dir / name, record.get("headline", "forget/mcq_acc")))
-        if record.get("target"):
-            key = json.dumps([record.get("benchmark"), record["target"]], sort_keys=True, default=str)
-            before.setdefault(key, row_from("(before unlearning)", {
-                "method": "—", "optimizer": "—", "benchmark": record.get("benchmark"), "metrics": record["target"]}))
-    return list(before.values()) + rows
+    for item in found:
+        r = item.record
+        if r.target:  # each distinct starting point once
+            key = json.dumps([r.benchmark, r.target], sort_keys=True, default=str)
+            before.setdefault(key, {"run": "(before unlearning)", "benchmark": r.benchmark, "method": "—",
+                                    "optimizer": "—", **{k: r.target.get(k) for k in metrics}})
+        row = {"run": item.name, "benchmark": r.benchmark, "method": r.method, "optimizer": r.optimizer,
+               "steps": r.train.get("steps"), "seconds": r.train.get("seconds"),
+               **{k: r.metrics.get(k) for k in metrics}}
+        row.update({f"attack/{a.attack}": a.metrics.get(r.headline) for a in item.attacks})
+        rows.append(row)
+    return Table(columns, list(before.values()) + rows)
 
 
-def concept_rows(runs_dir: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """Per-concept breakdown of each run's headline metric (`<headline>/<tag>` keys), when its data is tagged."""
-    tags: list[str] = []
+def run_summary(name: str, record: RunRecord) -> Table:
+    """The table `unlearn run` prints: the starting point, the model after each earlier request of a sequential
+    run, and the run itself."""
+    table = runs_table([Found(name, record, [])])
+    stages = [{"run": f"after {s.get('stage')}", "benchmark": record.benchmark, "method": record.method,
+               "optimizer": record.optimizer, **(s.get("metrics") or {})} for s in (record.stages or [])[:-1]]
+    table.rows[-1:-1] = stages
+    return table
+
+
+def _settings_text(settings: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in settings.items() if v is not None) or "—"
+
+
+def attacks_table(found: list[Found]) -> Table:
+    columns = [("run", "run"), ("attack", "attack"), ("kind", "kind"), ("settings", "settings"),
+               ("metric", "recovery measured on"), ("unlearned", "unlearned"), ("attacked", "attacked"),
+               ("target", "target"), ("recovery", "recovery ratio"), ("seconds", "seconds")]
     rows = []
-    for name, record in _records(runs_dir):
-        headline = record.get("headline", "forget/mcq_acc")
-        per = {k[len(headline) + 1:]: v for k, v in record.get("metrics", {}).items() if k.startswith(headline + "/")}
-        if per:
-            tags += [t for t in per if t not in tags]
-            rows.append({"run": name, "headline": headline, **per})
-    return tags, rows
-
-
-def concept_markdown(runs_dir: Path) -> str:
-    tags, rows = concept_rows(runs_dir)
-    if not rows:
-        return ""
-    lines = ["| run | metric | " + " | ".join(tags) + " |", "|" + "---|" * (len(tags) + 2)]
-    lines += [f"| {r['run']} | {r['headline']} | " + " | ".join(_fmt(r.get(t)) for t in tags) + " |" for r in rows]
-    return "\n".join(lines)
+    for item in found:
+        declared = _declared(item.record)
+        for a in item.attacks:
+            rec = a.recovery
+            key = rec.metric if rec is not None and rec.metric else item.record.headline
+            metric = next((m for m in a.curve_metrics if m.key == key), None) or declaration(declared, key)
+            row = {"run": item.name, "attack": a.attack, "kind": a.kind, "settings": _settings_text(a.settings),
+                   "metric": _heading(metric, key), "seconds": a.seconds,
+                   "recovery": rec.ratio if rec is not None else None}
+            if rec is not None and rec.unlearned is not None:
+                row |= {"unlearned": rec.unlearned, "attacked": rec.attacked, "target": rec.target}
+            else:  # no recovery inputs recorded (a bare model, or an older record): the attacked value alone
+                row |= {"attacked": a.metrics.get(key, a.curve[-1].get(key) if a.curve else None),
+                        "unlearned": item.record.metrics.get(key), "target": item.record.target.get(key)}
+            if rec is not None and rec.ratio is None and rec.note:
+                row["recovery"] = rec.note
+            rows.append(row)
+    return Table(columns, rows)
 
 
 def _fmt(value: Any) -> str:
@@ -174,49 +151,102 @@ def _fmt(value: Any) -> str:
         return "n/a"
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
-    return str(value)
+    return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """A column appears once some row has a value in it (a metric of its benchmark, an attack run): no walls
-    of n/a."""
-    return [(k, t) for k, t in COLUMNS if k in ALWAYS or any(r.get(k) is not None for r in rows)]
-
-
-def markdown(rows: list[dict[str, Any]]) -> str:
-    columns = _columns(rows)
-    lines = ["| " + " | ".join(title for _, title in columns) + " |",
-             "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_fmt(row.get(key)) for key, _ in columns) + " |" for row in rows]
+def markdown(table: Table) -> str:
+    columns = table.shown(ALWAYS)
+    lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_fmt(row.get(key)) for key, _ in columns) + " |" for row in table.rows]
     return "\n".join(lines)
 
 
-def to_csv(rows: list[dict[str, Any]]) -> str:
-    columns = _columns(rows)
+def to_csv(table: Table) -> str:
+    columns = table.shown(ALWAYS)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow([title for _, title in columns])
-    writer.writerows([[row.get(key) if row.get(key) is not None else "" for key, _ in columns] for row in rows])
+    writer.writerows([[row.get(key) if row.get(key) is not None else "" for key, _ in columns] for row in table.rows])
     return buffer.getvalue()
 
 
+def concept_markdown(found: list[Found]) -> str:
+    """Per-concept breakdown of each run's headline metric (`<headline>/<tag>` keys), when its data is tagged."""
+    tags: list[str] = []
+    rows = []
+    for item in found:
+        headline = item.record.headline
+        per = {k[len(headline) + 1:]: v for k, v in item.record.metrics.items() if k.startswith(headline + "/")}
+        if per:
+            tags += [t for t in per if t not in tags]
+            rows.append({"run": item.name, "headline": headline, **per})
+    if not rows:
+        return ""
+    lines = ["| run | metric | " + " | ".join(tags) + " |", "|" + "---|" * (len(tags) + 2)]
+    lines += [f"| {r['run']} | {r['headline']} | " + " | ".join(_fmt(r.get(t)) for t in tags) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ curves
+
+
+def curves(found: list[Found]) -> dict[str, tuple[Metric | None, dict[str, list[tuple[int, float]]]]]:
+    """measured metric -> (its declaration, {"run / attack": [(step, value)]}) for attacks with a curve."""
+    out: dict[str, tuple[Metric | None, dict[str, list[tuple[int, float]]]]] = {}
+    for item in found:
+        for a in item.attacks:
+            key = a.curve_metric
+            if key is None or not a.curve:
+                continue
+            metric = a.curve_metrics[0] if a.curve_metrics else None
+            entry = out.setdefault(key, (metric, {}))
+            entry[1][f"{item.name} / {a.attack}"] = [(p["step"], p[key]) for p in a.curve]
+    return out
+
+
+def plot_curves(panels: dict[str, tuple[Metric | None, dict[str, list[tuple[int, float]]]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (key, (metric, lines)) in zip(axes[0], sorted(panels.items()), strict=True):
+        for name, points in sorted(lines.items()):
+            ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=name)
+        ax.set_xlabel("attack steps")
+        ax.set_ylabel(_heading(metric, key) + (f" ({metric.unit})" if metric and metric.unit else ""))
+        ax.set_title(f"Recovery of {metric.title if metric else key}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
 def write_report(runs_dir: Path, csv_path: Path | None = None) -> tuple[str, list[Path]]:
-    """Table as Markdown (returned, and saved with the plot as report.md) and as CSV."""
-    rows = collect(runs_dir)
-    table = markdown(rows)
-    written = [runs_dir / "report.md", csv_path or runs_dir / "report.csv"]
-    page = ["# Unlearning report", "", table, ""]
-    concepts = concept_markdown(runs_dir)
+    """Both tables as Markdown (returned, and saved with the plot as report.md) and as CSV."""
+    found = find_runs(runs_dir)
+    runs, attacks = runs_table(found), attacks_table(found)
+    text = markdown(runs)
+    csv_file = csv_path or runs_dir / "report.csv"
+    written = [runs_dir / "report.md", csv_file]
+    page = ["# Unlearning report", "", text, ""]
+    if attacks.rows:
+        text += "\n\n" + markdown(attacks)
+        written.append(csv_file.with_name(csv_file.stem + "-attacks.csv"))
+        page += ["## Attacks", "", "Recovery ratio = (attacked − unlearned) / (target − unlearned) on the metric "
+                 "named: 0 = nothing came back, 1 = all of it.", "", markdown(attacks), ""]
+    concepts = concept_markdown(found)
     if concepts:
         page += ["## Per concept", "", "The headline forget metric on each concept the questions are tagged with: "
                  "one average can hide a concept that was not forgotten at all.", "", concepts, ""]
-    curves = relearn_curves(runs_dir)
-    if curves:
-        plot_relearn_curves(curves, runs_dir / "relearn_curves.png")
-        written.append(runs_dir / "relearn_curves.png")
-        page += ["Recovery ratio = (acc_attacked − acc_unlearned) / (acc_target − acc_unlearned), on forget facts "
-                 "not used for relearning: 0 = nothing came back, 1 = all of it.", "",
-                 "![relearning recovery curves](relearn_curves.png)", ""]
+    panels = curves(found)
+    if panels:
+        plot_curves(panels, runs_dir / "attack_curves.png")
+        written.append(runs_dir / "attack_curves.png")
+        page += ["![recovery curves](attack_curves.png)", ""]
     write_text_atomic(written[0], "\n".join(page))
-    write_text_atomic(written[1], to_csv(rows))
-    return table, written
+    write_text_atomic(written[1], to_csv(runs))
+    if attacks.rows:
+        write_text_atomic(written[2], to_csv(attacks))
+    return text, written

@@ -1,0 +1,68 @@
+"""What an attack is: a registered component with a settings dataclass, run against one model.
+
+An attack class declares `Settings` (a dataclass: its fields, types and ranges are the settings; defaults in
+configs/attack/<name>.yaml) and implements `run`, which returns the attacked model's metrics on the subject's
+benchmark and, when it measures more than once (relearning), a curve. The recipe (unlearn/recipes/attack.py)
+loads the settings, writes the record and computes the recovery ratio, the same way for every attack.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from unlearn.config import EvalConfig
+from unlearn.registry import Registry
+from unlearn.task import Metric, Task
+
+
+@dataclass
+class Subject:
+    """What is attacked: a model, the benchmark it is scored on, and (for runs) where results go."""
+
+    model_spec: str
+    task: Task
+    eval_settings: EvalConfig
+    target_model: str | None = None  # the model unlearning started from (recovery is measured against it)
+    trust_remote_code: bool = False  # from the command-line flag only, never from the run's config
+    run_dir: Any = None  # Path of the run folder, or None for a bare model (results printed only)
+    unlearned: dict[str, float] | None = None  # metrics of the unlearned model, from the run
+    target: dict[str, float] | None = None  # metrics of the target model before unlearning, from the run
+
+
+@dataclass
+class AttackResult:
+    metrics: dict[str, float]  # the attacked model on the benchmark, as `unlearn eval` would report it
+    details: dict[str, Any] = field(default_factory=dict)  # recorded as they are (what was used, timings)
+    # Repeated measurements (relearning checkpoints): {"step": n, <probe metric>: value, ...} per point; recovery
+    # is then measured on `curve_metric` between the first and the last point, against `target_probe`.
+    curve: list[dict[str, float]] | None = None
+    curve_metrics: tuple[Metric, ...] = ()
+    target_probe: dict[str, float] | None = None
+    measured_on: str | None = None
+
+
+class Attack(ABC):
+    Settings: ClassVar[type]
+    summary: ClassVar[str] = ""  # one line for `unlearn attacks`
+
+    @abstractmethod
+    def folder(self, settings: Any) -> str:
+        """The result's folder name under runs/<name>/attacks/ (one per distinct attack setting)."""
+
+    def check(self, subject: Subject, settings: Any) -> None:
+        """Checks that need the benchmark but no model, run before anything is loaded (default: none)."""
+        return None
+
+    @abstractmethod
+    def run(self, subject: Subject, settings: Any, progress: bool = True) -> AttackResult:
+        """Attack `subject.model_spec` and score the result on `subject.task`."""
+
+
+def _declares_settings(name: str, cls: type) -> None:
+    if not isinstance(getattr(cls, "Settings", None), type) or not hasattr(cls.Settings, "__dataclass_fields__"):
+        raise TypeError(f"attack '{name}' must declare its Settings as a dataclass")
+
+
+ATTACKS: Registry[type[Attack]] = Registry("attack", check=_declares_settings)

@@ -1,0 +1,173 @@
+"""The two records the toolkit writes and reads back: a run's and an attack's metrics.json.
+
+Run folders are shared between people, so reading one back checks its shape: a malformed record ends in one
+line naming the file, never in a traceback halfway through a report. Each record carries the declarations of
+the metrics it holds (key, title, which way is better, role), so what reads it (the report, a study) needs to
+know no benchmark and no attack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unlearn.errors import UserError
+from unlearn.files import read_json
+from unlearn.task import Metric
+
+LEGACY_CURVE_METRIC = "forget_unseen_acc"  # relearning records written before curves named their metric
+
+
+@dataclass
+class Recovery:
+    """How much of what unlearning removed an attack brought back, on one metric:
+    (attacked - unlearned) / (target - unlearned); 0 = nothing came back, 1 = all of it, None = undefined."""
+
+    metric: str
+    measured_on: str
+    ratio: float | None
+    note: str
+    unlearned: float | None = None
+    attacked: float | None = None
+    target: float | None = None
+    curve: list[dict[str, Any]] | None = None  # {"step", "ratio"} per checkpoint, for attacks with a curve
+
+
+@dataclass
+class RunRecord:
+    method: str
+    optimizer: str
+    benchmark: str
+    headline: str
+    metrics: dict[str, float]
+    declared: list[Metric]
+    train: dict[str, Any] = field(default_factory=dict)
+    target: dict[str, float] = field(default_factory=dict)  # the starting model's metrics
+    notes: list[str] = field(default_factory=list)
+    stages: list[dict[str, Any]] | None = None  # sequential runs: metrics after each request
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self) | {"declared": [m.to_dict() for m in self.declared],
+                               "forget_metrics": [m.key for m in self.declared if m.role == "forget"]}
+        if self.stages is None:
+            del data["stages"]
+        return data
+
+
+@dataclass
+class AttackRecord:
+    attack: str  # the folder name under attacks/ (one per distinct setting: bnb-4bit-nf4, relearn-lora, ...)
+    kind: str  # the registered attack
+    settings: dict[str, Any]
+    metrics: dict[str, float]
+    seconds: float | None = None
+    recovery: Recovery | None = None
+    curve: list[dict[str, float]] | None = None
+    curve_metrics: list[Metric] = field(default_factory=list)  # declarations of the curve's values, first = recovery
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self) | {"curve_metrics": [m.to_dict() for m in self.curve_metrics]}
+        return {k: v for k, v in data.items() if v is not None}
+
+    @property
+    def curve_metric(self) -> str | None:
+        if not self.curve:
+            return None
+        return self.curve_metrics[0].key if self.curve_metrics else LEGACY_CURVE_METRIC
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def _mapping(path: Path, record: dict[str, Any], key: str) -> dict[str, Any]:
+    value = record.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: '{key}' must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _numbers(path: Path, record: dict[str, Any], key: str) -> dict[str, float]:
+    values = _mapping(path, record, key)
+    bad = next((k for k, v in values.items()
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int | float))), None)
+    if bad is not None:
+        raise UserError(f"{path}: metric '{bad}' must be a number, got {values[bad]!r}")
+    return values
+
+
+def _text(path: Path, record: dict[str, Any], key: str, default: str) -> str:
+    value = record.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise UserError(f"{path}: '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _declarations(path: Path, value: Any, key: str) -> list[Metric]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise UserError(f"{path}: '{key}' must be a list of metric declarations")
+    out = []
+    for item in value:
+        try:
+            out.append(Metric(**{k: item[k] for k in ("key", "title", "better", "role")}, unit=item.get("unit", "")))
+        except (TypeError, KeyError, ValueError):
+            raise UserError(f"{path}: '{key}' holds a malformed metric declaration: {item!r}") from None
+        if not all(isinstance(getattr(out[-1], f), str) for f in ("key", "title", "unit")):
+            raise UserError(f"{path}: '{key}' holds a malformed metric declaration: {item!r}")
+    return out
+
+
+def read_run(path: Path) -> RunRecord:
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    metrics = _numbers(path, data, "metrics")
+    stages = data.get("stages")
+    if stages is not None and not (isinstance(stages, list) and all(isinstance(s, dict) for s in stages)):
+        raise UserError(f"{path}: 'stages' must be a list of objects")
+    notes = data.get("notes") or []
+    return RunRecord(method=_text(path, data, "method", "?"), optimizer=_text(path, data, "optimizer", "?"),
+                     benchmark=_text(path, data, "benchmark", "?"),
+                     headline=_text(path, data, "headline", next(iter(metrics), "")), metrics=metrics,
+                     declared=_declarations(path, data.get("declared"), "declared"),
+                     train=_mapping(path, data, "train"), target=_numbers(path, data, "target"),
+                     notes=[str(n) for n in notes] if isinstance(notes, list) else [str(notes)], stages=stages)
+
+
+def _curve(path: Path, value: Any, metric: str) -> list[dict[str, float]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(
+            isinstance(p, dict) and isinstance(p.get("step"), int) and isinstance(p.get(metric), int | float)
+            for p in value):
+        raise UserError(f"{path}: 'curve' must be a non-empty list of {{step, {metric}}} points")
+    return value
+
+
+def read_attack(path: Path, folder: str) -> AttackRecord:
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    declared = _declarations(path, data.get("curve_metrics"), "curve_metrics")
+    metric = declared[0].key if declared else LEGACY_CURVE_METRIC
+    recovery = _mapping(path, data, "recovery")
+    ratio = recovery.get("ratio")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, int | float)):
+        raise UserError(f"{path}: recovery 'ratio' must be a number or null, got {ratio!r}")
+    seconds = data.get("seconds")
+    return AttackRecord(
+        attack=folder, kind=_text(path, data, "kind", "?"),
+        settings=_mapping(path, data, "settings") or _mapping(path, data, "spec"),  # "spec": older quantize records
+        metrics=_numbers(path, data, "metrics"), seconds=seconds if isinstance(seconds, int | float) else None,
+        recovery=Recovery(metric=str(recovery.get("metric") or recovery.get("measured_on") or ""),
+                          measured_on=str(recovery.get("measured_on", "")), ratio=ratio,
+                          note=str(recovery.get("note", ""))) if recovery else None,
+        curve=_curve(path, data.get("curve"), metric), curve_metrics=declared,
+        details=_mapping(path, data, "details"))
