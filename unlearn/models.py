@@ -33,7 +33,6 @@ def cache_dir() -> Path:
 class Loaded:
     model: torch.nn.Module
     tokenizer: object
-    source: str  # where the weights came from, for the record in config.yaml
 
 
 def _gguf_file(alias: str) -> Path:
@@ -141,7 +140,7 @@ def load_model(spec: str, trust_remote_code: bool = False, dtype: torch.dtype = 
     tokenizer, source = load_tokenizer(spec, trust_remote_code)
     model = from_pretrained(source, spec, dtype=dtype, trust_remote_code=trust_remote_code)
     model.eval()  # no dropout: zeroth-order steps need two forwards of the *same* function
-    return Loaded(model=model, tokenizer=tokenizer, source=source)
+    return Loaded(model=model, tokenizer=tokenizer)
 
 
 def save_model(model: torch.nn.Module, tokenizer, directory: Path) -> None:
