@@ -7,7 +7,7 @@ generated answers to the QA pairs, and the retain passages for perplexity.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from unlearn.benchmarks.synthetic import SPLITS, Benchmark, SyntheticSettings, generate
@@ -16,14 +16,9 @@ from unlearn.errors import UserError
 from unlearn.evaluate import mcq_accuracy, perplexity, rouge_l, run_steps
 from unlearn.settings import (
     AT_LEAST_ONE,
-    NON_NEGATIVE,
     POSITIVE,
-    SettingError,
-    check_value,
     from_mapping,
-    key_list,
     setting,
-    unknown_keys,
 )
 from unlearn.task import BENCHMARKS, Metric, RelearnPlan, Task, split_items
 
@@ -102,21 +97,14 @@ SIZE_KEYS = ("people", "cities", "organizations")
 
 def settings_from(config: dict[str, Any]) -> SyntheticSettings:
     """The world's sizes from the benchmark section, every key known and every value checked."""
-    unknown = unknown_keys(config, {"name", "seed", "prepare", *SIZE_KEYS})
-    if unknown:
-        raise UserError(f"unknown key(s) in benchmark 'embedded': {key_list(unknown)} "
-                        f"(known: name, seed, prepare, {', '.join(SIZE_KEYS)})")
     from_mapping(PrepareSettings, config.get("prepare"), "benchmark.prepare")
-    try:
-        seed = check_value("benchmark.seed", config.get("seed", 0), int, NON_NEGATIVE)
-        sizes = {k: tuple(check_value(f"benchmark.{k}", config[k], tuple[int, int, int])) for k in SIZE_KEYS
-                 if k in config}
-    except SettingError as err:
-        raise UserError(str(err)) from None
+    settings = from_mapping(SyntheticSettings, config, "benchmark", owner="benchmark 'embedded'",
+                            ignore=("name", "prepare"))
+    sizes = {key: tuple(getattr(settings, key)) for key in SIZE_KEYS}  # YAML gives lists
     for key, counts in sizes.items():
         if min(counts) < 0:
             raise UserError(f"benchmark.{key} counts must be >= 0, got {list(counts)}")
-    return SyntheticSettings(seed=seed, **sizes)
+    return replace(settings, **sizes)
 
 
 def task_from(bench: Benchmark) -> TaskData:

@@ -31,7 +31,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,7 +53,7 @@ from unlearn.evaluate import (
     run_steps,
 )
 from unlearn.files import read_text
-from unlearn.settings import config_count, key_list, unknown_keys
+from unlearn.settings import AT_LEAST_ONE, Limit, from_mapping, setting
 from unlearn.task import BENCHMARKS, Metric, Stage, Task
 
 # Hub layout, read from the dataset cards of muse-bench/MUSE-News and MUSE-Books: subsets raw (forget, retain1,
@@ -83,25 +83,29 @@ METRICS = (  # on MUSE's own scale: ROUGE-L F1 x 100, PrivLeak in percent of AUC
     Metric("muse/privleak_truncated", "passages truncated", "none", "info", "passages"),
 )
 
-KNOWN_KEYS = {"name", "data", "forget", "retain", "chunk_words", "sequential", "verbmem_tokens", "knowmem_tokens",
-              "k_percent", "auc_retrain", "retrain_model", "privleak_max_tokens", "limit"}
 PRIVLEAK_NOTE = ("muse/privleak not computed: PrivLeak needs benchmark.auc_retrain or benchmark.retrain_model "
                  "(the Min-K% AUC of a model retrained without the forget set); muse/privleak_auc is reported alone")
 
 
 @dataclass(frozen=True)
 class MuseSettings:
+    """The `benchmark` section of a MUSE run (configs/benchmark/muse.yaml); `data` and `name` are read apart."""
+
     forget: str = "raw/forget"
     retain: str = "raw/retain1"
-    chunk_words: int = 150
+    chunk_words: int = setting(150, limit=AT_LEAST_ONE)
     sequential: bool = False
-    verbmem_tokens: int = 128
-    knowmem_tokens: int = 32
-    k_percent: float = 40.0
-    auc_retrain: float | None = None
+    verbmem_tokens: int = setting(128, limit=AT_LEAST_ONE)
+    knowmem_tokens: int = setting(32, limit=AT_LEAST_ONE)
+    k_percent: float = setting(40.0, limit=Limit(gt=0, le=100))
+    auc_retrain: float | None = setting(None, limit=Limit(gt=0, le=1))  # an AUC
     retrain_model: str | None = None
-    privleak_max_tokens: int | None = None  # None: whole passages, up to the model's context
-    limit: int | None = None
+    privleak_max_tokens: int | None = setting(None, limit=AT_LEAST_ONE)  # None: whole passages, up to the context
+    limit: int | None = setting(None, limit=AT_LEAST_ONE)
+
+
+# A null for these keeps the default (as configs written by hand often say).
+NULL_IS_DEFAULT = ("forget", "retain", "chunk_words", "verbmem_tokens", "knowmem_tokens")
 
 
 # ---------------------------------------------------------------------------------------------- metrics (pure)
@@ -471,39 +475,16 @@ def _split_spec(value: Any, key: str) -> tuple[str, str]:
 
 
 def settings_from(config: dict[str, Any]) -> MuseSettings:
-    unknown = unknown_keys(config, KNOWN_KEYS)
-    if unknown:
-        raise UserError(f"unknown key(s) in benchmark 'muse': {key_list(unknown)} "
-                        f"(known: {', '.join(sorted(KNOWN_KEYS))})")
-    d = MuseSettings()
-    sequential = config.get("sequential", False)
-    if not isinstance(sequential, bool):
-        raise UserError(f"benchmark.sequential must be true or false, got {sequential!r}")
-    if sequential and config.get("forget") is not None:
+    given = {k: v for k, v in config.items() if not (k in NULL_IS_DEFAULT and v in (None, ""))}
+    s = from_mapping(MuseSettings, given, "benchmark", owner="benchmark 'muse'", ignore=("name", "data"))
+    if s.sequential and config.get("forget") is not None:
         raise UserError("benchmark.forget and benchmark.sequential conflict: a sequential run unlearns "
                         "sust/forget_1, sust/forget_2, ... in turn")
-    k = config.get("k_percent", d.k_percent)
-    if isinstance(k, bool) or not isinstance(k, int | float) or not 0 < k <= 100:
-        raise UserError(f"benchmark.k_percent must be a number in (0, 100], got {k!r}")
-    auc = config.get("auc_retrain")
-    if auc is not None and (isinstance(auc, bool) or not isinstance(auc, int | float) or not 0 < auc <= 1):
-        raise UserError(f"benchmark.auc_retrain must be a number in (0, 1] (an AUC), got {auc!r}")
-    retrain_model = config.get("retrain_model")
-    if retrain_model is not None and (not isinstance(retrain_model, str | Path) or not str(retrain_model).strip()):
-        raise UserError(f"benchmark.retrain_model must be a model name or folder, got {retrain_model!r}")
-    forget, retain = config.get("forget") or d.forget, config.get("retain") or d.retain
-    _split_spec(forget, "forget")
-    _split_spec(retain, "retain")
-    return MuseSettings(
-        forget=forget, retain=retain, sequential=sequential,
-        chunk_words=config_count(config, "chunk_words", d.chunk_words) or d.chunk_words,
-        verbmem_tokens=config_count(config, "verbmem_tokens", d.verbmem_tokens) or d.verbmem_tokens,
-        knowmem_tokens=config_count(config, "knowmem_tokens", d.knowmem_tokens) or d.knowmem_tokens,
-        k_percent=float(k), auc_retrain=None if auc is None else float(auc),
-        retrain_model=None if retrain_model is None else str(retrain_model),
-        privleak_max_tokens=config_count(config, "privleak_max_tokens", d.privleak_max_tokens)
-        or d.privleak_max_tokens,
-        limit=config_count(config, "limit", None))
+    if s.retrain_model is not None and not s.retrain_model.strip():
+        raise UserError(f"benchmark.retrain_model must be a model name or folder, got {s.retrain_model!r}")
+    _split_spec(s.forget, "forget")
+    _split_spec(s.retain, "retain")
+    return replace(s, k_percent=float(s.k_percent), auc_retrain=None if s.auc_retrain is None else float(s.auc_retrain))
 
 
 def _source(data: Any, digest: Any) -> _Source:

@@ -15,6 +15,8 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 
+from unlearn.settings import NON_NEGATIVE, setting
+
 SPLITS = ("forget", "retain", "holdout")
 
 # Syllables for invented names: pronounceable, and unlikely to collide with real entities
@@ -64,7 +66,7 @@ _TEMPLATES: dict[str, tuple[str, str, str, str]] = {
 class SyntheticSettings:
     """Sizes of the world. Split counts are per entity kind: (forget, retain, holdout)."""
 
-    seed: int = 0
+    seed: int = setting(0, limit=NON_NEGATIVE)
     people: tuple[int, int, int] = (8, 8, 20)
     cities: tuple[int, int, int] = (3, 3, 6)
     organizations: tuple[int, int, int] = (3, 3, 6)

@@ -28,7 +28,7 @@ from unlearn.config import check_engine
 from unlearn.data import MCQ, Example
 from unlearn.errors import UserError
 from unlearn.evaluate import collecting_samples, log_samples, mcq_correct, metric_scope, run_steps, tagged_accuracy
-from unlearn.settings import config_count, key_list, unknown_keys
+from unlearn.settings import AT_LEAST_ONE, from_mapping, setting
 from unlearn.task import BENCHMARKS, Metric, Task
 
 LETTERS = "ABCDEFGHIJ"
@@ -299,8 +299,7 @@ class WMDPTask(Task):
         return out
 
 
-def _field_name(config: dict[str, Any], key: str, default: str | None) -> str | None:
-    value = config.get(key, default)
+def _field_name(value: Any, key: str) -> str | None:
     if value is not None and (not isinstance(value, str) or not value.strip()):
         raise UserError(f"benchmark.{key} must name a record field, got {value!r}")
     return value
@@ -381,29 +380,36 @@ def fingerprint(config: dict[str, Any], paths: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-KNOWN_KEYS = {"name", "data", "subject", "tag_field", "utility", "utility_tag_field", "forget_corpus",
-              "retain_corpus", "chunk_words", "corpus_limit", "limit"}
+@dataclass(frozen=True)
+class WMDPSettings:
+    """The `benchmark` section of a WMDP-style run (configs/benchmark/wmdp.yaml). Paths and hub names are
+    checked where they are read (a file must exist, a hub name must be known)."""
+
+    data: Any = None  # the questions: a file or a hub task
+    subject: str | None = None  # the description line's subject (default: from the file or hub name)
+    tag_field: Any = "concept"
+    utility: Any = "auto"  # MMLU: "auto" (the hub when the questions come from it), a file, or null
+    utility_tag_field: Any = "subject"
+    forget_corpus: Any = None  # {text} records to unlearn
+    retain_corpus: Any = "wikitext"
+    chunk_words: int = setting(CHUNK_WORDS, limit=AT_LEAST_ONE)
+    corpus_limit: int | None = setting(None, limit=AT_LEAST_ONE)
+    limit: int | None = setting(None, limit=AT_LEAST_ONE)
 
 
 @BENCHMARKS.register("wmdp")
 def load(config: dict[str, Any], name: str = "wmdp", openqa: bool = False) -> WMDPTask:
     """WMDP-style MCQs (hub or {question, choices, answer} files), MMLU as utility, scored as lm-eval scores."""
-    unknown = unknown_keys(config, KNOWN_KEYS)
-    if unknown:
-        raise UserError(f"unknown key(s) in benchmark '{name}': {key_list(unknown)} "
-                        f"(known: {', '.join(sorted(KNOWN_KEYS))})")
-    if not config.get("data"):
+    s = from_mapping(WMDPSettings, config, "benchmark", owner=f"benchmark '{name}'", ignore=("name",))
+    if not s.data:
         raise UserError(f"benchmark '{name}' needs questions: pass --data FILE ({{question, choices, answer}} records "
                         f"as jsonl/json/parquet) or a hub task ({', '.join(HUB_TASKS)})")
-    source = _source(config["data"], "benchmark.data")
-    limit = config_count(config, "limit", None)
-    if config.get("subject") is not None and not isinstance(config["subject"], str):
-        raise UserError(f"benchmark.subject must be a string, got {config['subject']!r}")
+    source = _source(s.data, "benchmark.data")
     subject, why = _subject(source, config)
-    questions = QuestionSet(name, source, subject, _field_name(config, "tag_field", "concept"), limit)
+    questions = QuestionSet(name, source, subject, _field_name(s.tag_field, "tag_field"), s.limit)
     if not questions.is_hub:
         questions.questions()  # a malformed file fails now, before any model is loaded
-    utility_spec = config.get("utility", "auto")
+    utility_spec = s.utility
     notes: list[str] = [_description_note(questions, why)]
     if utility_spec == "auto":
         # MMLU from the hub when the questions come from the hub too; offline (local questions) it must be named.
@@ -413,16 +419,14 @@ def load(config: dict[str, Any], name: str = "wmdp", openqa: bool = False) -> WM
     utility = None
     if utility_spec:
         utility = QuestionSet("mmlu", _source(utility_spec, "benchmark.utility"), None,
-                              _field_name(config, "utility_tag_field", "subject"), limit)
+                              _field_name(s.utility_tag_field, "utility_tag_field"), s.limit)
         if not utility.is_hub:
             utility.questions()
-    words = config_count(config, "chunk_words", CHUNK_WORDS, nullable=False)
-    corpus_limit = config_count(config, "corpus_limit", None)
     forget: list[Example] = []
     retain: list[Example] = []
-    if config.get("forget_corpus"):
-        forget = _corpus(config["forget_corpus"], "benchmark.forget_corpus", words, corpus_limit)
-        retain = _corpus(config.get("retain_corpus", "wikitext"), "benchmark.retain_corpus", words, corpus_limit)
+    if s.forget_corpus:
+        forget = _corpus(s.forget_corpus, "benchmark.forget_corpus", s.chunk_words, s.corpus_limit)
+        retain = _corpus(s.retain_corpus, "benchmark.retain_corpus", s.chunk_words, s.corpus_limit)
     files = [str(p) for p in (source, utility_spec, config.get("forget_corpus"), config.get("retain_corpus")) if p]
     return WMDPTask(name=name, fingerprint=fingerprint(config, files),
                     forget=forget, retain=retain, metrics=_metrics(name, openqa), notes=notes, questions=questions,

@@ -76,20 +76,6 @@ def check_int(name: str, value: Any, minimum: int = 1) -> None:
         raise SettingError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def config_count(config: Mapping[str, Any], key: str, default: int | None, section: str = "benchmark",
-                 nullable: bool = True) -> int | None:
-    """config[key] (else `default`) as an integer >= 1; with `nullable`, null passes (callers read it as "no
-    limit" or "the default"). A one-line UserError naming `section.key` otherwise."""
-    value = config.get(key, default)
-    if value is None and nullable:
-        return None
-    try:
-        check_int(f"{section}.{key}", value)
-    except SettingError as err:
-        raise UserError(str(err)) from None
-    return value
-
-
 def setting(default: Any = MISSING, *, limit: Limit | None = None, default_factory: Any = MISSING) -> Any:
     """A dataclass field with a declared range: `max_steps: int = setting(60, limit=AT_LEAST_ONE)`."""
     metadata = {"limit": limit} if limit else {}
@@ -188,17 +174,23 @@ def check_value(key: str, value: Any, annotation: Any, limit: Limit | None = Non
 Settings = TypeVar("Settings")
 
 
-def from_mapping(cls: type[Settings], data: Any, section: str) -> Settings:
-    """An instance of the dataclass `cls` from an untrusted mapping: every key known, typed and in range."""
+def from_mapping(cls: type[Settings], data: Any, section: str, owner: str | None = None,
+                 ignore: tuple[str, ...] = ()) -> Settings:
+    """An instance of the dataclass `cls` from an untrusted mapping: every key known, typed and in range.
+
+    The one settings check of the toolkit: every config section (train, eval, a benchmark's, an attack's) is a
+    dataclass read through here. `owner` names the section in the unknown-key message ("benchmark 'wmdp'");
+    `ignore` lists keys another part reads (a component section's `name`)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise UserError(f"config section '{section}' must be a mapping, got {data!r}")
+    data = {k: v for k, v in data.items() if k not in ignore}
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
     unknown = unknown_keys(data, known)
     if unknown:
-        raise UserError(f"unknown key(s) in '{section}': {key_list(unknown)} "
-                        f"(known: {', '.join(sorted(known))})")
+        raise UserError(f"unknown key(s) in {owner or repr(section)}: {key_list(unknown)} "
+                        f"(known: {', '.join(sorted([*known, *ignore]))})")
     hints = typing.get_type_hints(cls)
     values = {}
     for key, value in data.items():
