@@ -101,7 +101,7 @@ def test_corpora_become_passages(tmp_path: Path) -> None:
     ({}, "needs questions: pass --data"),
     ({"data": "nope.jsonl"}, "nope.jsonl: file not found"),
     ({"data": "Q", "colour": 1}, "unknown key(s) in benchmark 'wmdp': colour"),
-    ({"data": "Q", "limit": 0}, r"benchmark.limit must be an integer \(or null\) >= 1"),
+    ({"data": "Q", "limit": 0}, "benchmark.limit must be an integer (or null) >= 1"),
     ({"data": "Q", "forget_corpus": "Q", "retain_corpus": "Q"}, "record 1: missing field 'text'"),
 ])
 def test_config_errors(tmp_path: Path, config: dict, message: str) -> None:
