@@ -11,6 +11,19 @@ import torch.nn.functional as F
 
 from unlearn.data import IGNORE
 
+# Elements of one float32 logits block in `shifted_logprobs`: bounds memory for large vocabularies and long texts.
+LOGIT_BUDGET = 2**27
+
+
+def _split_head(model):
+    """(decoder, head) when the model's logits are simply head(hidden), so the head can be applied to chosen
+    positions only; None for models whose logits are more than that (e.g. soft-capped)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+        return None
+    return decoder, head
+
 
 def _logits_at(model, batch: dict[str, torch.Tensor], select, padding_mask: bool = True) -> torch.Tensor:
     """Logits at the positions `select(per-position tensor)` picks, computing the head only there when the
@@ -20,13 +33,30 @@ def _logits_at(model, batch: dict[str, torch.Tensor], select, padding_mask: bool
     token attends to the padding after it, so every position that is read is computed exactly as with the
     mask; without one the model takes its plain causal attention kernel, which is faster (lm-eval-harness
     scores the same way)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     mask = batch["attention_mask"] if padding_mask else None
-    if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+    split = _split_head(model)
+    if split is None:
         return select(model(input_ids=batch["input_ids"], attention_mask=mask).logits)
+    decoder, head = split
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
     return head(select(hidden))
+
+
+def shifted_logprobs(model, input_ids: torch.Tensor, max_logits: int = LOGIT_BUDGET) -> torch.Tensor:
+    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) at every position t, [rows, width - 1], for right-padded
+    rows (no mask needed: see `_logits_at`). The head runs on a slice of positions at a time, so a long passage
+    of a large-vocabulary model never holds a full float32 logits tensor (at most `max_logits` elements)."""
+    targets = input_ids[:, 1:]
+    split = _split_head(model)
+    if split is None:
+        logits = model(input_ids=input_ids).logits[:, :-1].float()
+        return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    decoder, head = split
+    hidden = decoder(input_ids=input_ids).last_hidden_state[:, :-1]
+    step = max(1, max_logits // (int(head.weight.shape[0]) * input_ids.shape[0]))
+    parts = [-F.cross_entropy(head(hidden[:, s:s + step]).float().transpose(1, 2), targets[:, s:s + step],
+                              reduction="none") for s in range(0, hidden.shape[1], step)]
+    return torch.cat(parts, dim=1)
 
 
 def _head_inputs(model, batch: dict[str, torch.Tensor],
