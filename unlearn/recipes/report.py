@@ -34,7 +34,7 @@ class Found:
 
 
 def _folders(parent: Path) -> list[Path]:
-    return sorted(p for p in parent.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
+    return sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def find_runs(runs_dir: Path) -> list[Found]:
@@ -46,7 +46,7 @@ def find_runs(runs_dir: Path) -> list[Found]:
             continue
         attacks_dir = folder / "attacks"
         attacks = [read_attack(a / "metrics.json", a.name) for a in _folders(attacks_dir)
-                   if (a / "metrics.json").is_file()] if attacks_dir.is_dir() and not attacks_dir.is_symlink() else []
+                   if (a / "metrics.json").is_file()] if attacks_dir.is_dir() else []
         found.append(Found(folder.name, read_run(folder / "metrics.json"), attacks))
     if not found:
         raise UserError(f"no runs with metrics.json under {runs_dir}")
