@@ -271,18 +271,20 @@ def attack(
         help="Short form of --attack quantize: 4bit (bitsandbytes NF4/FP4), 8bit (LLM.int8), or "
              "rtn2/rtn3/rtn4/rtn8 (round-to-nearest).")] = None,
     quant_type: Annotated[str | None, typer.Option(help="4-bit data type: nf4 or fp4 (attack.quant_type).")] = None,
-    group_size: Annotated[int | None, typer.Option(help="RTN group size (default: per output channel).")] = None,
+    group_size: Annotated[int | None, typer.Option(
+        help="RTN group size (attack.group_size; default per output channel).")] = None,
     relearn: Annotated[bool, typer.Option("--relearn", help="Short form of --attack relearn: fine-tune on part of "
                                                             "the forget text.")] = False,
-    samples: Annotated[int | None, typer.Option(help="Forget items to relearn on (default: half).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Relearning steps (default 50).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Relearning learning rate (AdamW, default 2e-5).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Relearning batch size (default 4).")] = None,
+    samples: Annotated[int | None, typer.Option(
+        help="Forget items to relearn on (attack.samples; default half).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Relearning steps (attack.steps).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Relearning learning rate, AdamW (attack.lr).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Relearning batch size (attack.batch_size).")] = None,
     lora: Annotated[bool, typer.Option("--lora", help="Relearn through a LoRA adapter.")] = False,
-    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank (default 16).")] = None,
+    lora_rank: Annotated[int | None, typer.Option(help="LoRA rank (attack.lora_rank).")] = None,
     out_of_domain: Annotated[bool, typer.Option("--out-of-domain", help="Relearn on retain text instead.")] = False,
     checkpoints: Annotated[str | None, typer.Option(
-        help="Steps at which to measure recovery (default 0,10,25,50,100).")] = None,
+        help="Steps at which to measure recovery, comma-separated (attack.checkpoints).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for the relearning split and data order.")] = None,
     benchmark: BenchmarkOpt = None,
     data: DataOpt = None,
@@ -291,7 +293,8 @@ def attack(
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Attack an unlearned model (quantization, relearning, ...) and score it like `unlearn eval`."""
+    """Attack an unlearned model (quantization, relearning, ...) and score it like `unlearn eval`. Every setting's
+    default: `unlearn attacks`."""
     from unlearn.recipes.attack import attack_settings, run_attack
 
     chosen = [n for n, given in (("--attack", attack_name), ("--quantize", quantize), ("--relearn", relearn)) if given]

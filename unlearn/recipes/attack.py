@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearn.attacks import ATTACKS, Attack, AttackResult, Subject
-from unlearn.config import CONFIG_DIR, apply_override, eval_config, merge, read_yaml
+from unlearn.config import apply_override, component_defaults, eval_config, merge, read_yaml
 from unlearn.errors import UserError
 from unlearn.files import read_json, write_json_atomic
 from unlearn.results import AttackRecord, Recovery
@@ -31,8 +31,7 @@ def attack_settings(name: str, flags: dict[str, Any] | None = None,
     every key known, typed and in range, before any model is loaded."""
     canonical = ATTACKS.canonical(name)
     cls = ATTACKS[canonical]
-    defaults_file = CONFIG_DIR / "attack" / f"{canonical}.yaml"
-    settings = read_yaml(defaults_file) if defaults_file.is_file() else {}
+    settings = component_defaults("attack", canonical)
     known = {f.name for f in fields(cls.Settings)}
     for key, value in (flags or {}).items():
         if value is None:
