@@ -51,6 +51,9 @@ def test_split_items_is_seeded_and_disjoint():
     assert split_items(10, None, seed=4) != (used, unused)
     with pytest.raises(UserError, match="between 1 and 9"):
         split_items(10, 10, seed=0)
+    # When recovery is measured on other items (a benchmark's questions), every passage may be relearned on.
+    assert split_items(1, None, seed=0, hold_out=False) == ([0], [])
+    assert split_items(4, 4, seed=0, hold_out=False) == ([0, 1, 2, 3], [])
 
 
 def test_relearn_attack_writes_curve_and_report(workdir):

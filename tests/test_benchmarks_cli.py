@@ -106,6 +106,15 @@ def test_muse_sequential_run(tmp_path: Path, tiny_model_dir: Path, data: Path) -
                                                                * 100)
     assert result.stdout.count("| after forget_") == 3  # a table row after each earlier request
     assert "VerbMem ×100 ↓" in result.stdout
+    # Relearning on MUSE: fine-tune on part of the forget corpus, repeat VerbMem / KnowMem (not the Min-K% pass).
+    relearn = cli("attack", "--run", str(run), "--relearn", "--steps", "1", "--checkpoints", "0,1", "--batch-size",
+                  "2", "-q", cwd=tmp_path)
+    assert relearn.returncode == 0, relearn.stderr
+    relearned = json.loads((run / "attacks" / "relearn" / "metrics.json").read_text())
+    assert relearned["recovery"]["metric"] == "muse/verbmem_forget" and relearned["recovery"]["target"] is not None
+    assert set(relearned["curve"][0]) == {"step", "muse/verbmem_forget", "muse/knowmem_forget", "muse/knowmem_retain"}
+    assert relearned["curve"][0]["muse/knowmem_retain"] == pytest.approx(record["metrics"]["muse/knowmem_retain"])
+    assert "muse/privleak" in relearned["metrics"]
 
 
 def test_muse_eval_of_any_model(tmp_path: Path, tiny_model_dir: Path, data: Path) -> None:

@@ -81,12 +81,15 @@ class RelearnPlan:
     details: dict[str, Any] = field(default_factory=dict)  # recorded with the result (e.g. which items were used)
 
 
-def split_items(n: int, samples: int | None, seed: int, what: str = "forget items") -> tuple[list[int], list[int]]:
-    """(indices of a seeded sample of `samples` of n items, default half; the other indices)."""
-    samples = n // 2 if samples is None else samples
-    if not 1 <= samples < n:
-        raise UserError(f"relearning samples must be between 1 and {n - 1} (there are {n} {what}, and some must "
-                        "stay out of the fine-tuning)")
+def split_items(n: int, samples: int | None, seed: int, what: str = "forget items",
+                hold_out: bool = True) -> tuple[list[int], list[int]]:
+    """(indices of a seeded sample of `samples` of n items, default half; the other indices). With `hold_out`
+    at least one item must stay out (recovery is measured on it); without, all n may be used."""
+    most = n - 1 if hold_out else n
+    samples = max(1, n // 2) if samples is None else samples
+    if not 1 <= samples <= most:
+        why = f"there are {n} {what}" + (", and some must stay out of the fine-tuning" if hold_out else "")
+        raise UserError(f"relearning samples must be between 1 and {most} ({why})")
     used = sorted(random.Random(seed).sample(range(n), samples))
     chosen = set(used)
     return used, [i for i in range(n) if i not in chosen]
@@ -146,7 +149,8 @@ class Task(ABC):
         if not pool:
             raise UserError(f"benchmark '{self.name}' gives no {domain} text to relearn on"
                             + (f": {self.training_hint}" if self.training_hint else ""))
-        used, _ = split_items(len(pool), samples, seed, f"{domain} passages")
+        # Recovery is measured on the benchmark's own items, not on the passages, so all of them may be used.
+        used, _ = split_items(len(pool), samples, seed, f"{domain} passages", hold_out=False)
         probed = tuple(m for m in self.metrics if m.role != "info")
         return RelearnPlan(train=[pool[i] for i in used], probe=self.probe, probe_metrics=probed,
                            measured_on=f"{probed[0].key}: the benchmark's own forget items (the attack fine-tunes on "
