@@ -71,7 +71,7 @@ def test_relearn_attack_writes_curve_and_report(workdir):
     assert record["recovery"]["unlearned"] == record["curve"][0]["forget_unseen_acc"]
     report = cli("report", "runs", cwd=workdir)
     assert report.returncode == 0, report.stderr
-    assert "headline after relearn" in report.stdout and "forget (unseen) ↓" in report.stdout
+    assert "after relearn" in report.stdout and "forget (unseen) ↓" in report.stdout
     assert (workdir / "runs/attack_curves.png").stat().st_size > 1000
     assert "attack_curves.png" in (workdir / "runs/report.md").read_text()
 
@@ -176,10 +176,12 @@ def test_report_shows_every_attack_folder(wide_run):
         assert row["kind"] == record["kind"]
         ratio = record["recovery"]["ratio"]
         assert row["recovery ratio"] == (f"{ratio:.3f}" if ratio is not None else record["recovery"]["note"])
+        for key in ("unlearned", "attacked", "target"):  # read back from the record, for every kind of attack
+            assert row[key] == f"{record['recovery'][key]:.3f}", (folder, key, row)
         for key, value in record["settings"].items():
             if value is not None:
                 assert f"{key}={value}" in row["settings"]
-        assert f"headline after {folder}" in report.stdout  # a runs-table column per attack folder too
+        assert f"after {folder}" in report.stdout  # a runs-table column per attack folder too
     assert "quant_type=fp4" in rows["bnb-4bit-fp4"][3] and "domain=retain" in rows["relearn-ood"][3]
     csv_rows = (wide_run / "runs/report-attacks.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + len(attacks)

@@ -75,7 +75,7 @@ def test_wmdp_run_eval_and_report(tmp_path: Path, tiny_model_dir: Path, data: Pa
     assert report.returncode == 0, report.stderr
     header = report.stdout.splitlines()[0]
     assert "WMDP ↓" in header and "WMDP open-QA ↓" in header and "forget ↓" not in header
-    assert "headline after bnb-8bit" in header and "headline after relearn" in header
+    assert "after bnb-8bit" in header and "after relearn" in header
     assert "## Per concept" in (tmp_path / "runs" / "report.md").read_text()
 
 

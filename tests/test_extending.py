@@ -119,6 +119,6 @@ def test_toy_benchmark_and_toy_attack_run_and_report(plugins, tmp_path, tiny_mod
     assert attacked["kind"] == "toy-noise" and attacked["settings"] == {"scale": 0.01, "seed": 0}
     assert attacked["recovery"]["metric"] == "toy/forget_ppl"
     report = invoke("report", "runs").output
-    assert "toy forget perplexity ↑" in report and "headline after noise-0.01" in report
+    assert "toy forget perplexity ↑" in report and "after noise-0.01" in report
     row = next(line for line in report.splitlines() if "| noise-0.01 |" in line)
     assert "toy-noise" in row and "scale=0.01" in row

@@ -141,6 +141,13 @@ def read_run(path: Path) -> RunRecord:
                      notes=[str(n) for n in notes] if isinstance(notes, list) else [str(notes)], stages=stages)
 
 
+def _number(path: Path, data: dict[str, Any], key: str, legacy: str) -> float | None:
+    value = data.get(key, data.get(legacy))
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise UserError(f"{path}: recovery '{key}' must be a number or null, got {value!r}")
+    return value
+
+
 def _curve(path: Path, value: Any, metric: str) -> list[dict[str, float]] | None:
     if value is None:
         return None
@@ -168,6 +175,9 @@ def read_attack(path: Path, folder: str) -> AttackRecord:
         metrics=_numbers(path, data, "metrics"), seconds=seconds if isinstance(seconds, int | float) else None,
         recovery=Recovery(metric=str(recovery.get("metric") or recovery.get("measured_on") or ""),
                           measured_on=str(recovery.get("measured_on", "")), ratio=ratio,
-                          note=str(recovery.get("note", ""))) if recovery else None,
+                          note=str(recovery.get("note", "")),
+                          # older relearning records named the values *_acc
+                          **{k: _number(path, recovery, k, f"{k}_acc") for k in ("unlearned", "attacked", "target")})
+        if recovery else None,
         curve=_curve(path, data.get("curve"), metric), curve_metrics=declared,
         details=_mapping(path, data, "details"))

@@ -90,7 +90,7 @@ def runs_table(found: list[Found]) -> Table:
     attack_names = sorted({a.attack for item in found for a in item.attacks})
     columns = [("run", "run"), ("benchmark", "benchmark"), ("method", "method"), ("optimizer", "optimizer"),
                *[(k, m.heading) for k, m in metrics.items()], ("steps", "steps"), ("seconds", "seconds"),
-               *[(f"attack/{a}", f"headline after {a}") for a in attack_names]]
+               *[(f"attack/{a}", f"after {a}") for a in attack_names]]
     rows: list[dict[str, Any]] = []
     before: dict[str, dict[str, Any]] = {}
     for item in found:
@@ -102,9 +102,16 @@ def runs_table(found: list[Found]) -> Table:
         row = {"run": item.name, "benchmark": r.benchmark, "method": r.method, "optimizer": r.optimizer,
                "steps": r.train.get("steps"), "seconds": r.train.get("seconds"),
                **{k: r.metrics.get(k) for k in metrics}}
-        row.update({f"attack/{a.attack}": a.metrics.get(r.headline) for a in item.attacks})
+        row.update({f"attack/{a.attack}": _attacked(a, r.headline) for a in item.attacks})
         rows.append(row)
     return Table(columns, list(before.values()) + rows)
+
+
+def _attacked(attack: AttackRecord, headline: str) -> float | None:
+    """The value an attack's recovery is measured on (relearning: the forget items it did not train on), else
+    the run's headline metric after the attack."""
+    rec = attack.recovery
+    return rec.attacked if rec is not None and rec.attacked is not None else attack.metrics.get(headline)
 
 
 def run_summary(name: str, record: RunRecord) -> Table:
@@ -146,9 +153,11 @@ def attacks_table(found: list[Found]) -> Table:
     return Table(columns, rows)
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, key: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
+    if key == "seconds" and isinstance(value, int | float):
+        return f"{value:.1f}"
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
     return str(value).replace("|", "\\|").replace("\n", " ")
@@ -157,7 +166,7 @@ def _fmt(value: Any) -> str:
 def markdown(table: Table) -> str:
     columns = table.shown(ALWAYS)
     lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_fmt(row.get(key)) for key, _ in columns) + " |" for row in table.rows]
+    lines += ["| " + " | ".join(_fmt(row.get(key), key) for key, _ in columns) + " |" for row in table.rows]
     return "\n".join(lines)
 
 
@@ -234,7 +243,9 @@ def write_report(runs_dir: Path, csv_path: Path | None = None) -> tuple[str, lis
     if attacks.rows:
         text += "\n\n" + markdown(attacks)
         written.append(csv_file.with_name(csv_file.stem + "-attacks.csv"))
-        page += ["## Attacks", "", "Recovery ratio = (attacked − unlearned) / (target − unlearned) on the metric "
+        page += ["`after <attack>`: the value recovery is measured on, after that attack (relearning: the forget "
+                 "items it did not train on; quantization: the run's headline metric).", "",
+                 "## Attacks", "", "Recovery ratio = (attacked − unlearned) / (target − unlearned) on the metric "
                  "named: 0 = nothing came back, 1 = all of it.", "", markdown(attacks), ""]
     concepts = concept_markdown(found)
     if concepts:
