@@ -62,10 +62,10 @@ def recovery_ratio(attacked: float, unlearned: float, target: float, better: str
 def _recovery(subject: Subject, result: AttackResult) -> Recovery | None:
     if result.curve:
         # Attacks that measure repeatedly: recovery on their own probe, from its first to its last point.
-        metric = next(m for m in result.curve_metrics if m.key in result.curve[0])
+        metric = next((m for m in result.curve_metrics if m.key in result.curve[0]), None)
+        if metric is None or result.target_probe is None or metric.key not in result.target_probe:
+            return None  # nothing declared was measured, or no target to compare with (a bare model)
         unlearned, attacked = result.curve[0][metric.key], result.curve[-1][metric.key]
-        if result.target_probe is None or metric.key not in result.target_probe:
-            return None
         target = result.target_probe[metric.key]
         ratio, why = recovery_ratio(attacked, unlearned, target, metric.better)
         per_step = [{"step": p["step"], "ratio": recovery_ratio(p[metric.key], unlearned, target, metric.better)[0]}
