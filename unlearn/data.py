@@ -77,6 +77,12 @@ def collate(items: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def on_device(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch on the model's device (batches are built on the CPU; a model may live on a GPU)."""
+    device = getattr(model, "device", None)
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+
+
 def epoch_batches(items: Sequence[Encoded], batch_size: int, pad_id: int, seed: int,
                   epoch: int) -> list[dict[str, torch.Tensor]]:
     """One seeded shuffle per epoch; the same (seed, epoch) always yields the same batches."""

@@ -24,7 +24,7 @@ import torch
 from rouge_score import rouge_scorer
 from tqdm import tqdm
 
-from unlearn.data import MCQ, Encoded, Example, collate, encode
+from unlearn.data import MCQ, Encoded, Example, collate, encode, on_device
 from unlearn.scoring import next_token_logprobs, sequence_logprobs
 
 # ---------------------------------------------------------------------------------------------- scope
@@ -165,7 +165,7 @@ def choice_scores(model, tokenizer, questions: list[MCQ], batch_size: int = 64,
     items = [it for i in rest for it in encoded[i]]
     if items:
         def summed(batch: dict[str, torch.Tensor], _indices: list[int]) -> list[float]:
-            return sequence_logprobs(model, _on(model, batch), padding_mask=False)[0].float().cpu().tolist()
+            return sequence_logprobs(model, on_device(model, batch), padding_mask=False)[0].float().cpu().tolist()
 
         flat = run_batches(items, batch_size, max_batch_tokens, tokenizer.pad_token_id, summed)
         start = 0
@@ -175,18 +175,13 @@ def choice_scores(model, tokenizer, questions: list[MCQ], batch_size: int = 64,
     return [out[i] for i in range(len(questions))]
 
 
-def _on(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    device = getattr(model, "device", None)
-    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
-
-
 def _next_token_scores(model, prompts: list[list[int]], tokens: list[list[int]], pad_id: int,
                        batch_size: int, max_batch_tokens: int | None = None) -> list[list[float]]:
     """log p(t | prompt) for each prompt's candidate tokens `t`, one forward per prompt."""
     items = [Encoded(input_ids=ids, n_prompt=len(ids)) for ids in prompts]
 
     def score(batch: dict[str, torch.Tensor], indices: list[int]) -> list[list[float]]:
-        logprobs = next_token_logprobs(model, _on(model, batch), padding_mask=False).cpu()
+        logprobs = next_token_logprobs(model, on_device(model, batch), padding_mask=False).cpu()
         return [logprobs[row, tokens[i]].tolist() for row, i in enumerate(indices)]
 
     return run_batches(items, batch_size, max_batch_tokens, pad_id, score)
@@ -302,7 +297,7 @@ def perplexity(model, tokenizer, texts: list[str], batch_size: int = 32, max_bat
     items = [encode(tokenizer, Example("", t), add_eos=False) for t in texts]
 
     def score(batch: dict[str, torch.Tensor], _indices: list[int]) -> list[tuple[float, int]]:
-        summed, counts = sequence_logprobs(model, _on(model, batch), padding_mask=False)
+        summed, counts = sequence_logprobs(model, on_device(model, batch), padding_mask=False)
         return list(zip(summed.tolist(), counts.tolist(), strict=True))
 
     per_text = run_batches(items, batch_size, max_batch_tokens, tokenizer.pad_token_id, score)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from unlearn.data import Encoded, fixed_batches
+from unlearn.data import Encoded, fixed_batches, on_device
 from unlearn.loss import Loss
 from unlearn.registry import Registry
 from unlearn.scoring import mean_token_nll, sequence_logprobs
@@ -73,7 +73,7 @@ class GradDiff(Objective):
 def _precompute_logprobs(model, items: list[Encoded], pad_id: int, batch_size: int) -> list[float]:
     out: list[float] = []
     for batch in fixed_batches(items, batch_size, pad_id):
-        out.extend(sequence_logprobs(model, batch)[0].tolist())
+        out.extend(sequence_logprobs(model, on_device(model, batch))[0].tolist())
     return out
 
 
@@ -193,14 +193,16 @@ class RMU(Objective):
         direction = torch.rand(hidden, generator=gen)
         direction = direction / direction.norm()
         if self.steering is None:
+            batches = [on_device(model, b) for b in fixed_batches(forget, batch_size, pad_id)]
             norms = [(layer_activations(model, b, layer).norm(dim=-1) * b["attention_mask"]).sum()
-                     / b["attention_mask"].sum() for b in fixed_batches(forget, batch_size, pad_id)]
+                     / b["attention_mask"].sum() for b in batches]
             self.steering = self.steering_scale * float(torch.stack(norms).mean())
         self.control = self.steering * direction
         self.frozen = []
         for index, item in enumerate(retain):
             item.extra["index"] = float(index)
         for batch in fixed_batches(retain, batch_size, pad_id):
+            batch = on_device(model, batch)
             acts = layer_activations(model, batch, layer)
             self.frozen.extend(a[m.bool()].clone() for a, m in zip(acts, batch["attention_mask"], strict=True))
 

@@ -18,7 +18,7 @@ from typing import TextIO
 import torch
 from tqdm import tqdm
 
-from unlearn.data import Encoded, endless_batches
+from unlearn.data import Encoded, endless_batches, on_device
 from unlearn.errors import UserError
 from unlearn.loss import Loss, loss_parts
 from unlearn.objectives import Objective
@@ -62,8 +62,8 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
     try:
         bar = tqdm(range(1, max_steps + 1), desc=desc, disable=not progress, dynamic_ncols=True)
         for step in bar:
-            forget_batch = next(forget_stream)
-            retain_batch = next(retain_stream) if retain_stream else None
+            forget_batch = on_device(model, next(forget_stream))
+            retain_batch = on_device(model, next(retain_stream)) if retain_stream else None
             step_forwards = 0
             part_sums: dict[str, float] = {}
 
