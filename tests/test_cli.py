@@ -175,3 +175,16 @@ def test_optimizers_lists_every_grade(tmp_path):
     assert result.returncode == 0, result.stderr
     listed = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()}
     assert listed == {name: cls.grade for name, cls in OPTIMIZERS.items()}  # type: ignore[attr-defined]
+
+
+def test_threads_per_process_share_the_cores():
+    from unlearn.cli import threads_per_process
+    from unlearn.errors import UserError
+
+    assert threads_per_process({}, 8) == 8
+    assert threads_per_process({"LOCAL_WORLD_SIZE": "4"}, 16) == 4  # torchrun / accelerate: 4 ranks per machine
+    assert threads_per_process({"LOCAL_WORLD_SIZE": "4"}, 2) == 1
+    assert threads_per_process({"OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "4"}, 16) == 3
+    assert threads_per_process({"UNLEARN_THREADS": "5", "OMP_NUM_THREADS": "3"}, 16) == 5
+    with pytest.raises(UserError, match="UNLEARN_THREADS must be a positive integer"):
+        threads_per_process({"UNLEARN_THREADS": "many"}, 8)

@@ -92,12 +92,27 @@ def _preflight() -> None:
     writable_dir(cache_dir(), "cache folder (UNLEARN_CACHE)")
 
 
+def threads_per_process(env: dict[str, str], cores: int) -> int:
+    """CPU threads for this process: UNLEARN_THREADS if set, else OMP_NUM_THREADS (torchrun sets it), else this
+    process's share of the cores it may run on, when a launcher starts several per machine (LOCAL_WORLD_SIZE).
+    Each process taking every core makes a loaded machine several times slower."""
+    for key in ("UNLEARN_THREADS", "OMP_NUM_THREADS"):
+        value = env.get(key, "").strip()
+        if value:
+            if not value.isdigit() or int(value) < 1:
+                raise UserError(f"{key} must be a positive integer (CPU threads), got {value!r}")
+            return int(value)
+    local = env.get("LOCAL_WORLD_SIZE", "1").strip()
+    share = int(local) if local.isdigit() and int(local) >= 1 else 1
+    return max(1, cores // share)
+
+
 def _setup_torch() -> None:
     _preflight()
     import torch
 
-    # Deterministic CPU math and no oversubscription on small machines.
-    torch.set_num_threads(int(os.environ.get("UNLEARN_THREADS", os.cpu_count() or 1)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(threads_per_process(dict(os.environ), cores))
     from transformers.utils import logging as hf_logging
 
     # Our own progress bars say what is happening; per-tensor loading bars and advisory warnings
