@@ -10,7 +10,7 @@ instead, which tells apart "knowledge came back" from "any fine-tuning shakes th
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,7 @@ class Relearn(Attack):
             del target
         return AttackResult(metrics=metrics, curve=curve, curve_metrics=plan.probe_metrics,
                             target_probe=target_probe, measured_on=plan.measured_on,
-                            details={"settings": asdict(settings), **plan.details, "train_seconds": round(seconds, 1)})
+                            details={**plan.details, "train_seconds": round(seconds, 1)})
 
 
 def _exists(spec: str) -> bool:

@@ -261,13 +261,20 @@ class WMDPTask(Task):
     utility: QuestionSet | None = None
     openqa: bool = False  # always ask open-ended too (the `openqa` benchmark)
 
-    def evaluate(self, model: Any, tokenizer: Any, settings: Any, progress: bool = True) -> dict[str, float]:
+    def _sets(self) -> list[QuestionSet]:
+        assert self.questions is not None
+        return [self.questions] + ([self.utility] if self.utility else [])
+
+    def _open_ended(self, model: Any, tokenizer: Any, settings: Any) -> dict[str, float]:
         from unlearn.openqa import make_judge, openqa_accuracy
 
+        return openqa_accuracy(model, tokenizer, self._sets()[0].questions(), make_judge(settings.judge),
+                               batch_size=settings.batch_size, max_batch_tokens=settings.max_batch_tokens)
+
+    def evaluate(self, model: Any, tokenizer: Any, settings: Any, progress: bool = True) -> dict[str, float]:
         check_engine(settings.engine)  # also checked with the config; this guards direct callers
-        assert self.questions is not None
         model.eval()
-        sets = [self.questions] + ([self.utility] if self.utility else [])
+        sets = self._sets()
         steps: list[tuple[str, Any]] = []
         if settings.engine == "lm-eval":
             steps.append(("", lambda: lm_eval_accuracy(model, tokenizer, sets, settings.batch_size, progress)))
@@ -275,27 +282,18 @@ class WMDPTask(Task):
             steps.append(("", lambda: native_accuracy(model, tokenizer, sets, settings.batch_size,
                                                       settings.max_batch_tokens)))
         if self.openqa or settings.openqa:
-            judge = make_judge(settings.judge)
-            steps.append((f"{self.questions.key}/openqa",
-                          lambda: openqa_accuracy(model, tokenizer, self.questions.questions(), judge,  # type: ignore[union-attr]
-                                                  batch_size=settings.batch_size,
-                                                  max_batch_tokens=settings.max_batch_tokens)))
+            steps.append((f"{sets[0].key}/openqa", lambda: self._open_ended(model, tokenizer, settings)))
         return run_steps(steps, progress)
 
     def probe(self, model: Any, tokenizer: Any, settings: Any) -> dict[str, float]:
         """MCQ accuracy on the questions (and MMLU) by the native scorer, which gives lm-eval's accuracy item
         for item (tests/test_wmdp.py) without its per-call set-up: cheap enough to repeat during an attack."""
-        assert self.questions is not None
         model.eval()
-        sets = [self.questions] + ([self.utility] if self.utility else [])
+        sets = self._sets()
         scores = native_accuracy(model, tokenizer, sets, settings.batch_size, settings.max_batch_tokens)
         out = {k: v for k, v in scores.items() if k in {f"{s.key}/acc" for s in sets}}
         if self.openqa:  # the open-QA benchmark's headline is its open-ended accuracy
-            from unlearn.openqa import make_judge, openqa_accuracy
-
-            out[f"{self.questions.key}/openqa_acc"] = openqa_accuracy(
-                model, tokenizer, self.questions.questions(), make_judge(settings.judge),
-                batch_size=settings.batch_size, max_batch_tokens=settings.max_batch_tokens)["acc"]
+            out[f"{sets[0].key}/openqa_acc"] = self._open_ended(model, tokenizer, settings)["acc"]
         return out
 
 

@@ -162,7 +162,6 @@ def run(
     from unlearn.config import load_run_config
     from unlearn.recipes.pipeline import run as run_pipeline
     from unlearn.recipes.report import run_summary
-    from unlearn.results import read_run
 
     flags = {"model": _path_or_name(model), "train.max_steps": steps, "optimizer.lr": lr,
              "train.batch_size": batch_size, "train.seed": seed, "train.lora_rank": lora_rank, "name": name,
@@ -173,8 +172,9 @@ def run(
     _setup_torch()
     outcome = run_pipeline(cfg, overwrite=overwrite, progress=not quiet, log=console.print,
                            trust_remote_code=trust_remote_code, log_samples=log_samples)
-    _markdown_table(run_summary(outcome.run_dir.name, read_run(outcome.run_dir / "metrics.json")))
-    logs = ("log-<n>-<request>.jsonl" if outcome.stages else "log.jsonl") + (", samples.jsonl" if log_samples else "")
+    _markdown_table(run_summary(outcome.run_dir.name, outcome.record))
+    logs = "log-<n>-<request>.jsonl" if outcome.record.stages else "log.jsonl"
+    logs += ", samples.jsonl" if log_samples else ""
     console.print(f"run saved to {outcome.run_dir}/ (model/, metrics.json, config.yaml, {logs})")
 
 
@@ -354,7 +354,10 @@ def attack(
 
 
 def _title(metrics, key: str) -> str:
-    return next((m.title for m in metrics if m.key == key), key)
+    from unlearn.task import declaration
+
+    spec = declaration(metrics, key)
+    return spec.title if spec is not None else key
 
 
 @app.command()

@@ -81,6 +81,17 @@ class AttackRecord:
 # ------------------------------------------------------------------------------------------------ reading
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _object(path: Path) -> dict[str, Any]:
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return data
+
+
 def _mapping(path: Path, record: dict[str, Any], key: str) -> dict[str, Any]:
     value = record.get(key)
     if value is None:
@@ -92,8 +103,7 @@ def _mapping(path: Path, record: dict[str, Any], key: str) -> dict[str, Any]:
 
 def _numbers(path: Path, record: dict[str, Any], key: str) -> dict[str, float]:
     values = _mapping(path, record, key)
-    bad = next((k for k, v in values.items()
-                if v is not None and (isinstance(v, bool) or not isinstance(v, int | float))), None)
+    bad = next((k for k, v in values.items() if v is not None and not _is_number(v)), None)
     if bad is not None:
         raise UserError(f"{path}: metric '{bad}' must be a number, got {values[bad]!r}")
     return values
@@ -125,9 +135,7 @@ def _declarations(path: Path, value: Any, key: str) -> list[Metric]:
 
 
 def read_run(path: Path) -> RunRecord:
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
+    data = _object(path)
     metrics = _numbers(path, data, "metrics")
     stages = data.get("stages")
     if stages is not None and not (isinstance(stages, list) and all(isinstance(s, dict) for s in stages)):
@@ -141,9 +149,9 @@ def read_run(path: Path) -> RunRecord:
                      notes=[str(n) for n in notes] if isinstance(notes, list) else [str(notes)], stages=stages)
 
 
-def _number(path: Path, data: dict[str, Any], key: str, legacy: str) -> float | None:
-    value = data.get(key, data.get(legacy))
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+def _number(path: Path, data: dict[str, Any], key: str, legacy: str | None = None) -> float | None:
+    value = data.get(key, data.get(legacy) if legacy else None)
+    if value is not None and not _is_number(value):
         raise UserError(f"{path}: recovery '{key}' must be a number or null, got {value!r}")
     return value
 
@@ -159,15 +167,11 @@ def _curve(path: Path, value: Any, metric: str) -> list[dict[str, float]] | None
 
 
 def read_attack(path: Path, folder: str) -> AttackRecord:
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object")
+    data = _object(path)
     declared = _declarations(path, data.get("curve_metrics"), "curve_metrics")
     metric = declared[0].key if declared else LEGACY_CURVE_METRIC
     recovery = _mapping(path, data, "recovery")
-    ratio = recovery.get("ratio")
-    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, int | float)):
-        raise UserError(f"{path}: recovery 'ratio' must be a number or null, got {ratio!r}")
+    ratio = _number(path, recovery, "ratio")
     seconds = data.get("seconds")
     return AttackRecord(
         attack=folder, kind=_text(path, data, "kind", "?"),

@@ -50,9 +50,8 @@ class Metric:
 
 def declaration(metrics: tuple[Metric, ...] | list[Metric], key: str) -> Metric | None:
     """The declaration of `key`: its own, else that of the longest declared key it extends."""
-    best = max((m for m in metrics if key == m.key or key.startswith(m.key + "/") or key.startswith(m.key + "_")),
+    return max((m for m in metrics if key == m.key or key.startswith(m.key + "/") or key.startswith(m.key + "_")),
                key=lambda m: len(m.key), default=None)
-    return best
 
 
 @dataclass

@@ -11,7 +11,7 @@ did not move the metric the way forgetting does, since then there is nothing to 
 from __future__ import annotations
 
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,7 @@ def recovery_ratio(attacked: float, unlearned: float, target: float, better: str
     """The ratio, or None with the reason. `better` is the metric's declared direction for a forgetting model:
     unlearning must have moved it that way (down for an accuracy on forget items) for anything to recover."""
     gap = target - unlearned
-    moved = gap > 1e-9 if better != "higher" else gap < -1e-9
-    if better == "zero":
-        moved = abs(unlearned) < abs(target) - 1e-9
+    moved = {"higher": gap < -1e-9, "zero": abs(unlearned) < abs(target) - 1e-9}.get(better, gap > 1e-9)
     if not moved:
         return None, "undefined: unlearning did not move this metric below the target's"
     return (attacked - unlearned) / gap, "ok"
@@ -88,15 +86,11 @@ def run_attack(subject: Subject, name: str, attack: Attack, settings: Any,
     attack.check(subject, settings)
     started = time.perf_counter()
     result = attack.run(subject, settings, progress=progress)
-    record = AttackRecord(attack=attack.folder(settings), kind=name, settings=_plain(settings),
+    record = AttackRecord(attack=attack.folder(settings), kind=name, settings=asdict(settings),
                           metrics=result.metrics, seconds=round(time.perf_counter() - started, 1),
                           recovery=_recovery(subject, result), curve=result.curve,
                           curve_metrics=list(result.curve_metrics), details=result.details)
     return record, _finish(subject, record)
-
-
-def _plain(settings: Any) -> dict[str, Any]:
-    return {f.name: getattr(settings, f.name) for f in fields(settings)}
 
 
 def _finish(subject: Subject, record: AttackRecord) -> Path | None:

@@ -35,10 +35,7 @@ from unlearn.train import train
 @dataclass
 class RunOutcome:
     run_dir: Path
-    metrics: dict[str, float]
-    target_metrics: dict[str, float]
-    train: dict[str, Any]
-    stages: list[dict[str, Any]]
+    record: RunRecord  # what metrics.json holds
 
 
 def load_task(benchmark: dict[str, Any]) -> Task:
@@ -167,5 +164,4 @@ def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrit
                            headline=task.headline, metrics=metrics, declared=list(task.metrics), train=train_info,
                            target=target_metrics, notes=task.notes, stages=stages if len(requests) > 1 else None)
         write_json_atomic(stage_dir / "metrics.json", record.to_json())
-    return RunOutcome(run_dir=final, metrics=metrics, target_metrics=target_metrics, train=train_info,
-                      stages=stages if len(requests) > 1 else [])
+    return RunOutcome(run_dir=final, record=record)

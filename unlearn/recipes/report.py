@@ -138,7 +138,7 @@ def attacks_table(found: list[Found]) -> Table:
         for a in item.attacks:
             rec = a.recovery
             key = rec.metric if rec is not None and rec.metric else item.record.headline
-            metric = next((m for m in a.curve_metrics if m.key == key), None) or declaration(declared, key)
+            metric = declaration(a.curve_metrics, key) or declaration(declared, key)
             row = {"run": item.name, "attack": a.attack, "kind": a.kind, "settings": _settings_text(a.settings),
                    "metric": _heading(metric, key), "seconds": a.seconds,
                    "recovery": rec.ratio if rec is not None else None}
