@@ -429,6 +429,7 @@ def load(config: dict[str, Any], name: str = "wmdp", openqa: bool = False) -> WM
     return WMDPTask(name=name, fingerprint=fingerprint(config, files),
                     forget=forget, retain=retain, metrics=_metrics(name, openqa), notes=notes, questions=questions,
                     training_hint="pass --forget-corpus FILE of {text} records",
+                    train_max_length=512,  # RMU's published WMDP recipe
                     utility=utility, openqa=openqa)
 
 

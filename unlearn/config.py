@@ -59,6 +59,15 @@ class TrainConfig:
     batch_size: int = setting(8, limit=AT_LEAST_ONE)
     seed: int = setting(0, limit=NON_NEGATIVE)
     lora_rank: int = setting(0, limit=NON_NEGATIVE)  # > 0: train LoRA adapters of this rank, not the weights
+    # Micro-batches per step: batch_size rows are split into grad_accum x processes equal shards, so the same
+    # batch_size gives the same steps on one process or eight (see unlearn/train.py).
+    grad_accum: int = setting(1, limit=AT_LEAST_ONE)
+    gradient_checkpointing: bool = False  # recompute each decoder layer's activations in backward: less memory
+    max_length: int | None = setting(None, limit=AT_LEAST_ONE)  # tokens per training text; None: the benchmark's
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (checked by unlearn.placement)
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 on a GPU that has it, else fp32)
+    save_dtype: str | None = None  # precision of the saved model; None: the one it trained in
+    save_every: int = setting(0, limit=NON_NEGATIVE)  # > 0: checkpoint every N steps, so --resume can continue
 
 
 @dataclass
@@ -196,6 +205,15 @@ def eval_config(data: Any) -> EvalConfig:
     return settings
 
 
+def train_config(data: Any) -> TrainConfig:
+    """The `train` section as TrainConfig: unknown keys, types, ranges and the placement's spellings checked."""
+    from unlearn.placement import check
+
+    settings = from_mapping(TrainConfig, data, "train")
+    check(settings.device, settings.dtype, settings.save_dtype, section="train")
+    return settings
+
+
 # Facts a run records in its config.yaml beside the settings (reading such a file back ignores them).
 RECORDED_KEYS = ("target_model",)
 REMOTE_CODE_KEY = "trust_remote_code"
@@ -241,7 +259,7 @@ def load_run_config(method: str | None = None, optimizer: str | None = None,
     unknown = unknown_keys(raw, known)
     if unknown:
         raise UserError(f"unknown top-level config key(s): {key_list(unknown)}")
-    raw["train"] = from_mapping(TrainConfig, raw.get("train"), "train")
+    raw["train"] = train_config(raw.get("train"))
     raw["eval"] = eval_config(raw.get("eval"))
     for key in ("model", "benchmark"):
         if key not in raw:

@@ -83,21 +83,35 @@ def on_device(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
-def epoch_batches(items: Sequence[Encoded], batch_size: int, pad_id: int, seed: int,
-                  epoch: int) -> list[dict[str, torch.Tensor]]:
-    """One seeded shuffle per epoch; the same (seed, epoch) always yields the same batches."""
-    order = list(range(len(items)))
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """One seeded shuffle per epoch; the same (seed, epoch) always gives the same order."""
+    order = list(range(n))
     random.Random(seed * 100_003 + epoch).shuffle(order)
-    return [collate([items[i] for i in order[s:s + batch_size]], pad_id)
-            for s in range(0, len(order), batch_size)]
+    return order
 
 
-def endless_batches(items: Sequence[Encoded], batch_size: int, pad_id: int,
-                    seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    epoch = 0
+def endless_rows(items: Sequence[Encoded], batch_size: int, seed: int, start: int = 0) -> Iterator[list[Encoded]]:
+    """The items of each training step's batch, epoch after epoch (the last batch of an epoch may be short),
+    beginning at step `start`: a resumed run picks the stream up where it stopped without replaying it."""
+    per_epoch = -(-len(items) // batch_size)
+    epoch, index = divmod(start, per_epoch)
     while True:
-        yield from epoch_batches(items, batch_size, pad_id, seed, epoch)
-        epoch += 1
+        order = epoch_order(len(items), seed, epoch)
+        for s in range(index * batch_size, len(order), batch_size):
+            yield [items[i] for i in order[s:s + batch_size]]
+        epoch, index = epoch + 1, 0
+
+
+def split_rows(rows: Sequence[Encoded], parts: int) -> list[list[Encoded]]:
+    """`rows` cut into `parts` contiguous shards of near-equal size (the first ones one row longer; some are
+    empty when there are fewer rows than parts)."""
+    base, extra = divmod(len(rows), parts)
+    out, start = [], 0
+    for k in range(parts):
+        end = start + base + (k < extra)
+        out.append(list(rows[start:end]))
+        start = end
+    return out
 
 
 def fixed_batches(items: Sequence[Encoded], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:

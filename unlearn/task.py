@@ -110,6 +110,8 @@ class Task(ABC):
     notes: list[str] = field(default_factory=list)  # metrics that could not be computed, and why
     # Why `forget` is empty when it is (the data has no unlearning text): the error `unlearn run` gives.
     training_hint: str = ""
+    # Tokens per training text unless train.max_length says otherwise: what the benchmark's authors trained at.
+    train_max_length: int = 256
 
     def __post_init__(self) -> None:
         if not self.forget_metrics:

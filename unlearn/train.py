@@ -1,8 +1,14 @@
 """The training loop: batches -> optimizer.step(closure) -> log. It never branches on the grade.
 
 The closure only computes the loss; first-order optimizers differentiate it, zeroth-order ones
-evaluate it at perturbed weights. Each closure call is one forward pass, which is what we log
-alongside wall-clock seconds so grades can be compared on cost.
+evaluate it at perturbed weights. Each evaluation of the closure is one forward pass over the step's
+batch, which is what we log alongside wall-clock seconds so grades can be compared on cost.
+
+Each step's batch (`batch_size` rows, the same on every process) is cut into `grad_accum × processes`
+contiguous shards; this process computes shards `rank·grad_accum …`, one micro-batch at a time. A shard's loss
+is weighted by its share of the rows, so with one shard the loss is exactly the batch's, and a step depends on
+the batch and on the number of shards, never on which process computed which shard: one process with
+`grad_accum = 8` and eight processes with `grad_accum = 1` take the same steps.
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ from typing import TextIO
 import torch
 from tqdm import tqdm
 
-from unlearn.data import Encoded, endless_batches, on_device
+from unlearn.data import Encoded, collate, endless_rows, on_device, split_rows
+from unlearn.distributed import SINGLE, World
 from unlearn.errors import UserError
-from unlearn.loss import Loss, loss_parts
+from unlearn.loss import Loss, LossValue, loss_parts
 from unlearn.objectives import Objective
-from unlearn.optim.protocol import Diagnosing, Graded, Scheduled
+from unlearn.optim.protocol import Closure, Diagnosing, Graded, Scheduled
 
 
 @dataclass
@@ -31,6 +38,16 @@ class TrainResult:
     seconds: float
     forward_passes: int
     final_loss: float
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a resumed training picks up: steps done, and the seconds and forwards they took."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    forward_passes: int = 0
+    final_loss: float = float("nan")
 
 
 def _grade(optimizer: torch.optim.Optimizer) -> str:
@@ -46,57 +63,140 @@ def _lr(optimizer: torch.optim.Optimizer) -> float:
     return float(lr if lr is not None else optimizer.param_groups[0]["lr"])
 
 
+def _scaled(value: LossValue, weight: float) -> LossValue:
+    if weight == 1.0:
+        return value
+    if isinstance(value, Loss):
+        return Loss({k: v * weight for k, v in value.parts.items()})
+    return value * weight
+
+
+class StepClosure:
+    """One step's loss over its sharded batch (see the module docstring): the `Sharded` closure optimizers
+    evaluate or differentiate through `unlearn.optim.protocol`. It also sums the loss parts it computed, for the
+    log, and counts evaluations (rounds over the shards) as forward passes."""
+
+    def __init__(self, model: torch.nn.Module, objective: Objective, forget: list[Encoded],
+                 retain: list[Encoded] | None, pad_id: int, grad_accum: int, world: World) -> None:
+        self.model, self.objective, self.world, self.grad_accum = model, objective, world, grad_accum
+        self.processes = world.size
+        total = grad_accum * world.size
+        mine = slice(world.rank * grad_accum, (world.rank + 1) * grad_accum)
+        forget_shards = split_rows(forget, total)[mine]
+        retain_shards = split_rows(retain, total)[mine] if retain else [None] * grad_accum
+        self._local: list[tuple[int, float, dict, dict | None]] = []  # (shard, weight, forget batch, retain batch)
+        for k, (f, r) in enumerate(zip(forget_shards, retain_shards, strict=True)):
+            if f:  # a short last batch of an epoch can leave a shard empty
+                rb = on_device(model, collate(r, pad_id)) if r else None
+                self._local.append((k, len(f) / len(forget), on_device(model, collate(f, pad_id)), rb))
+        self.rounds = 0
+        self.part_sums: dict[str, float] = {}
+
+    def _shard(self, weight: float, fb: dict, rb: dict | None) -> Closure:
+        def closure() -> LossValue:
+            loss = _scaled(self.objective(self.model, fb, rb), weight)
+            for key, value in loss_parts(loss).items():
+                self.part_sums[key] = self.part_sums.get(key, 0.0) + float(value.detach())
+            return loss
+        return closure
+
+    def shards(self) -> list[Closure]:
+        self.rounds += 1
+        return [self._shard(w, fb, rb) for _, w, fb, rb in self._local]
+
+    def _all(self, values: list[float]) -> list[float]:
+        """This process's per-shard values (0 for empty shards), then every process's, in shard order."""
+        local = [0.0] * self.grad_accum
+        for (k, *_), value in zip(self._local, values, strict=True):
+            local[k] = value
+        return self.world.gather_floats(local)
+
+    def sum_values(self, values: list[float]) -> float:
+        every = self._all(values)
+        total = every[0]
+        for value in every[1:]:  # in shard order, the same on every process
+            total += value
+        return total
+
+    def sum_tensors(self, tensors: list[torch.Tensor]) -> None:
+        self.world.sum_tensors(tensors)
+
+    def __call__(self) -> LossValue:
+        """The whole loss with its graph, for optimizers that call the closure themselves (outside the registry).
+        Only defined when this process holds the whole batch."""
+        if self.world.distributed:
+            raise UserError("this optimizer calls the closure directly, so it cannot split a step over processes")
+        parts = [shard() for shard in self.shards()]
+        total = parts[0]
+        for part in parts[1:]:
+            total = Loss({k: v + loss_parts(part)[k] for k, v in loss_parts(total).items()})
+        return total
+
+    def logged_parts(self) -> dict[str, float]:
+        """Each part averaged over the step's evaluations and summed over the processes (a collective call)."""
+        keys = sorted(self.part_sums)
+        if self.world.distributed:
+            # Rank 0 always computes the first (largest) shard; a rank whose shards are all empty has no keys.
+            keys = list(self.world.broadcast_object(keys))  # type: ignore[call-overload]
+            every = self.world.gather_floats([self.part_sums.get(k, 0.0) for k in keys])
+            sums = [sum(every[i::len(keys)]) for i in range(len(keys))] if keys else []
+        else:
+            sums = [self.part_sums[k] for k in keys]
+        return {k: v / max(self.rounds, 1) for k, v in zip(keys, sums, strict=True)}
+
+
+def check_batching(batch_size: int, grad_accum: int, world: World) -> None:
+    shards = grad_accum * world.size
+    if batch_size < shards:
+        raise UserError(f"train.batch_size {batch_size} is smaller than its shards (grad_accum {grad_accum} x "
+                        f"{world.size} processes = {shards}): every micro-batch needs a row")
+
+
 def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.Optimizer,
           forget: list[Encoded], retain: list[Encoded] | None, *, pad_id: int, batch_size: int,
           max_steps: int, seed: int, log_path: Path | None = None, desc: str = "unlearning",
-          progress: bool = True, after_step: Callable[[int], None] | None = None) -> TrainResult:
-    """`after_step(step)` runs after each step, outside the timed region (e.g. checkpoint evaluations)."""
+          progress: bool = True, after_step: Callable[[int], None] | None = None, grad_accum: int = 1,
+          world: World = SINGLE, start: Progress = Progress()) -> TrainResult:
+    """`after_step(step)` runs after each step, outside the timed region (checkpoints, evaluations). `start`: the
+    steps already done by an interrupted run (its log is appended to)."""
     if max_steps < 1:
         raise UserError(f"max_steps must be >= 1, got {max_steps}")
-    forget_stream = endless_batches(forget, batch_size, pad_id, seed)
-    retain_stream = endless_batches(retain, batch_size, pad_id, seed + 1) if retain else None
-    forwards = 0
-    loss_value = float("nan")
-    start = time.perf_counter()
-    log: TextIO | None = log_path.open("w") if log_path else None
+    check_batching(batch_size, grad_accum, world)
+    forget_stream = endless_rows(forget, batch_size, seed, start.steps)
+    retain_stream = endless_rows(retain, batch_size, seed + 1, start.steps) if retain else None
+    forwards = start.forward_passes
+    loss_value = start.final_loss
+    begun = time.perf_counter() - start.seconds
+    log: TextIO | None = log_path.open("a" if start.steps else "w") if log_path else None
     try:
-        bar = tqdm(range(1, max_steps + 1), desc=desc, disable=not progress, dynamic_ncols=True)
+        bar = tqdm(range(start.steps + 1, max_steps + 1), desc=desc, disable=not progress, dynamic_ncols=True,
+                   initial=start.steps, total=max_steps)
         for step in bar:
-            forget_batch = on_device(model, next(forget_stream))
-            retain_batch = on_device(model, next(retain_stream)) if retain_stream else None
-            step_forwards = 0
-            part_sums: dict[str, float] = {}
-
-            def closure(fb=forget_batch, rb=retain_batch, sums=part_sums) -> Loss:
-                nonlocal step_forwards
-                step_forwards += 1
-                loss = objective(model, fb, rb)
-                for key, value in loss_parts(loss).items():  # averaged over the step's evaluations
-                    sums[key] = sums.get(key, 0.0) + float(value.detach())
-                return loss
-
+            closure = StepClosure(model, objective, next(forget_stream),
+                                  next(retain_stream) if retain_stream else None, pad_id, grad_accum, world)
             t0 = time.perf_counter()
             loss_value = float(optimizer.step(closure))
             seconds = time.perf_counter() - t0
-            forwards += step_forwards
+            forwards += closure.rounds
             if not math.isfinite(loss_value):
                 raise UserError(f"loss became {loss_value} at step {step}; lower the learning rate "
                                 f"(--lr) or check the data")
+            parts = closure.logged_parts()
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if log:
                 record = {"step": step, "loss": loss_value, "lr": _lr(optimizer),
-                          "grade": _grade(optimizer),
-                          "forwards": step_forwards, "seconds": round(seconds, 4),
-                          "parts": {k: v / max(step_forwards, 1) for k, v in part_sums.items()}}
+                          "grade": _grade(optimizer), "forwards": closure.rounds, "seconds": round(seconds, 4),
+                          "parts": parts}
                 if isinstance(optimizer, Diagnosing):
                     record["optimizer"] = {k: v for k, v in optimizer.diagnostics().items() if math.isfinite(v)}
                 log.write(json.dumps(record) + "\n")
+                log.flush()  # a checkpoint taken next must find every line of the steps it covers
             if after_step is not None:
                 paused = time.perf_counter()
                 after_step(step)
-                start += time.perf_counter() - paused  # evaluations are not training time
+                begun += time.perf_counter() - paused  # checkpoints and evaluations are not training time
     finally:
         if log:
             log.close()
-    return TrainResult(steps=max_steps, seconds=time.perf_counter() - start, forward_passes=forwards,
+    return TrainResult(steps=max_steps, seconds=time.perf_counter() - begun, forward_passes=forwards,
                        final_loss=loss_value)

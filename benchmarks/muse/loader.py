@@ -139,6 +139,6 @@ def load(config: dict[str, Any]) -> MuseTask:
 
     return MuseTask(name="muse", fingerprint=digest.hexdigest()[:16], forget=[] if missing else forget or [],
                     retain=[] if missing else retain or [], training_hint=training_hint, metrics=METRICS,
-                    needs_target=False,
+                    needs_target=False, train_max_length=2048,  # MUSE's own fine-tuning length
                     stages=stages, notes=notes, settings=s, verbmem=verbmem, knowmem=knowmem, icl=icl,
                     privleak_texts=privleak_texts)

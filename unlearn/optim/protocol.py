@@ -10,6 +10,11 @@ The closure returns either a scalar tensor or a ``Loss``: the objective's named,
 conflict-aware ones (SIFT) differentiate the parts separately. Parameters may be given as tensors or as
 ``(name, tensor)`` pairs (``model.named_parameters()``), as torch.optim accepts; name-aware optimizers
 (Muon, SIFT) use the names to tell hidden matrices from embeddings and to select matrices by pattern.
+
+The training loop's closure is also ``Sharded``: its batch is split into micro-batches (gradient accumulation)
+and across processes (data parallelism). Optimizers never see that split: they go through ``evaluate``
+(zeroth-order: the loss as one number) and ``backward`` (gradient grades: .grad filled, loss returned), which
+loop over this process's shards and sum over the processes; a plain closure is one shard of one process.
 """
 
 from __future__ import annotations
@@ -55,6 +60,74 @@ class Scheduled(Protocol):
     last_grade: str | None
 
 
+@runtime_checkable
+class Sharded(Protocol):
+    """A closure over a batch split in shards (micro-batches here, and other processes' shards elsewhere)."""
+
+    processes: int  # how many processes hold shards of this batch
+
+    def shards(self) -> list[Closure]:
+        """This process's shards, each returning its part of the loss (the parts of all shards sum to it)."""
+        ...
+
+    def sum_values(self, values: list[float]) -> float:
+        """The total over every process of this process's per-shard `values`, summed in shard order."""
+        ...
+
+    def sum_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """In place: each tensor summed over the processes (gradients)."""
+        ...
+
+
+class _Whole:
+    """A plain closure seen as one shard of one process."""
+
+    processes = 1
+
+    def __init__(self, closure: Closure) -> None:
+        self._closure = closure
+
+    def shards(self) -> list[Closure]:
+        return [self._closure]
+
+    def sum_values(self, values: list[float]) -> float:
+        return values[0] if len(values) == 1 else sum(values)
+
+    def sum_tensors(self, tensors: list[torch.Tensor]) -> None:
+        pass
+
+
+def sharded(closure: Closure) -> Sharded:
+    return closure if isinstance(closure, Sharded) else _Whole(closure)
+
+
+def evaluate(closure: Closure) -> float:
+    """The loss over the whole (global) batch, without autograd: what zeroth-order grades compare."""
+    split = sharded(closure)
+    return split.sum_values([float(total_loss(shard())) for shard in split.shards()])
+
+
+def backward(closure: Closure, params: Iterable[torch.Tensor], create_graph: bool = False) -> torch.Tensor:
+    """Fill ``.grad`` of ``params`` with the gradient of the whole batch's loss (one backward per shard, then one
+    sum over the processes) and return that loss, detached, as float32."""
+    split = sharded(closure)
+    values = []
+    for shard in split.shards():
+        loss = total_loss(shard())
+        loss.backward(create_graph=create_graph)
+        values.append(float(loss.detach()))
+        del loss  # this shard's graph goes before the next one is built
+    if split.processes > 1:
+        grads = []
+        for p in params:
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)  # every rank must all-reduce the same tensors
+            if p.grad is not None:
+                grads.append(p.grad)
+        split.sum_tensors(grads)
+    return torch.tensor(split.sum_values(values), dtype=torch.float32)
+
+
 def _declares_grade(name: str, cls: type) -> None:
     grade, gradients = getattr(cls, "grade", None), getattr(cls, "uses_gradients", None)
     if grade not in GRADES or not isinstance(gradients, bool):
@@ -90,11 +163,13 @@ class BackwardStep:
         closure = require_closure(closure)
         # The loop may call step() under no_grad (e.g. inside an eval context); backward needs a graph.
         with torch.enable_grad():
-            loss = total_loss(closure())
-            loss.backward()
+            loss = backward(closure, self._own_params())
         super().step()  # type: ignore[misc]  # the library update reads the .grad just filled
         self.zero_grad(set_to_none=True)  # type: ignore[attr-defined]  # frees grads between steps
-        return loss.detach().float()
+        return loss
+
+    def _own_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]  # type: ignore[attr-defined]
 
 
 def trainable(params: Params) -> list[Any]:

@@ -16,8 +16,7 @@ import pytorch_optimizer
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from unlearn.loss import total_loss
-from unlearn.optim.protocol import Closure, register, require_closure
+from unlearn.optim.protocol import Closure, backward, register, require_closure
 from unlearn.settings import check_int
 
 
@@ -25,6 +24,9 @@ from unlearn.settings import check_int
 class Sophia(pytorch_optimizer.SophiaH):
     grade = "second-order"
     uses_gradients = True
+    # The library estimates the Hessian inside step() from each process's own gradient graph: several processes
+    # would each hold a different estimate, and drift apart.
+    data_parallel = False
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-5, betas: tuple[float, float] = (0.96, 0.99),
                  weight_decay: float = 0.0, clip: float = 0.01, update_period: int = 10,
@@ -49,9 +51,8 @@ class Sophia(pytorch_optimizer.SophiaH):
             # torch warns that create_graph=True ties each parameter to its gradient in a reference cycle
             # unless .grad is reset to None afterwards, which zero_grad(set_to_none=True) below does.
             warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-            loss = total_loss(closure())
-            loss.backward(create_graph=hessian_step)
+            loss = backward(closure, [p for g in self.param_groups for p in g["params"]], create_graph=hessian_step)
         super().step()
         self.zero_grad(set_to_none=True)  # also drops the graph kept for the Hessian-vector products
         self.steps_taken += 1
-        return loss.detach().float()
+        return loss

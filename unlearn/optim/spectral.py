@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from unlearn.loss import loss_parts, total_loss
-from unlearn.optim.protocol import BackwardStep, Closure, ModelDependent, register, require_closure
+from unlearn.optim.protocol import BackwardStep, Closure, ModelDependent, register, require_closure, sharded
 from unlearn.settings import check_int
 
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # Keller Jordan's quintic: maximal slope at 0 in 5 steps
@@ -366,29 +366,51 @@ class SIFT(_Composite):
         selected = [p for group in core.param_groups for p in group["params"]]
         # Gradients left over from outside would be counted as forget gradients.
         self.zero_grad(set_to_none=True)
+        split = sharded(closure)
+        forget_grads: list[torch.Tensor | None] = [None] * len(selected)
+        values: list[float] = []
         with torch.enable_grad():
-            value = closure()
-            parts = loss_parts(value)
-            retain = parts.pop("retain", None)
-            forget = sum(parts.values()) if parts else None
-            sides = [s for s in (forget, retain) if isinstance(s, torch.Tensor) and s.requires_grad]
-            if not sides:
-                raise ValueError("the closure's loss does not depend on the parameters (nothing requires grad)")
-            forget_grads: list[torch.Tensor | None] = [None] * len(selected)
-            if isinstance(forget, torch.Tensor) and forget.requires_grad:
-                forget.backward(retain_graph=len(sides) == 2)  # the retain part may share this graph
-                # Move the selected matrices' g_f out of .grad (a reference, no copy); the others keep
-                # theirs, and the retain backward adds g_r to it: AdamW then sees the total gradient.
-                for i, p in enumerate(selected):
-                    forget_grads[i], p.grad = p.grad, None
-            if isinstance(retain, torch.Tensor) and retain.requires_grad:
-                retain.backward()
+            for shard in split.shards():
+                values.append(self._backward_sides(shard(), selected, forget_grads))
+        if split.processes > 1:
+            forget_grads = [torch.zeros_like(p) if g is None else g for g, p in zip(forget_grads, selected, strict=True)]
+            for p in self._own_params():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            split.sum_tensors([*forget_grads, *(p.grad for p in self._own_params())])
         retain_grads = [p.grad for p in selected]
-        with torch.no_grad():
-            loss = total_loss(value).detach().float()
-        del value, parts, forget, retain, sides  # free the graphs before the update allocates
+        loss = torch.tensor(split.sum_values(values), dtype=torch.float32)
         self.last_conflicts, self.last_sift = core.update(self.keys, forget_grads, retain_grads)
         if "adamw" in self.parts:
             self.parts["adamw"].step()
         self.zero_grad(set_to_none=True)
         return loss
+
+    def _own_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @staticmethod
+    def _backward_sides(value: Any, selected: list[torch.Tensor], forget_grads: list[torch.Tensor | None]) -> float:
+        """One shard's two backward passes: its forget gradient of the selected matrices is added to
+        `forget_grads` (moved out of .grad), everything else (its retain gradient, and the total gradient of the
+        other parameters) accumulates in .grad as usual. Returns the shard's loss."""
+        parts = loss_parts(value)
+        retain = parts.pop("retain", None)
+        forget = sum(parts.values()) if parts else None
+        sides = [s for s in (forget, retain) if isinstance(s, torch.Tensor) and s.requires_grad]
+        if not sides:
+            raise ValueError("the closure's loss does not depend on the parameters (nothing requires grad)")
+        if isinstance(forget, torch.Tensor) and forget.requires_grad:
+            kept = [p.grad for p in selected]  # earlier shards' retain gradients
+            for p in selected:
+                p.grad = None
+            forget.backward(retain_graph=len(sides) == 2)  # the retain part may share this graph
+            # Move the selected matrices' g_f out of .grad (a reference, no copy); the others keep theirs, and the
+            # retain backward adds g_r to it: AdamW then sees the total gradient.
+            for i, p in enumerate(selected):
+                grad, p.grad = p.grad, kept[i]
+                if grad is not None:
+                    forget_grads[i] = grad if forget_grads[i] is None else forget_grads[i].add_(grad)
+        if isinstance(retain, torch.Tensor) and retain.requires_grad:
+            retain.backward()
+        return float(total_loss(value).detach())

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from unlearn.optim.protocol import Closure, register, require_closure
+from unlearn.optim.protocol import Closure, evaluate, register, require_closure
 from unlearn.optim.zo_directions import (
     Directions,
     IIDDirections,
@@ -137,19 +137,19 @@ class ZerothOrderBase(torch.optim.Optimizer):
         snapshot = [p.detach().clone() for p in self.params] if self.exact_restore else None
         seeds = [_draw(self._rng) for _ in range(self.q)]
         self.directions.prepare(seeds, self.steps_taken)
-        center = float(closure()) if self.needs_center else None
+        center = evaluate(closure) if self.needs_center else None
         plus: list[float] = []
         minus: list[float] = []
         pending: tuple[int, float] | None = None  # a probe left in place, undone inside the update pass
         for j, seed in enumerate(seeds):
             self.shift(seed, [1.0] * len(self.params))
-            plus.append(float(closure()))
+            plus.append(evaluate(closure))
             offset = 1.0  # θ currently sits at θ + offset·d
             if self.sided == 2:  # straight from θ + d to θ − d: one pass instead of undo + probe
                 if snapshot is not None:
                     self._restore(seed, offset, snapshot)
                 self.shift(seed, [-1.0 if snapshot is not None else -2.0] * len(self.params))
-                minus.append(float(closure()))
+                minus.append(evaluate(closure))
                 offset = -1.0
             if j == len(seeds) - 1 and snapshot is None:
                 pending = (seed, offset)  # folded into the update: one pass fewer per step
