@@ -373,7 +373,8 @@ class SIFT(_Composite):
             for shard in split.shards():
                 values.append(self._backward_sides(shard(), selected, forget_grads))
         if split.processes > 1:
-            forget_grads = [torch.zeros_like(p) if g is None else g for g, p in zip(forget_grads, selected, strict=True)]
+            forget_grads = [torch.zeros_like(p) if g is None else g
+                            for g, p in zip(forget_grads, selected, strict=True)]
             for p in self._own_params():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
