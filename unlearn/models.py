@@ -149,6 +149,22 @@ def load_model(spec: str, trust_remote_code: bool = False, dtype: torch.dtype | 
     return Loaded(model=model, tokenizer=tokenizer)
 
 
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations during backward instead of keeping them (memory for time).
+    transformers checkpoints a layer only while that layer is in training mode; the model stays in eval mode
+    (no dropout: zeroth-order probes compare two forwards of the same function), so only the layer objects
+    themselves are flagged as training, not their submodules."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(f"{type(model).__name__} does not support gradient checkpointing "
+                        "(train.gradient_checkpointing)")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.training = True
+
+
 def save_model(model: torch.nn.Module, tokenizer, directory: Path, dtype: torch.dtype | None = None) -> None:
     """HF format (safetensors + config + tokenizer): loads in transformers and `lm_eval --model hf`. `dtype`:
     cast before saving (the model keeps the precision it trained in otherwise)."""

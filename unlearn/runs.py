@@ -33,6 +33,10 @@ from unlearn.locks import FileLock, busy, claim, lock_path
 
 MARKER = ".unlearn"
 STAGING_PREFIX = ".staging-"
+# A resumable run's staging folder (train.save_every > 0): it keeps its checkpoints when the run is interrupted
+# or killed, for `unlearn run --resume NAME`; only that command or `--overwrite` of NAME removes it.
+PARTIAL_PREFIX = ".partial-"
+CHECKPOINTS = "checkpoints"
 TRASH_PREFIX = ".trash-"
 # What toolkit folders held before the marker existed: such a folder may still be replaced by --overwrite.
 LEGACY_ENTRIES = {"config.yaml", "metrics.json", "log.jsonl", "model", "attacks", "prepare.json"}
@@ -153,13 +157,25 @@ def _refuse_replacing(final: Path) -> None:
 
 
 @contextmanager
-def open_run_dir(output_dir: Path, name: str, overwrite: bool = False) -> Iterator[tuple[Path, list[str]]]:
+def open_run_dir(output_dir: Path, name: str, overwrite: bool = False,
+                 resume: bool = False) -> Iterator[tuple[Path, list[str]]]:
     """Claim the run folder `output_dir/name` for the whole run: (final path, notes for the user).
 
     Without `overwrite`, a name that exists or is being written is taken, and the first free `name-N` is used
     instead (a note says so). With `overwrite`, the folder must be a toolkit folder and nobody may be writing it.
+    `resume`: exactly `name`, which must not be finished and must have an interrupted run's partial folder.
     """
     check_name(name)
+    if resume:
+        final = child(output_dir, name)
+        if _taken(final):
+            raise UserError(f"{final} is a finished run: there is nothing to resume")
+        if not partial_dir(final).is_dir():
+            raise UserError(f"nothing to resume: no interrupted run {name!r} under {output_dir} "
+                            f"(a run leaves one when train.save_every > 0)")
+        with claim(final):
+            yield final, []
+        return
     created = not output_dir.exists()
     writable_dir(output_dir, "output folder")
     try:
@@ -176,7 +192,10 @@ def _free_name(output_dir: Path, name: str, overwrite: bool) -> Iterator[tuple[P
     notes = clean_stale(output_dir)
     candidates = [name] if overwrite else [name] + [f"{name}-{n}" for n in range(2, 10_000)]
     for candidate in candidates:
-        if not overwrite and ((output_dir / candidate).exists() or (output_dir / candidate).is_symlink()):
+        if not overwrite and (_taken(output_dir / candidate) or partial_dir(output_dir / candidate).exists()):
+            if partial_dir(output_dir / candidate).exists() and not _taken(output_dir / candidate):
+                notes.append(f"{partial_dir(output_dir / candidate)} holds an interrupted run: "
+                             f"`unlearn run --resume {candidate}` continues it, --overwrite starts it over")
             continue
         final = child(output_dir, candidate)
         lock = FileLock(lock_path(final))
@@ -199,10 +218,26 @@ def _free_name(output_dir: Path, name: str, overwrite: bool) -> Iterator[tuple[P
     raise UserError(f"no free run name like {name}-N under {output_dir}")
 
 
+def _taken(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def partial_dir(final: Path) -> Path:
+    return final.parent / f"{PARTIAL_PREFIX}{final.name}"
+
+
+def _has_checkpoint(staging: Path) -> bool:
+    folder = staging / CHECKPOINTS
+    return folder.is_dir() and any(p.name.startswith("step-") for p in folder.iterdir())
+
+
 @contextmanager
-def staged_dir(final: Path, overwrite: bool = False, claimed: bool = False, kind: str = "run") -> Iterator[Path]:
+def staged_dir(final: Path, overwrite: bool = False, claimed: bool = False, kind: str = "run",
+               resumable: bool = False, resume: bool = False) -> Iterator[Path]:
     """Yield a staging folder; on success it replaces `final` atomically. `claimed`: the caller already holds
-    `final`'s lock (open_run_dir); `wait`: block on a concurrent writer instead of failing (shared caches)."""
+    `final`'s lock (open_run_dir). `resumable`: stage in `.partial-NAME`, kept with its checkpoints when the
+    write fails or is interrupted (and removed without them); `resume`: continue in the one a killed or
+    interrupted run left (the caller holds `final`'s lock, so its writer is gone)."""
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
     with nullcontext() if claimed else claim(final):
@@ -211,8 +246,17 @@ def staged_dir(final: Path, overwrite: bool = False, claimed: bool = False, kind
             if not overwrite:
                 raise UserError(f"{final} already exists")
             _refuse_replacing(final)
-        staging = parent / f"{STAGING_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
+        if overwrite and not resume and _taken(partial_dir(final)):
+            shutil.rmtree(partial_dir(final))  # --overwrite of an interrupted run: start it over
+        if resumable:
+            staging = partial_dir(final)
+            if resume and not staging.is_dir():
+                raise UserError(f"nothing to resume: {staging} does not exist")
+            staging.mkdir(exist_ok=resume)
+            (staging / MARKER).unlink(missing_ok=True)  # re-made (and locked) below
+        else:
+            staging = parent / f"{STAGING_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+            staging.mkdir()
         # The marker is locked before it gets its name: a cleaner that finds `.unlearn` in a staging folder and
         # can lock it knows the writer is gone (the grace period covers the moment before it is named).
         owner = FileLock(staging / f"{MARKER}.new")
@@ -222,10 +266,11 @@ def staged_dir(final: Path, overwrite: bool = False, claimed: bool = False, kind
             os.pwrite(owner.fd, json.dumps({"toolkit": "unlearn", "kind": kind}).encode() + b"\n", 0)
             os.rename(owner.path, staging / MARKER)
             yield staging
+            shutil.rmtree(staging / CHECKPOINTS, ignore_errors=True)  # a finished run does not ship them
             _swap_into_place(staging, final)
         finally:
             owner.release(unlink=False)
-            if staging.exists():
+            if staging.exists() and not (resumable and _has_checkpoint(staging)):
                 shutil.rmtree(staging, ignore_errors=True)
 
 

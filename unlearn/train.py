@@ -156,9 +156,10 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
           forget: list[Encoded], retain: list[Encoded] | None, *, pad_id: int, batch_size: int,
           max_steps: int, seed: int, log_path: Path | None = None, desc: str = "unlearning",
           progress: bool = True, after_step: Callable[[int], None] | None = None, grad_accum: int = 1,
-          world: World = SINGLE, start: Progress = Progress()) -> TrainResult:
-    """`after_step(step)` runs after each step, outside the timed region (checkpoints, evaluations). `start`: the
-    steps already done by an interrupted run (its log is appended to)."""
+          world: World = SINGLE, start: Progress = Progress(), checkpoint: Callable[[Progress], None] | None = None,
+          checkpoint_every: int = 0) -> TrainResult:
+    """`after_step(step)` runs after each step and `checkpoint(progress)` after every `checkpoint_every`-th, both
+    outside the timed region. `start`: the steps already done by an interrupted run (its log is appended to)."""
     if max_steps < 1:
         raise UserError(f"max_steps must be >= 1, got {max_steps}")
     check_batching(batch_size, grad_accum, world)
@@ -191,10 +192,12 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
                     record["optimizer"] = {k: v for k, v in optimizer.diagnostics().items() if math.isfinite(v)}
                 log.write(json.dumps(record) + "\n")
                 log.flush()  # a checkpoint taken next must find every line of the steps it covers
+            paused = time.perf_counter()
+            if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
+                checkpoint(Progress(step, paused - begun, forwards, loss_value))
             if after_step is not None:
-                paused = time.perf_counter()
                 after_step(step)
-                begun += time.perf_counter() - paused  # checkpoints and evaluations are not training time
+            begun += time.perf_counter() - paused  # checkpoints and evaluations are not training time
     finally:
         if log:
             log.close()

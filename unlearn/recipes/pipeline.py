@@ -7,7 +7,9 @@ Each stage writes into the run folder, which is staged and renamed into place on
 from __future__ import annotations
 
 import inspect
+import json
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,21 +17,26 @@ from typing import Any
 
 import torch
 
+from unlearn import checkpoints
 from unlearn.adapters import add_lora
 from unlearn.benchmarks import BENCHMARKS
+from unlearn.checkpoints import Checkpoint
 from unlearn.config import RunConfig
 from unlearn.data import encode
+from unlearn.distributed import World
 from unlearn.errors import UserError
 from unlearn.evaluate import collect_samples
 from unlearn.files import write_json_atomic, write_jsonl_atomic, write_yaml
-from unlearn.models import load_model, save_model
+from unlearn.models import enable_gradient_checkpointing, load_model, save_model
 from unlearn.objectives import Objective, build_objective
 from unlearn.optim import OPTIMIZERS, build_optimizer, dry_build
+from unlearn.placement import CPU_FP32, Placement, parse_dtype
+from unlearn.placement import resolve as resolve_placement
 from unlearn.recipes.prepare import baseline_metrics, target_model
 from unlearn.results import RunRecord
-from unlearn.runs import open_run_dir, staged_dir
+from unlearn.runs import open_run_dir, partial_dir, staged_dir
 from unlearn.task import Stage, Task
-from unlearn.train import train
+from unlearn.train import Progress, check_batching, train
 
 
 @dataclass
@@ -49,13 +56,14 @@ def _build(builder, name: str, *args, **options):
         raise UserError(str(err)) from None
 
 
-def starting_model(cfg: RunConfig, task: Task, progress: bool = True, trust_remote_code: bool = False) -> str:
+def starting_model(cfg: RunConfig, task: Task, progress: bool = True, trust_remote_code: bool = False,
+                   placement: Placement = CPU_FP32) -> str:
     """The model unlearning starts from. On the embedded benchmark that is the target model (the base model
     fine-tuned to know the facts); on real benchmarks it is the model as given."""
     if not task.needs_target:
         return cfg.model
-    return str(target_model(cfg.model, task, cfg.benchmark.get("prepare", {}),
-                            trust_remote_code=trust_remote_code, progress=progress) / "model")
+    return str(target_model(cfg.model, task, cfg.benchmark.get("prepare", {}), trust_remote_code=trust_remote_code,
+                            progress=progress, placement=placement) / "model")
 
 
 def _describe(metrics: dict[str, float], keys: tuple[str, ...]) -> str:
@@ -87,65 +95,184 @@ def check_run_config(cfg: RunConfig) -> tuple[Task, Objective]:
     return task, objective
 
 
+def check_world(cfg: RunConfig, world: World) -> None:
+    """What several processes cannot do, said before any model loads."""
+    check_batching(cfg.train.batch_size, cfg.train.grad_accum, world)
+    if world.distributed:
+        names = [cfg.optimizer["name"]] + [cfg.optimizer[k]["name"] for k in ("fo", "zo")
+                                           if isinstance(cfg.optimizer.get(k), dict) and "name" in cfg.optimizer[k]]
+        for name in names:
+            if not getattr(OPTIMIZERS.lookup(name), "data_parallel", True):
+                raise UserError(f"optimizer '{name}' cannot run on several processes (its state is estimated per "
+                                f"process); run it in one process, with train.grad_accum for the batch")
+
+
+@dataclass
+class _Resume:
+    """Where an interrupted run continues: request `stage` (its start model in `stage_start` when > 0), after
+    step `checkpoint.step` when a step checkpoint of that request exists."""
+
+    stage: int
+    progress: dict[str, Any]
+    checkpoint: Checkpoint | None
+    stage_start: Checkpoint | None
+
+
+def _resume_point(stage_dir: Path) -> _Resume | None:
+    step, stage = checkpoints.latest(stage_dir), checkpoints.stage_start(stage_dir)
+    if stage is not None and (step is None or stage.stage > step.stage):
+        return _Resume(stage.stage, stage.progress, None, stage)
+    if step is None:
+        return None
+    start = stage if stage is not None and stage.stage == step.stage else None
+    return _Resume(step.stage, step.progress, step, start)
+
+
+def _truncate_log(path: Path, steps: int) -> None:
+    """Keep the log lines of the steps a checkpoint covers: the steps after it are taken again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= steps]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 def _unlearn_request(cfg: RunConfig, objective, model: torch.nn.Module, tok, forget_examples, retain,
-                     log_path: Path, desc: str, progress: bool) -> tuple[torch.nn.Module, Any]:
+                     log_path: Path | None, desc: str, progress: bool, world: World, max_length: int,
+                     save: Callable[[torch.nn.Module, torch.optim.Optimizer, Progress], None] | None,
+                     resume_from: Checkpoint | None) -> tuple[torch.nn.Module, Any]:
     """One unlearning request: objective set-up on the current model, optional LoRA (merged at the end, so
-    a following request starts from plain weights), a fresh optimizer, training."""
+    a following request starts from plain weights), a fresh optimizer, training (from a checkpoint when
+    resuming)."""
     objective.trainable(model)
-    forget = [encode(tok, ex) for ex in forget_examples]
+    forget = [encode(tok, ex, max_length=max_length) for ex in forget_examples]
     objective.prepare(model, forget, retain, tok.pad_token_id, cfg.eval.batch_size)
     if cfg.train.lora_rank:
         try:
             model = add_lora(model, cfg.train.lora_rank)
         except ValueError as err:
             raise UserError(str(err)) from None
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     optimizer = _optimizer(cfg, model)
+    start = Progress()
+    if resume_from is not None:
+        checkpoints.restore(resume_from, model, optimizer)
+        done = resume_from.progress["train"]
+        start = Progress(resume_from.step, float(done["seconds"]), int(done["forward_passes"]),
+                         float(done["final_loss"]))
+        if log_path is not None:
+            _truncate_log(log_path, start.steps)
+    trained = model
     result = train(model, objective, optimizer, forget, retain, pad_id=tok.pad_token_id,
                    batch_size=cfg.train.batch_size, max_steps=cfg.train.max_steps, seed=cfg.train.seed,
-                   log_path=log_path, desc=desc, progress=progress)
+                   log_path=log_path, desc=desc, progress=progress and world.is_main,
+                   grad_accum=cfg.train.grad_accum, world=world, start=start,
+                   checkpoint=(lambda done: save(trained, optimizer, done)) if save else None,
+                   checkpoint_every=cfg.train.save_every)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     return model, result
 
 
 def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=print,
-        trust_remote_code: bool = False, log_samples: bool = False) -> RunOutcome:
-    """`trust_remote_code` comes from the command-line flag only: it is never a config setting (see config.py)."""
+        trust_remote_code: bool = False, log_samples: bool = False, resume: bool = False) -> RunOutcome | None:
+    """`trust_remote_code` comes from the command-line flag only: it is never a config setting (see config.py).
+    Under a launcher every process trains; only rank 0 claims the folder, evaluates and writes, and only it
+    returns the outcome (the others return None). `resume`: continue the interrupted run `cfg.name`."""
     task, objective = check_run_config(cfg)
+    placement = resolve_placement(cfg.train.device, cfg.train.dtype)
+    world = World.from_env(placement.device)
+    check_world(cfg, world)
+    if not world.is_main:
+        final = Path(str(world.broadcast_object(None)))
+        _run(cfg, task, objective, final, overwrite, False, lambda *_: None, trust_remote_code, log_samples,
+             placement, world, resume)
+        return None
     for note in task.notes:
         log(f"note: {note}")
     name = cfg.name or f"{cfg.method['name']}-{cfg.optimizer['name']}"
     # The run folder is claimed before minutes of model loading: a second run on the same name is refused now.
-    with open_run_dir(Path(cfg.output_dir), name, overwrite) as (final, notes):
+    with open_run_dir(Path(cfg.output_dir), name, overwrite, resume=resume) as (final, notes):
+        world.broadcast_object(str(final))
         for note in notes:
             log(f"note: {note}")
-        return _run(cfg, task, objective, final, overwrite, progress, log, trust_remote_code, log_samples)
+        if world.distributed:
+            log(f"{world.size} processes, {placement.describe()} each; batch {cfg.train.batch_size} in "
+                f"{cfg.train.grad_accum * world.size} shards per step")
+        return _run(cfg, task, objective, final, overwrite, progress, log, trust_remote_code, log_samples,
+                    placement, world, resume)
 
 
 def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrite: bool, progress: bool, log,
-         trust_remote_code: bool, log_samples: bool) -> RunOutcome:
+         trust_remote_code: bool, log_samples: bool, placement: Placement, world: World,
+         resume: bool) -> RunOutcome | None:
     torch.manual_seed(cfg.train.seed)
-    start_spec = starting_model(cfg, task, progress, trust_remote_code)
-    loaded = load_model(start_spec, trust_remote_code=trust_remote_code)
-    target_metrics = baseline_metrics(start_spec, task, cfg.eval, progress=progress, loaded=loaded)
-    log(f"starting model: {start_spec}  ({_describe(target_metrics, task.forget_metrics)})")
+    main = world.is_main
+    if main:  # rank 0 prepares (and caches) the starting model; the others then find it in the cache
+        start_spec = starting_model(cfg, task, progress, trust_remote_code, placement)
+    world.barrier()
+    if not main:
+        start_spec = starting_model(cfg, task, False, trust_remote_code, placement)
+    loaded = load_model(start_spec, trust_remote_code=trust_remote_code, placement=placement)
+    target_metrics: dict[str, float] = {}
+    if main:
+        target_metrics = baseline_metrics(start_spec, task, cfg.eval, progress=progress, loaded=loaded,
+                                          placement=placement)
+        log(f"starting model: {start_spec}  ({_describe(target_metrics, task.forget_metrics)}; "
+            f"{placement.describe()})")
     model, tok = loaded.model, loaded.tokenizer
-    retain = [encode(tok, ex) for ex in task.retain]
+    max_length = cfg.train.max_length or task.train_max_length
+    retain = [encode(tok, ex, max_length=max_length) for ex in task.retain]
 
     requests = task.stages or [Stage("forget", task.forget)]
-    stages: list[dict[str, Any]] = []
-    with staged_dir(final, overwrite=overwrite, claimed=True) as stage_dir:
-        config = cfg.to_dict() | {"name": final.name, "target_model": start_spec}
-        write_yaml(stage_dir / "config.yaml", config)
-        seconds, forwards, steps = 0.0, 0, 0
-        eval_seconds = 0.0
+    resumable = cfg.train.save_every > 0
+    staging = staged_dir(final, overwrite=overwrite, claimed=True, resumable=resumable, resume=resume) if main \
+        else nullcontext(partial_dir(final))
+    with staging as stage_dir:
+        point = _resume_point(stage_dir) if resume else None
+        if main:
+            if point is not None:
+                log(f"resuming {final.name}: request {point.stage + 1}/{len(requests)}, after step "
+                    f"{point.checkpoint.step if point.checkpoint else 0}")
+            config = cfg.to_dict() | {"name": final.name, "target_model": start_spec}
+            write_yaml(stage_dir / "config.yaml", config)
+        done = (point.progress if point else {}).get("done", {"stages": [], "seconds": 0.0, "forward_passes": 0,
+                                                                "steps": 0, "eval_seconds": 0.0})
+        stages: list[dict[str, Any]] = list(done["stages"])
+        seconds, forwards, steps = float(done["seconds"]), int(done["forward_passes"]), int(done["steps"])
+        eval_seconds = float(done["eval_seconds"])
+        metrics: dict[str, float] = stages[-1]["metrics"] if stages else {}
+        final_loss = stages[-1]["final_loss"] if stages else float("nan")
+        first = point.stage if point else 0
+        if point is not None and point.stage_start is not None:
+            checkpoints.load_weights(model, point.stage_start.folder / "model.safetensors")
         for index, request in enumerate(requests):
+            if index < first:
+                continue
             sequential = len(requests) > 1
             log_path = stage_dir / (f"log-{index + 1}-{request.name}.jsonl" if sequential else "log.jsonl")
             desc = f"unlearning {request.name} ({index + 1}/{len(requests)})" if sequential else "unlearning"
-            model, result = _unlearn_request(cfg, objective, model, tok, request.forget, retain, log_path, desc,
-                                             progress)
+            before = {"stages": stages, "seconds": seconds, "forward_passes": forwards, "steps": steps,
+                      "eval_seconds": eval_seconds}  # what the requests before this one took
+            resumed_here = point is not None and index == point.stage
+            if resumable and main and index > 0 and not resumed_here:
+                checkpoints.save_stage_start(stage_dir, model, {"stage": index, "done": before})
+
+            def save(trained, optimizer, so_far: Progress, index=index, before=before) -> None:
+                if main:
+                    checkpoints.save(stage_dir, trained, optimizer, {
+                        "stage": index, "step": so_far.steps, "done": before,
+                        "train": {"seconds": so_far.seconds, "forward_passes": so_far.forward_passes,
+                                  "final_loss": so_far.final_loss}})
+
+            model, result = _unlearn_request(
+                cfg, objective, model, tok, request.forget, retain, log_path if main else None, desc, progress,
+                world, max_length, save if resumable else None,
+                point.checkpoint if resumed_here and point is not None else None)
             seconds, forwards, steps = seconds + result.seconds, forwards + result.forward_passes, steps + result.steps
+            final_loss = result.final_loss
+            if not main:
+                continue  # rank 0 evaluates; the next request's training waits for it in its first collective
             started = time.perf_counter()
             with collect_samples() if log_samples else nullcontext([]) as samples:
                 metrics = task.evaluate(model, tok, cfg.eval, progress=progress)
@@ -155,13 +282,17 @@ def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrit
             if sequential:
                 log(f"after request {index + 1}/{len(requests)} ({request.name}): "
                     f"{_describe(metrics, task.forget_metrics)}")
+        if not main:
+            world.barrier()  # rank 0 has saved the run
+            return None
         if log_samples:  # the final evaluation's items: what metrics.json summarizes
             write_jsonl_atomic(stage_dir / "samples.jsonl", samples)
-        save_model(model, tok, stage_dir / "model")
+        save_model(model, tok, stage_dir / "model", dtype=parse_dtype(cfg.train.save_dtype))
         train_info = {"steps": steps, "seconds": round(seconds, 1), "forward_passes": forwards,
-                      "final_loss": result.final_loss, "eval_seconds": round(eval_seconds, 1)}
+                      "final_loss": final_loss, "eval_seconds": round(eval_seconds, 1)}
         record = RunRecord(method=cfg.method["name"], optimizer=cfg.optimizer["name"], benchmark=task.name,
                            headline=task.headline, metrics=metrics, declared=list(task.metrics), train=train_info,
                            target=target_metrics, notes=task.notes, stages=stages if len(requests) > 1 else None)
         write_json_atomic(stage_dir / "metrics.json", record.to_json())
+    world.barrier()
     return RunOutcome(run_dir=final, record=record)

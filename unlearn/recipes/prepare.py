@@ -23,6 +23,7 @@ from unlearn.locks import claim
 from unlearn.models import EMBEDDED, cache_dir, load_model, resolve, save_model
 from unlearn.objectives import LanguageModeling
 from unlearn.optim import build_optimizer
+from unlearn.placement import CPU_FP32, Placement
 from unlearn.runs import staged_dir
 from unlearn.settings import from_mapping
 from unlearn.task import Task
@@ -54,18 +55,23 @@ def target_key(spec: str, task: Task, settings: dict[str, Any]) -> str:
     return _cache_key(spec, task, prepare=settings)
 
 
+def _precision(placement: Placement) -> dict[str, str]:
+    """What a cache key adds for the precision: nothing in fp32 (so caches from before it was a setting stay)."""
+    return {} if placement.dtype == torch.float32 else {"dtype": placement.dtype_name}
+
+
 def target_model(spec: str, task: Task, settings: dict[str, Any], trust_remote_code: bool = False,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, placement: Placement = CPU_FP32) -> Path:
     """Path of the cached target model folder (`model/` + `prepare.json`), building it if needed."""
     from unlearn.benchmarks.embedded import PrepareSettings
 
     checked = from_mapping(PrepareSettings, settings, "benchmark.prepare")
     epochs, lr, batch_size = checked.epochs, float(checked.lr), checked.batch_size
-    folder = cache_dir() / "targets" / target_key(spec, task, {"epochs": epochs, "lr": lr,
-                                                               "batch_size": batch_size})
+    folder = cache_dir() / "targets" / target_key(spec, task, {"epochs": epochs, "lr": lr, "batch_size": batch_size,
+                                                               **_precision(placement)})
     if (folder / "prepare.json").is_file():
         return folder
-    loaded = load_model(spec, trust_remote_code=trust_remote_code)
+    loaded = load_model(spec, trust_remote_code=trust_remote_code, placement=placement)
     model, tok = loaded.model, loaded.tokenizer
     torch.manual_seed(0)
     # The tied input/output embedding is a fifth of the weights; freezing it makes each step
@@ -93,7 +99,7 @@ def target_model(spec: str, task: Task, settings: dict[str, Any], trust_remote_c
             save_model(model, tok, staging / "model")
             write_json_atomic(staging / "prepare.json", record)
     # Those are also the target's baseline under default evaluation settings: runs need not recompute them.
-    _store_baseline(str(folder / "model"), task, EvalConfig(), metrics)
+    _store_baseline(str(folder / "model"), task, EvalConfig(), metrics, placement)
     return folder
 
 
@@ -102,16 +108,16 @@ def prepare_record(folder: Path) -> dict[str, Any]:
 
 
 def baseline_metrics(spec: str, task: Task, settings: EvalConfig, trust_remote_code: bool = False,
-                     progress: bool = True, loaded: Any = None) -> dict[str, float]:
+                     progress: bool = True, loaded: Any = None, placement: Placement = CPU_FP32) -> dict[str, float]:
     """Metrics of the model as given (the starting point on real benchmarks), cached per model, data and
     evaluation settings: every run from the same model compares against the same numbers, computed once.
     `loaded` is that model if the caller already holds it (it is loaded otherwise)."""
-    path = _baseline_path(spec, task, settings)
+    path = _baseline_path(spec, task, settings, placement)
     if path.is_file():
         return read_json(path)["metrics"]
-    loaded = loaded or load_model(spec, trust_remote_code=trust_remote_code)
+    loaded = loaded or load_model(spec, trust_remote_code=trust_remote_code, placement=placement)
     metrics = task.evaluate(loaded.model, loaded.tokenizer, settings, progress=progress)
-    _store_baseline(spec, task, settings, metrics)
+    _store_baseline(spec, task, settings, metrics, placement)
     return metrics
 
 
@@ -120,13 +126,14 @@ def baseline_metrics(spec: str, task: Task, settings: EvalConfig, trust_remote_c
 METRICS_VERSION = 2
 
 
-def _baseline_path(spec: str, task: Task, settings: EvalConfig) -> Path:
-    key = _cache_key(spec, task, eval=settings.__dict__, metrics=METRICS_VERSION)
+def _baseline_path(spec: str, task: Task, settings: EvalConfig, placement: Placement) -> Path:
+    key = _cache_key(spec, task, eval=settings.__dict__, metrics=METRICS_VERSION, **_precision(placement))
     return cache_dir() / "baselines" / f"{key}.json"
 
 
-def _store_baseline(spec: str, task: Task, settings: EvalConfig, metrics: dict[str, float]) -> None:
-    path = _baseline_path(spec, task, settings)
+def _store_baseline(spec: str, task: Task, settings: EvalConfig, metrics: dict[str, float],
+                    placement: Placement) -> None:
+    path = _baseline_path(spec, task, settings, placement)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {"model": spec, "task": task.name, "task_fingerprint": task.fingerprint,
                              "eval": settings.__dict__, "metrics": metrics})
