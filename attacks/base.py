@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from unlearn.config import EvalConfig
+from unlearn.placement import CPU_FP32, Placement
 from unlearn.registry import Registry
 from unlearn.task import Metric, Task
 
@@ -29,6 +30,7 @@ class Subject:
     run_dir: Any = None  # Path of the run folder, or None for a bare model (results printed only)
     unlearned: dict[str, float] | None = None  # metrics of the unlearned model, from the run
     target: dict[str, float] | None = None  # metrics of the target model before unlearning, from the run
+    placement: Placement = CPU_FP32  # where and in what precision its models load (--device, --dtype)
 
 
 @dataclass

@@ -254,7 +254,10 @@ def _check_cpu_4bit(named_modules: Iterable[tuple[str, nn.Module]]) -> None:
 # ---------------------------------------------------------------- loading from a folder
 
 
-def _device_map() -> dict[str, int] | str:
+def _device_map(device: torch.device | None) -> dict[str, Any] | str:
+    """Where bnb puts the quantized model: the chosen GPU, else the current one when there is one, else the CPU."""
+    if device is not None and device.type == "cuda":
+        return {"": device}
     return {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
 
 
@@ -262,21 +265,25 @@ def _from_pretrained(source: str, spec_text: str, **kwargs: Any) -> nn.Module:
     return from_pretrained(source, spec_text, "model", dtype=torch.float32, **kwargs)
 
 
-def load_quantized(model_dir: str | Path, spec: QuantSpec, trust_remote_code: bool = False) -> nn.Module:
+def load_quantized(model_dir: str | Path, spec: QuantSpec, trust_remote_code: bool = False,
+                   device: torch.device | None = None) -> nn.Module:
     """Load a model folder (or hub id) quantized as `spec` says, in eval mode.
 
-    bnb goes through transformers' own quantizing loader (on the GPU when there is one, as bnb
-    is meant to run); rtn loads the float model on the CPU, like `load_model`, and rounds it.
+    bnb goes through transformers' own quantizing loader (on `device` if it is a GPU, else on the GPU when there
+    is one, as bnb is meant to run); rtn loads the float model, rounds it in float32 and moves it to `device`.
+    Evaluation then follows the model to wherever it is (`unlearn.data.on_device`).
     """
     spec.validate()
     source = resolve(str(model_dir))  # a missing folder or one without config.json is a UserError here
     if spec.method == "rtn":
         model = _from_pretrained(source, str(model_dir), trust_remote_code=trust_remote_code)
         rtn_quantize_(model, spec.bits, spec.group_size)
+        if device is not None:
+            model = model.to(device)
     else:
         _bitsandbytes()  # a clear error before transformers' longer one
         model = _from_pretrained(source, str(model_dir), quantization_config=_bnb_config(spec),
-                                 device_map=_device_map(), trust_remote_code=trust_remote_code)
+                                 device_map=_device_map(device), trust_remote_code=trust_remote_code)
         _check_cpu_4bit(model.named_modules())
     return model.eval()
 
@@ -293,6 +300,7 @@ class Quantize(Attack):
 
     def run(self, subject: Subject, settings: QuantSpec, progress: bool = True) -> AttackResult:
         tokenizer, source = load_tokenizer(subject.model_spec, subject.trust_remote_code)
-        model = load_quantized(source, settings, trust_remote_code=subject.trust_remote_code)
+        model = load_quantized(source, settings, trust_remote_code=subject.trust_remote_code,
+                               device=subject.placement.device)
         metrics = subject.task.evaluate(model, tokenizer, subject.eval_settings, progress=progress)
         return AttackResult(metrics=metrics)

@@ -53,9 +53,9 @@ class RelearnSettings:
 
 
 def relearn(model: torch.nn.Module, tokenizer, plan: RelearnPlan, settings: RelearnSettings, eval_settings: Any,
-            progress: bool = True) -> tuple[torch.nn.Module, list[dict[str, float]], float]:
+            progress: bool = True, max_length: int = 256) -> tuple[torch.nn.Module, list[dict[str, float]], float]:
     """Run the attack in place: (the attacked model, merged if LoRA; the curve; training seconds)."""
-    items = [encode(tokenizer, ex) for ex in plan.train]
+    items = [encode(tokenizer, ex, max_length=max_length) for ex in plan.train]
     checkpoints = sorted({c for c in settings.checkpoints if 0 <= c <= settings.steps} | {0, settings.steps})
     curve: list[dict[str, float]] = []
 
@@ -98,15 +98,17 @@ class Relearn(Attack):
 
     def run(self, subject: Subject, settings: RelearnSettings, progress: bool = True) -> AttackResult:
         plan = subject.task.relearn_plan(settings.domain, settings.samples, settings.seed)
-        loaded = load_model(subject.model_spec, trust_remote_code=subject.trust_remote_code)
+        loaded = load_model(subject.model_spec, trust_remote_code=subject.trust_remote_code,
+                            placement=subject.placement)
         model, curve, seconds = relearn(loaded.model, loaded.tokenizer, plan, settings, subject.eval_settings,
-                                        progress)
+                                        progress, subject.task.train_max_length)
         metrics = subject.task.evaluate(model, loaded.tokenizer, subject.eval_settings, progress=progress)
         del model, loaded
         target_probe = None
         if subject.target_model:
             # The target measured exactly as the curve is (the same held-out items): like is compared with like.
-            target = load_model(subject.target_model, trust_remote_code=subject.trust_remote_code)
+            target = load_model(subject.target_model, trust_remote_code=subject.trust_remote_code,
+                                placement=subject.placement)
             target_probe = plan.probe(target.model.eval(), target.tokenizer, subject.eval_settings)
             del target
         return AttackResult(metrics=metrics, curve=curve, curve_metrics=plan.probe_metrics,

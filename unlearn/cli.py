@@ -57,6 +57,11 @@ TrustOpt = Annotated[bool, typer.Option(
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML file merged over configs/run.yaml.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any config key: train.max_steps=100.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+DeviceOpt = Annotated[str | None, typer.Option(
+    help="auto (a GPU if there is one), cpu, cuda (this process's GPU under torchrun/accelerate) or cuda:N "
+         "(train.device).")]
+DtypeOpt = Annotated[str | None, typer.Option(
+    help="Weights' precision: auto (bf16 on a GPU that has it, else fp32), bf16, fp16 or fp32 (train.dtype).")]
 LogSamplesOpt = Annotated[bool, typer.Option(
     "--log-samples", help="Also write one JSON line per scored item (prompt, gold, scores or generation, correct) "
                           "to samples.jsonl in the run folder, or to --samples-path.")]
@@ -147,6 +152,23 @@ def run(
     seed: Annotated[int | None, typer.Option(help="Seed (train.seed).")] = None,
     lora_rank: Annotated[int | None, typer.Option(
         help="Unlearn through LoRA adapters of this rank (train.lora_rank; 0 = full weights).")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    save_dtype: Annotated[str | None, typer.Option(
+        help="Precision of the saved model: bf16, fp16 or fp32 (train.save_dtype; default: as trained).")] = None,
+    grad_accum: Annotated[int | None, typer.Option(
+        help="Micro-batches per step on each process (train.grad_accum): the batch is cut into grad_accum x "
+             "processes shards.")] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option(
+        "--gradient-checkpointing", help="Recompute layer activations in backward: less memory, more time "
+                                         "(train.gradient_checkpointing).")] = False,
+    max_length: Annotated[int | None, typer.Option(
+        help="Tokens per training text (train.max_length; default: the benchmark's).")] = None,
+    save_every: Annotated[int | None, typer.Option(
+        help="Checkpoint every N steps so an interrupted run can be resumed (train.save_every).")] = None,
+    resume: Annotated[str | None, typer.Option(
+        help="Continue the interrupted run NAME (under --output-dir) from its last checkpoint, with its saved "
+             "settings.")] = None,
     name: Annotated[str | None, typer.Option(help="Run folder name (default METHOD-OPTIMIZER).")] = None,
     output_dir: Annotated[str | None, typer.Option(help="Where run folders go (default runs).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder of the same name.")] = False,
@@ -158,32 +180,81 @@ def run(
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Unlearn the forget set from the target model, save it, evaluate it, print the table."""
+    """Unlearn the forget set from the target model, save it, evaluate it, print the table. The same command runs
+    under `torchrun` / `accelerate launch` on several GPUs or CPU processes (README: one GPU to eight)."""
     from unlearn.config import load_run_config
     from unlearn.recipes.pipeline import run as run_pipeline
     from unlearn.recipes.report import run_summary
 
     flags = {"model": _path_or_name(model), "train.max_steps": steps, "optimizer.lr": lr,
              "train.batch_size": batch_size, "train.seed": seed, "train.lora_rank": lora_rank, "name": name,
-             "output_dir": output_dir,
+             "train.device": device, "train.dtype": dtype, "train.save_dtype": save_dtype,
+             "train.grad_accum": grad_accum, "train.gradient_checkpointing": gradient_checkpointing or None,
+             "train.max_length": max_length, "train.save_every": save_every,
              "benchmark.forget_corpus": _path_or_name(forget_corpus),
              "benchmark.retain_corpus": _path_or_name(retain_corpus)} | _benchmark_flags(data, engine, openqa, judge)
-    cfg = load_run_config(method, optimizer, config, flags, set_, benchmark=benchmark)
+    if resume is not None:
+        named = {"--method": method, "--optimizer": optimizer, "--model": model, "--benchmark": benchmark,
+                 "--data": data, "--forget-corpus": forget_corpus, "--retain-corpus": retain_corpus,
+                 "--engine": engine, "--openqa": openqa, "--judge": judge, "--steps": steps, "--lr": lr,
+                 "--batch-size": batch_size, "--seed": seed, "--lora-rank": lora_rank, "--device": device,
+                 "--dtype": dtype, "--save-dtype": save_dtype, "--grad-accum": grad_accum,
+                 "--gradient-checkpointing": gradient_checkpointing, "--max-length": max_length,
+                 "--save-every": save_every, "--name": name, "--overwrite": overwrite, "--config": config,
+                 "--set": set_}
+        given = [flag for flag, value in named.items() if value not in (None, False, [])]
+        if given:
+            raise UserError(f"--resume continues a run with its saved settings; {given[0]} cannot change them")
+        cfg = _resumed_config(resume, output_dir)
+    else:
+        cfg = load_run_config(method, optimizer, config, flags | {"output_dir": output_dir}, set_,
+                              benchmark=benchmark)
     _setup_torch()
     outcome = run_pipeline(cfg, overwrite=overwrite, progress=not quiet, log=console.print,
-                           trust_remote_code=trust_remote_code, log_samples=log_samples)
+                           trust_remote_code=trust_remote_code, log_samples=log_samples, resume=resume is not None)
+    if outcome is None:
+        return  # another process of a multi-process run: rank 0 reports
     _markdown_table(run_summary(outcome.run_dir.name, outcome.record))
     logs = "log-<n>-<request>.jsonl" if outcome.record.stages else "log.jsonl"
     logs += ", samples.jsonl" if log_samples else ""
     console.print(f"run saved to {outcome.run_dir}/ (model/, metrics.json, config.yaml, {logs})")
 
 
-def _subject(run_dir: Path | None, model: str | None, config: Path | None, set_: list[str] | None,
-             benchmark: str | None = None, flags: dict[str, object] | None = None, trust_remote_code: bool = False):
-    """The model under evaluation or attack: a run folder (on its own benchmark, with flags applied on top),
-    or any model on the configured benchmark."""
-    from unlearn.attacks import Subject
+def _resumed_config(name: str, output_dir: str | None):
+    """The settings an interrupted run saved in its partial folder (its output folder: the one it is found in)."""
     from unlearn.config import load_run_config
+    from unlearn.runs import check_name, partial_dir
+
+    check_name(name)
+    parent = Path(output_dir or "runs")
+    saved = partial_dir(parent / name) / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"nothing to resume: no interrupted run {name!r} under {parent} "
+                        "(a run leaves one when train.save_every > 0)")
+    return load_run_config(None, None, saved, {"output_dir": str(parent), "name": name})
+
+
+def _placement(device: str | None, dtype: str | None, saved: dict | None = None):
+    """--device/--dtype, else what the run trained with (a run is scored as it was), else auto."""
+    from unlearn.placement import resolve
+
+    train = (saved or {}).get("train") or {}
+    train = train if isinstance(train, dict) else {}
+    device = device or (train.get("device") if isinstance(train.get("device"), str) else None) or "auto"
+    dtype = dtype or (train.get("dtype") if isinstance(train.get("dtype"), str) else None) or "auto"
+    return resolve(device, dtype)
+
+
+def _subject(run_dir: Path | None, model: str | None, config: Path | None, set_: list[str] | None,
+             benchmark: str | None = None, flags: dict[str, object] | None = None, trust_remote_code: bool = False,
+             device: str | None = None, dtype: str | None = None):
+    """The model under evaluation or attack: a run folder (on its own benchmark, with flags applied on top, on
+    the device and in the precision it trained in unless --device/--dtype say otherwise), or any model on the
+    configured benchmark."""
+    from dataclasses import replace
+
+    from unlearn.attacks import Subject
+    from unlearn.config import load_run_config, read_yaml
     from unlearn.recipes.attack import subject_from_run
     from unlearn.recipes.pipeline import load_task
 
@@ -192,12 +263,14 @@ def _subject(run_dir: Path | None, model: str | None, config: Path | None, set_:
     if run_dir is not None:
         if benchmark is not None or any(v is not None for k, v in (flags or {}).items() if k.startswith("bench")):
             raise UserError("a run is evaluated on its own benchmark: --benchmark/--data go with --model")
-        return subject_from_run(run_dir, load_task, {k: v for k, v in (flags or {}).items() if v is not None},
-                                trust_remote_code)
+        subject = subject_from_run(run_dir, load_task, {k: v for k, v in (flags or {}).items() if v is not None},
+                                   trust_remote_code)
+        return replace(subject, placement=_placement(device, dtype, read_yaml(run_dir / "config.yaml")))
     # Only the benchmark and eval sections matter here.
     cfg = load_run_config(None, None, config, flags or {}, set_, benchmark=benchmark)
     return Subject(model_spec=model, task=load_task(cfg.benchmark), run_dir=None, unlearned=None, target=None,
-                   target_model=None, eval_settings=cfg.eval, trust_remote_code=trust_remote_code)
+                   target_model=None, eval_settings=cfg.eval, trust_remote_code=trust_remote_code,
+                   placement=_placement(device, dtype))
 
 
 def _print_metrics(metrics: dict[str, float], task: Task | None = None) -> None:
@@ -236,6 +309,8 @@ def eval_(
     trust_remote_code: TrustOpt = False,
     log_samples: LogSamplesOpt = False,
     samples_path: SamplesPathOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -250,12 +325,12 @@ def eval_(
 
     samples_file = _samples_path(log_samples, samples_path, run_dir)
     subject = _subject(run_dir, model, config, set_, benchmark, _benchmark_flags(data, engine, openqa, judge),
-                       trust_remote_code)
+                       trust_remote_code, device, dtype)
     for note in subject.task.notes:
         console.print(f"note: {note}")
     _setup_torch()
     started = time.perf_counter()
-    loaded = load_model(subject.model_spec, trust_remote_code=trust_remote_code)
+    loaded = load_model(subject.model_spec, trust_remote_code=trust_remote_code, placement=subject.placement)
     with collect_samples() if samples_file is not None else nullcontext([]) as samples:
         metrics = subject.task.evaluate(loaded.model, loaded.tokenizer, subject.eval_settings, progress=not quiet)
     if subject.run_dir is not None:
@@ -303,6 +378,8 @@ def attack(
     seed: Annotated[int | None, typer.Option(help="Seed for the relearning split and data order.")] = None,
     benchmark: BenchmarkOpt = None,
     data: DataOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     trust_remote_code: TrustOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -336,7 +413,7 @@ def attack(
     if run_dir is not None and other_sets:
         raise UserError("a run is attacked on its own benchmark: --set goes with --model (or use attack.KEY=VALUE)")
     subject = _subject(run_dir, model, config, other_sets, benchmark, {"benchmark.data": _path_or_name(data)},
-                       trust_remote_code)
+                       trust_remote_code, device, dtype)
     _setup_torch()
     record, folder = run_attack(subject, name, component, settings, progress=not quiet)
     if record.curve:
@@ -376,6 +453,8 @@ def report(
 @app.command()
 def prepare(
     model: Annotated[str | None, typer.Option(help="Base model (default from configs/run.yaml).")] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     trust_remote_code: TrustOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -386,11 +465,12 @@ def prepare(
     from unlearn.recipes.pipeline import load_task
     from unlearn.recipes.prepare import prepare_record, target_model
 
-    cfg = load_run_config("npo", "adamw", config, {"model": _path_or_name(model)}, set_)
+    cfg = load_run_config("npo", "adamw", config, {"model": _path_or_name(model), "train.device": device,
+                                                    "train.dtype": dtype}, set_)
     task = load_task(cfg.benchmark)
     _setup_torch()
     folder = target_model(cfg.model, task, cfg.benchmark.get("prepare", {}), trust_remote_code,
-                          progress=not quiet)
+                          progress=not quiet, placement=_placement(cfg.train.device, cfg.train.dtype))
     record = prepare_record(folder)
     for split in ("forget", "retain", "holdout"):
         console.print(f"{split:8s} MCQ accuracy {record['metrics'][f'{split}/mcq_acc']:.3f}")

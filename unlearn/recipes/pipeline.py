@@ -196,6 +196,10 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
         world.broadcast_object(str(final))
         for note in notes:
             log(f"note: {note}")
+        if cfg.train.save_every and not resume:
+            log(f"note: checkpoints every {cfg.train.save_every} steps; if this run stops, `unlearn run --resume "
+                f"{final.name}" + (f" --output-dir {cfg.output_dir}" if cfg.output_dir != "runs" else "")
+                + "` continues it")
         if world.distributed:
             log(f"{world.size} processes, {placement.describe()} each; batch {cfg.train.batch_size} in "
                 f"{cfg.train.grad_accum * world.size} shards per step")
