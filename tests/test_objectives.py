@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unlearn.data import Example, collate, encode
+from unlearn.data import Encoded, Example, collate, encode, endless_rows, rows_used
 from unlearn.objectives import NPO, RMU, GradAscent, GradDiff, SimNPO, build_objective, layer_activations
 from unlearn.scoring import mean_token_nll, sequence_logprobs
 
@@ -122,6 +122,33 @@ def test_rmu_losses_and_trainable_params(tiny):
     loss = rmu(model, fb, rb)
     assert torch.allclose(loss.parts["forget"], expected_forget, atol=1e-5)
     assert loss.parts["retain"].item() == 0.0 and torch.allclose(loss.total, expected_forget)
+
+
+def test_rows_used_are_the_rows_training_draws():
+    items = [Encoded([3, 4, 5], 1) for _ in range(10)]
+    for steps in (1, 2, 3, 4):
+        stream = endless_rows(items, 3, seed=7)
+        drawn = {id(item) for _ in range(steps) for item in next(stream)}
+        assert {id(items[i]) for i in rows_used(len(items), 3, 7, steps)} == drawn
+
+
+@torch.no_grad()
+def test_rmu_caches_only_what_is_used_and_a_frozen_copy_agrees(tiny):
+    model, tok = tiny
+    forget, retain = batches(tok)
+    cached, copied = RMU(layer=2, steering=3.0, seed=1), RMU(layer=2, steering=3.0, seed=1, frozen_copy=True)
+    for rmu in (cached, copied):
+        rmu.trainable(model)
+    cached.prepare(model, forget, retain, tok.pad_token_id, batch_size=8, retain_used={1})
+    copied.prepare(model, forget, retain, tok.pad_token_id, batch_size=8)
+    assert sorted(cached.frozen) == [1] and all(t.device.type == "cpu" for t in cached.frozen.values())
+    assert copied.frozen == {} and copied.frozen_model is not None
+    for p in model.model.layers[2].mlp.down_proj.parameters():
+        p.add_(0.05)  # the model moves; the frozen activations must not
+    fb, rb = collate(forget, tok.pad_token_id), collate([retain[1]], tok.pad_token_id)
+    a, b = cached(model, fb, rb), copied(model, fb, rb)
+    assert a.parts["retain"].item() > 0
+    assert torch.allclose(a.parts["retain"], b.parts["retain"], rtol=1e-5)
 
 
 def test_rmu_default_layer_scales_with_depth(tiny):

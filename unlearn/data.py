@@ -102,6 +102,15 @@ def endless_rows(items: Sequence[Encoded], batch_size: int, seed: int, start: in
         epoch, index = epoch + 1, 0
 
 
+def rows_used(n: int, batch_size: int, seed: int, steps: int) -> set[int]:
+    """Indices of the items `endless_rows(items, batch_size, seed)` yields in its first `steps` batches."""
+    per_epoch = -(-n // batch_size)
+    epochs, rest = divmod(steps, per_epoch)
+    if epochs:
+        return set(range(n))
+    return set(epoch_order(n, seed, 0)[:rest * batch_size])
+
+
 def split_rows(rows: Sequence[Encoded], parts: int) -> list[list[Encoded]]:
     """`rows` cut into `parts` contiguous shards of near-equal size (the first ones one row longer; some are
     empty when there are fewer rows than parts)."""

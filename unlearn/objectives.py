@@ -8,7 +8,8 @@ second copy of the model is ever held in memory.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +39,9 @@ class Objective:
         """Set requires_grad on the parameters this objective updates (default: leave as is)."""
 
     def prepare(self, model: torch.nn.Module, forget: list[Encoded], retain: list[Encoded],
-                pad_id: int, batch_size: int) -> None:
-        """Precompute whatever depends on the model before unlearning (stored in `Encoded.extra`)."""
+                pad_id: int, batch_size: int, retain_used: Collection[int] | None = None) -> None:
+        """Precompute whatever depends on the model before unlearning (stored in `Encoded.extra`).
+        `retain_used`: the indices of the retain items training will draw (None: any of them)."""
 
     def __call__(self, model: torch.nn.Module, forget: Batch, retain: Batch) -> Loss:
         """The loss as named, weighted parts (``forget``, ``retain``) summing to the optimized loss."""
@@ -88,7 +90,7 @@ class NPO(Objective):
     def __init__(self, beta: float = 0.1, gamma: float = 1.0, alpha: float = 2.0) -> None:
         self.beta, self.gamma, self.alpha = beta, gamma, alpha
 
-    def prepare(self, model, forget, retain, pad_id, batch_size):
+    def prepare(self, model, forget, retain, pad_id, batch_size, retain_used=None):
         for item, logp in zip(forget, _precompute_logprobs(model, forget, pad_id, batch_size), strict=True):
             item.extra["ref_logp"] = logp
 
@@ -159,17 +161,23 @@ class RMU(Objective):
 
     `layer` defaults to the published layer 7 of 32, rescaled to the model's depth. `steering`
     (c) defaults to `steering_scale` times the mean activation norm at that layer on the forget
-    set: the published c = 6.5..20 was tuned for a 7B model whose activation norms differ."""
+    set: the published c = 6.5..20 was tuned for a 7B model whose activation norms differ.
+
+    The retain term needs the frozen model's activations at layer l. They are cached for the retain items the
+    run will draw (not the whole corpus: at 7B and 512 tokens that is 8 MB per item), in the model's dtype and
+    in CPU memory; `frozen_copy: true` instead keeps a frozen copy of the model (its weights again, on its
+    device) and computes them on the fly, for runs that draw more retain text than memory can cache."""
 
     limits = {"layer": NON_NEGATIVE, "steering": POSITIVE, "steering_scale": POSITIVE, "alpha": WEIGHT,
               "seed": NON_NEGATIVE}
 
     def __init__(self, layer: int | None = None, steering: float | None = None,
-                 steering_scale: float = 4.0, alpha: float = 100.0, seed: int = 0) -> None:
+                 steering_scale: float = 4.0, alpha: float = 100.0, seed: int = 0, frozen_copy: bool = False) -> None:
         self.layer, self.steering, self.steering_scale = layer, steering, steering_scale
-        self.alpha, self.seed = alpha, seed
+        self.alpha, self.seed, self.frozen_copy = alpha, seed, frozen_copy
         self.control: torch.Tensor | None = None
-        self.frozen: list[torch.Tensor] = []
+        self.frozen: dict[int, torch.Tensor] = {}
+        self.frozen_model: torch.nn.Module | None = None
 
     def _layer(self, model) -> int:
         depth = len(_decoder_layers(model))
@@ -186,7 +194,7 @@ class RMU(Objective):
             p.requires_grad_(id(p) in wanted)
 
     @torch.no_grad()
-    def prepare(self, model, forget, retain, pad_id, batch_size):
+    def prepare(self, model, forget, retain, pad_id, batch_size, retain_used=None):
         layer = self._layer(model)
         hidden = model.config.hidden_size
         gen = torch.Generator().manual_seed(self.seed)
@@ -198,13 +206,19 @@ class RMU(Objective):
                      / b["attention_mask"].sum() for b in batches]
             self.steering = self.steering_scale * float(torch.stack(norms).mean())
         self.control = self.steering * direction
-        self.frozen = []
+        self.frozen, self.frozen_model = {}, None
+        if self.frozen_copy:
+            self.frozen_model = copy.deepcopy(model).requires_grad_(False).eval()
+            return
         for index, item in enumerate(retain):
             item.extra["index"] = float(index)
-        for batch in fixed_batches(retain, batch_size, pad_id):
-            batch = on_device(model, batch)
+        used = sorted(range(len(retain)) if retain_used is None else set(retain_used))
+        for start in range(0, len(used), batch_size):
+            indices = used[start:start + batch_size]
+            batch = on_device(model, fixed_batches([retain[i] for i in indices], batch_size, pad_id)[0])
             acts = layer_activations(model, batch, layer)
-            self.frozen.extend(a[m.bool()].clone() for a, m in zip(acts, batch["attention_mask"], strict=True))
+            for i, a, m in zip(indices, acts, batch["attention_mask"], strict=True):
+                self.frozen[i] = a[m.bool()].to("cpu", copy=True)
 
     def __call__(self, model, forget, retain):
         if self.control is None:
@@ -215,7 +229,11 @@ class RMU(Objective):
         forget_loss = ((f_act[f_mask] - self.control.to(f_act)) ** 2).mean()
         r_act = layer_activations(model, retain, layer)
         r_mask = retain["attention_mask"].bool()
-        target = torch.cat([self.frozen[int(i)] for i in retain["index"].tolist()]).to(r_act)
+        if self.frozen_model is not None:
+            with torch.no_grad():
+                target = layer_activations(self.frozen_model, retain, layer)[r_mask].to(r_act)
+        else:
+            target = torch.cat([self.frozen[int(i)] for i in retain["index"].tolist()]).to(r_act)
         retain_loss = ((r_act[r_mask] - target) ** 2).mean()
         return Loss({"forget": forget_loss, "retain": self.alpha * retain_loss})
 

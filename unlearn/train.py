@@ -145,6 +145,12 @@ class StepClosure:
         return {k: v / max(self.rounds, 1) for k, v in zip(keys, sums, strict=True)}
 
 
+def retain_seed(seed: int) -> int:
+    """The retain stream's seed (the forget stream uses `seed`): objectives that cache per retain item ask which
+    items training will draw (`unlearn.data.rows_used`) with it."""
+    return seed + 1
+
+
 def check_batching(batch_size: int, grad_accum: int, world: World) -> None:
     shards = grad_accum * world.size
     if batch_size < shards:
@@ -164,7 +170,7 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
         raise UserError(f"max_steps must be >= 1, got {max_steps}")
     check_batching(batch_size, grad_accum, world)
     forget_stream = endless_rows(forget, batch_size, seed, start.steps)
-    retain_stream = endless_rows(retain, batch_size, seed + 1, start.steps) if retain else None
+    retain_stream = endless_rows(retain, batch_size, retain_seed(seed), start.steps) if retain else None
     forwards = start.forward_passes
     loss_value = start.final_loss
     begun = time.perf_counter() - start.seconds

@@ -22,7 +22,7 @@ from unlearn.adapters import add_lora
 from unlearn.benchmarks import BENCHMARKS
 from unlearn.checkpoints import Checkpoint
 from unlearn.config import RunConfig
-from unlearn.data import encode
+from unlearn.data import encode, rows_used
 from unlearn.distributed import World
 from unlearn.errors import UserError
 from unlearn.evaluate import collect_samples
@@ -36,7 +36,7 @@ from unlearn.recipes.prepare import baseline_metrics, target_model
 from unlearn.results import RunRecord
 from unlearn.runs import open_run_dir, partial_dir, staged_dir
 from unlearn.task import Stage, Task
-from unlearn.train import Progress, check_batching, train
+from unlearn.train import Progress, check_batching, retain_seed, train
 
 
 @dataclass
@@ -145,7 +145,10 @@ def _unlearn_request(cfg: RunConfig, objective, model: torch.nn.Module, tok, for
     resuming)."""
     objective.trainable(model)
     forget = [encode(tok, ex, max_length=max_length) for ex in forget_examples]
-    objective.prepare(model, forget, retain, tok.pad_token_id, cfg.eval.batch_size)
+    # The training loop's own retain stream: what it will draw, and nothing more.
+    used = rows_used(len(retain), cfg.train.batch_size, retain_seed(cfg.train.seed), cfg.train.max_steps) \
+        if retain else None
+    objective.prepare(model, forget, retain, tok.pad_token_id, cfg.eval.batch_size, retain_used=used)
     if cfg.train.lora_rank:
         try:
             model = add_lora(model, cfg.train.lora_rank)
