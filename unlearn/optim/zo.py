@@ -115,14 +115,26 @@ class ZerothOrderBase(torch.optim.Optimizer):
 
     # ---- engine ------------------------------------------------------------------------------------
     def shift(self, seed: int, scales: list[float]) -> None:
-        """θ_i += scales[i]·d_i(seed) in place, chunk by chunk."""
+        """θ_i += scales[i]·d_i(seed) in place, chunk by chunk. When the directions are views of a drawn pool
+        (no new memory per chunk), the chunks are grouped by their multiplier and each group is one
+        ``torch._foreach_add_``: a handful of fused launches per pass on a GPU instead of one per chunk (tens of
+        thousands at 7B), with the same arithmetic as ``add_``."""
+        fused = getattr(self.directions, "views", False)
+        groups: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         for i, (p, scale) in enumerate(zip(self.params, scales, strict=True)):
             if scale == 0.0:
                 continue
             flat = p.detach().view(-1)
             for k, (a, b) in enumerate(self.directions.chunks[i]):
                 d, m = self.directions.direction(seed, i, k)
-                flat[a:b].add_(d, alpha=m * scale)
+                if not fused:
+                    flat[a:b].add_(d, alpha=m * scale)
+                    continue
+                targets, sources = groups.setdefault(m * scale, ([], []))
+                targets.append(flat[a:b])
+                sources.append(d)
+        for alpha, (targets, sources) in groups.items():
+            torch._foreach_add_(targets, sources, alpha=alpha)
 
     def _restore(self, seed: int, sign: float, snapshot: list[torch.Tensor] | None) -> None:
         if snapshot is None:

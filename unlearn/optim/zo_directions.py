@@ -68,6 +68,8 @@ def _haar(rows: int, rank: int, gen: torch.Generator) -> torch.Tensor:
 
 
 class PoolDirections:
+    views = True  # every direction is a window of one drawn pool: batching chunks costs no memory
+
     def __init__(self, params: list[torch.Tensor], mu: float, kind: str = "gaussian") -> None:
         if kind not in KINDS:
             raise ValueError(f"direction must be one of {', '.join(KINDS)}, got '{kind}'")
@@ -92,24 +94,29 @@ class PoolDirections:
         gen = torch.Generator().manual_seed(seed)
         size = self.pool_size
         tail = min(CHUNK, size)
-        pool = torch.empty(size + tail)  # + tail: a window may start anywhere and stay contiguous
+        # On a GPU the pool is drawn there, by a generator on that device (seeded from the same seed, so every
+        # process of a seed-sharing run draws the same pool); on the CPU by the CPU generator that also draws the
+        # offsets and signs below.
+        on_gpu = self._device.type == "cuda"
+        pool_gen = torch.Generator(device=self._device).manual_seed(mix(seed, 1)) if on_gpu else gen
+        pool = torch.empty(size + tail, device=self._device)  # + tail: a window may start anywhere, contiguous
         head = pool[:size]
         if self.kind == "rademacher":
-            head.bernoulli_(0.5, generator=gen).mul_(2 * self.mu).sub_(self.mu)
+            head.bernoulli_(0.5, generator=pool_gen).mul_(2 * self.mu).sub_(self.mu)
         else:
             # μz rounded to 8 significant bits: adding and then subtracting such a d restores θ exactly far
             # more often than a full-precision d does (see zo.py on restoring).
-            head.normal_(generator=gen).mul_(self.mu)
+            head.normal_(generator=pool_gen).mul_(self.mu)
             head.copy_(head.bfloat16())
         pool[size:].copy_(pool[:tail])
         n = len(self._lengths)
         offsets = torch.randint(0, size, (n,), generator=gen)
         signs = torch.randint(0, 2, (n,), generator=gen).float().mul_(2).sub_(1)
         if self.kind == "sphere":  # z = √n · g / ‖g‖; ‖g‖² from prefix sums of the pool, no pass needed
-            sq = torch.cat([torch.zeros(1, dtype=torch.float64), pool.double().pow(2).cumsum(0)])
+            sq = torch.cat([torch.zeros(1, dtype=torch.float64), pool.double().pow(2).cumsum(0).cpu()])
             norm = (sq[offsets + self._lengths] - sq[offsets]).sum().sqrt()
             signs = signs * float(self.mu * math.sqrt(self._dim) / norm)
-        return pool.to(self._device), offsets.tolist(), signs.tolist()
+        return pool, offsets.tolist(), signs.tolist()
 
     def direction(self, seed: int, index: int, chunk: int) -> tuple[torch.Tensor, float]:
         pool, offsets, signs = self._cache[seed]
