@@ -154,12 +154,20 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     transformers checkpoints a layer only while that layer is in training mode; the model stays in eval mode
     (no dropout: zeroth-order probes compare two forwards of the same function), so only the layer objects
     themselves are flagged as training, not their submodules."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers checkpoint only models in training mode, which would enable dropout
+        raise UserError("train.gradient_checkpointing needs transformers >= 4.52 (pip install -U transformers)") \
+            from None
 
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise UserError(f"{type(model).__name__} does not support gradient checkpointing "
                         "(train.gradient_checkpointing)")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer):
             module.training = True
