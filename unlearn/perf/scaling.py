@@ -1,0 +1,162 @@
+"""How step time and peak memory grow with model size, per optimizer grade, with and without gradient
+checkpointing: a random Llama-style model at several widths, one fixed batch, measured side by side.
+
+    python -m unlearn.perf.scaling                                   # widths 128 256 512 1024, default grades
+    python -m unlearn.perf.scaling --widths 256 512 --grades zo adamw --markdown /tmp/scaling.md
+    python -m unlearn.perf.scaling --device cuda --widths 1024 2048 4096
+
+Each (width, grade, checkpointing) cell is one child process, as in ``unlearn.perf.optimizer_cost`` (whose
+meter it uses: peak resident set on CPU, ``torch.cuda.max_memory_allocated`` on CUDA): it builds the model
+(``--layers`` decoder layers, MLP 8/3 × width, ``--vocab`` tokens, untied head), a batch of ``--batch`` random
+rows of ``--length`` tokens under the NPO objective (forget and retain batches alike), times ``--repeats`` plain
+forwards and then ``--steps`` optimizer steps after one warm-up step, interleaved. Ratios (step ÷ forward,
+peak ÷ inference) are taken within one process; seconds and megabytes are printed too, so the growth with
+width shows. Zeroth-order grades never run a backward pass, so checkpointing cannot change them: they are
+measured once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unlearn.perf.optimizer_cost import Meter
+
+GRADES = ("zo", "signsgd", "adamw", "sophia", "muon", "hybrid")
+WIDTHS = (128, 256, 512, 1024)
+
+
+def _model(width: int, layers: int, vocab: int, length: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    heads = max(1, width // 64)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=(8 * width // 3 + 63) // 64 * 64,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=max(length, 128), tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def measure(grade: str, width: int, checkpointing: bool, args: argparse.Namespace) -> dict[str, Any]:
+    from unlearn.data import Encoded, collate
+    from unlearn.models import enable_gradient_checkpointing
+    from unlearn.objectives import build_objective
+    from unlearn.optim import OPTIMIZERS, build_optimizer
+
+    device = torch.device(args.device)
+    model = _model(width, args.layers, args.vocab, args.length).to(device)
+    gen = torch.Generator().manual_seed(1)
+
+    def rows() -> list[Encoded]:
+        ids = torch.randint(3, args.vocab, (args.batch, args.length), generator=gen)
+        return [Encoded(r.tolist(), n_prompt=args.length // 4) for r in ids]
+
+    forget, retain = rows(), rows()
+    objective = build_objective("npo")
+    objective.prepare(model, forget, retain, 0, args.batch)
+    fb = {k: v.to(device) for k, v in collate(forget, 0).items()}
+    rb = {k: v.to(device) for k, v in collate(retain, 0).items()}
+
+    def closure():
+        return objective(model, fb, rb)
+
+    meter = Meter(device)
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        meter.sync()
+        return time.perf_counter() - start
+
+    with torch.no_grad():
+        closure()
+        meter.reset()
+        forwards = [timed(closure) for _ in range(args.repeats)]
+    inference_mb = meter.peak_mb()
+    if checkpointing:
+        enable_gradient_checkpointing(model)
+    options: dict[str, Any] = {"block": 1, "total_steps": args.steps + 1} if grade == "hybrid" else {}
+    meter.reset()
+    optimizer = build_optimizer(grade, model.named_parameters(), **options)
+    optimizer.step(closure)  # warm-up: allocates the optimizer state (counted in the peak)
+    steps = []
+    for _ in range(args.steps):  # steps and plain forwards alternate: a slow spell hits both alike
+        steps.append(timed(lambda: optimizer.step(closure)))
+        with torch.no_grad():
+            forwards.append(timed(closure))
+    params = sum(p.numel() for p in model.parameters())
+    step_s, forward_s = statistics.mean(steps), statistics.mean(forwards[args.repeats:])
+    peak = meter.peak_mb()
+    kind = OPTIMIZERS[grade].grade  # type: ignore[attr-defined]
+    return {"grade": grade, "kind": kind, "width": width, "params_m": params / 1e6,
+            "checkpointing": checkpointing, "step_s": step_s, "forward_s": forward_s,
+            "step_over_forward": step_s / forward_s, "peak_mb": peak, "inference_mb": inference_mb,
+            "peak_over_inference": peak / inference_mb, "device": args.device, "threads": torch.get_num_threads()}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| width | params (M) | optimizer | grade | checkpointing | s/step | step ÷ forward | peak MB | "
+             "peak ÷ inference |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['width']} | {r['params_m']:.1f} | {r['grade']} | {r['kind']} | "
+                     f"{'on' if r['checkpointing'] else 'off'} | {r['step_s']:.3f} | {r['step_over_forward']:.2f}× | "
+                     f"{r['peak_mb']:.0f} | {r['peak_over_inference']:.2f}× |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from unlearn.optim import OPTIMIZERS
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--grades", nargs="*", default=list(GRADES))
+    parser.add_argument("--widths", nargs="*", type=int, default=list(WIDTHS))
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--length", type=int, default=256, help="tokens per row")
+    parser.add_argument("--batch", type=int, default=4, help="rows per forget (and per retain) batch")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps, after one warm-up step")
+    parser.add_argument("--repeats", type=int, default=3, help="timed plain forwards before the steps")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the table to this file")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        grade, width, ckpt = args.child.split(",")
+        print(json.dumps(measure(grade, int(width), ckpt == "1", args)))
+        return
+    unknown = [g for g in args.grades if g not in OPTIMIZERS]
+    if unknown:
+        sys.exit(f"error: unknown optimizer(s) {', '.join(unknown)}; choose from {', '.join(sorted(OPTIMIZERS))}")
+    shared = [f"--{k}={getattr(args, k)}" for k in ("layers", "vocab", "length", "batch", "steps", "repeats", "device")]
+    rows = []
+    for width in args.widths:
+        for grade in args.grades:
+            modes = (False, True) if OPTIMIZERS[grade].uses_gradients else (False,)  # type: ignore[attr-defined]
+            for ckpt in modes:
+                cmd = [sys.executable, "-m", "unlearn.perf.scaling", *shared, f"--child={grade},{width},{int(ckpt)}"]
+                out = subprocess.run(cmd, capture_output=True, text=True,
+                                     env=os.environ | {"HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+                if out.returncode != 0:
+                    sys.exit(f"error: {grade} at width {width} failed:\n{out.stderr[-2000:]}")
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                r = rows[-1]
+                print(f"width {width:5d} {grade:8s} ckpt {'on ' if ckpt else 'off'} step {r['step_s']:.3f}s "
+                      f"({r['step_over_forward']:.2f}x fwd)  peak {r['peak_mb']:.0f} MB "
+                      f"({r['peak_over_inference']:.2f}x inf)", file=sys.stderr, flush=True)
+    text = table(rows)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
