@@ -3,11 +3,12 @@ checkpointing: a random Llama-style model at several widths, one fixed batch, me
 
     python -m unlearn.perf.scaling                                   # widths 128 256 512 1024, default grades
     python -m unlearn.perf.scaling --widths 256 512 --grades zo adamw --markdown /tmp/scaling.md
-    python -m unlearn.perf.scaling --device cuda --widths 1024 2048 4096
+    python -m unlearn.perf.scaling --device cuda --dtype bf16 --widths 2048 --layers 24 --vocab 49152 --mlp 4 \
+        --tied --grades adamw zo                                     # SmolLM2-1.7B's shape, random weights
 
 Each (width, grade, checkpointing) cell is one child process, as in ``unlearn.perf.optimizer_cost`` (whose
 meter it uses: peak resident set on CPU, ``torch.cuda.max_memory_allocated`` on CUDA): it builds the model
-(``--layers`` decoder layers, MLP 8/3 × width, ``--vocab`` tokens, untied head), a batch of ``--batch`` random
+(``--layers`` decoder layers, MLP ``--mlp`` × width, ``--vocab`` tokens, ``--dtype``), a batch of ``--batch`` random
 rows of ``--length`` tokens under the NPO objective (forget and retain batches alike), times ``--repeats`` plain
 forwards and then ``--steps`` optimizer steps after one warm-up step, interleaved. Ratios (step ÷ forward,
 peak ÷ inference) are taken within one process; seconds and megabytes are printed too, so the growth with
@@ -35,15 +36,18 @@ GRADES = ("zo", "signsgd", "adamw", "sophia", "muon", "hybrid")
 WIDTHS = (128, 256, 512, 1024)
 
 
-def _model(width: int, layers: int, vocab: int, length: int) -> torch.nn.Module:
+def _model(width: int, args: argparse.Namespace) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from unlearn.placement import DTYPES
 
     torch.manual_seed(0)
     heads = max(1, width // 64)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=(8 * width // 3 + 63) // 64 * 64,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=max(length, 128), tie_word_embeddings=False)
-    return LlamaForCausalLM(config).eval()
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=width,
+                         intermediate_size=(int(args.mlp * width) + 63) // 64 * 64, num_hidden_layers=args.layers,
+                         num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=max(args.length, 128), tie_word_embeddings=args.tied)
+    return LlamaForCausalLM(config).to(DTYPES[args.dtype]).eval()
 
 
 def measure(grade: str, width: int, checkpointing: bool, args: argparse.Namespace) -> dict[str, Any]:
@@ -53,7 +57,7 @@ def measure(grade: str, width: int, checkpointing: bool, args: argparse.Namespac
     from unlearn.optim import OPTIMIZERS, build_optimizer
 
     device = torch.device(args.device)
-    model = _model(width, args.layers, args.vocab, args.length).to(device)
+    model = _model(width, args).to(device)
     gen = torch.Generator().manual_seed(1)
 
     def rows() -> list[Encoded]:
@@ -121,6 +125,9 @@ def main() -> None:
     parser.add_argument("--widths", nargs="*", type=int, default=list(WIDTHS))
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--mlp", type=float, default=8 / 3, help="MLP width ÷ model width")
+    parser.add_argument("--tied", action="store_true", help="tie the input and output embeddings")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--length", type=int, default=256, help="tokens per row")
     parser.add_argument("--batch", type=int, default=4, help="rows per forget (and per retain) batch")
     parser.add_argument("--steps", type=int, default=2, help="timed steps, after one warm-up step")
@@ -136,7 +143,8 @@ def main() -> None:
     unknown = [g for g in args.grades if g not in OPTIMIZERS]
     if unknown:
         sys.exit(f"error: unknown optimizer(s) {', '.join(unknown)}; choose from {', '.join(sorted(OPTIMIZERS))}")
-    shared = [f"--{k}={getattr(args, k)}" for k in ("layers", "vocab", "length", "batch", "steps", "repeats", "device")]
+    shared = [f"--{k}={getattr(args, k)}" for k in ("layers", "vocab", "mlp", "dtype", "length", "batch", "steps",
+                                                    "repeats", "device")] + (["--tied"] if args.tied else [])
     rows = []
     for width in args.widths:
         for grade in args.grades:

