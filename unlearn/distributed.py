@@ -11,6 +11,11 @@ model and the whole data stream, evaluates its own shards of each step's batch, 
 Both sums are taken in shard order, on every rank alike, so a step's result depends on the global batch, not on
 how many processes computed it. Because no wrapper sits between the model and the code that calls it, the
 scorers' head-only shortcut and RMU's stop-the-forward hook work unchanged.
+
+`train.parallel: fsdp` shards the model instead (`shard_model`, FSDP2's `fully_shard` on every decoder layer
+and on the whole): each rank holds a slice of every parameter, FSDP gathers a layer's weights for its forward
+and backward and reduce-scatters its gradients (summed, like the data-parallel path). Every forward is then a
+collective, so every rank runs every evaluation too, in lockstep; rank 0 alone still writes.
 """
 
 from __future__ import annotations
@@ -119,6 +124,40 @@ class World:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """FSDP2 over the launcher's ranks: each decoder layer is one unit (gathered only while it runs), the rest
+    of the model (embeddings, final norm, head) the root unit. Gradients are summed across ranks, not averaged:
+    the training loop has already weighted each shard's loss by its share of the batch."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise UserError("train.parallel=fsdp needs a decoder with a `.layers` list (Llama/Mistral/Qwen-style models)")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.set_gradient_divide_factor(1.0)  # type: ignore[operator]
+    model.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]  # a plain SUM (gloo has no PREMUL_SUM)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict of a sharded model, on rank 0's CPU (empty elsewhere); a collective call."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 SINGLE = World()

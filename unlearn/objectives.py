@@ -145,7 +145,7 @@ def layer_activations(model, batch: Batch, layer: int) -> torch.Tensor:
 
     handle = _decoder_layers(model)[layer].register_forward_hook(hook)
     try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     except _StopForward:
         pass
     finally:

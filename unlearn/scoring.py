@@ -15,12 +15,20 @@ from unlearn.data import IGNORE
 LOGIT_BUDGET = 2**27
 
 
+def _sharded(model) -> bool:
+    import torch.distributed.fsdp as fsdp
+
+    return isinstance(model, fsdp.FSDPModule)
+
+
 def _split_head(model):
     """(decoder, head) when the model's logits are simply head(hidden), so the head can be applied to chosen
     positions only; None for models whose logits are more than that (e.g. soft-capped)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+        return None
+    if _sharded(model):  # FSDP gathers the head's weights only inside the whole model's forward
         return None
     return decoder, head
 
@@ -36,9 +44,9 @@ def _logits_at(model, batch: dict[str, torch.Tensor], select, padding_mask: bool
     mask = batch["attention_mask"] if padding_mask else None
     split = _split_head(model)
     if split is None:
-        return select(model(input_ids=batch["input_ids"], attention_mask=mask).logits)
+        return select(model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits)
     decoder, head = split
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).last_hidden_state
     return head(select(hidden))
 
 
@@ -49,10 +57,10 @@ def shifted_logprobs(model, input_ids: torch.Tensor, max_logits: int = LOGIT_BUD
     targets = input_ids[:, 1:]
     split = _split_head(model)
     if split is None:
-        logits = model(input_ids=input_ids).logits[:, :-1].float()
+        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
         return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     decoder, head = split
-    hidden = decoder(input_ids=input_ids).last_hidden_state[:, :-1]
+    hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     step = max(1, max_logits // (int(head.weight.shape[0]) * input_ids.shape[0]))
     parts = [-F.cross_entropy(head(hidden[:, s:s + step]).float().transpose(1, 2), targets[:, s:s + step],
                               reduction="none") for s in range(0, hidden.shape[1], step)]

@@ -52,7 +52,9 @@ class Sophia(pytorch_optimizer.SophiaH):
             # unless .grad is reset to None afterwards, which zero_grad(set_to_none=True) below does.
             warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
             loss = backward(closure, [p for g in self.param_groups for p in g["params"]], create_graph=hessian_step)
-        super().step()
+            # The library's Hessian-vector products run inside its step(): under gradient checkpointing they
+            # recompute the layers, which must take the same (math) attention kernel as the forward did.
+            super().step()
         self.zero_grad(set_to_none=True)  # also drops the graph kept for the Hessian-vector products
         self.steps_taken += 1
         return loss
