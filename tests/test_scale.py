@@ -87,6 +87,27 @@ def test_two_processes_take_the_steps_of_one(tmp_path, tiny_model_dir, optimizer
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+def test_fsdp_shards_the_model_and_takes_the_same_steps(tmp_path, tiny_model_dir):
+    """train.parallel=fsdp over 2 processes (FSDP2 on gloo): the same AdamW steps as 1 process with the same
+    shards, although each rank held half of every parameter; evaluation ran on both ranks in lockstep."""
+    args = _run_args("adamw", "fsdp", tiny_model_dir, "--steps", "3", "--set", "train.parallel=fsdp")
+    two = _torchrun(args, tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "sharded over 2 processes" in two.stdout
+    one = cli(*_run_args("adamw", "one", tiny_model_dir, "--steps", "3", "--grad-accum", "2"), cwd=tmp_path,
+              env=ONE_THREAD)
+    assert one.returncode == 0, one.stderr
+    runs = tmp_path / "runs"
+    a, b = _weights(runs / "fsdp"), _weights(runs / "one")
+    start = load_file(Path(read_yaml(runs / "one" / "config.yaml")["target_model"]) / "model.safetensors")
+    assert sorted(a) == sorted(b) and any(not torch.equal(start[k], b[k]) for k in b)
+    assert not torch.equal(start["model.norm.weight"], a["model.norm.weight"])  # the non-layer weights train too
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    metrics = [json.loads((runs / n / "metrics.json").read_text())["metrics"] for n in ("fsdp", "one")]
+    assert metrics[0].keys() == metrics[1].keys()
+
+
 def _kill_during_training(args: list[str], cwd: Path, after_step: int) -> None:
     """Start the run in its own process and SIGKILL it once a checkpoint at or after `after_step` exists."""
     env = {**os.environ, "UNLEARN_CACHE": str(cwd / "cache"), **ONE_THREAD}
@@ -222,6 +243,11 @@ def test_what_several_processes_cannot_do():
     hybrid = load_run_config("npo", "hybrid", overrides=["optimizer.fo={name: sophia}"])
     with pytest.raises(UserError, match="sophia"):
         check_world(hybrid, World(rank=0, size=2))
+    for optimizer, flags, message in (("zo", {}, "optimizer 'zo' needs whole parameters"),
+                                      ("adamw", {"train.lora_rank": 4}, "does not support train.lora_rank")):
+        fsdp = load_run_config("npo", optimizer, flags={"train.parallel": "fsdp", **flags})
+        with pytest.raises(UserError, match=message):
+            check_world(fsdp, World(rank=0, size=2))
     small = load_run_config("npo", "zo", flags={"train.batch_size": 2, "train.grad_accum": 2})
     with pytest.raises(UserError, match="every micro-batch needs a row"):
         check_world(small, World(rank=0, size=2))

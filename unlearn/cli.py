@@ -166,6 +166,9 @@ def run(
         help="Tokens per training text (train.max_length; default: the benchmark's).")] = None,
     save_every: Annotated[int | None, typer.Option(
         help="Checkpoint every N steps so an interrupted run can be resumed (train.save_every).")] = None,
+    parallel: Annotated[str | None, typer.Option(
+        help="Under torchrun/accelerate: data (every process holds the model) or fsdp (parameters sharded "
+             "across processes; adamw, sgd) (train.parallel).")] = None,
     resume: Annotated[str | None, typer.Option(
         help="Continue the interrupted run NAME (under --output-dir) from its last checkpoint, with its saved "
              "settings.")] = None,
@@ -190,7 +193,7 @@ def run(
              "train.batch_size": batch_size, "train.seed": seed, "train.lora_rank": lora_rank, "name": name,
              "train.device": device, "train.dtype": dtype, "train.save_dtype": save_dtype,
              "train.grad_accum": grad_accum, "train.gradient_checkpointing": gradient_checkpointing or None,
-             "train.max_length": max_length, "train.save_every": save_every,
+             "train.max_length": max_length, "train.save_every": save_every, "train.parallel": parallel,
              "benchmark.forget_corpus": _path_or_name(forget_corpus),
              "benchmark.retain_corpus": _path_or_name(retain_corpus)} | _benchmark_flags(data, engine, openqa, judge)
     if resume is not None:
@@ -200,7 +203,8 @@ def run(
                  "--batch-size": batch_size, "--seed": seed, "--lora-rank": lora_rank, "--device": device,
                  "--dtype": dtype, "--save-dtype": save_dtype, "--grad-accum": grad_accum,
                  "--gradient-checkpointing": gradient_checkpointing, "--max-length": max_length,
-                 "--save-every": save_every, "--name": name, "--overwrite": overwrite, "--config": config,
+                 "--save-every": save_every, "--parallel": parallel, "--name": name, "--overwrite": overwrite,
+                 "--config": config,
                  "--set": set_}
         given = [flag for flag, value in named.items() if value not in (None, False, [])]
         if given:

@@ -20,7 +20,7 @@ import yaml
 from unlearn.errors import UserError
 from unlearn.files import read_text
 from unlearn.runs import check_name
-from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, from_mapping, key_list, setting, unknown_keys
+from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, Limit, from_mapping, key_list, setting, unknown_keys
 
 
 def _config_dir() -> Path:
@@ -51,6 +51,7 @@ def parse_yaml(text: str):
 
 
 EVAL_ENGINES = ("lm-eval", "native")
+PARALLEL = ("data", "fsdp")
 
 
 @dataclass
@@ -68,6 +69,8 @@ class TrainConfig:
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 on a GPU that has it, else fp32)
     save_dtype: str | None = None  # precision of the saved model; None: the one it trained in
     save_every: int = setting(0, limit=NON_NEGATIVE)  # > 0: checkpoint every N steps, so --resume can continue
+    # Under a launcher: "data" (every rank holds the model) or "fsdp" (parameters sharded across ranks; AdamW/SGD).
+    parallel: str = setting("data", limit=Limit(choices=PARALLEL))
 
 
 @dataclass

@@ -141,9 +141,28 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
         raise UserError("train.parallel=fsdp needs a decoder with a `.layers` list (Llama/Mistral/Qwen-style models)")
     for layer in layers:
         fully_shard(layer, mesh=mesh)
+    # Every other module with weights of its own (embeddings, final norm, head) is a unit too, tied ones sharing
+    # one: FSDP reduces the root unit's gradients only once per backward, which loses them when a step runs
+    # several forwards (forget and retain batches) before its backward, so the root must hold no weights.
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    groups: dict[int, list[torch.nn.Module]] = {}
+    owner: dict[int, int] = {}
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if id(module) in inside or not own:
+            continue
+        key = next((owner[id(q)] for q in own if id(q) in owner), id(module))
+        groups.setdefault(key, []).append(module)
+        owner.update({id(q): key for q in own})
+    for group in groups.values():
+        fully_shard(group if len(group) > 1 else group[0], mesh=mesh)
     fully_shard(model, mesh=mesh)
-    model.set_gradient_divide_factor(1.0)  # type: ignore[operator]
-    model.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]  # a plain SUM (gloo has no PREMUL_SUM)
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in model.modules():  # the setting is per unit
+        if isinstance(unit, FSDPModule):
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
     return model
 
 
@@ -153,11 +172,19 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole state dict of a sharded model, on rank 0's CPU (empty elsewhere); a collective call."""
+def gathered_model(model: torch.nn.Module, world: World) -> torch.nn.Module | None:
+    """A plain copy of a sharded model, on rank 0's CPU (None on the other ranks), to save; a collective call."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not world.is_main:
+        return None
+    dtype = next(iter(state.values())).dtype
+    plain = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
+    plain.load_state_dict(state, assign=True)
+    plain.tie_weights()
+    return plain.eval()
 
 
 SINGLE = World()

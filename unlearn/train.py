@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from unlearn.data import Encoded, collate, endless_rows, on_device, split_rows
-from unlearn.distributed import SINGLE, World
+from unlearn.distributed import SINGLE, World, is_sharded
 from unlearn.errors import UserError
 from unlearn.loss import Loss, LossValue, loss_parts
 from unlearn.objectives import Objective
@@ -91,6 +91,7 @@ class StepClosure:
                 self._local.append((k, len(f) / len(forget), on_device(model, collate(f, pad_id)), rb))
         self.rounds = 0
         self.part_sums: dict[str, float] = {}
+        self.gradients_summed = world.distributed and is_sharded(model)  # FSDP sums them in its backward
 
     def _shard(self, weight: float, fb: dict, rb: dict | None) -> Closure:
         def closure() -> LossValue:

@@ -10,8 +10,10 @@ from unlearn.optim.protocol import BackwardStep, register
 @register("adamw")
 class AdamW(BackwardStep, torch.optim.AdamW):
     grade = "first-order"
+    sharded_parameters = True  # torch's update runs on FSDP's parameter shards (DTensors) as they are
 
 
 @register("sgd")
 class SGD(BackwardStep, torch.optim.SGD):
     grade = "first-order"
+    sharded_parameters = True

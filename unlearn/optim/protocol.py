@@ -44,6 +44,8 @@ class Graded(Protocol):
 
     grade: str  # one of GRADES
     uses_gradients: bool  # False: it only evaluates the closure (zeroth-order), so no backward pass runs
+    # Optional declarations, read with getattr: `data_parallel = False` refuses several processes (its state is
+    # estimated per process); `sharded_parameters = True` accepts FSDP's parameter shards (train.parallel=fsdp).
 
 
 @runtime_checkable
@@ -65,6 +67,7 @@ class Sharded(Protocol):
     """A closure over a batch split in shards (micro-batches here, and other processes' shards elsewhere)."""
 
     processes: int  # how many processes hold shards of this batch
+    gradients_summed: bool  # the model itself sums gradients across the processes in backward (FSDP)
 
     def shards(self) -> list[Closure]:
         """This process's shards, each returning its part of the loss (the parts of all shards sum to it)."""
@@ -83,6 +86,7 @@ class _Whole:
     """A plain closure seen as one shard of one process."""
 
     processes = 1
+    gradients_summed = False
 
     def __init__(self, closure: Closure) -> None:
         self._closure = closure
@@ -117,7 +121,7 @@ def backward(closure: Closure, params: Iterable[torch.Tensor], create_graph: boo
         loss.backward(create_graph=create_graph)
         values.append(float(loss.detach()))
         del loss  # this shard's graph goes before the next one is built
-    if split.processes > 1:
+    if split.processes > 1 and not split.gradients_summed:
         grads = []
         for p in params:
             if p.requires_grad and p.grad is None:

@@ -23,7 +23,7 @@ from unlearn.benchmarks import BENCHMARKS
 from unlearn.checkpoints import Checkpoint
 from unlearn.config import RunConfig
 from unlearn.data import encode, rows_used
-from unlearn.distributed import World
+from unlearn.distributed import World, gathered_model, shard_model
 from unlearn.errors import UserError
 from unlearn.evaluate import collect_samples
 from unlearn.files import write_json_atomic, write_jsonl_atomic, write_yaml
@@ -32,7 +32,7 @@ from unlearn.objectives import Objective, build_objective
 from unlearn.optim import OPTIMIZERS, build_optimizer, dry_build
 from unlearn.placement import CPU_FP32, Placement, parse_dtype
 from unlearn.placement import resolve as resolve_placement
-from unlearn.recipes.prepare import baseline_metrics, target_model
+from unlearn.recipes.prepare import baseline_cached, baseline_metrics, target_model
 from unlearn.results import RunRecord
 from unlearn.runs import open_run_dir, partial_dir, staged_dir
 from unlearn.task import Stage, Task
@@ -98,13 +98,25 @@ def check_run_config(cfg: RunConfig) -> tuple[Task, Objective]:
 def check_world(cfg: RunConfig, world: World) -> None:
     """What several processes cannot do, said before any model loads."""
     check_batching(cfg.train.batch_size, cfg.train.grad_accum, world)
-    if world.distributed:
-        names = [cfg.optimizer["name"]] + [cfg.optimizer[k]["name"] for k in ("fo", "zo")
-                                           if isinstance(cfg.optimizer.get(k), dict) and "name" in cfg.optimizer[k]]
-        for name in names:
-            if not getattr(OPTIMIZERS.lookup(name), "data_parallel", True):
-                raise UserError(f"optimizer '{name}' cannot run on several processes (its state is estimated per "
-                                f"process); run it in one process, with train.grad_accum for the batch")
+    if not world.distributed:
+        return
+    names = [cfg.optimizer["name"]] + [cfg.optimizer[k]["name"] for k in ("fo", "zo")
+                                       if isinstance(cfg.optimizer.get(k), dict) and "name" in cfg.optimizer[k]]
+    for name in names:
+        if not getattr(OPTIMIZERS.lookup(name), "data_parallel", True):
+            raise UserError(f"optimizer '{name}' cannot run on several processes (its state is estimated per "
+                            f"process); run it in one process, with train.grad_accum for the batch")
+    if cfg.train.parallel == "fsdp":
+        name = cfg.optimizer["name"]
+        if not getattr(OPTIMIZERS.lookup(name), "sharded_parameters", False):
+            able = ", ".join(n for n in OPTIMIZERS if getattr(OPTIMIZERS[n], "sharded_parameters", False))
+            raise UserError(f"train.parallel=fsdp shards every parameter across processes; optimizer '{name}' needs "
+                            f"whole parameters (zeroth-order perturbs them in place, spectral and sign grades "
+                            f"see whole matrices): use {able}, or train.parallel=data")
+        for what, refused in (("train.lora_rank", cfg.train.lora_rank), ("train.save_every", cfg.train.save_every),
+                              ("method.frozen_copy", cfg.method.get("frozen_copy"))):
+            if refused:
+                raise UserError(f"train.parallel=fsdp does not support {what} yet: use train.parallel=data")
 
 
 @dataclass
@@ -220,13 +232,21 @@ def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrit
     world.barrier()
     if not main:
         start_spec = starting_model(cfg, task, False, trust_remote_code, placement)
-    loaded = load_model(start_spec, trust_remote_code=trust_remote_code, placement=placement)
+    # A sharded model's every forward is a collective: then all ranks evaluate, in lockstep (rank 0 still writes).
+    sharded = cfg.train.parallel == "fsdp" and world.distributed
+    evaluates = main or sharded
+    # Sharded: each rank reads the weights into CPU memory, and FSDP moves only its slices to the device.
+    loaded = load_model(start_spec, trust_remote_code=trust_remote_code,
+                        placement=Placement(torch.device("cpu"), placement.dtype) if sharded else placement)
+    if sharded:
+        loaded.model = shard_model(loaded.model, placement.device)
     target_metrics: dict[str, float] = {}
-    if main:
-        target_metrics = baseline_metrics(start_spec, task, cfg.eval, progress=progress, loaded=loaded,
-                                          placement=placement)
+    cached = world.broadcast_object(baseline_cached(start_spec, task, cfg.eval, placement)) if sharded else False
+    if main or (sharded and not cached):
+        target_metrics = baseline_metrics(start_spec, task, cfg.eval, progress=progress and main, loaded=loaded,
+                                          placement=placement, store=main)
         log(f"starting model: {start_spec}  ({_describe(target_metrics, task.forget_metrics)}; "
-            f"{placement.describe()})")
+            f"{placement.describe()}{', sharded over ' + str(world.size) + ' processes' if sharded else ''})")
     model, tok = loaded.model, loaded.tokenizer
     max_length = cfg.train.max_length or task.train_max_length
     retain = [encode(tok, ex, max_length=max_length) for ex in task.retain]
@@ -278,20 +298,23 @@ def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrit
                 point.checkpoint if resumed_here and point is not None else None)
             seconds, forwards, steps = seconds + result.seconds, forwards + result.forward_passes, steps + result.steps
             final_loss = result.final_loss
-            if not main:
+            if not evaluates:
                 continue  # rank 0 evaluates; the next request's training waits for it in its first collective
             started = time.perf_counter()
             with collect_samples() if log_samples else nullcontext([]) as samples:
-                metrics = task.evaluate(model, tok, cfg.eval, progress=progress)
+                metrics = task.evaluate(model, tok, cfg.eval, progress=progress and main)
             eval_seconds += time.perf_counter() - started
             stages.append({"stage": request.name, "steps": result.steps, "final_loss": result.final_loss,
                            "metrics": metrics})
             if sequential:
                 log(f"after request {index + 1}/{len(requests)} ({request.name}): "
                     f"{_describe(metrics, task.forget_metrics)}")
+        if sharded:
+            model = gathered_model(model, world)  # every rank sends its slices; rank 0 gets the whole model
         if not main:
             world.barrier()  # rank 0 has saved the run
             return None
+        assert model is not None
         if log_samples:  # the final evaluation's items: what metrics.json summarizes
             write_jsonl_atomic(stage_dir / "samples.jsonl", samples)
         save_model(model, tok, stage_dir / "model", dtype=parse_dtype(cfg.train.save_dtype))

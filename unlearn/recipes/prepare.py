@@ -107,17 +107,23 @@ def prepare_record(folder: Path) -> dict[str, Any]:
     return read_json(folder / "prepare.json")
 
 
+def baseline_cached(spec: str, task: Task, settings: EvalConfig, placement: Placement = CPU_FP32) -> bool:
+    return _baseline_path(spec, task, settings, placement).is_file()
+
+
 def baseline_metrics(spec: str, task: Task, settings: EvalConfig, trust_remote_code: bool = False,
-                     progress: bool = True, loaded: Any = None, placement: Placement = CPU_FP32) -> dict[str, float]:
+                     progress: bool = True, loaded: Any = None, placement: Placement = CPU_FP32,
+                     store: bool = True) -> dict[str, float]:
     """Metrics of the model as given (the starting point on real benchmarks), cached per model, data and
     evaluation settings: every run from the same model compares against the same numbers, computed once.
-    `loaded` is that model if the caller already holds it (it is loaded otherwise)."""
+    `loaded` is that model if the caller already holds it (it is loaded otherwise); `store`: cache the result."""
     path = _baseline_path(spec, task, settings, placement)
     if path.is_file():
         return read_json(path)["metrics"]
     loaded = loaded or load_model(spec, trust_remote_code=trust_remote_code, placement=placement)
     metrics = task.evaluate(loaded.model, loaded.tokenizer, settings, progress=progress)
-    _store_baseline(spec, task, settings, metrics, placement)
+    if store:  # under a launcher only rank 0 writes the cache
+        _store_baseline(spec, task, settings, metrics, placement)
     return metrics
 
 
