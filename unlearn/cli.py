@@ -239,22 +239,21 @@ def _resumed_config(name: str, output_dir: str | None):
 
 
 def _placement(device: str | None, dtype: str | None, saved: dict | None = None):
-    """--device/--dtype, else what the run trained with (a run is scored as it was), else auto."""
+    """--device/--dtype, else (for a run) the precision it trained in, else auto. The device is never taken from
+    a saved config: the GPU a run trained on need not exist where it is evaluated."""
     from unlearn.placement import resolve
 
     train = (saved or {}).get("train") or {}
     train = train if isinstance(train, dict) else {}
-    device = device or (train.get("device") if isinstance(train.get("device"), str) else None) or "auto"
     dtype = dtype or (train.get("dtype") if isinstance(train.get("dtype"), str) else None) or "auto"
-    return resolve(device, dtype)
+    return resolve(device or "auto", dtype)
 
 
 def _subject(run_dir: Path | None, model: str | None, config: Path | None, set_: list[str] | None,
              benchmark: str | None = None, flags: dict[str, object] | None = None, trust_remote_code: bool = False,
              device: str | None = None, dtype: str | None = None):
-    """The model under evaluation or attack: a run folder (on its own benchmark, with flags applied on top, on
-    the device and in the precision it trained in unless --device/--dtype say otherwise), or any model on the
-    configured benchmark."""
+    """The model under evaluation or attack: a run folder (on its own benchmark, with flags applied on top, in
+    the precision it trained in unless --dtype says otherwise), or any model on the configured benchmark."""
     from dataclasses import replace
 
     from unlearn.attacks import Subject
