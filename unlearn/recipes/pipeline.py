@@ -144,7 +144,14 @@ def _truncate_log(path: Path, steps: int) -> None:
     """Keep the log lines of the steps a checkpoint covers: the steps after it are taken again."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= steps]
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by the kill
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= steps:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 
 
