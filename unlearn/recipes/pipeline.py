@@ -204,6 +204,16 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
     task, objective = check_run_config(cfg)
     placement = resolve_placement(cfg.train.device, cfg.train.dtype)
     world = World.from_env(placement.device)
+    try:
+        return _claim_and_run(cfg, task, objective, overwrite, progress, log, trust_remote_code, log_samples,
+                              placement, world, resume)
+    finally:
+        world.close()  # leaves the launcher's process group (a local call: safe after an error too)
+
+
+def _claim_and_run(cfg: RunConfig, task: Task, objective: Objective, overwrite: bool, progress: bool, log,
+                   trust_remote_code: bool, log_samples: bool, placement: Placement, world: World,
+                   resume: bool) -> RunOutcome | None:
     check_world(cfg, world)
     if not world.is_main:
         final = Path(str(world.broadcast_object(None)))
