@@ -21,10 +21,9 @@ import torch
 
 from unlearn.errors import UserError
 from unlearn.files import read_json, write_json_atomic
-from unlearn.runs import CHECKPOINTS
+from unlearn.runs import CHECKPOINT_PREFIXES, CHECKPOINTS
 
-STEP_PREFIX = "step-"
-STAGE_PREFIX = "stage-"
+STEP_PREFIX, STAGE_PREFIX = CHECKPOINT_PREFIXES
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ STAGING_PREFIX = ".staging-"
 # A resumable run's staging folder (train.save_every > 0): it keeps its checkpoints when the run is interrupted
 # or killed, for `unlearn run --resume NAME`; only that command or `--overwrite` of NAME removes it.
 PARTIAL_PREFIX = ".partial-"
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = "checkpoints"  # inside it, unlearn.checkpoints writes these (complete ones only: step-N, stage-K)
+CHECKPOINT_PREFIXES = ("step-", "stage-")
 TRASH_PREFIX = ".trash-"
 # What toolkit folders held before the marker existed: such a folder may still be replaced by --overwrite.
 LEGACY_ENTRIES = {"config.yaml", "metrics.json", "log.jsonl", "model", "attacks", "prepare.json"}
@@ -228,7 +229,7 @@ def partial_dir(final: Path) -> Path:
 
 def _has_checkpoint(staging: Path) -> bool:
     folder = staging / CHECKPOINTS
-    return folder.is_dir() and any(p.name.startswith("step-") for p in folder.iterdir())
+    return folder.is_dir() and any(p.name.startswith(CHECKPOINT_PREFIXES) for p in folder.iterdir())
 
 
 @contextmanager
