@@ -9,6 +9,7 @@ tests are about.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -28,7 +29,7 @@ from unlearn.data import Encoded, split_rows
 from unlearn.distributed import World
 from unlearn.errors import UserError
 from unlearn.models import enable_gradient_checkpointing
-from unlearn.objectives import GradAscent
+from unlearn.objectives import GradAscent, build_objective
 from unlearn.optim import build_optimizer
 from unlearn.placement import CPU_FP32, resolve
 from unlearn.recipes.pipeline import check_world
@@ -181,6 +182,16 @@ def test_gradient_accumulation_is_the_whole_batch(tokenizer):
         models.append(model.state_dict())
     for key in models[0]:
         torch.testing.assert_close(models[0][key], models[1][key], rtol=1e-4, atol=1e-6)
+
+
+def test_short_retain_batches_still_feed_every_shard(tokenizer):
+    """10 forget rows and 3 retain rows in batches of 4 over 4 shards: the retain stream's batches (4, then a
+    short one) leave shards without retain rows, which then take the whole retain batch."""
+    model = make_model(len(tokenizer))
+    optimizer = build_optimizer("adamw", model.named_parameters(), lr=1e-3)
+    result = train(model, build_objective("graddiff"), optimizer, _rows(10), _rows(3), pad_id=0, batch_size=4,
+                   max_steps=3, seed=0, progress=False, grad_accum=4)
+    assert math.isfinite(result.final_loss)
 
 
 def test_shards_split_the_rows():

@@ -87,6 +87,9 @@ class StepClosure:
         self._local: list[tuple[int, float, dict, dict | None]] = []  # (shard, weight, forget batch, retain batch)
         for k, (f, r) in enumerate(zip(forget_shards, retain_shards, strict=True)):
             if f:  # a short last batch of an epoch can leave a shard empty
+                # A retain shard left empty by a short retain batch takes the whole retain batch instead: the
+                # retain term needs rows, and that batch's mean estimates the same loss.
+                r = r or retain
                 rb = on_device(model, collate(r, pad_id)) if r else None
                 self._local.append((k, len(f) / len(forget), on_device(model, collate(f, pad_id)), rb))
         self.rounds = 0
