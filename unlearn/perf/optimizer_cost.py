@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,38 @@ class Meter:
             torch.cuda.synchronize()
 
 
+def side_by_side(closure: Callable[[], Any], build: Callable[[], torch.optim.Optimizer], steps: int, repeats: int,
+                 meter: Meter, prepare: Callable[[], None] | None = None,
+                 step_closure: Callable[[], Any] | None = None) -> dict[str, float]:
+    """Plain forwards of `closure` first (`repeats`, after a warm-up: the inference peak), then `prepare()`, the
+    optimizer `build()` and one untimed warm-up step (its state counts in the peak), then `steps` timed steps on
+    `step_closure` alternating with timed forwards, so a slow spell of the machine hits both alike."""
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        meter.sync()
+        return time.perf_counter() - start
+
+    with torch.no_grad():
+        closure()  # warm-up: first calls allocate workspaces
+        meter.reset()
+        forward_times = [timed(closure) for _ in range(repeats)]
+    inference_mb = meter.peak_mb()
+    if prepare is not None:
+        prepare()
+    meter.reset()
+    optimizer = build()
+    optimizer.step(closure)
+    step_times = []
+    for _ in range(steps):
+        step_times.append(timed(lambda: optimizer.step(step_closure or closure)))
+        with torch.no_grad():
+            forward_times.append(timed(closure))
+    return {"step_s": statistics.mean(step_times), "forward_s": statistics.mean(forward_times[repeats:]),
+            "inference_mb": inference_mb, "peak_mb": meter.peak_mb()}
+
+
 def measure(name: str, steps: int, model_id: str, device: str, repeats: int) -> dict[str, Any]:
     from unlearn.benchmarks import BENCHMARKS
     from unlearn.data import collate, encode
@@ -97,27 +130,6 @@ def measure(name: str, steps: int, model_id: str, device: str, repeats: int) -> 
     def closure():
         return objective(model, fb, rb)
 
-    meter = Meter(torch.device(device))
-
-    def timed(fn) -> float:
-        start = time.perf_counter()
-        fn()
-        meter.sync()
-        return time.perf_counter() - start
-
-    with torch.no_grad():
-        closure()  # warm-up: first calls allocate workspaces
-        meter.reset()
-        forward_times = [timed(closure) for _ in range(repeats)]
-    inference_mb = meter.peak_mb()
-
-    options = yaml.safe_load((CONFIG_DIR / "optimizer" / f"{name}.yaml").read_text()) or {}
-    options.update(OVERRIDES.get(name, {}))
-    if "total_steps" in inspect.signature(OPTIMIZERS[name]).parameters:
-        options.setdefault("total_steps", steps + 1)
-    meter.reset()
-    optimizer = build_optimizer(name, model.named_parameters(), **options)
-    optimizer.step(closure)  # warm-up step: allocates optimizer state (counted in the peak)
     forwards = 0
 
     def counted():
@@ -125,18 +137,30 @@ def measure(name: str, steps: int, model_id: str, device: str, repeats: int) -> 
         forwards += 1
         return closure()
 
-    # Steps and plain forwards alternate, so a slower or faster spell of the machine hits both alike.
-    step_times = []
-    for _ in range(steps):
-        step_times.append(timed(lambda: optimizer.step(counted)))
-        with torch.no_grad():
-            forward_times.append(timed(closure))
-    step_s, forward_s = statistics.mean(step_times), statistics.mean(forward_times[repeats:])
+    def build() -> torch.optim.Optimizer:
+        options = yaml.safe_load((CONFIG_DIR / "optimizer" / f"{name}.yaml").read_text()) or {}
+        options.update(OVERRIDES.get(name, {}))
+        if "total_steps" in inspect.signature(OPTIMIZERS[name]).parameters:
+            options.setdefault("total_steps", steps + 1)
+        return build_optimizer(name, model.named_parameters(), **options)
+
+    timing = side_by_side(closure, build, steps, repeats, Meter(torch.device(device)), step_closure=counted)
+    step_s, forward_s, inference_mb, peak_mb = (timing[k] for k in ("step_s", "forward_s", "inference_mb", "peak_mb"))
     return {"grade": name, "kind": OPTIMIZERS[name].grade,  # type: ignore[attr-defined]
             "forward_s": forward_s, "step_s": step_s, "step_over_forward": step_s / forward_s,
-            "forwards_per_step": forwards / steps, "inference_mb": inference_mb, "peak_mb": meter.peak_mb(),
-            "peak_over_inference": meter.peak_mb() / inference_mb, "steps": steps,
+            "forwards_per_step": forwards / steps, "inference_mb": inference_mb, "peak_mb": peak_mb,
+            "peak_over_inference": peak_mb / inference_mb, "steps": steps,
             "device": device, "threads": torch.get_num_threads()}
+
+
+def in_child(module: str, args: list[str], what: str) -> dict[str, Any]:
+    """`python -m module args` in a fresh process (peak memory is per process, and no measurement inherits
+    another's allocations); its last stdout line, as JSON."""
+    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                         env=os.environ | {"HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+    if out.returncode != 0:
+        sys.exit(f"error: {what} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -172,13 +196,9 @@ def main() -> None:
     rows = []
     for grade in grades:
         # One process per grade: peak memory is per process, and no grade inherits another's allocations.
-        cmd = [sys.executable, "-m", "unlearn.perf.optimizer_cost", "--child", grade, "--steps", str(args.steps),
-               "--repeats", str(args.repeats), "--model", args.model, "--device", args.device]
-        out = subprocess.run(cmd, capture_output=True, text=True,
-                             env=os.environ | {"HF_HUB_DISABLE_PROGRESS_BARS": "1"})
-        if out.returncode != 0:
-            sys.exit(f"error: {grade} failed:\n{out.stderr[-2000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(in_child("unlearn.perf.optimizer_cost", ["--child", grade, "--steps", str(args.steps),
+                                                             "--repeats", str(args.repeats), "--model", args.model,
+                                                             "--device", args.device], grade))
         r = rows[-1]
         print(f"{grade:12s} step/forward {r['step_over_forward']:.2f}x  peak/inference {r['peak_over_inference']:.3f}x",
               file=sys.stderr, flush=True)

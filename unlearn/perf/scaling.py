@@ -20,17 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from unlearn.perf.optimizer_cost import Meter
+from unlearn.perf.optimizer_cost import Meter, in_child, side_by_side
 
 GRADES = ("zo", "signsgd", "adamw", "sophia", "muon", "hybrid")
 WIDTHS = (128, 256, 512, 1024)
@@ -73,33 +69,12 @@ def measure(grade: str, width: int, checkpointing: bool, args: argparse.Namespac
     def closure():
         return objective(model, fb, rb)
 
-    meter = Meter(device)
-
-    def timed(fn) -> float:
-        start = time.perf_counter()
-        fn()
-        meter.sync()
-        return time.perf_counter() - start
-
-    with torch.no_grad():
-        closure()
-        meter.reset()
-        forwards = [timed(closure) for _ in range(args.repeats)]
-    inference_mb = meter.peak_mb()
-    if checkpointing:
-        enable_gradient_checkpointing(model)
     options: dict[str, Any] = {"block": 1, "total_steps": args.steps + 1} if grade == "hybrid" else {}
-    meter.reset()
-    optimizer = build_optimizer(grade, model.named_parameters(), **options)
-    optimizer.step(closure)  # warm-up: allocates the optimizer state (counted in the peak)
-    steps = []
-    for _ in range(args.steps):  # steps and plain forwards alternate: a slow spell hits both alike
-        steps.append(timed(lambda: optimizer.step(closure)))
-        with torch.no_grad():
-            forwards.append(timed(closure))
+    timing = side_by_side(closure, lambda: build_optimizer(grade, model.named_parameters(), **options), args.steps,
+                          args.repeats, Meter(device),
+                          prepare=(lambda: enable_gradient_checkpointing(model)) if checkpointing else None)
     params = sum(p.numel() for p in model.parameters())
-    step_s, forward_s = statistics.mean(steps), statistics.mean(forwards[args.repeats:])
-    peak = meter.peak_mb()
+    step_s, forward_s, peak, inference_mb = (timing[k] for k in ("step_s", "forward_s", "peak_mb", "inference_mb"))
     kind = OPTIMIZERS[grade].grade  # type: ignore[attr-defined]
     return {"grade": grade, "kind": kind, "width": width, "params_m": params / 1e6,
             "checkpointing": checkpointing, "step_s": step_s, "forward_s": forward_s,
@@ -150,12 +125,8 @@ def main() -> None:
         for grade in args.grades:
             modes = (False, True) if OPTIMIZERS[grade].uses_gradients else (False,)  # type: ignore[attr-defined]
             for ckpt in modes:
-                cmd = [sys.executable, "-m", "unlearn.perf.scaling", *shared, f"--child={grade},{width},{int(ckpt)}"]
-                out = subprocess.run(cmd, capture_output=True, text=True,
-                                     env=os.environ | {"HF_HUB_DISABLE_PROGRESS_BARS": "1"})
-                if out.returncode != 0:
-                    sys.exit(f"error: {grade} at width {width} failed:\n{out.stderr[-2000:]}")
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                rows.append(in_child("unlearn.perf.scaling", [*shared, f"--child={grade},{width},{int(ckpt)}"],
+                                     f"{grade} at width {width}"))
                 r = rows[-1]
                 print(f"width {width:5d} {grade:8s} ckpt {'on ' if ckpt else 'off'} step {r['step_s']:.3f}s "
                       f"({r['step_over_forward']:.2f}x fwd)  peak {r['peak_mb']:.0f} MB "
