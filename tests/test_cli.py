@@ -79,6 +79,8 @@ def test_full_run_eval_and_report(tmp_path, tiny_model_dir):
     run = tmp_path / "runs" / "npo-adamw"
     assert sorted(p.name for p in run.iterdir()) == [".unlearn", "config.yaml", "log.jsonl", "metrics.json", "model"]
     assert "| npo-adamw | embedded | npo | adamw |" in result.stdout
+    live = next(line for line in result.stdout.splitlines() if line.startswith("training log (live): "))
+    assert "/.staging-npo-adamw-" in live and live.split()[3].endswith("/log.jsonl")  # where it can be watched
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and all(r["forwards"] == 1 for r in log)
     metrics = json.loads((run / "metrics.json").read_text())

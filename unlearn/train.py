@@ -193,7 +193,7 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
                 raise UserError(f"loss became {loss_value} at step {step}; lower the learning rate "
                                 f"(--lr) or check the data")
             parts = closure.logged_parts()
-            bar.set_postfix(loss=f"{loss_value:.4f}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", **{k: f"{v:.4f}" for k, v in parts.items() if k != "total"})
             if log:
                 record = {"step": step, "loss": loss_value, "lr": _lr(optimizer),
                           "grade": _grade(optimizer), "forwards": closure.rounds, "seconds": round(seconds, 4),

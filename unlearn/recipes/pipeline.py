@@ -299,6 +299,8 @@ def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrit
             before = {"stages": stages, "seconds": seconds, "forward_passes": forwards, "steps": steps,
                       "eval_seconds": eval_seconds}  # what the requests before this one took
             resumed_here = point is not None and index == point.stage
+            if main:  # watchable while it runs: one line per step, flushed, with the forget and retain parts
+                log(f"training log (live): {log_path} (moves to {final}/ when the run completes)")
             if resumable and main and index > 0 and not resumed_here:
                 checkpoints.save_stage_start(stage_dir, model, {"stage": index, "done": before})
 
