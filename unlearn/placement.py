@@ -41,33 +41,47 @@ def _local_rank() -> int:
     return int(value) if value.isdigit() else 0
 
 
+def _parse_device(spec: str, what: str = "device") -> tuple[str, int | None]:
+    """("auto" | "cpu" | "cuda", the GPU index if one is given), from the spelling alone."""
+    text = str(spec).strip().lower()
+    if text in ("auto", "cpu"):
+        return text, None
+    index = text.removeprefix("cuda").removeprefix(":")
+    if not text.startswith("cuda") or (index and not index.isdigit()):
+        raise UserError(f"unknown {what} {spec!r}; choose from: {', '.join(DEVICES)}")
+    return "cuda", int(index) if index else None
+
+
+def _parse_dtype(spec: str, what: str = "dtype", auto: bool = True) -> str:
+    text = str(spec).strip().lower()
+    if text not in (("auto", *DTYPES) if auto else DTYPES):
+        raise UserError(f"unknown {what} {spec!r}; choose from: {'auto, ' if auto else ''}{', '.join(DTYPES)}"
+                        + ("" if auto else " (or null: the precision it trained in)"))
+    return text
+
+
 def resolve_device(spec: str) -> torch.device:
-    spec = str(spec).strip().lower()
+    kind, given = _parse_device(spec)
     cuda = torch.cuda.is_available()
-    if spec == "auto":
-        spec = "cuda" if cuda else "cpu"
-    if spec == "cpu":
+    if kind == "auto":
+        kind = "cuda" if cuda else "cpu"
+    if kind == "cpu":
         return torch.device("cpu")
-    index_text = spec.removeprefix("cuda").removeprefix(":")
-    if not spec.startswith("cuda") or (index_text and not index_text.isdigit()):
-        raise UserError(f"unknown device {spec!r}; choose from: {', '.join(DEVICES)}")
     if not cuda:
         raise UserError(f"device {spec!r}: no CUDA GPU is visible to this process (use --device cpu or auto)")
-    index = int(index_text) if index_text else _local_rank()  # one GPU per process under a launcher
+    index = given if given is not None else _local_rank()  # one GPU per process under a launcher
     if index >= torch.cuda.device_count():
         raise UserError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return torch.device("cuda", index)
 
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    spec = str(spec).strip().lower()
-    if spec == "auto":
+    text = _parse_dtype(spec)
+    if text == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    if spec not in DTYPES:
-        raise UserError(f"unknown dtype {spec!r}; choose from: auto, {', '.join(DTYPES)}")
-    return DTYPES[spec]
+    return DTYPES[text]
 
 
 def resolve(device: str = "auto", dtype: str = "auto") -> Placement:
@@ -77,15 +91,10 @@ def resolve(device: str = "auto", dtype: str = "auto") -> Placement:
 
 def check(device: str, dtype: str, save_dtype: str | None = None, section: str = "train") -> None:
     """The spellings alone, without looking for a GPU: a config is checked before anything loads."""
-    text = str(device).strip().lower()
-    index = text.removeprefix("cuda").removeprefix(":")
-    if text not in ("auto", "cpu") and not (text.startswith("cuda") and (not index or index.isdigit())):
-        raise UserError(f"unknown {section}.device {device!r}; choose from: {', '.join(DEVICES)}")
-    if str(dtype).strip().lower() not in ("auto", *DTYPES):
-        raise UserError(f"unknown {section}.dtype {dtype!r}; choose from: auto, {', '.join(DTYPES)}")
-    if save_dtype is not None and str(save_dtype).strip().lower() not in DTYPES:
-        raise UserError(f"unknown {section}.save_dtype {save_dtype!r}; choose from: {', '.join(DTYPES)} "
-                        "(or null: the precision it trained in)")
+    _parse_device(device, f"{section}.device")
+    _parse_dtype(dtype, f"{section}.dtype")
+    if save_dtype is not None:
+        _parse_dtype(save_dtype, f"{section}.save_dtype", auto=False)
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
