@@ -238,26 +238,14 @@ def _resumed_config(name: str, output_dir: str | None):
     return load_run_config(None, None, saved, {"output_dir": str(parent), "name": name})
 
 
-def _placement(device: str | None, dtype: str | None, saved: dict | None = None):
-    """--device/--dtype, else (for a run) the precision it trained in, else auto. The device is never taken from
-    a saved config: the GPU a run trained on need not exist where it is evaluated."""
-    from unlearn.placement import resolve
-
-    train = (saved or {}).get("train") or {}
-    train = train if isinstance(train, dict) else {}
-    dtype = dtype or (train.get("dtype") if isinstance(train.get("dtype"), str) else None) or "auto"
-    return resolve(device or "auto", dtype)
-
-
 def _subject(run_dir: Path | None, model: str | None, config: Path | None, set_: list[str] | None,
              benchmark: str | None = None, flags: dict[str, object] | None = None, trust_remote_code: bool = False,
              device: str | None = None, dtype: str | None = None):
     """The model under evaluation or attack: a run folder (on its own benchmark, with flags applied on top, in
     the precision it trained in unless --dtype says otherwise), or any model on the configured benchmark."""
-    from dataclasses import replace
-
     from unlearn.attacks import Subject
-    from unlearn.config import load_run_config, read_yaml
+    from unlearn.config import load_run_config
+    from unlearn.placement import resolve
     from unlearn.recipes.attack import subject_from_run
     from unlearn.recipes.pipeline import load_task
 
@@ -266,14 +254,13 @@ def _subject(run_dir: Path | None, model: str | None, config: Path | None, set_:
     if run_dir is not None:
         if benchmark is not None or any(v is not None for k, v in (flags or {}).items() if k.startswith("bench")):
             raise UserError("a run is evaluated on its own benchmark: --benchmark/--data go with --model")
-        subject = subject_from_run(run_dir, load_task, {k: v for k, v in (flags or {}).items() if v is not None},
-                                   trust_remote_code)
-        return replace(subject, placement=_placement(device, dtype, read_yaml(run_dir / "config.yaml")))
+        return subject_from_run(run_dir, load_task, {k: v for k, v in (flags or {}).items() if v is not None},
+                                trust_remote_code, device, dtype)
     # Only the benchmark and eval sections matter here.
     cfg = load_run_config(None, None, config, flags or {}, set_, benchmark=benchmark)
     return Subject(model_spec=model, task=load_task(cfg.benchmark), run_dir=None, unlearned=None, target=None,
                    target_model=None, eval_settings=cfg.eval, trust_remote_code=trust_remote_code,
-                   placement=_placement(device, dtype))
+                   placement=resolve(device or "auto", dtype or "auto"))
 
 
 def _print_metrics(metrics: dict[str, float], task: Task | None = None) -> None:
@@ -465,6 +452,7 @@ def prepare(
 ) -> None:
     """Build (or find cached) the target model that knows the benchmark's forget and retain facts."""
     from unlearn.config import load_run_config
+    from unlearn.placement import resolve
     from unlearn.recipes.pipeline import load_task
     from unlearn.recipes.prepare import prepare_record, target_model
 
@@ -473,7 +461,7 @@ def prepare(
     task = load_task(cfg.benchmark)
     _setup_torch()
     folder = target_model(cfg.model, task, cfg.benchmark.get("prepare", {}), trust_remote_code,
-                          progress=not quiet, placement=_placement(cfg.train.device, cfg.train.dtype))
+                          progress=not quiet, placement=resolve(cfg.train.device, cfg.train.dtype))
     record = prepare_record(folder)
     for split in ("forget", "retain", "holdout"):
         console.print(f"{split:8s} MCQ accuracy {record['metrics'][f'{split}/mcq_acc']:.3f}")

@@ -19,6 +19,7 @@ from unlearn.attacks import ATTACKS, Attack, AttackResult, Subject
 from unlearn.config import apply_override, component_defaults, eval_config, merge, read_yaml
 from unlearn.errors import UserError
 from unlearn.files import read_json, write_json_atomic
+from unlearn.placement import resolve as resolve_placement
 from unlearn.results import AttackRecord, Recovery
 from unlearn.runs import staged_dir
 from unlearn.settings import from_mapping
@@ -113,7 +114,7 @@ def attacks_dir(run_dir: Path) -> Path:
 
 
 def subject_from_run(run_dir: Path, load_task, eval_overrides: dict[str, Any] | None = None,
-                     trust_remote_code: bool = False) -> Subject:
+                     trust_remote_code: bool = False, device: str | None = None, dtype: str | None = None) -> Subject:
     """The run's model on the run's own benchmark; `eval_overrides` ({"eval.engine": ...}) change how it is
     scored, never what it is scored on."""
     if not run_dir.is_dir():
@@ -126,9 +127,14 @@ def subject_from_run(run_dir: Path, load_task, eval_overrides: dict[str, Any] | 
     settings.update({k.removeprefix("eval."): v for k, v in (eval_overrides or {}).items()})
     record = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
     task: Task = load_task(saved.get("benchmark", {}))
+    # The precision the run trained in unless `dtype` says otherwise; never its device: the GPU a run trained on
+    # need not exist where it is evaluated.
+    train = saved.get("train") if isinstance(saved.get("train"), dict) else {}
+    trained_in = train.get("dtype") if isinstance(train.get("dtype"), str) else None
     return Subject(model_spec=str(run_dir / "model"), task=task, eval_settings=eval_config(settings),
                    target_model=_target_model(saved.get("target_model")), trust_remote_code=trust_remote_code,
-                   run_dir=run_dir, unlearned=record.get("metrics"), target=record.get("target"))
+                   run_dir=run_dir, unlearned=record.get("metrics"), target=record.get("target"),
+                   placement=resolve_placement(device or "auto", dtype or trained_in or "auto"))
 
 
 def _target_model(value: Any) -> str | None:
