@@ -163,6 +163,21 @@ def in_child(module: str, args: list[str], what: str) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def check_grades(grades: list[str]) -> None:
+    from unlearn.optim import OPTIMIZERS
+
+    unknown = [g for g in grades if g not in OPTIMIZERS]
+    if unknown:
+        sys.exit(f"error: unknown optimizer(s) {', '.join(unknown)}; choose from {', '.join(sorted(OPTIMIZERS))}")
+
+
+def publish(text: str, markdown: Path | None) -> None:
+    """The table on stdout, and in `markdown` when given."""
+    print(text)
+    if markdown:
+        markdown.write_text(text + "\n")
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| optimizer | grade | forwards/step | s/step | s/forward | step ÷ forward | peak MB | "
              "inference MB | peak ÷ inference |", "|---|---|---|---|---|---|---|---|---|"]
@@ -190,9 +205,7 @@ def main() -> None:
         print(json.dumps(measure(args.child, steps, args.model, args.device, args.repeats)))
         return
     grades = args.grades or sorted(OPTIMIZERS)
-    unknown = [g for g in grades if g not in OPTIMIZERS]
-    if unknown:
-        sys.exit(f"error: unknown optimizer(s) {', '.join(unknown)}; choose from {', '.join(sorted(OPTIMIZERS))}")
+    check_grades(grades)
     rows = []
     for grade in grades:
         # One process per grade: peak memory is per process, and no grade inherits another's allocations.
@@ -202,10 +215,7 @@ def main() -> None:
         r = rows[-1]
         print(f"{grade:12s} step/forward {r['step_over_forward']:.2f}x  peak/inference {r['peak_over_inference']:.3f}x",
               file=sys.stderr, flush=True)
-    text = table(rows)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
+    publish(table(rows), args.markdown)
 
 
 if __name__ == "__main__":

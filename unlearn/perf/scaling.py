@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from unlearn.perf.optimizer_cost import Meter, in_child, side_by_side
+from unlearn.perf.optimizer_cost import Meter, check_grades, in_child, publish, side_by_side
 
 GRADES = ("zo", "signsgd", "adamw", "sophia", "muon", "hybrid")
 WIDTHS = (128, 256, 512, 1024)
@@ -115,9 +115,7 @@ def main() -> None:
         grade, width, ckpt = args.child.split(",")
         print(json.dumps(measure(grade, int(width), ckpt == "1", args)))
         return
-    unknown = [g for g in args.grades if g not in OPTIMIZERS]
-    if unknown:
-        sys.exit(f"error: unknown optimizer(s) {', '.join(unknown)}; choose from {', '.join(sorted(OPTIMIZERS))}")
+    check_grades(args.grades)
     shared = [f"--{k}={getattr(args, k)}" for k in ("layers", "vocab", "mlp", "dtype", "length", "batch", "steps",
                                                     "repeats", "device")] + (["--tied"] if args.tied else [])
     rows = []
@@ -131,10 +129,7 @@ def main() -> None:
                 print(f"width {width:5d} {grade:8s} ckpt {'on ' if ckpt else 'off'} step {r['step_s']:.3f}s "
                       f"({r['step_over_forward']:.2f}x fwd)  peak {r['peak_mb']:.0f} MB "
                       f"({r['peak_over_inference']:.2f}x inf)", file=sys.stderr, flush=True)
-    text = table(rows)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(text + "\n")
+    publish(table(rows), args.markdown)
 
 
 if __name__ == "__main__":

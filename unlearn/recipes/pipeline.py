@@ -184,12 +184,11 @@ def _unlearn_request(cfg: RunConfig, objective, model: torch.nn.Module, tok, for
                          float(done["final_loss"]))
         if log_path is not None:
             _truncate_log(log_path, start.steps)
-    trained = model
     result = train(model, objective, optimizer, forget, retain, pad_id=tok.pad_token_id,
                    batch_size=cfg.train.batch_size, max_steps=cfg.train.max_steps, seed=cfg.train.seed,
                    log_path=log_path, desc=desc, progress=progress and world.is_main,
                    grad_accum=cfg.train.grad_accum, world=world, start=start,
-                   checkpoint=(lambda done: save(trained, optimizer, done)) if save else None,
+                   checkpoint=(lambda done: save(model, optimizer, done)) if save else None,
                    checkpoint_every=cfg.train.save_every)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
@@ -305,15 +304,14 @@ def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrit
                 checkpoints.save_stage_start(stage_dir, model, {"stage": index, "done": before})
 
             def save(trained, optimizer, so_far: Progress, index=index, before=before) -> None:
-                if main:
-                    checkpoints.save(stage_dir, trained, optimizer, {
-                        "stage": index, "step": so_far.steps, "done": before,
-                        "train": {"seconds": so_far.seconds, "forward_passes": so_far.forward_passes,
-                                  "final_loss": so_far.final_loss}})
+                checkpoints.save(stage_dir, trained, optimizer, {
+                    "stage": index, "step": so_far.steps, "done": before,
+                    "train": {"seconds": so_far.seconds, "forward_passes": so_far.forward_passes,
+                              "final_loss": so_far.final_loss}})
 
             model, result = _unlearn_request(
                 cfg, objective, model, tok, request.forget, retain, log_path if main else None, desc, progress,
-                world, max_length, save if resumable else None,
+                world, max_length, save if resumable and main else None,
                 point.checkpoint if resumed_here and point is not None else None)
             seconds, forwards, steps = seconds + result.seconds, forwards + result.forward_passes, steps + result.steps
             final_loss = result.final_loss
