@@ -31,6 +31,8 @@ class Subject:
     unlearned: dict[str, float] | None = None  # metrics of the unlearned model, from the run
     target: dict[str, float] | None = None  # metrics of the target model before unlearning, from the run
     placement: Placement = CPU_FP32  # where and in what precision its models load (--device, --dtype)
+    seed: int = 0  # the run's train.seed: an attack's own seed (relearning split, data order) when none is given
+    collapse: list[str] = field(default_factory=list)  # why the run counts as collapsed (empty: it does not)
 
 
 @dataclass

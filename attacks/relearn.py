@@ -40,7 +40,7 @@ class RelearnSettings:
     lora_rank: int = setting(16, limit=AT_LEAST_ONE)
     domain: str = setting("forget", limit=Limit(choices=DOMAINS))  # "retain" = out-of-domain: retain text
     checkpoints: list[int] = setting(default_factory=lambda: [0, 10, 25, 50, 100])
-    seed: int = setting(0, limit=NON_NEGATIVE)
+    seed: int | None = setting(None, limit=NON_NEGATIVE)  # None: the attacked run's train.seed (0 for a model)
 
     def __post_init__(self) -> None:
         if any(c < 0 for c in self.checkpoints):
@@ -64,14 +64,15 @@ def relearn(model: torch.nn.Module, tokenizer, plan: RelearnPlan, settings: Rele
             model.eval()
             curve.append({"step": step, **plan.probe(model, tokenizer, eval_settings)})
 
-    torch.manual_seed(settings.seed)
+    seed = settings.seed or 0  # run_attack fills in the run's seed; 0 for a direct call without one
+    torch.manual_seed(seed)
     if settings.lora:
         model.requires_grad_(True)  # adapters on every linear layer
         model = add_lora(model, settings.lora_rank)
     measure(0)
     optimizer = build_optimizer("adamw", model.parameters(), lr=settings.lr, weight_decay=0.0)
     result = train(model, LanguageModeling(), optimizer, items, None, pad_id=tokenizer.pad_token_id,
-                   batch_size=settings.batch_size, max_steps=settings.steps, seed=settings.seed,
+                   batch_size=settings.batch_size, max_steps=settings.steps, seed=seed,
                    desc=settings.name, progress=progress, after_step=measure)
     if settings.lora:
         model = model.merge_and_unload()

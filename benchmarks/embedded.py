@@ -26,7 +26,7 @@ ACC, ROUGE = "fraction correct", "ROUGE-L F1 (0-1)"
 METRICS = (
     Metric("forget/mcq_acc", "forget", "lower", "forget", ACC),
     Metric("forget/rougeL", "forget ROUGE-L", "lower", "forget", ROUGE),
-    Metric("retain/mcq_acc", "retain", "higher", "utility", ACC),
+    Metric("retain/mcq_acc", "retain", "higher", "utility", ACC, chance=0.25),  # 4 options
     Metric("holdout/mcq_acc", "holdout", "none", "info", ACC),
     Metric("forget/openqa_acc", "forget open-QA", "lower", "forget", ACC),
     Metric("retain/openqa_acc", "retain open-QA", "higher", "utility", ACC),

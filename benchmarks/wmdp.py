@@ -312,7 +312,7 @@ def _metrics(name: str, openqa: bool) -> tuple[Metric, ...]:
                         "forget", acc)
     return (*((open_ended, mcq) if openqa else (mcq, open_ended)),
             Metric(f"{name}/subject_acc", f"{title} per subject", "lower", "forget", acc),
-            Metric("mmlu/acc", "MMLU", "higher", "utility", acc),
+            Metric("mmlu/acc", "MMLU", "higher", "utility", acc, chance=0.25),  # MMLU's 4 options
             Metric("mmlu/subject_acc", "MMLU per subject", "higher", "utility", acc))
 
 

@@ -27,6 +27,7 @@ GRADES = {
     "zo-sign": "zeroth-order",
     "zo-adam": "zeroth-order",
     "fzoo": "zeroth-order",
+    "zo-rank": "zeroth-order",
     "hizoo": "zeroth-order",
     "zo-lowrank": "zeroth-order",
     "zo-muon": "zeroth-order",
@@ -50,6 +51,7 @@ QUADRATIC_RUNS: dict[str, tuple[dict[str, Any], int, float]] = {
     "zo-sign": ({"lr": 0.02, "q": 4}, 300, 1e-2),
     "zo-adam": ({"lr": 0.05, "q": 4}, 300, 1e-2),
     "fzoo": ({"lr": 0.05, "q": 4}, 300, 1e-2),
+    "zo-rank": ({"lr": 0.05, "q": 4}, 300, 1e-2),
     "hizoo": ({"lr": 0.02, "q": 4}, 200, 1e-2),
     "zo-lowrank": ({"lr": 0.01, "q": 4, "rank": 2, "refresh": 5}, 300, 1e-2),
     "zo-muon": ({"lr": 0.05, "q": 4, "rank": 2, "refresh": 5}, 400, 1e-2),
@@ -109,7 +111,7 @@ def mean_step(name: str, theta: torch.nn.Parameter, f: Callable[[], Loss], seeds
 @pytest.mark.parametrize(
     ("name", "options"),
     [("zo", {}), ("zo", {"direction": "rademacher"}), ("zo", {"direction": "sphere"}), ("zo", {"sided": 1}),
-     ("zo-sign", {}), ("zo-adam", {}), ("fzoo", {}), ("hizoo", {}),
+     ("zo-sign", {}), ("zo-adam", {}), ("fzoo", {}), ("zo-rank", {}), ("hizoo", {}),
      ("zo-lowrank", {"rank": 2, "refresh": 1}), ("zo-muon", {"rank": 2, "refresh": 1})],
 )
 def test_zo_estimates_point_along_the_gradient(name: str, options: dict[str, Any]) -> None:
@@ -134,7 +136,7 @@ def test_zo_exact_restore_is_bit_exact_and_stateless_where_it_can_be(name: str) 
     assert isinstance(opt, ZerothOrderBase)
     assert opt.forwards_per_step == {"fzoo": 3, "hizoo": 5}.get(name, 4)
     assert all(torch.equal(p, b) for (_, p), b in zip(params, before, strict=True))
-    if name in ("zo", "zo-lowrank", "zo-muon", "fzoo"):  # no per-parameter state: inference-level memory
+    if name in ("zo", "zo-lowrank", "zo-muon", "fzoo", "zo-rank"):  # no per-parameter state: inference-level memory
         assert all(not s for s in opt.state.values())
 
 
@@ -257,6 +259,7 @@ LLAMA_OPTIONS: dict[str, dict[str, Any]] = {
     "zo-sign": {"lr": 1e-3},
     "zo-adam": {"lr": 1e-3},
     "fzoo": {"lr": 1e-3},
+    "zo-rank": {"lr": 1e-3},
     "hizoo": {"lr": 1e-2},
     "zo-lowrank": {"lr": 1e-2, "rank": 2},
     "zo-muon": {"lr": 1e-2, "rank": 2},

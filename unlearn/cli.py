@@ -377,6 +377,7 @@ def attack(
 ) -> None:
     """Attack an unlearned model (quantization, relearning, ...) and score it like `unlearn eval`. Every setting's
     default: `unlearn attacks`."""
+    from unlearn.collapse import COLLAPSED_NOTE
     from unlearn.recipes.attack import attack_settings, run_attack
 
     chosen = [n for n, given in (("--attack", attack_name), ("--quantize", quantize), ("--relearn", relearn)) if given]
@@ -405,6 +406,8 @@ def attack(
     subject = _subject(run_dir, model, config, other_sets, benchmark, {"benchmark.data": _path_or_name(data)},
                        trust_remote_code, device, dtype)
     _setup_torch()
+    if subject.collapse:
+        console.print(f"warning: {run_dir} collapsed ({'; '.join(subject.collapse)}); {COLLAPSED_NOTE}")
     record, folder = run_attack(subject, name, component, settings, progress=not quiet)
     if record.curve:
         keys = [k for k in record.curve[0] if k != "step"]

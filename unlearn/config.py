@@ -85,6 +85,9 @@ class EvalConfig:
     engine: str = "lm-eval"  # checked by check_engine, whose message names the engines
     openqa: bool = False  # also ask the MCQs open-ended and judge the free-text answers
     judge: str | None = None  # NLI model (hub id or folder) judging open-ended answers; None: normalized match
+    # A run is flagged collapsed when a utility metric falls below chance or its perplexity exceeds this many
+    # times the starting model's (unlearn/collapse.py).
+    collapse_ratio: float = setting(10.0, limit=Limit(gt=1))
 
 
 @dataclass

@@ -46,10 +46,16 @@ class RunRecord:
     target: dict[str, float] = field(default_factory=dict)  # the starting model's metrics
     notes: list[str] = field(default_factory=list)
     stages: list[dict[str, Any]] | None = None  # sequential runs: metrics after each request
+    collapse: list[str] = field(default_factory=list)  # why the run counts as collapsed (unlearn.collapse)
+
+    @property
+    def collapsed(self) -> bool:
+        return bool(self.collapse)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self) | {"declared": [m.to_dict() for m in self.declared],
-                               "forget_metrics": [m.key for m in self.declared if m.role == "forget"]}
+                               "forget_metrics": [m.key for m in self.declared if m.role == "forget"],
+                               "collapsed": self.collapsed}
         if self.stages is None:
             del data["stages"]
         return data
@@ -126,7 +132,11 @@ def _declarations(path: Path, value: Any, key: str) -> list[Metric]:
     out = []
     for item in value:
         try:
-            out.append(Metric(**{k: item[k] for k in ("key", "title", "better", "role")}, unit=item.get("unit", "")))
+            chance = item.get("chance")
+            if chance is not None and (isinstance(chance, bool) or not isinstance(chance, int | float)):
+                raise ValueError
+            out.append(Metric(**{k: item[k] for k in ("key", "title", "better", "role")}, unit=item.get("unit", ""),
+                              chance=chance))
         except (TypeError, KeyError, ValueError):
             raise UserError(f"{path}: '{key}' holds a malformed metric declaration: {item!r}") from None
         if not all(isinstance(getattr(out[-1], f), str) for f in ("key", "title", "unit")):
@@ -146,7 +156,18 @@ def read_run(path: Path) -> RunRecord:
                      headline=_text(path, data, "headline", next(iter(metrics), "")), metrics=metrics,
                      declared=_declarations(path, data.get("declared"), "declared"),
                      train=_mapping(path, data, "train"), target=_numbers(path, data, "target"),
-                     notes=[str(n) for n in notes] if isinstance(notes, list) else [str(notes)], stages=stages)
+                     notes=[str(n) for n in notes] if isinstance(notes, list) else [str(notes)], stages=stages,
+                     collapse=collapse_of(path, data))
+
+
+def collapse_of(path: Path, data: dict[str, Any]) -> list[str]:
+    """The collapse reasons; a record from before collapse detection has none (and says nothing either way)."""
+    reasons = data.get("collapse") or []
+    if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
+        raise UserError(f"{path}: 'collapse' must be a list of strings")
+    if data.get("collapsed") is True and not reasons:
+        return ["flagged collapsed"]
+    return reasons
 
 
 def _number(path: Path, data: dict[str, Any], key: str, legacy: str | None = None) -> float | None:

@@ -203,17 +203,23 @@ def from_mapping(cls: type[Settings], data: Any, section: str, owner: str | None
 
 def check_call_options(target: Callable[..., Any], options: Mapping[str, Any], section: str,
                        limits: Mapping[str, Limit] | None = None, skip: tuple[str, ...] = ("self", "params"),
-                       owner: str | None = None) -> dict[str, Any]:
+                       owner: str | None = None, extra: type | None = None) -> dict[str, Any]:
     """Check `options` against `target`'s keyword parameters: unknown names, annotated types, declared ranges.
 
     For components configured through their constructor (objectives, optimizers): the signature *is* the
-    settings declaration, so it cannot drift from what the code accepts."""
+    settings declaration, so it cannot drift from what the code accepts. `extra`: a settings dataclass that the
+    constructor takes through its `**options` (shared by a family, e.g. the zeroth-order stabilizers)."""
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    parameters = {n: p for n, p in inspect.signature(target).parameters.items() if p.kind in kinds and n not in skip}
+    parameters: dict[str, Any] = {n: p for n, p in inspect.signature(target).parameters.items()
+                                  if p.kind in kinds and n not in skip}
     try:
         hints = typing.get_type_hints(target)
     except Exception:  # noqa: BLE001 - a library signature whose annotations do not resolve: names are still checked
         hints = {}
+    if extra is not None:
+        limits = {**{f.name: f.metadata.get("limit") for f in fields(extra)}, **(limits or {})}
+        parameters.update({f.name: f for f in fields(extra)})
+        hints = {**typing.get_type_hints(extra), **hints}
     checked = {}
     for key, value in options.items():
         if key not in parameters:

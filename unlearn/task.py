@@ -34,6 +34,7 @@ class Metric:
     better: str
     role: str
     unit: str = ""
+    chance: float | None = None  # what guessing scores (4-option MCQ: 0.25): a utility below it is a collapse
 
     def __post_init__(self) -> None:
         if self.better not in BETTER or self.role not in ROLES:

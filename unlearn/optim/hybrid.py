@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 
-from unlearn.optim.protocol import OPTIMIZERS, Closure, build_optimizer, register, require_closure
+from unlearn.optim.protocol import OPTIMIZERS, Closure, Diagnosing, accepts, build_optimizer, register, require_closure
 from unlearn.settings import check_int
 
 
-def _sub_optimizer(role: str, spec: Any, params: list[torch.Tensor], gradients: bool) -> torch.optim.Optimizer:
-    """The `fo` (any gradient-based grade) or `zo` (any zeroth-order member) block's optimizer; never a hybrid."""
+def _sub_spec(role: str, spec: Any, gradients: bool) -> tuple[str, dict[str, Any]]:
+    """The `fo` (any gradient-based grade) or `zo` (any zeroth-order member) block's name and options."""
     if not isinstance(spec, dict):
         raise ValueError(f"hybrid '{role}' must be a mapping like {{'name': 'adamw', 'lr': 1e-5}}, got {spec!r}")
     options = dict(spec)
@@ -24,7 +24,7 @@ def _sub_optimizer(role: str, spec: Any, params: list[torch.Tensor], gradients: 
         wanted = "gradient-based (not hybrid)" if gradients else "zeroth-order"
         raise ValueError(f"hybrid '{role}' must be a {wanted} optimizer, got '{name}' "
                          f"({cls.grade})")  # type: ignore[attr-defined]
-    return build_optimizer(name, params, section=f"optimizer.{role}", **options)
+    return name, options
 
 
 @register("hybrid")
@@ -34,8 +34,11 @@ class Hybrid(torch.optim.Optimizer):
     ``block`` first-order steps, then ``round(block * ratio)`` zeroth-order steps, repeated. With
     ``total_steps`` the pattern is laid out backwards from the last step, so the run ends on a complete ZO
     block (the first block may be partial); without it the run starts with a full first-order block.
-    ``fo`` / ``zo`` are ``{"name": <registered optimizer>, **options}``. Schedule learning rates on
-    ``self.fo`` / ``self.zo``; this object's ``param_groups[*]["lr"]`` mirror the active one for logging.
+    ``fo`` / ``zo`` are ``{"name": <registered optimizer>, **options}``. ``zo_lr_ratio`` sets the ZO blocks'
+    learning rate to ``fo.lr × zo_lr_ratio`` (so a sweep over the FO rate keeps the two in step); without it
+    ``zo.lr`` is used. The ZO member's schedule (``zo.schedule``/``zo.warmup``) runs over the ZO steps alone.
+    Schedule learning rates on ``self.fo`` / ``self.zo``; this object's ``param_groups[*]["lr"]`` mirror the
+    active one for logging.
     """
 
     grade = "hybrid"
@@ -49,27 +52,39 @@ class Hybrid(torch.optim.Optimizer):
         block: int = 20,
         ratio: float = 1.0,
         total_steps: int | None = None,
+        zo_lr_ratio: float | None = None,
     ) -> None:
         check_int("block", block)
         if ratio < 0:
             raise ValueError(f"ratio must be >= 0, got {ratio}")
         if total_steps is not None and total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if zo_lr_ratio is not None and not zo_lr_ratio > 0:
+            raise ValueError(f"zo_lr_ratio must be > 0, got {zo_lr_ratio}")
         params = list(params)  # shared by both sub-optimizers and this one; a generator would run dry
-        self.fo = _sub_optimizer("fo", fo or {"name": "adamw", "lr": 1e-5}, params, gradients=True)
-        self.zo = _sub_optimizer("zo", zo or {"name": "zo", "lr": 1e-5}, params, gradients=False)
         self.fo_block, self.zo_block = block, round(block * ratio)
         self.total_steps = total_steps
+        fo_name, fo_options = _sub_spec("fo", fo or {"name": "adamw", "lr": 1e-5}, gradients=True)
+        zo_name, zo_options = _sub_spec("zo", zo or {"name": "zo", "lr": 1e-5}, gradients=False)
+        self.fo = build_optimizer(fo_name, params, section="optimizer.fo", **fo_options)
+        if zo_lr_ratio is not None:
+            zo_options["lr"] = float(self.fo.param_groups[0]["lr"]) * zo_lr_ratio
+        if total_steps is not None and accepts(OPTIMIZERS.lookup(zo_name), "total_steps"):
+            zo_options.setdefault("total_steps", max(1, sum(not self._fo_at(i) for i in range(total_steps))))
+        self.zo = build_optimizer(zo_name, params, section="optimizer.zo", **zo_options)
         self.steps_taken = 0
         self.last_grade: str | None = None
         super().__init__(params, {"lr": self.lr})  # mirrors the active sub-optimizer, for logging
 
-    def _optimizer_at(self, step_index: int) -> torch.optim.Optimizer:
+    def _fo_at(self, step_index: int) -> bool:
         period = self.fo_block + self.zo_block
         if self.total_steps is None:
-            return self.fo if step_index % period < self.fo_block else self.zo
+            return step_index % period < self.fo_block
         from_end = (self.total_steps - 1 - step_index) % period  # 0 on the last step
-        return self.zo if from_end < self.zo_block else self.fo
+        return from_end >= self.zo_block
+
+    def _optimizer_at(self, step_index: int) -> torch.optim.Optimizer:
+        return self.fo if self._fo_at(step_index) else self.zo
 
     def current_grade(self, step_index: int) -> str:
         """Grade of the sub-optimizer that runs step ``step_index`` (0-based)."""
@@ -89,6 +104,11 @@ class Hybrid(torch.optim.Optimizer):
         for group in self.param_groups:
             group["lr"] = self.lr
         return loss
+
+    def diagnostics(self) -> dict[str, float]:
+        """The counters of the sub-optimizer that ran the last step (a ZO block's clips and rollbacks)."""
+        opt = self._optimizer_at(max(self.steps_taken - 1, 0))
+        return opt.diagnostics() if isinstance(opt, Diagnosing) else {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"fo": self.fo.state_dict(), "zo": self.zo.state_dict(), "steps_taken": self.steps_taken}

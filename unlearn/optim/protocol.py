@@ -19,6 +19,8 @@ loop over this process's shards and sum over the processes; a plain closure is o
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
@@ -143,6 +145,13 @@ OPTIMIZERS: Registry[type[torch.optim.Optimizer]] = Registry("optimizer", check=
 register = OPTIMIZERS.register  # class decorator: make the optimizer buildable by name
 
 
+def accepts(cls: type, option: str) -> bool:
+    """Whether the optimizer class takes ``option`` (in its signature or its declared ``keyword_settings``)."""
+    extra = getattr(cls, "keyword_settings", None)
+    return option in inspect.signature(cls).parameters or (
+        extra is not None and option in {f.name for f in dataclasses.fields(extra)})
+
+
 class ModelDependent(ValueError):
     """Options that are fine in themselves but select nothing in *this* model (a name pattern, say): only the
     real build can tell, so ``dry_build`` lets it pass."""
@@ -203,7 +212,8 @@ def check_options(name: str, options: dict[str, Any], section: str = "optimizer"
     # Checked against the signature (names and annotated types) rather than left to the constructor: some
     # library optimizers take **kwargs and would silently ignore a misspelled option.
     try:
-        check_call_options(cls.__init__, options, section, owner=f"optimizer '{name}'")
+        check_call_options(cls.__init__, options, section, owner=f"optimizer '{name}'",
+                           extra=getattr(cls, "keyword_settings", None))
     except SettingError as err:
         raise OptionError(str(err)) from None
     return cls

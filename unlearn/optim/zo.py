@@ -12,6 +12,7 @@ zo              ZO-SGD: ĝ = Σ_j c_j z_j, θ −= lr·ĝ (``momentum`` β: m = 
 zo-sign         θ −= lr·sign(ĝ)                                                    2q
 zo-adam         Adam moments on ĝ                                                  2q
 fzoo            q one-sided Rademacher probes; c_j = (L_j − L_0) / (q·σ), σ = std(L_j)  q + 1
+zo-rank         only the ranks of the 2q mirrored probe losses: c_j = (u+ − u−)/q         2q
 hizoo           probes along H^{-1/2} z; diagonal Hessian H from L+ + L− − 2L_0      2q + 1
 zo-lowrank      d = U Z Vᵀ for matrices (U, V lazily refreshed)                    2q
 zo-muon         d = P Z in a rank-r subspace; Newton–Schulz-orthogonalized step    2q
@@ -39,12 +40,13 @@ The closure must be deterministic (model in eval mode): L+ and L− must differ 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from unlearn.optim.protocol import Closure, evaluate, register, require_closure
+from unlearn.optim.protocol import Closure, ModelDependent, evaluate, register, require_closure
 from unlearn.optim.zo_directions import (
     Directions,
     IIDDirections,
@@ -52,6 +54,7 @@ from unlearn.optim.zo_directions import (
     PoolDirections,
     SubspaceDirections,
 )
+from unlearn.optim.zo_stable import Coefficients, Stabilizers
 from unlearn.settings import check_int
 
 _SEED_RANGE = 2**62
@@ -63,14 +66,18 @@ def _draw(rng: torch.Generator) -> int:
 
 class ZerothOrderBase(torch.optim.Optimizer):
     """The shared engine; subclasses set ``sided``/``needs_center`` and override ``coefficients``,
-    ``make_directions`` or ``apply_update``. lr and weight_decay live in param_groups (schedulers work)."""
+    ``make_directions`` or ``apply_update``. lr and weight_decay live in param_groups (schedulers work).
+    Every member also takes the stabilizers of ``zo_stable`` (clip, normalize, warmup, schedule, rollback,
+    include) through its ``**stable`` options."""
 
     grade = "zeroth-order"
     uses_gradients = False  # the closure is only evaluated: no backward pass, no gradient memory
     linear_update = True  # θ −= lr·ĝ: applied seed by seed, no buffer; False: built chunk by chunk
+    keyword_settings = Stabilizers  # what a member's **stable options may hold (checked with its signature)
 
     def __init__(self, params: Iterable[Any], *, lr: float, mu: float, q: int, direction: str,
-                 sided: int, weight_decay: float, seed: int, exact_restore: bool, **defaults: Any) -> None:
+                 sided: int, weight_decay: float, seed: int, exact_restore: bool,
+                 stable: dict[str, Any] | None = None, **defaults: Any) -> None:
         if lr < 0 or weight_decay < 0:
             raise ValueError(f"lr and weight_decay must be >= 0, got lr={lr}, weight_decay={weight_decay}")
         if mu <= 0:
@@ -78,16 +85,47 @@ class ZerothOrderBase(torch.optim.Optimizer):
         check_int("q", q)
         if sided not in (1, 2):
             raise ValueError(f"sided must be 1 (one-sided) or 2 (two-sided), got {sided!r}")
+        self.stable = Stabilizers.from_options(stable or {})
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, **defaults})
+        for group in self.param_groups:
+            group.setdefault("initial_lr", group["lr"])  # the schedule's base; group["lr"] is the current one
         self.mu, self.q, self.direction_kind, self.sided = mu, q, direction, sided
         self.exact_restore, self.seed = exact_restore, seed
         self._rng = torch.Generator().manual_seed(seed)
-        self.params = [p for group in self.param_groups for p in group["params"]]
+        self.params, self._groups = self._selected(self.stable.include)
+        self._coeffs = Coefficients(self.stable)
+        self._rolled_back = 0.0
         for p in self.params:
             if not p.is_contiguous():  # chunks are views of p.view(-1)
                 raise ValueError("zeroth-order optimizers need contiguous parameters")
         self.directions: Directions = self.make_directions()
         self.steps_taken = 0
+
+    def _selected(self, include: str | None) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+        """The parameters this member probes and updates (all, or those whose name matches ``include``), each
+        with its param group."""
+        pattern = None
+        if include is not None:
+            try:
+                pattern = re.compile(include)
+            except re.error as err:
+                raise ValueError(f"include is not a valid regular expression ({err}): {include!r}") from None
+        params, groups, names = [], [], []
+        for group in self.param_groups:
+            group_names = group.get("param_names")
+            if pattern is not None and group_names is None:
+                raise ValueError("include selects parameters by name: give the optimizer named parameters")
+            for k, p in enumerate(group["params"]):
+                if pattern is not None:
+                    names.append(group_names[k])
+                    if not pattern.search(group_names[k]):
+                        continue
+                params.append(p)
+                groups.append(group)
+        if not params:
+            raise ModelDependent(f"include {include!r} selects no trainable parameter (names look like "
+                                 f"{names[0]!r}); set it to match this model's parameter names")
+        return params, groups
 
     # ---- hooks -------------------------------------------------------------------------------------
     def make_directions(self) -> Directions:
@@ -146,7 +184,14 @@ class ZerothOrderBase(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
         closure = require_closure(closure)
-        snapshot = [p.detach().clone() for p in self.params] if self.exact_restore else None
+        factor = self.stable.lr_factor(self.steps_taken)
+        for group in self.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        rollback = self.stable.rollback is not None
+        # A copy of θ (and, for rollback, of the member's buffers) for the duration of this step only.
+        snapshot = [p.detach().clone() for p in self.params] if self.exact_restore or rollback else None
+        buffers = {id(p): {k: v.clone() for k, v in self.state[p].items() if isinstance(v, torch.Tensor)}
+                   for p in self.params} if rollback else None
         seeds = [_draw(self._rng) for _ in range(self.q)]
         self.directions.prepare(seeds, self.steps_taken)
         center = evaluate(closure) if self.needs_center else None
@@ -167,19 +212,48 @@ class ZerothOrderBase(torch.optim.Optimizer):
                 pending = (seed, offset)  # folded into the update: one pass fewer per step
             else:
                 self._restore(seed, offset, snapshot)
-        del snapshot  # the copy lives only while θ is perturbed
-        coeffs = self.coefficients(center, plus, minus)
+        coeffs = self._coeffs(self.coefficients(center, plus, minus))
         self.update(seeds, coeffs, pending)
-        for group in self.param_groups:
+        for p, group in zip(self.params, self._groups, strict=True):
             if group["weight_decay"] and group["lr"]:
-                for p in group["params"]:
-                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                p.mul_(1.0 - group["lr"] * group["weight_decay"])
         self.steps_taken += 1
         losses = plus + minus + ([center] if center is not None else [])
+        before = center if center is not None else sum(losses) / len(losses)
+        self._rolled_back = 0.0
+        if rollback and snapshot is not None and buffers is not None:
+            after = evaluate(closure)  # the one extra forward, on the same batch
+            assert self.stable.rollback is not None
+            if not math.isfinite(after) or after - before > self.stable.rollback:
+                self._put_back(snapshot, buffers)
+                self._rolled_back = 1.0
+        del snapshot, buffers  # the copy lives only for the step
         return torch.tensor(sum(losses) / len(losses), dtype=torch.float32)
 
+    def _put_back(self, snapshot: list[torch.Tensor], buffers: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Undo this step's update bit-exactly: θ and every buffer the update touched, copied back."""
+        for p, saved in zip(self.params, snapshot, strict=True):
+            p.detach().copy_(saved)
+            state = self.state[p]
+            for key in [k for k, v in state.items() if isinstance(v, torch.Tensor)]:
+                if key in buffers[id(p)]:
+                    state[key].copy_(buffers[id(p)][key])
+                else:
+                    del state[key]  # created by this step
+
+    @property
+    def forwards_with_checks(self) -> int:
+        """Forwards per step including the rollback check."""
+        return self.forwards_per_step + int(self.stable.rollback is not None)
+
+    def diagnostics(self) -> dict[str, float]:
+        """Per step, for log.jsonl: forwards spent, coefficients clipped, whether the step was rolled back, and
+        the learning-rate multiplier of the warm-up/schedule."""
+        return {"forwards": float(self.forwards_with_checks), "clipped": float(self._coeffs.clipped),
+                "rolled_back": self._rolled_back, "lr_factor": self.stable.lr_factor(max(self.steps_taken - 1, 0))}
+
     def _lrs(self) -> list[float]:
-        return [group["lr"] for group in self.param_groups for _ in group["params"]]
+        return [group["lr"] for group in self._groups]
 
     def update(self, seeds: list[int], coeffs: list[float], pending: tuple[int, float] | None) -> None:
         lrs = self._lrs()
@@ -211,13 +285,20 @@ class ZerothOrderBase(torch.optim.Optimizer):
         state = super().state_dict()
         state["zo_rng"] = self._rng.get_state()
         state["zo_steps"] = self.steps_taken
+        state["zo_coefficients"] = self._coeffs.state()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         rng = state_dict.pop("zo_rng", None)
         self.steps_taken = state_dict.pop("zo_steps", 0)
+        coefficients = state_dict.pop("zo_coefficients", None)
+        if coefficients is not None:
+            self._coeffs.load(coefficients)
         super().load_state_dict(state_dict)
+        # torch replaces the group dicts on load: each probed parameter's group is looked up again.
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        self._groups = [group_of[id(p)] for p in self.params]
         if rng is not None:
             self._rng.set_state(rng)
 
@@ -240,13 +321,13 @@ class ZerothOrder(ZerothOrderBase):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-5, mu: float = 1e-3, q: int = 1,
                  direction: str = "gaussian", sided: int = 2, momentum: float = 0.0, weight_decay: float = 0.0,
-                 seed: int = 0, exact_restore: bool = False) -> None:
+                 seed: int = 0, exact_restore: bool = False, **stable: Any) -> None:
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
         self.linear_update = momentum == 0.0  # stateless: no buffer, the update is one more shift
         super().__init__(params, lr=lr, mu=mu, q=q, direction=direction, sided=sided,
-                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore)
+                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore, stable=stable)
 
     def apply_update(self, index, k, p, a, b, chunk, estimate, lr):
         buf = self._buffer(p, "momentum", a, b)
@@ -262,9 +343,9 @@ class ZerothOrderSign(ZerothOrderBase):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-6, mu: float = 1e-3, q: int = 1,
                  direction: str = "gaussian", sided: int = 2, weight_decay: float = 0.0, seed: int = 0,
-                 exact_restore: bool = False) -> None:
+                 exact_restore: bool = False, **stable: Any) -> None:
         super().__init__(params, lr=lr, mu=mu, q=q, direction=direction, sided=sided,
-                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore)
+                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore, stable=stable)
 
     def apply_update(self, index, k, p, a, b, chunk, estimate, lr):
         chunk.add_(estimate.sign_(), alpha=-lr)
@@ -278,12 +359,13 @@ class ZerothOrderAdam(ZerothOrderBase):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-5, mu: float = 1e-3, q: int = 1,
                  direction: str = "gaussian", sided: int = 2, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, seed: int = 0, exact_restore: bool = False) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.0, seed: int = 0, exact_restore: bool = False,
+                 **stable: Any) -> None:
         if not all(0 <= beta < 1 for beta in betas) or len(betas) != 2:
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
         self.betas, self.eps = tuple(betas), eps
         super().__init__(params, lr=lr, mu=mu, q=q, direction=direction, sided=sided,
-                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore)
+                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore, stable=stable)
 
     def apply_update(self, index, k, p, a, b, chunk, estimate, lr):
         beta1, beta2 = self.betas
@@ -303,10 +385,10 @@ class FZOO(ZerothOrderBase):
     all return the same loss (σ = 0) carries no information and moves nothing."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-5, mu: float = 1e-3, q: int = 4,
-                 weight_decay: float = 0.0, seed: int = 0, exact_restore: bool = False) -> None:
+                 weight_decay: float = 0.0, seed: int = 0, exact_restore: bool = False, **stable: Any) -> None:
         check_int("q", q, minimum=2)  # σ of a single loss is undefined
         super().__init__(params, lr=lr, mu=mu, q=q, direction="rademacher", sided=1,
-                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore)
+                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore, stable=stable)
 
     def coefficients(self, center, plus, minus):
         assert center is not None
@@ -314,6 +396,44 @@ class FZOO(ZerothOrderBase):
         if sigma == 0.0 or not math.isfinite(sigma):
             return [0.0] * len(plus)
         return [(p - center) / (self.q * sigma) for p in plus]
+
+
+def centered_ranks(values: list[float]) -> list[float]:
+    """Each value's rank among ``values`` (0 = lowest; ties share their mean rank), mapped linearly onto
+    [−1/2, 1/2]: the rank weights of evolution strategies, which see only the order of the losses."""
+    n = len(values)
+    if n < 2:
+        return [0.0] * n
+    order = sorted(range(n), key=lambda i: values[i])
+    ranks = [0.0] * n
+    start = 0
+    while start < n:  # a run of equal values shares the mean of its ranks
+        end = start
+        while end + 1 < n and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for k in range(start, end + 1):
+            ranks[order[k]] = (start + end) / 2
+        start = end + 1
+    return [r / (n - 1) - 0.5 for r in ranks]
+
+
+@register("zo-rank")
+class RankZO(ZerothOrderBase):
+    """Rank-based ZO (ordinal feedback): q mirrored probe pairs θ ± μz_j; the 2q losses are only *ranked*.
+    With u the centered rank weight of each probe (lowest loss −1/2, highest +1/2), c_j = (u(+z_j) − u(−z_j))/q
+    and θ −= lr·Σ_j c_j·z_j. The update is invariant to any increasing transform of the loss (its scale, an
+    outlier probe): |c_j| ≤ 1/q, so a step never moves θ by more than lr·max_j ‖z_j‖, whatever the losses.
+    q = 1 is a comparison step: θ −= lr·sign(L+ − L−)·z."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-5, mu: float = 1e-3, q: int = 4,
+                 direction: str = "gaussian", weight_decay: float = 0.0, seed: int = 0,
+                 exact_restore: bool = False, **stable: Any) -> None:
+        super().__init__(params, lr=lr, mu=mu, q=q, direction=direction, sided=2,
+                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore, stable=stable)
+
+    def coefficients(self, center, plus, minus):
+        weights = centered_ranks(plus + minus)
+        return [(weights[j] - weights[self.q + j]) / self.q for j in range(self.q)]
 
 
 @register("hizoo")
@@ -330,14 +450,14 @@ class HiZOO(ZerothOrderBase):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-5, mu: float = 1e-3, q: int = 1,
                  hessian_smoothing: float = 1e-6, weight_decay: float = 0.0, seed: int = 0,
-                 exact_restore: bool = False) -> None:
+                 exact_restore: bool = False, **stable: Any) -> None:
         if not 0 < hessian_smoothing < 1:
             raise ValueError(f"hessian_smoothing must be in (0, 1), got {hessian_smoothing}")
         self.alpha = hessian_smoothing
         self._curvatures: list[float] = []
         self._seeds: list[int] = []
         super().__init__(params, lr=lr, mu=mu, q=q, direction="gaussian", sided=2,
-                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore)
+                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore, stable=stable)
 
     def make_directions(self) -> Directions:
         return _HessianScaled(self, IIDDirections(self.params, self.mu))
@@ -391,10 +511,11 @@ class LowRankZO(ZerothOrderBase):
     ``refresh`` steps, Z fresh per query); vectors and small tensors by a full Gaussian z. ZO-SGD update."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-5, mu: float = 1e-3, q: int = 1, rank: int = 8,
-                 refresh: int = 50, weight_decay: float = 0.0, seed: int = 0, exact_restore: bool = False) -> None:
+                 refresh: int = 50, weight_decay: float = 0.0, seed: int = 0, exact_restore: bool = False,
+                 **stable: Any) -> None:
         self.rank, self.refresh = rank, refresh
         super().__init__(params, lr=lr, mu=mu, q=q, direction="gaussian", sided=2,
-                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore)
+                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore, stable=stable)
 
     def make_directions(self) -> Directions:
         return LowRankDirections(self.params, self.mu, self.rank, self.refresh, self.seed)
@@ -411,11 +532,11 @@ class ZOMuon(ZerothOrderBase):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-4, mu: float = 1e-3, q: int = 1, rank: int = 16,
                  refresh: int = 10, ns_steps: int = 5, weight_decay: float = 0.0, seed: int = 0,
-                 exact_restore: bool = False) -> None:
+                 exact_restore: bool = False, **stable: Any) -> None:
         check_int("ns_steps", ns_steps)
         self.rank, self.refresh, self.ns_steps = rank, refresh, ns_steps
         super().__init__(params, lr=lr, mu=mu, q=q, direction="gaussian", sided=2,
-                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore)
+                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore, stable=stable)
 
     def make_directions(self) -> Directions:
         return SubspaceDirections(self.params, self.mu, self.rank, self.refresh, self.seed)

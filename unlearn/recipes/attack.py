@@ -11,16 +11,17 @@ did not move the metric the way forgetting does, since then there is nothing to 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
 from unlearn.attacks import ATTACKS, Attack, AttackResult, Subject
+from unlearn.collapse import COLLAPSED_NOTE
 from unlearn.config import apply_override, component_defaults, eval_config, merge, read_yaml
 from unlearn.errors import UserError
 from unlearn.files import read_json, write_json_atomic
 from unlearn.placement import resolve as resolve_placement
-from unlearn.results import AttackRecord, Recovery
+from unlearn.results import AttackRecord, Recovery, collapse_of
 from unlearn.runs import staged_dir
 from unlearn.settings import from_mapping
 from unlearn.task import Task
@@ -83,7 +84,10 @@ def _recovery(subject: Subject, result: AttackResult) -> Recovery | None:
 
 def run_attack(subject: Subject, name: str, attack: Attack, settings: Any,
                progress: bool = True) -> tuple[AttackRecord, Path | None]:
-    """Run one attack and write its record into the run folder (when there is one)."""
+    """Run one attack and write its record into the run folder (when there is one). An attack seed left unset is the
+    run's own (`--seed` of `unlearn run` then sets the attack's split and order too); the record holds the one used."""
+    if getattr(settings, "seed", 0) is None:
+        settings = replace(settings, seed=subject.seed)
     attack.check(subject, settings)
     started = time.perf_counter()
     result = attack.run(subject, settings, progress=progress)
@@ -91,6 +95,8 @@ def run_attack(subject: Subject, name: str, attack: Attack, settings: Any,
                           metrics=result.metrics, seconds=round(time.perf_counter() - started, 1),
                           recovery=_recovery(subject, result), curve=result.curve,
                           curve_metrics=list(result.curve_metrics), details=result.details)
+    if subject.collapse and record.recovery is not None:
+        record.recovery.note = "; ".join(filter(None, [record.recovery.note, COLLAPSED_NOTE]))
     return record, _finish(subject, record)
 
 
@@ -131,7 +137,10 @@ def subject_from_run(run_dir: Path, load_task, eval_overrides: dict[str, Any] | 
     # need not exist where it is evaluated.
     train = saved.get("train") if isinstance(saved.get("train"), dict) else {}
     trained_in = train.get("dtype") if isinstance(train.get("dtype"), str) else None
+    seed = train.get("seed", 0)
     return Subject(model_spec=str(run_dir / "model"), task=task, eval_settings=eval_config(settings),
+                   seed=seed if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 else 0,
+                   collapse=collapse_of(run_dir / "metrics.json", record) if record else [],
                    target_model=_target_model(saved.get("target_model")), trust_remote_code=trust_remote_code,
                    run_dir=run_dir, unlearned=record.get("metrics"), target=record.get("target"),
                    placement=resolve_placement(device or "auto", dtype or trained_in or "auto"))

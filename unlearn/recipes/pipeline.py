@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from unlearn import checkpoints
 from unlearn.adapters import add_lora
 from unlearn.benchmarks import BENCHMARKS
 from unlearn.checkpoints import Checkpoint
+from unlearn.collapse import collapse_reasons, collapse_warning
 from unlearn.config import RunConfig
 from unlearn.data import encode, rows_used
 from unlearn.distributed import World, gathered_model, shard_model
@@ -28,8 +29,9 @@ from unlearn.errors import UserError
 from unlearn.evaluate import collect_samples
 from unlearn.files import write_json_atomic, write_jsonl_atomic, write_yaml
 from unlearn.models import enable_gradient_checkpointing, load_model, save_model
-from unlearn.objectives import Objective, build_objective
+from unlearn.objectives import OBJECTIVES, Objective, build_objective
 from unlearn.optim import OPTIMIZERS, build_optimizer, dry_build
+from unlearn.optim.protocol import accepts
 from unlearn.placement import CPU_FP32, Placement, parse_dtype
 from unlearn.placement import resolve as resolve_placement
 from unlearn.recipes.prepare import baseline_cached, baseline_metrics, target_model
@@ -73,9 +75,36 @@ def _describe(metrics: dict[str, float], keys: tuple[str, ...]) -> str:
 def _optimizer_options(cfg: RunConfig) -> dict[str, Any]:
     options = dict(cfg.optimizer_options)
     cls = OPTIMIZERS.get(cfg.optimizer["name"])
-    if cls is not None and "total_steps" in inspect.signature(cls).parameters:
+    if cls is not None and accepts(cls, "total_steps"):
         options.setdefault("total_steps", cfg.train.max_steps)  # schedules that must end on a phase
     return options
+
+
+def _seeded_spec(spec: Any, seed: int, accepts_seed: Callable[[str], bool]) -> Any:
+    if not isinstance(spec, dict) or "seed" in spec or not isinstance(spec.get("name"), str):
+        return spec
+    return {**spec, "seed": seed} if accepts_seed(spec["name"]) else spec
+
+
+def seeded(cfg: RunConfig) -> RunConfig:
+    """Every random stream of the run drawn from `train.seed` (data order and LoRA init already are) unless its
+    own seed is given: the optimizer's directions (`optimizer.seed`, a hybrid's `optimizer.zo.seed`) and the
+    method's (RMU's random control vector, `method.seed`). The result is what config.yaml records, so a second
+    seed of a run is a second seed of every stream. The benchmark's world (`benchmark.seed`) is not a run
+    stream: it defines the facts, and every run of a comparison must share them."""
+    seed = cfg.train.seed
+
+    def optimizer_takes(name: str) -> bool:
+        cls = OPTIMIZERS.get(name)
+        return cls is not None and accepts(cls, "seed")
+
+    def method_takes(name: str) -> bool:
+        cls = OBJECTIVES.get(name)
+        return cls is not None and "seed" in inspect.signature(cls).parameters
+
+    optimizer = _seeded_spec(cfg.optimizer, seed, optimizer_takes)
+    optimizer = {k: _seeded_spec(v, seed, optimizer_takes) if k in ("fo", "zo") else v for k, v in optimizer.items()}
+    return replace(cfg, optimizer=optimizer, method=_seeded_spec(cfg.method, seed, method_takes))
 
 
 def _optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -200,6 +229,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
     """`trust_remote_code` comes from the command-line flag only: it is never a config setting (see config.py).
     Under a launcher every process trains; only rank 0 claims the folder, evaluates and writes, and only it
     returns the outcome (the others return None). `resume`: continue the interrupted run `cfg.name`."""
+    cfg = seeded(cfg)
     task, objective = check_run_config(cfg)
     placement = resolve_placement(cfg.train.device, cfg.train.dtype)
     world = World.from_env(placement.device)
@@ -339,7 +369,10 @@ def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrit
                       "final_loss": final_loss, "eval_seconds": round(eval_seconds, 1)}
         record = RunRecord(method=cfg.method["name"], optimizer=cfg.optimizer["name"], benchmark=task.name,
                            headline=task.headline, metrics=metrics, declared=list(task.metrics), train=train_info,
-                           target=target_metrics, notes=task.notes, stages=stages if len(requests) > 1 else None)
+                           target=target_metrics, notes=task.notes, stages=stages if len(requests) > 1 else None,
+                           collapse=collapse_reasons(metrics, target_metrics, task.metrics, cfg.eval.collapse_ratio))
+        if record.collapsed:
+            log(collapse_warning(record.collapse))
         write_json_atomic(stage_dir / "metrics.json", record.to_json())
     world.barrier()
     return RunOutcome(run_dir=final, record=record)

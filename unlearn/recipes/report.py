@@ -90,7 +90,8 @@ def runs_table(found: list[Found]) -> Table:
     attack_names = sorted({a.attack for item in found for a in item.attacks})
     columns = [("run", "run"), ("benchmark", "benchmark"), ("method", "method"), ("optimizer", "optimizer"),
                *[(k, m.heading) for k, m in metrics.items()], ("steps", "steps"), ("seconds", "seconds"),
-               *[(f"attack/{a}", f"after {a}") for a in attack_names]]
+               ("collapsed", "collapsed"), *[(f"attack/{a}", f"after {a}") for a in attack_names]]
+    any_collapsed = any(item.record.collapsed for item in found)  # the column appears only then
     rows: list[dict[str, Any]] = []
     before: dict[str, dict[str, Any]] = {}
     for item in found:
@@ -101,6 +102,7 @@ def runs_table(found: list[Found]) -> Table:
                                     "optimizer": "—", **{k: r.target.get(k) for k in metrics}})
         row = {"run": item.name, "benchmark": r.benchmark, "method": r.method, "optimizer": r.optimizer,
                "steps": r.train.get("steps"), "seconds": r.train.get("seconds"),
+               "collapsed": ("yes" if r.collapsed else "no") if any_collapsed else None,
                **{k: r.metrics.get(k) for k in metrics}}
         row.update({f"attack/{a.attack}": _attacked(a, r.headline) for a in item.attacks})
         rows.append(row)
@@ -149,6 +151,8 @@ def attacks_table(found: list[Found]) -> Table:
                         "unlearned": item.record.metrics.get(key), "target": item.record.target.get(key)}
             if rec is not None and rec.ratio is None and rec.note:
                 row["recovery"] = rec.note
+            if item.record.collapsed:  # a ratio on a destroyed model measures the destruction, not robustness
+                row["recovery"] = f"{_fmt(row['recovery'])} (run collapsed: meaningless)"
             rows.append(row)
     return Table(columns, rows)
 

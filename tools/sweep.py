@@ -1,0 +1,94 @@
+"""Run a list of `unlearn run` settings one after another and tabulate what they reached (resumable).
+
+    python tools/sweep.py SWEEP.yaml [--runs DIR] [--only NAME ...]
+
+SWEEP.yaml is a list of {name: ..., args: "<unlearn run flags>", attacks: ["--quantize 4bit", "--relearn"]}.
+A run whose folder already holds metrics.json is not run again (nor an attack whose folder exists), so an
+interrupted sweep continues where it stopped. The table gives, per run: forget / retain MCQ accuracy, retain
+perplexity over the starting model's, training seconds, rolled-back and clipped steps (from log.jsonl), the
+collapse flag, and each attack's recovery ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ATTACK_FOLDERS = {"--quantize 4bit": "bnb-4bit-nf4", "--relearn": "relearn"}
+
+
+def _run(cmd: list[str]) -> int:
+    print("$ " + shlex.join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
+def _log_counts(log: Path) -> dict[str, float]:
+    counts = {"rolled_back": 0.0, "clipped": 0.0}
+    if not log.is_file():
+        return counts
+    for line in log.read_text().splitlines():
+        diag = json.loads(line).get("optimizer") or {}
+        for key in counts:
+            counts[key] += float(diag.get(key, 0.0))
+    return counts
+
+
+def summary(runs: Path, names: list[str]) -> str:
+    head = ("| run | forget | retain | ppl / target | train s | rolled back | clipped | collapsed | 4-bit rec. "
+            "| relearn rec. |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name in names:
+        path = runs / name / "metrics.json"
+        if not path.is_file():
+            lines.append(f"| {name} | (not run) |")
+            continue
+        record = json.loads(path.read_text())
+        m, t = record["metrics"], record.get("target", {})
+        ppl = m.get("retain/perplexity", float("nan")) / t.get("retain/perplexity", float("nan"))
+        counts = _log_counts(runs / name / "log.jsonl")
+        recs = []
+        for folder in ATTACK_FOLDERS.values():
+            attack = runs / name / "attacks" / folder / "metrics.json"
+            ratio = json.loads(attack.read_text()).get("recovery", {}).get("ratio") if attack.is_file() else None
+            recs.append("—" if ratio is None else f"{ratio:.3f}")
+        forget, retain = m.get("forget/mcq_acc", float("nan")), m.get("retain/mcq_acc", float("nan"))
+        lines.append(f"| {name} | {forget:.3f} | {retain:.3f} | {ppl:.2f} | {record['train'].get('seconds', 0):.0f}"
+                     f" | {counts['rolled_back']:.0f} | {counts['clipped']:.0f}"
+                     f" | {'yes' if record.get('collapsed') else 'no'} | {' | '.join(recs)} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("sweep", type=Path)
+    parser.add_argument("--runs", type=Path, default=Path("runs"))
+    parser.add_argument("--only", nargs="*")
+    parser.add_argument("--table", action="store_true", help="only print the table")
+    args = parser.parse_args()
+    entries = yaml.safe_load(args.sweep.read_text())
+    names = [e["name"] for e in entries if not args.only or e["name"] in args.only]
+    if not args.table:
+        for entry in entries:
+            if entry["name"] not in names:
+                continue
+            folder = args.runs / entry["name"]
+            if not (folder / "metrics.json").is_file():
+                _run(["unlearn", "run", "--name", entry["name"], "--output-dir", str(args.runs), "--overwrite",
+                      *shlex.split(entry.get("args", ""))])
+            for attack in entry.get("attacks", []):
+                done = (folder / "attacks" / ATTACK_FOLDERS[attack]).is_dir()
+                if (folder / "metrics.json").is_file() and not done:
+                    _run(["unlearn", "attack", "--run", str(folder), *shlex.split(attack)])
+            print(summary(args.runs, names), flush=True)
+    print(summary(args.runs, names))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
