@@ -90,6 +90,24 @@ def test_rollback_keeps_a_step_that_does_not_jump() -> None:
     assert all(b <= a for a, b in zip([float(DIM), *losses], losses, strict=False))
 
 
+def test_rollback_on_the_retain_part_catches_what_the_total_lets_through() -> None:
+    """A step can lower the total (forgetting) while it raises the retain term: watched on retain, it is undone."""
+    from unlearn.loss import Loss
+
+    v = torch.ones(DIM) / DIM**0.5
+
+    def run(on: str) -> float:
+        theta = torch.nn.Parameter(torch.zeros(DIM))
+        opt = build_optimizer("zo-rank", [theta], lr=0.1, q=1, seed=1, rollback=0.0, rollback_on=on)
+        opt.step(lambda: Loss({"forget": -10.0 * (v @ theta), "retain": (v @ theta).square()}))
+        return opt.diagnostics()["rolled_back"]
+
+    assert run("total") == 0.0 and run("retain") == 1.0
+    theta = torch.nn.Parameter(torch.zeros(DIM))
+    with pytest.raises(ValueError, match="no such part"):
+        build_optimizer("zo", [theta], rollback=0.0, rollback_on="retain").step(lambda: theta.sum())
+
+
 def test_include_probes_and_updates_only_matching_parameters() -> None:
     torch.manual_seed(0)
     kept, trained = torch.nn.Parameter(torch.randn(8)), torch.nn.Parameter(torch.randn(8))

@@ -197,6 +197,13 @@ def _component(kind: str, name: str | None, *layers: dict[str, Any]) -> dict[str
     return {**out, "name": chosen}
 
 
+def _recipe(kind: str, name: str) -> dict[str, Any]:
+    recipe = component_defaults(kind, name).get("run") or {}
+    if not isinstance(recipe, dict):
+        raise UserError(f"the 'run' section of configs/{kind}/{name}.yaml must be a mapping")
+    return recipe
+
+
 def check_engine(engine: str) -> None:
     if engine not in EVAL_ENGINES:
         raise UserError(f"unknown eval.engine {engine!r}; choose from: {', '.join(EVAL_ENGINES)}")
@@ -250,13 +257,12 @@ def load_run_config(method: str | None = None, optimizer: str | None = None,
     for assignment in overrides or []:
         apply_override(cli, assignment)
     _refuse_remote_code({str(config_file): user, "--set": cli})
-    # A method may need different run settings (RMU: another learning rate and more steps); its YAML's
-    # `run:` section sits right above run.yaml, below everything the user says.
-    recipe = component_defaults("method", _chosen("method", method, raw, user, cli)).get("run") or {}
-    if not isinstance(recipe, dict):
-        raise UserError(f"the 'run' section of configs/method/{_chosen('method', method, raw, user, cli)}.yaml "
-                        "must be a mapping")
-    raw = merge(merge(raw, recipe), user)
+    # A method or an optimizer may need different run settings (RMU: another learning rate and more steps; a
+    # zeroth-order member: LoRA and many more steps); the `run:` section of its YAML sits right above run.yaml
+    # (the optimizer's above the method's), below everything the user says.
+    for kind, name in (("method", method), ("optimizer", optimizer)):
+        raw = merge(raw, _recipe(kind, _chosen(kind, name, raw, user, cli)))
+    raw = merge(raw, user)
     components = {kind: _component(kind, chosen, raw, cli)
                   for kind, chosen in (("method", method), ("optimizer", optimizer), ("benchmark", benchmark))}
     raw = merge(raw, cli)

@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from unlearn.loss import LossValue, total_loss
+from unlearn.loss import LossValue, loss_parts, total_loss
 from unlearn.registry import Registry
 from unlearn.settings import SettingError, check_call_options
 
@@ -111,6 +111,17 @@ def evaluate(closure: Closure) -> float:
     """The loss over the whole (global) batch, without autograd: what zeroth-order grades compare."""
     split = sharded(closure)
     return split.sum_values([float(total_loss(shard())) for shard in split.shards()])
+
+
+def evaluate_parts(closure: Closure) -> dict[str, float]:
+    """Like ``evaluate``, part by part (``total`` included): the whole batch's forget and retain terms."""
+    split = sharded(closure)
+    shards = [{k: float(v.detach()) for k, v in loss_parts(shard()).items()} for shard in split.shards()]
+    keys = sorted(shards[0]) if shards else []
+    parts = {k: split.sum_values([s.get(k, 0.0) for s in shards]) for k in keys}
+    if "total" not in parts:
+        parts["total"] = sum(parts.values())
+    return parts
 
 
 def backward(closure: Closure, params: Iterable[torch.Tensor], create_graph: bool = False) -> torch.Tensor:

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from unlearn.optim.protocol import Closure, ModelDependent, evaluate, register, require_closure
+from unlearn.optim.protocol import Closure, ModelDependent, evaluate_parts, register, require_closure
 from unlearn.optim.zo_directions import (
     Directions,
     IIDDirections,
@@ -95,6 +95,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
         self.params, self._groups = self._selected(self.stable.include)
         self._coeffs = Coefficients(self.stable)
         self._rolled_back = 0.0
+        self._watched: list[float] = []  # the rollback's part at each evaluation of the current step
         for p in self.params:
             if not p.is_contiguous():  # chunks are views of p.view(-1)
                 raise ValueError("zeroth-order optimizers need contiguous parameters")
@@ -152,6 +153,16 @@ class ZerothOrderBase(torch.optim.Optimizer):
         raise NotImplementedError
 
     # ---- engine ------------------------------------------------------------------------------------
+    def _evaluate(self, closure: Closure) -> float:
+        """The loss over the whole batch (no autograd); the part the rollback watches is kept aside."""
+        parts = evaluate_parts(closure)
+        watched = self.stable.rollback_on
+        if watched not in parts:
+            raise ValueError(f"rollback_on '{watched}': the loss has no such part (its parts: "
+                             f"{', '.join(sorted(parts))})")
+        self._watched.append(parts[watched])
+        return parts["total"]
+
     def shift(self, seed: int, scales: list[float]) -> None:
         """θ_i += scales[i]·d_i(seed) in place, chunk by chunk. When the directions are views of a drawn pool
         (no new memory per chunk), the chunks are grouped by their multiplier and each group is one
@@ -194,19 +205,20 @@ class ZerothOrderBase(torch.optim.Optimizer):
                    for p in self.params} if rollback else None
         seeds = [_draw(self._rng) for _ in range(self.q)]
         self.directions.prepare(seeds, self.steps_taken)
-        center = evaluate(closure) if self.needs_center else None
+        self._watched = []
+        center = self._evaluate(closure) if self.needs_center else None
         plus: list[float] = []
         minus: list[float] = []
         pending: tuple[int, float] | None = None  # a probe left in place, undone inside the update pass
         for j, seed in enumerate(seeds):
             self.shift(seed, [1.0] * len(self.params))
-            plus.append(evaluate(closure))
+            plus.append(self._evaluate(closure))
             offset = 1.0  # θ currently sits at θ + offset·d
             if self.sided == 2:  # straight from θ + d to θ − d: one pass instead of undo + probe
                 if snapshot is not None:
                     self._restore(seed, offset, snapshot)
                 self.shift(seed, [-1.0 if snapshot is not None else -2.0] * len(self.params))
-                minus.append(evaluate(closure))
+                minus.append(self._evaluate(closure))
                 offset = -1.0
             if j == len(seeds) - 1 and snapshot is None:
                 pending = (seed, offset)  # folded into the update: one pass fewer per step
@@ -219,10 +231,12 @@ class ZerothOrderBase(torch.optim.Optimizer):
                 p.mul_(1.0 - group["lr"] * group["weight_decay"])
         self.steps_taken += 1
         losses = plus + minus + ([center] if center is not None else [])
-        before = center if center is not None else sum(losses) / len(losses)
+        watched = self._watched  # the watched part at every probe, the centre (if any) first
+        before = watched[0] if center is not None else sum(watched) / len(watched)
         self._rolled_back = 0.0
         if rollback and snapshot is not None and buffers is not None:
-            after = evaluate(closure)  # the one extra forward, on the same batch
+            self._evaluate(closure)  # the one extra forward, on the same batch
+            after = self._watched[-1]
             assert self.stable.rollback is not None
             if not math.isfinite(after) or after - before > self.stable.rollback:
                 self._put_back(snapshot, buffers)

@@ -13,7 +13,9 @@ step θ −= lr·c·z blows the model up (retain perplexity 6.7e9) and it never 
 * ``rollback``: after the update one more forward on the same batch; if the loss rose by more than
   ``rollback`` above the step's starting loss (the probes' mean: L(θ) up to O(μ²)), or is not finite, the
   weights and the member's buffers are put back bit-exactly from a copy kept during the step (one copy of the
-  trainable parameters — negligible with LoRA or ``include``, 2x for full fine-tuning).
+  trainable parameters — negligible with LoRA or ``include``, 2x for full fine-tuning). ``rollback_on:
+  retain`` watches the objective's retain part instead of the total: measured, a ZO step can lower the total
+  (forgetting) while it wrecks the retain term, which a rollback on the total then lets through.
 * ``include``: a regular expression on parameter names; only matching parameters are probed and updated (as
   RMU trains a few ``down_proj``s). Fewer dimensions is what makes a ZO estimate informative: its variance
   grows with the number of perturbed weights.
@@ -42,6 +44,7 @@ class Stabilizers:
     schedule: str = setting("constant", limit=Limit(choices=SCHEDULES))
     total_steps: int | None = setting(None, limit=AT_LEAST_ONE)
     rollback: float | None = setting(None, limit=NON_NEGATIVE)
+    rollback_on: str = "total"  # the loss part the rollback watches: total, or a part the objective names (retain)
     include: str | None = None
 
     def __post_init__(self) -> None:
