@@ -155,3 +155,22 @@ def test_hybrid_zo_rate_follows_the_first_order_rate_and_its_schedule_spans_the_
     assert opt.zo.param_groups[0]["initial_lr"] == pytest.approx(1e-5)
     # laid out from the end: F Z Z Z F F F Z Z Z
     assert opt.zo.stable.total_steps == sum(opt.current_grade(i) == "zeroth-order" for i in range(10)) == 6
+
+
+def test_a_hybrid_run_logs_fixed_row_probes_at_its_block_boundaries(tmp_path, tiny_model_dir) -> None:
+    import json
+
+    from tests.test_cli import TINY_BENCH, cli
+
+    result = cli("run", "--method", "npo", "--optimizer", "hybrid", "--model", str(tiny_model_dir), "--steps", "6",
+                 "--batch-size", "2", "--set", "optimizer.block=2", "--set", "optimizer.zo.rollback=0.0",
+                 "--set", "optimizer.zo.rollback_on=retain", "-q", *TINY_BENCH, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    log = [json.loads(line) for line in (tmp_path / "runs" / "npo-hybrid" / "log.jsonl").read_text().splitlines()]
+    assert [r["grade"] for r in log] == ["zeroth-order"] * 2 + ["first-order"] * 2 + ["zeroth-order"] * 2
+    assert [r["step"] for r in log if "probe" in r] == [1, 3, 5] and "probe_end" in log[-1]
+    probes = [r["probe"] for r in log if "probe" in r] + [log[-1]["probe_end"]]
+    assert all(set(p) == {"forget", "retain", "total"} for p in probes)
+    assert probes[1] != probes[2]  # the first-order block between them moved the model
+    zo_steps = [r for r in log if r["grade"] == "zeroth-order"]
+    assert all(r["optimizer"]["forwards"] == 3 and r["forwards"] == 3 for r in zo_steps)  # 2 probes + the check

@@ -39,9 +39,34 @@ def _log_counts(log: Path) -> dict[str, float]:
     return counts
 
 
+def zo_block_rises(log: Path) -> list[float]:
+    """Per zeroth-order block of a hybrid run: the retain part's relative change over the block, the mean of the
+    block's second half against the mean of its first half. Both halves are measured at ZO steps (a first-order
+    step logs its loss before its update, so comparing with the steps before the block would charge the last FO
+    updates to the ZO block); each step's retain part comes from that step's own retain batch, so the change of
+    one block carries batch noise — the table beside it gives that noise."""
+    if not log.is_file():
+        return []
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    retain = [r["parts"].get("retain") for r in records]
+    zo = [r.get("grade") == "zeroth-order" for r in records]
+    rises, start = [], None
+    for i, is_zo in enumerate([*zo, False]):
+        if is_zo and start is None:
+            start = i
+        elif not is_zo and start is not None:
+            block = retain[start:i]
+            half = len(block) // 2
+            first, second = block[:half], block[half:]
+            if half and None not in block and sum(first) > 0:
+                rises.append((sum(second) / len(second)) / (sum(first) / len(first)) - 1)
+            start = None
+    return rises
+
+
 def summary(runs: Path, names: list[str]) -> str:
     head = ("| run | forget | retain | ppl / target | train s | rolled back | clipped | collapsed | 4-bit rec. "
-            "| relearn rec. |")
+            "| relearn rec. | ZO-block retain change |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name in names:
         path = runs / name / "metrics.json"
@@ -60,7 +85,8 @@ def summary(runs: Path, names: list[str]) -> str:
         forget, retain = m.get("forget/mcq_acc", float("nan")), m.get("retain/mcq_acc", float("nan"))
         lines.append(f"| {name} | {forget:.3f} | {retain:.3f} | {ppl:.2f} | {record['train'].get('seconds', 0):.0f}"
                      f" | {counts['rolled_back']:.0f} | {counts['clipped']:.0f}"
-                     f" | {'yes' if record.get('collapsed') else 'no'} | {' | '.join(recs)} |")
+                     f" | {'yes' if record.get('collapsed') else 'no'} | {' | '.join(recs)} | "
+                     + (" ".join(f"{r:+.0%}" for r in zo_block_rises(runs / name / "log.jsonl")) or "—") + " |")
     return "\n".join(lines)
 
 

@@ -29,7 +29,7 @@ from unlearn.distributed import SINGLE, World, is_sharded
 from unlearn.errors import UserError
 from unlearn.loss import Loss, LossValue, loss_parts
 from unlearn.objectives import Objective
-from unlearn.optim.protocol import Closure, Diagnosing, Graded, Scheduled
+from unlearn.optim.protocol import Closure, Diagnosing, Graded, Scheduled, evaluate_parts
 
 
 @dataclass
@@ -155,6 +155,40 @@ def retain_seed(seed: int) -> int:
     return seed + 1
 
 
+PROBE_ROWS = 32  # fixed forget and retain rows a scheduled (hybrid) run is measured on at its block boundaries
+
+
+def _first_rows(items: list[Encoded], batch_size: int, seed: int, max_steps: int) -> list[Encoded]:
+    """Up to PROBE_ROWS items, in the order the training stream of `seed` draws them in its first steps: rows training
+    uses anyway (objectives that cache per retain item, RMU, have them cached)."""
+    stream = endless_rows(items, batch_size, seed)
+    rows: list[Encoded] = []
+    for _ in range(min(max_steps, -(-PROBE_ROWS // batch_size))):
+        rows.extend(next(stream))
+    return rows[:PROBE_ROWS]
+
+
+class BlockProbe:
+    """The objective's parts on fixed rows (those the first steps draw), measured before the first step of every
+    block of a scheduled optimizer and after the last step: each step's own parts come from that step's random
+    batch, too noisy to tell what one block did; these are comparable from block to block."""
+
+    def __init__(self, optimizer: Scheduled, model: torch.nn.Module, objective: Objective,
+                 rows: tuple[list[Encoded], list[Encoded] | None], pad_id: int, grad_accum: int, world: World) -> None:
+        self.optimizer, self.model, self.objective, self.rows = optimizer, model, objective, rows
+        self.pad_id, self.grad_accum, self.world = pad_id, grad_accum, world
+
+    def starts_block(self, step: int) -> bool:
+        """Whether 1-based ``step`` is the first of a block."""
+        return step == 1 or self.optimizer.current_grade(step - 1) != self.optimizer.current_grade(step - 2)
+
+    def measure(self) -> dict[str, float]:
+        closure = StepClosure(self.model, self.objective, *self.rows, self.pad_id,
+                              min(self.grad_accum, len(self.rows[0])), self.world)
+        with torch.no_grad():
+            return evaluate_parts(closure)
+
+
 def check_batching(batch_size: int, grad_accum: int, world: World) -> None:
     shards = grad_accum * world.size
     if batch_size < shards:
@@ -179,12 +213,22 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
     loss_value = start.final_loss
     begun = time.perf_counter() - start.seconds
     log: TextIO | None = log_path.open("a" if start.steps else "w") if log_path else None
+    # On every process (its forwards are collectives under a launcher); only rank 0 logs what it measured.
+    probe = BlockProbe(optimizer, model, objective, (
+        _first_rows(forget, batch_size, seed, max_steps),
+        _first_rows(retain, batch_size, retain_seed(seed), max_steps) if retain else None),
+        pad_id, grad_accum, world) if isinstance(optimizer, Scheduled) else None
     try:
         bar = tqdm(range(start.steps + 1, max_steps + 1), desc=desc, disable=not progress, dynamic_ncols=True,
                    initial=start.steps, total=max_steps)
         for step in bar:
             closure = StepClosure(model, objective, next(forget_stream),
                                   next(retain_stream) if retain_stream else None, pad_id, grad_accum, world)
+            block_start = None
+            if probe is not None and probe.starts_block(step):
+                measured = time.perf_counter()
+                block_start = probe.measure()
+                begun += time.perf_counter() - measured  # probes are not training time
             t0 = time.perf_counter()
             loss_value = float(optimizer.step(closure))
             seconds = time.perf_counter() - t0
@@ -194,12 +238,21 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
                                 f"(--lr) or check the data")
             parts = closure.logged_parts()
             bar.set_postfix(loss=f"{loss_value:.4f}", **{k: f"{v:.4f}" for k, v in parts.items() if k != "total"})
+            block_end = None
+            if probe is not None and step == max_steps:
+                measured = time.perf_counter()
+                block_end = probe.measure()  # the same rows after the last step
+                begun += time.perf_counter() - measured
             if log:
                 record = {"step": step, "loss": loss_value, "lr": _lr(optimizer),
                           "grade": _grade(optimizer), "forwards": closure.rounds, "seconds": round(seconds, 4),
                           "parts": parts}
                 if isinstance(optimizer, Diagnosing):
                     record["optimizer"] = {k: v for k, v in optimizer.diagnostics().items() if math.isfinite(v)}
+                if block_start is not None:
+                    record["probe"] = block_start  # fixed rows, before this step (the first of its block)
+                if block_end is not None:
+                    record["probe_end"] = block_end
                 log.write(json.dumps(record) + "\n")
                 log.flush()  # a checkpoint taken next must find every line of the steps it covers
             paused = time.perf_counter()

@@ -59,9 +59,14 @@ class Diagnosing(Protocol):
 
 @runtime_checkable
 class Scheduled(Protocol):
-    """An optimizer that delegates each step to another grade (hybrid): log.jsonl records which one ran."""
+    """An optimizer that delegates each step to another grade (hybrid): log.jsonl records which one ran, and the
+    training loop measures fixed forget and retain rows at each block's start (so a block's effect is read off)."""
 
     last_grade: str | None
+
+    def current_grade(self, step_index: int) -> str:
+        """The grade that runs 0-based step ``step_index``."""
+        ...
 
 
 @runtime_checkable
