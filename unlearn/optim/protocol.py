@@ -121,12 +121,14 @@ def evaluate(closure: Closure) -> float:
 def evaluate_parts(closure: Closure) -> dict[str, float]:
     """Like ``evaluate``, part by part (``total`` included): the whole batch's forget and retain terms."""
     split = sharded(closure)
-    shards = [{k: float(v.detach()) for k, v in loss_parts(shard()).items()} for shard in split.shards()]
-    keys = sorted(shards[0]) if shards else []
-    parts = {k: split.sum_values([s.get(k, 0.0) for s in shards]) for k in keys}
-    if "total" not in parts:
-        parts["total"] = sum(parts.values())
-    return parts
+    shards = []
+    for shard in split.shards():
+        value = shard()
+        # The total exactly as `evaluate` computes it (in the loss's own precision): ZO differences are tiny.
+        shards.append({**{k: float(v.detach()) for k, v in loss_parts(value).items()},
+                       "total": float(total_loss(value))})
+    keys = sorted(shards[0]) if shards else ["total"]
+    return {k: split.sum_values([s.get(k, 0.0) for s in shards]) for k in keys}
 
 
 def backward(closure: Closure, params: Iterable[torch.Tensor], create_graph: bool = False) -> torch.Tensor:
