@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from unlearn.optim.protocol import Closure, ModelDependent, evaluate_parts, register, require_closure
+from unlearn.optim.protocol import Closure, ModelDependent, evaluate, evaluate_parts, register, require_closure
 from unlearn.optim.zo_directions import (
     Directions,
     IIDDirections,
@@ -154,9 +154,14 @@ class ZerothOrderBase(torch.optim.Optimizer):
 
     # ---- engine ------------------------------------------------------------------------------------
     def _evaluate(self, closure: Closure) -> float:
-        """The loss over the whole batch (no autograd); the part the rollback watches is kept aside."""
-        parts = evaluate_parts(closure)
+        """The loss over the whole batch (no autograd); the part the rollback watches is kept aside. Only a
+        rollback on a named part pays for the part-by-part sums (one collective per part under a launcher)."""
         watched = self.stable.rollback_on
+        if watched == "total":
+            total = evaluate(closure)
+            self._watched.append(total)
+            return total
+        parts = evaluate_parts(closure)
         if watched not in parts:
             raise ValueError(f"rollback_on '{watched}': the loss has no such part (its parts: "
                              f"{', '.join(sorted(parts))})")
