@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
@@ -168,6 +169,14 @@ def accepts(cls: type, option: str) -> bool:
     extra = getattr(cls, "keyword_settings", None)
     return option in inspect.signature(cls).parameters or (
         extra is not None and option in {f.name for f in dataclasses.fields(extra)})
+
+
+def compile_pattern(option: str, pattern: str) -> re.Pattern[str]:
+    """A name-pattern option (SIFT's `pattern`, a ZO member's `include`) compiled, or a one-line ValueError."""
+    try:
+        return re.compile(pattern)
+    except re.error as err:  # not a ValueError: build_optimizer would not turn it into one line
+        raise ValueError(f"{option} is not a valid regular expression ({err}): {pattern!r}") from err
 
 
 class ModelDependent(ValueError):

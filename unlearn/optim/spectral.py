@@ -15,7 +15,6 @@ does, so ``lr`` means the same thing in both.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,7 +22,15 @@ from typing import Any
 import torch
 
 from unlearn.loss import loss_parts, total_loss
-from unlearn.optim.protocol import BackwardStep, Closure, ModelDependent, register, require_closure, sharded
+from unlearn.optim.protocol import (
+    BackwardStep,
+    Closure,
+    ModelDependent,
+    compile_pattern,
+    register,
+    require_closure,
+    sharded,
+)
 from unlearn.settings import check_int
 
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # Keller Jordan's quintic: maximal slope at 0 in 5 steps
@@ -130,13 +137,6 @@ def _split_item(item: Any) -> tuple[str | None, torch.Tensor]:
     return None, item
 
 
-def _compile(option: str, pattern: str) -> re.Pattern[str]:
-    try:
-        return re.compile(pattern)
-    except re.error as err:  # not a ValueError: build_optimizer would not turn it into one line
-        raise ValueError(f"{option} is not a valid regular expression ({err}): {pattern!r}") from err
-
-
 class _Composite(torch.optim.Optimizer):
     """Sub-optimizers over disjoint parameters, seen from outside as one optimizer.
 
@@ -201,7 +201,7 @@ class Muon(BackwardStep, _Composite):
         adamw_weight_decay: float = 0.0,
         exclude: str = MUON_EXCLUDE,
     ) -> None:
-        excluded = _compile("exclude", exclude)
+        excluded = compile_pattern("exclude", exclude)
         items = list(params)
         hidden, other = [], []
         for item in items:
@@ -329,7 +329,7 @@ class SIFT(_Composite):
         check_int("rank", rank)
         if not -1 <= threshold <= 1:
             raise ValueError(f"threshold is compared with a cosine, so must be in [-1, 1], got {threshold}")
-        selects = _compile("pattern", pattern)
+        selects = compile_pattern("pattern", pattern)
         items = list(params)
         selected, other, keys = [], [], []
         for index, item in enumerate(items):

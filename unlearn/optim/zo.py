@@ -40,13 +40,20 @@ The closure must be deterministic (model in eval mode): L+ and L− must differ 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from unlearn.optim.protocol import Closure, ModelDependent, evaluate, evaluate_parts, register, require_closure
+from unlearn.optim.protocol import (
+    Closure,
+    ModelDependent,
+    compile_pattern,
+    evaluate,
+    evaluate_parts,
+    register,
+    require_closure,
+)
 from unlearn.optim.zo_directions import (
     Directions,
     IIDDirections,
@@ -105,12 +112,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
     def _selected(self, include: str | None) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
         """The parameters this member probes and updates (all, or those whose name matches ``include``), each
         with its param group."""
-        pattern = None
-        if include is not None:
-            try:
-                pattern = re.compile(include)
-            except re.error as err:
-                raise ValueError(f"include is not a valid regular expression ({err}): {include!r}") from None
+        pattern = compile_pattern("include", include) if include is not None else None
         params, groups, names = [], [], []
         for group in self.param_groups:
             group_names = group.get("param_names")
