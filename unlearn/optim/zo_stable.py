@@ -26,11 +26,11 @@ Every count (clipped coefficients, rolled-back steps, forwards) is logged per st
 from __future__ import annotations
 
 import math
-import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
-from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT_OPEN, Limit, SettingError, check_value, setting
+from unlearn.errors import UserError
+from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT_OPEN, Limit, SettingError, from_mapping, setting
 
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -53,15 +53,12 @@ class Stabilizers:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> Stabilizers:
-        """From a member's ``**options``: every name known and typed (check_options did the same before)."""
-        known = {f.name: f for f in fields(cls)}
-        hints = typing.get_type_hints(cls)
-        checked = {}
-        for key, value in options.items():
-            if key not in known:
-                raise SettingError(f"unknown option {key!r} for a zeroth-order optimizer")
-            checked[key] = check_value(key, value, hints[key], known[key].metadata.get("limit"))
-        return cls(**checked)
+        """From a member's ``**options``, through the toolkit's one settings check (check_options already ran it
+        for a registry build; a direct construction needs it too), as a ValueError like every option error."""
+        try:
+            return from_mapping(cls, options, "optimizer", owner="a zeroth-order optimizer")
+        except UserError as err:
+            raise SettingError(str(err)) from None
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of the base learning rate at 0-based ``step``."""
