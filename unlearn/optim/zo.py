@@ -241,11 +241,11 @@ class ZerothOrderBase(torch.optim.Optimizer):
         watched = self._watched  # the watched part at every probe, the centre (if any) first
         before = watched[0] if center is not None else sum(watched) / len(watched)
         self._rolled_back = 0.0
-        if rollback and snapshot is not None and buffers is not None:
+        threshold = self.stable.rollback
+        if threshold is not None and snapshot is not None and buffers is not None:  # all three, or none
             self._evaluate(closure)  # the one extra forward, on the same batch
             after = self._watched[-1]
-            assert self.stable.rollback is not None
-            if not math.isfinite(after) or after - before > self.stable.rollback:
+            if not math.isfinite(after) or after - before > threshold:
                 self._put_back(snapshot, buffers)
                 self._rolled_back = 1.0
         del snapshot, buffers  # the copy lives only for the step
