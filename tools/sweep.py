@@ -50,6 +50,8 @@ def zo_block_rises(log: Path) -> list[float]:
     records = [json.loads(line) for line in log.read_text().splitlines()]
     retain = [r["parts"].get("retain") for r in records]
     zo = [r.get("grade") == "zeroth-order" for r in records]
+    if all(zo):  # a pure zeroth-order run has no blocks: its whole-run change is not a block's
+        return []
     rises, start = [], None
     for i, is_zo in enumerate([*zo, False]):
         if is_zo and start is None:
@@ -64,9 +66,26 @@ def zo_block_rises(log: Path) -> list[float]:
     return rises
 
 
+def zo_block_probe_changes(log: Path) -> list[float]:
+    """Per zeroth-order block of a hybrid run: the retain part's relative change over the block on the fixed
+    probe rows (`probe` before the block's first step against the next `probe`, or `probe_end` after the last
+    step), so no batch noise and no first-order update is charged to the block."""
+    if not log.is_file():
+        return []
+    points = []  # (is the step after this probe zeroth-order, retain part on the probe rows)
+    for line in log.read_text().splitlines():
+        record = json.loads(line)
+        if "probe" in record:
+            points.append((record.get("grade") == "zeroth-order", record["probe"]["retain"]))
+        if "probe_end" in record:
+            points.append((False, record["probe_end"]["retain"]))
+    pairs = zip(points[:-1], points[1:], strict=True)
+    return [after / before - 1 for (zo, before), (_, after) in pairs if zo and before > 0]
+
+
 def summary(runs: Path, names: list[str]) -> str:
     head = ("| run | forget | retain | ppl / target | train s | rolled back | clipped | collapsed | 4-bit rec. "
-            "| relearn rec. | ZO-block retain change |")
+            "| relearn rec. | ZO-block retain change (step batches) | (fixed probe rows) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name in names:
         path = runs / name / "metrics.json"
@@ -86,7 +105,9 @@ def summary(runs: Path, names: list[str]) -> str:
         lines.append(f"| {name} | {forget:.3f} | {retain:.3f} | {ppl:.2f} | {record['train'].get('seconds', 0):.0f}"
                      f" | {counts['rolled_back']:.0f} | {counts['clipped']:.0f}"
                      f" | {'yes' if record.get('collapsed') else 'no'} | {' | '.join(recs)} | "
-                     + (" ".join(f"{r:+.0%}" for r in zo_block_rises(runs / name / "log.jsonl")) or "—") + " |")
+                     + (" ".join(f"{r:+.0%}" for r in zo_block_rises(runs / name / "log.jsonl")) or "—") + " | "
+                     + (" ".join(f"{r:+.0%}" for r in zo_block_probe_changes(runs / name / "log.jsonl")) or "—")
+                     + " |")
     return "\n".join(lines)
 
 
