@@ -108,6 +108,25 @@ def test_rollback_on_the_retain_part_catches_what_the_total_lets_through() -> No
         build_optimizer("zo", [theta], rollback=0.0, rollback_on="retain").step(lambda: theta.sum())
 
 
+def test_rollback_on_a_list_watches_the_first_part_the_loss_has() -> None:
+    """[retain, total]: the retain part where the objective has one, else the total (GradAscent has none)."""
+    from unlearn.loss import Loss
+
+    v = torch.ones(DIM) / DIM**0.5
+
+    def rolled_back(loss) -> float:
+        theta = torch.nn.Parameter(torch.zeros(DIM))
+        opt = build_optimizer("zo-rank", [theta], lr=0.1, q=1, seed=1, rollback=0.0, rollback_on=["retain", "total"])
+        opt.step(lambda: loss(theta))
+        return opt.diagnostics()["rolled_back"]
+
+    assert rolled_back(lambda t: Loss({"forget": -10.0 * (v @ t), "retain": (v @ t).square()})) == 1.0
+    assert rolled_back(lambda t: Loss({"forget": -10.0 * (v @ t)})) == 0.0  # falls back to the total
+    assert rolled_back(lambda t: Loss({"forget": -(v @ t) + 1e3 * (t @ t)})) == 1.0  # and rolls back on it
+    with pytest.raises(ValueError, match="must not be an empty list"):
+        build_optimizer("zo", [torch.nn.Parameter(torch.zeros(2))], rollback_on=[])
+
+
 def test_include_probes_and_updates_only_matching_parameters() -> None:
     torch.manual_seed(0)
     kept, trained = torch.nn.Parameter(torch.randn(8)), torch.nn.Parameter(torch.randn(8))
@@ -122,6 +141,17 @@ def test_include_probes_and_updates_only_matching_parameters() -> None:
         build_optimizer("zo", [("layers.0.norm.weight", kept)], include="lora_")
     with pytest.raises(ValueError, match="named parameters"):
         build_optimizer("zo", [kept], include="norm")
+
+
+def test_include_list_uses_the_first_pattern_that_selects_something() -> None:
+    """The hybrid default names the norms first: with LoRA only adapters train, and the next pattern applies."""
+    lora, norm = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(3))
+    full = build_optimizer("zo", [("layers.0.mlp.lora_A.weight", lora), ("layers.0.input_layernorm.weight", norm)],
+                           include=["norm", "lora_"])
+    adapters = build_optimizer("zo", [("layers.0.mlp.lora_A.weight", lora)], include=["norm", "lora_"])
+    assert [p is norm for p in full.params] == [True] and [p is lora for p in adapters.params] == [True]
+    with pytest.raises(ValueError, match=r"include \['norm', 'x'\] selects no trainable parameter"):
+        build_optimizer("zo", [("layers.0.mlp.lora_A.weight", lora)], include=["norm", "x"])
 
 
 def test_warmup_and_schedules() -> None:

@@ -99,36 +99,38 @@ class ZerothOrderBase(torch.optim.Optimizer):
         self.mu, self.q, self.direction_kind, self.sided = mu, q, direction, sided
         self.exact_restore, self.seed = exact_restore, seed
         self._rng = torch.Generator().manual_seed(seed)
-        self.params, self._groups = self._selected(self.stable.include)
+        self.params, self._groups = self._selected(self.stable.include_patterns)
         self._coeffs = Coefficients(self.stable)
         self._rolled_back = 0.0
         self._watched: list[float] = []  # the rollback's part at each evaluation of the current step
+        # Which part that is: rollback_on's first that the loss has, found at the first evaluation (the total
+        # without a rollback: then nothing is watched and the plain evaluation is the cheaper one).
+        first = self.stable.rollback_parts[0]
+        self._watch: str | None = "total" if self.stable.rollback is None or first == "total" else None
         for p in self.params:
             if not p.is_contiguous():  # chunks are views of p.view(-1)
                 raise ValueError("zeroth-order optimizers need contiguous parameters")
         self.directions: Directions = self.make_directions()
         self.steps_taken = 0
 
-    def _selected(self, include: str | None) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-        """The parameters this member probes and updates (all, or those whose name matches ``include``), each
-        with its param group."""
-        pattern = compile_pattern("include", include) if include is not None else None
-        params, groups, names = [], [], []
-        for group in self.param_groups:
-            group_names = group.get("param_names")
-            if pattern is not None and group_names is None:
-                raise ValueError("include selects parameters by name: give the optimizer named parameters")
-            for k, p in enumerate(group["params"]):
-                if pattern is not None:
-                    names.append(group_names[k])
-                    if not pattern.search(group_names[k]):
-                        continue
-                params.append(p)
-                groups.append(group)
-        if not params:
-            raise ModelDependent(f"include {include!r} selects no trainable parameter (names look like "
-                                 f"{names[0]!r}); set it to match this model's parameter names")
-        return params, groups
+    def _selected(self, include: list[str] | None) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+        """The parameters this member probes and updates: all, or those whose name matches the first pattern
+        of ``include`` that matches any, each with its param group."""
+        pairs = [(p, group, names[k] if names is not None else None)
+                 for group in self.param_groups for names in [group.get("param_names")]
+                 for k, p in enumerate(group["params"])]
+        if include is None:
+            return [p for p, _, _ in pairs], [g for _, g, _ in pairs]
+        if any(name is None for _, _, name in pairs):
+            raise ValueError("include selects parameters by name: give the optimizer named parameters")
+        for pattern in include:
+            compiled = compile_pattern("include", pattern)
+            chosen = [(p, g) for p, g, name in pairs if compiled.search(name)]
+            if chosen:
+                return [p for p, _ in chosen], [g for _, g in chosen]
+        shown = include[0] if len(include) == 1 else include
+        raise ModelDependent(f"include {shown!r} selects no trainable parameter (names look like "
+                             f"{pairs[0][2]!r}); set it to match this model's parameter names")
 
     # ---- hooks -------------------------------------------------------------------------------------
     def make_directions(self) -> Directions:
@@ -158,16 +160,18 @@ class ZerothOrderBase(torch.optim.Optimizer):
     def _evaluate(self, closure: Closure) -> float:
         """The loss over the whole batch (no autograd); the part the rollback watches is kept aside. Only a
         rollback on a named part pays for the part-by-part sums (one collective per part under a launcher)."""
-        watched = self.stable.rollback_on
-        if watched == "total":
+        if self._watch == "total":
             total = evaluate(closure)
             self._watched.append(total)
             return total
         parts = evaluate_parts(closure)
-        if watched not in parts:
-            raise ValueError(f"rollback_on '{watched}': the loss has no such part (its parts: "
-                             f"{', '.join(sorted(parts))})")
-        self._watched.append(parts[watched])
+        wanted = self.stable.rollback_parts
+        if self._watch is None:  # the first of rollback_on's parts this loss has, fixed from the first step on
+            self._watch = next((part for part in wanted if part in parts), None)
+            if self._watch is None:
+                raise ValueError(f"rollback_on {(wanted[0] if len(wanted) == 1 else wanted)!r}: the loss has no "
+                                 f"such part (its parts: {', '.join(sorted(parts))})")
+        self._watched.append(parts[self._watch])
         return parts["total"]
 
     def shift(self, seed: int, scales: list[float]) -> None:

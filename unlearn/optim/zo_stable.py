@@ -16,9 +16,11 @@ step θ −= lr·c·z blows the model up (retain perplexity 6.7e9) and it never 
   trainable parameters — negligible with LoRA or ``include``, 2x for full fine-tuning). ``rollback_on:
   retain`` watches the objective's retain part instead of the total: measured, a ZO step can lower the total
   (forgetting) while it wrecks the retain term, which a rollback on the total then lets through.
+  ``rollback_on`` may be a list (``[retain, total]``): the first part the loss has is watched.
 * ``include``: a regular expression on parameter names; only matching parameters are probed and updated (as
   RMU trains a few ``down_proj``s). Fewer dimensions is what makes a ZO estimate informative: its variance
-  grows with the number of perturbed weights.
+  grows with the number of perturbed weights. A list of patterns is tried in order and the first that selects
+  a trainable parameter is used: a default can name the norms and still work when only LoRA adapters train.
 
 Every count (clipped coefficients, rolled-back steps, forwards) is logged per step in log.jsonl.
 """
@@ -44,10 +46,25 @@ class Stabilizers:
     schedule: str = setting("constant", limit=Limit(choices=SCHEDULES))
     total_steps: int | None = setting(None, limit=AT_LEAST_ONE)
     rollback: float | None = setting(None, limit=NON_NEGATIVE)
-    rollback_on: str = "total"  # the loss part the rollback watches: total, or a part the objective names (retain)
-    include: str | None = None
+    # The loss part the rollback watches: total, or a part the objective names (retain); or a list of them, the
+    # first the loss has is used (so one config serves objectives with and without a retain term).
+    rollback_on: str | list[str] = "total"
+    # A name pattern, or a list of them tried in order: the first that selects a trainable parameter is used (so
+    # one config serves full weights, LoRA adapters and RMU's few trainable layers).
+    include: str | list[str] | None = None
+
+    @property
+    def rollback_parts(self) -> list[str]:
+        return [self.rollback_on] if isinstance(self.rollback_on, str) else list(self.rollback_on)
+
+    @property
+    def include_patterns(self) -> list[str] | None:
+        return [self.include] if isinstance(self.include, str) else None if self.include is None else list(self.include)
 
     def __post_init__(self) -> None:
+        for key, value in (("rollback_on", self.rollback_on), ("include", self.include)):
+            if isinstance(value, list | tuple) and not value:
+                raise SettingError(f"{key} must not be an empty list")
         if self.schedule != "constant" and self.total_steps is None:
             raise SettingError(f"schedule '{self.schedule}' needs total_steps (a run fills it in)")
 
