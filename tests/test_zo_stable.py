@@ -152,6 +152,8 @@ def test_include_list_uses_the_first_pattern_that_selects_something() -> None:
     assert [p is norm for p in full.params] == [True] and [p is lora for p in adapters.params] == [True]
     with pytest.raises(ValueError, match=r"include \['norm', 'x'\] selects no trainable parameter"):
         build_optimizer("zo", [("layers.0.mlp.lora_A.weight", lora)], include=["norm", "x"])
+    with pytest.raises(ValueError, match="not a valid regular expression"):  # a fallback is checked before it is needed
+        build_optimizer("zo", [("layers.0.mlp.lora_A.weight", lora)], include=["lora_", "("])
 
 
 def test_warmup_and_schedules() -> None:

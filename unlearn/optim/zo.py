@@ -123,8 +123,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
             return [p for p, _, _ in pairs], [g for _, g, _ in pairs]
         if any(name is None for _, _, name in pairs):
             raise ValueError("include selects parameters by name: give the optimizer named parameters")
-        for pattern in include:
-            compiled = compile_pattern("include", pattern)
+        for compiled in [compile_pattern("include", pattern) for pattern in include]:  # all checked up front
             chosen = [(p, g) for p, g, name in pairs if compiled.search(name)]
             if chosen:
                 return [p for p, _ in chosen], [g for _, g in chosen]
