@@ -1,0 +1,70 @@
+"""Intervals for the numbers a study compares: percentile bootstrap over items (or seeds), seeded.
+
+A recovery ratio (acc_attacked − acc_unlearned) / (acc_target − acc_unlearned) is a ratio of means over the
+same items, so its interval comes from resampling *items* and recomputing the whole statistic on each resample
+(the three accuracies move together), not from combining three separate intervals.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+Rows = np.ndarray  # one row per item (or seed), one column per measured quantity
+
+
+@dataclass(frozen=True)
+class Interval:
+    value: float  # the statistic on the data itself
+    low: float
+    high: float
+    n: int  # rows it was computed from
+    level: float = 0.95
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+    def contains(self, x: float) -> bool:
+        return self.low <= x <= self.high
+
+    def __str__(self) -> str:
+        return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}] (n={self.n})"
+
+
+def bootstrap(rows: Sequence[Sequence[float]] | Sequence[float], statistic: Callable[[Rows], float] | None = None,
+              level: float = 0.95, resamples: int = 2000, seed: int = 0) -> Interval:
+    """Percentile bootstrap interval of `statistic` (default: the mean of a single column) over `rows`.
+
+    Resamples whose statistic is undefined (nan: a recovery ratio whose denominator vanished) are dropped; if
+    more than half are, the interval is reported as nan rather than built from a biased remainder."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    data = np.asarray(rows, dtype=float)
+    if data.ndim == 1:
+        data = data[:, None]
+    n = len(data)
+    if n == 0:
+        raise ValueError("no rows to bootstrap")
+    stat = statistic or (lambda d: float(d[:, 0].mean()))
+    value = float(stat(data))
+    rng = np.random.default_rng(seed)
+    draws = np.array([stat(data[rng.integers(0, n, n)]) for _ in range(resamples)], dtype=float)
+    finite = draws[np.isfinite(draws)]
+    if n == 1 or len(finite) < resamples / 2:
+        return Interval(value, math.nan, math.nan, n, level)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return Interval(value, float(low), float(high), n, level)
+
+
+def recovery_ratio(data: Rows) -> float:
+    """Columns: per item, correct (1/0 or a probability) for the target, the unlearned and the attacked model."""
+    target, unlearned, attacked = data[:, 0].mean(), data[:, 1].mean(), data[:, 2].mean()
+    gap = target - unlearned
+    return float((attacked - unlearned) / gap) if abs(gap) > 1e-12 else math.nan
