@@ -72,6 +72,15 @@ def test_relearn_attack_writes_curve_and_report(workdir):
     report = cli("report", "runs", cwd=workdir)
     assert report.returncode == 0, report.stderr
     assert "after relearn" in report.stdout and "forget (unseen) ↓" in report.stdout
+    header, *lines = [line for line in report.stdout.splitlines() if line.startswith("| ")]
+    titles = [t.strip() for t in header.strip("|").split("|")]
+    row = next(line for line in lines if line.startswith("| tiny "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    ratio = record["recovery"]["ratio"]  # the runs table carries the attack's recovery ratio beside its value
+    if ratio is None:  # the tiny target may not know the unseen facts: no ratio, and no column of n/a
+        assert "recovery relearn" not in titles
+    else:
+        assert cells[titles.index("recovery relearn")] == f"{ratio:.3f}"
     assert (workdir / "runs/attack_curves.png").stat().st_size > 1000
     assert "attack_curves.png" in (workdir / "runs/report.md").read_text()
 
@@ -170,6 +179,10 @@ def test_report_shows_every_attack_folder(wide_run):
     assert set(rows) == set(attacks)
     header = next(line for line in page.splitlines() if line.startswith("| run | attack |"))
     columns = [c.strip() for c in header.strip("|").split("|")]
+    runs_header = next(line for line in page.splitlines() if line.startswith("| run | benchmark |"))
+    runs_columns = [c.strip() for c in runs_header.strip("|").split("|")]
+    runs_row = next([c.strip() for c in line.strip("|").split("|")] for line in page.splitlines()
+                    if line.startswith("| wide | embedded |"))
     for folder, cells in rows.items():
         record = json.loads((wide_run / "runs/wide/attacks" / folder / "metrics.json").read_text())
         row = dict(zip(columns, cells, strict=True))
@@ -182,6 +195,25 @@ def test_report_shows_every_attack_folder(wide_run):
             if value is not None:
                 assert f"{key}={value}" in row["settings"]
         assert f"after {folder}" in report.stdout  # a runs-table column per attack folder too
+        if ratio is not None:  # and its recovery ratio beside it, the same number as the attacks table's
+            assert runs_row[runs_columns.index(f"recovery {folder}")] == f"{ratio:.3f}"
+    # The tiny target knows nothing, so no ratio above is defined: give one attack a hand-made recovery and
+    # read it back from the runs table (the attacks table's own check is the loop above).
+    copy = wide_run / "copy"
+    shutil.copytree(wide_run / "runs", copy / "runs")
+    folder = next(iter(rows))
+    path = copy / "runs/wide/attacks" / folder / "metrics.json"
+    record = json.loads(path.read_text())
+    record["recovery"].update(unlearned=0.2, attacked=0.4, target=1.0, ratio=0.25)
+    path.write_text(json.dumps(record))
+    again = cli("report", "runs", cwd=copy)
+    assert again.returncode == 0, again.stderr
+    page = (copy / "runs/report.md").read_text()
+    runs_header = next(line for line in page.splitlines() if line.startswith("| run | benchmark |"))
+    runs_columns = [c.strip() for c in runs_header.strip("|").split("|")]
+    runs_row = next([c.strip() for c in line.strip("|").split("|")] for line in page.splitlines()
+                    if line.startswith("| wide | embedded |"))
+    assert runs_row[runs_columns.index(f"recovery {folder}")] == "0.250"
     assert "quant_type=fp4" in rows["bnb-4bit-fp4"][3] and "domain=retain" in rows["relearn-ood"][3]
     csv_rows = (wide_run / "runs/report-attacks.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + len(attacks)

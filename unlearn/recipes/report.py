@@ -90,7 +90,9 @@ def runs_table(found: list[Found]) -> Table:
     attack_names = sorted({a.attack for item in found for a in item.attacks})
     columns = [("run", "run"), ("benchmark", "benchmark"), ("method", "method"), ("optimizer", "optimizer"),
                *[(k, m.heading) for k, m in metrics.items()], ("steps", "steps"), ("seconds", "seconds"),
-               ("collapsed", "collapsed"), *[(f"attack/{a}", f"after {a}") for a in attack_names]]
+               ("collapsed", "collapsed"),
+               *[column for a in attack_names for column in ((f"attack/{a}", f"after {a}"),
+                                                            (f"recovery/{a}", f"recovery {a}"))]]
     any_collapsed = any(item.record.collapsed for item in found)  # the column appears only then
     rows: list[dict[str, Any]] = []
     before: dict[str, dict[str, Any]] = {}
@@ -105,6 +107,7 @@ def runs_table(found: list[Found]) -> Table:
                "collapsed": ("yes" if r.collapsed else "no") if any_collapsed else None,
                **{k: r.metrics.get(k) for k in metrics}}
         row.update({f"attack/{a.attack}": _attacked(a, r.headline) for a in item.attacks})
+        row.update({f"recovery/{a.attack}": a.recovery.ratio for a in item.attacks if a.recovery is not None})
         rows.append(row)
     return Table(columns, list(before.values()) + rows)
 
