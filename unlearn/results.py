@@ -34,6 +34,16 @@ class Recovery:
     curve: list[dict[str, Any]] | None = None  # {"step", "ratio"} per checkpoint, for attacks with a curve
 
 
+def recovery_ratio(attacked: float, unlearned: float, target: float, better: str = "lower") -> tuple[float | None, str]:
+    """The ratio, or None with the reason. `better` is the metric's declared direction for a forgetting model:
+    unlearning must have moved it that way (down for an accuracy on forget items) for anything to recover."""
+    gap = target - unlearned
+    moved = {"higher": gap < -1e-9, "zero": abs(unlearned) < abs(target) - 1e-9}.get(better, gap > 1e-9)
+    if not moved:
+        return None, "undefined: unlearning did not move this metric below the target's"
+    return (attacked - unlearned) / gap, "ok"
+
+
 @dataclass
 class RunRecord:
     method: str

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from unlearn import results
+
 Rows = np.ndarray  # one row per item (or seed), one column per measured quantity
 
 
@@ -64,7 +66,8 @@ def bootstrap(rows: Sequence[Sequence[float]] | Sequence[float], statistic: Call
 
 
 def recovery_ratio(data: Rows) -> float:
-    """Columns: per item, correct (1/0 or a probability) for the target, the unlearned and the attacked model."""
-    target, unlearned, attacked = data[:, 0].mean(), data[:, 1].mean(), data[:, 2].mean()
-    gap = target - unlearned
-    return float((attacked - unlearned) / gap) if abs(gap) > 1e-12 else math.nan
+    """Columns: per item, correct (1/0 or a probability) for the target, the unlearned and the attacked model.
+    The ratio of their means by the attack reports' own rule (results.recovery_ratio), nan where it is undefined."""
+    target, unlearned, attacked = (float(data[:, k].mean()) for k in range(3))
+    ratio, _ = results.recovery_ratio(attacked, unlearned, target)
+    return math.nan if ratio is None else ratio

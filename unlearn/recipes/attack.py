@@ -21,7 +21,7 @@ from unlearn.config import apply_override, component_defaults, eval_config, merg
 from unlearn.errors import UserError
 from unlearn.files import read_json, write_json_atomic
 from unlearn.placement import resolve as resolve_placement
-from unlearn.results import AttackRecord, Recovery, collapse_of
+from unlearn.results import AttackRecord, Recovery, collapse_of, recovery_ratio
 from unlearn.runs import staged_dir
 from unlearn.settings import from_mapping
 from unlearn.task import Task
@@ -47,16 +47,6 @@ def attack_settings(name: str, flags: dict[str, Any] | None = None,
         apply_override(layer, assignment)
     settings = merge(settings, layer.get("attack") or {})
     return canonical, cls(), from_mapping(cls.Settings, settings, "attack")
-
-
-def recovery_ratio(attacked: float, unlearned: float, target: float, better: str = "lower") -> tuple[float | None, str]:
-    """The ratio, or None with the reason. `better` is the metric's declared direction for a forgetting model:
-    unlearning must have moved it that way (down for an accuracy on forget items) for anything to recover."""
-    gap = target - unlearned
-    moved = {"higher": gap < -1e-9, "zero": abs(unlearned) < abs(target) - 1e-9}.get(better, gap > 1e-9)
-    if not moved:
-        return None, "undefined: unlearning did not move this metric below the target's"
-    return (attacked - unlearned) / gap, "ok"
 
 
 def _recovery(subject: Subject, result: AttackResult) -> Recovery | None:
