@@ -38,11 +38,11 @@ def test_zo_block_changes_from_step_batches_and_from_fixed_probe_rows(sweep, tmp
                     [9.0, 9.0, 1.0, 1.0, 2.0, 2.0, 9.0, 9.0, 4.0, 2.0],
                     probes={0: 0.5, 2: 1.0, 6: 0.8, 8: 2.0}, end=1.0)
     # Step batches: each ZO block's second half against its first half (the FO steps around it do not count).
-    assert sweep.zo_block_rises(log) == pytest.approx([1.0, -0.5])
+    assert sweep.zo_block_rises(sweep.read_log(log)) == pytest.approx([1.0, -0.5])
     # Fixed rows: the probe before each ZO block against the next probe (the last against probe_end).
-    assert sweep.zo_block_probe_changes(log) == pytest.approx([-0.2, -0.5])
+    assert sweep.zo_block_probe_changes(sweep.read_log(log)) == pytest.approx([-0.2, -0.5])
 
 
 def test_a_pure_zeroth_order_run_has_no_blocks(sweep, tmp_path: Path) -> None:
     log = write_log(tmp_path / "log.jsonl", ["zeroth-order"] * 4, [1.0, 1.0, 3.0, 3.0], probes={}, end=1.0)
-    assert sweep.zo_block_rises(log) == [] and sweep.zo_block_probe_changes(log) == []
+    assert sweep.zo_block_rises(sweep.read_log(log)) == [] and sweep.zo_block_probe_changes(sweep.read_log(log)) == []

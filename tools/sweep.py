@@ -28,29 +28,29 @@ def _run(cmd: list[str]) -> int:
     return subprocess.call(cmd)
 
 
-def _log_counts(log: Path) -> dict[str, float]:
+def read_log(log: Path) -> list[dict]:
+    """The run's log.jsonl, one record per step (none if the run has no log)."""
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+
+
+def _log_counts(records: list[dict]) -> dict[str, float]:
     counts = {"rolled_back": 0.0, "clipped": 0.0}
-    if not log.is_file():
-        return counts
-    for line in log.read_text().splitlines():
-        diag = json.loads(line).get("optimizer") or {}
+    for record in records:
+        diag = record.get("optimizer") or {}
         for key in counts:
             counts[key] += float(diag.get(key, 0.0))
     return counts
 
 
-def zo_block_rises(log: Path) -> list[float]:
+def zo_block_rises(records: list[dict]) -> list[float]:
     """Per zeroth-order block of a hybrid run: the retain part's relative change over the block, the mean of the
     block's second half against the mean of its first half. Both halves are measured at ZO steps (a first-order
     step logs its loss before its update, so comparing with the steps before the block would charge the last FO
     updates to the ZO block); each step's retain part comes from that step's own retain batch, so the change of
     one block carries batch noise — the table beside it gives that noise."""
-    if not log.is_file():
-        return []
-    records = [json.loads(line) for line in log.read_text().splitlines()]
     retain = [r["parts"].get("retain") for r in records]
     zo = [r.get("grade") == "zeroth-order" for r in records]
-    if all(zo):  # a pure zeroth-order run has no blocks: its whole-run change is not a block's
+    if all(zo):  # a pure zeroth-order run (or no log) has no blocks: its whole-run change is not a block's
         return []
     rises, start = [], None
     for i, is_zo in enumerate([*zo, False]):
@@ -66,15 +66,12 @@ def zo_block_rises(log: Path) -> list[float]:
     return rises
 
 
-def zo_block_probe_changes(log: Path) -> list[float]:
+def zo_block_probe_changes(records: list[dict]) -> list[float]:
     """Per zeroth-order block of a hybrid run: the retain part's relative change over the block on the fixed
     probe rows (`probe` before the block's first step against the next `probe`, or `probe_end` after the last
     step), so no batch noise and no first-order update is charged to the block."""
-    if not log.is_file():
-        return []
     points = []  # (is the step after this probe zeroth-order, retain part on the probe rows)
-    for line in log.read_text().splitlines():
-        record = json.loads(line)
+    for record in records:
         if "probe" in record:
             points.append((record.get("grade") == "zeroth-order", record["probe"]["retain"]))
         if "probe_end" in record:
@@ -95,7 +92,8 @@ def summary(runs: Path, names: list[str]) -> str:
         record = json.loads(path.read_text())
         m, t = record["metrics"], record.get("target", {})
         ppl = m.get("retain/perplexity", float("nan")) / t.get("retain/perplexity", float("nan"))
-        counts = _log_counts(runs / name / "log.jsonl")
+        log = read_log(runs / name / "log.jsonl")  # read once for every column that needs it
+        counts = _log_counts(log)
         recs = []
         for folder in ATTACK_FOLDERS.values():
             attack = runs / name / "attacks" / folder / "metrics.json"
@@ -105,8 +103,8 @@ def summary(runs: Path, names: list[str]) -> str:
         lines.append(f"| {name} | {forget:.3f} | {retain:.3f} | {ppl:.2f} | {record['train'].get('seconds', 0):.0f}"
                      f" | {counts['rolled_back']:.0f} | {counts['clipped']:.0f}"
                      f" | {'yes' if record.get('collapsed') else 'no'} | {' | '.join(recs)} | "
-                     + (" ".join(f"{r:+.0%}" for r in zo_block_rises(runs / name / "log.jsonl")) or "—") + " | "
-                     + (" ".join(f"{r:+.0%}" for r in zo_block_probe_changes(runs / name / "log.jsonl")) or "—")
+                     + (" ".join(f"{r:+.0%}" for r in zo_block_rises(log)) or "—") + " | "
+                     + (" ".join(f"{r:+.0%}" for r in zo_block_probe_changes(log)) or "—")
                      + " |")
     return "\n".join(lines)
 
