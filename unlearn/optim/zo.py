@@ -164,8 +164,8 @@ class ZerothOrderBase(torch.optim.Optimizer):
             self._watched.append(total)
             return total
         parts = evaluate_parts(closure)
-        wanted = self.stable.rollback_parts
         if self._watch is None:  # the first of rollback_on's parts this loss has, fixed from the first step on
+            wanted = self.stable.rollback_parts
             self._watch = next((part for part in wanted if part in parts), None)
             if self._watch is None:
                 raise ValueError(f"rollback_on {(wanted[0] if len(wanted) == 1 else wanted)!r}: the loss has no "

@@ -59,7 +59,9 @@ class Stabilizers:
 
     @property
     def include_patterns(self) -> list[str] | None:
-        return [self.include] if isinstance(self.include, str) else None if self.include is None else list(self.include)
+        if self.include is None:
+            return None
+        return [self.include] if isinstance(self.include, str) else list(self.include)
 
     def __post_init__(self) -> None:
         for key, value in (("rollback_on", self.rollback_on), ("include", self.include)):
