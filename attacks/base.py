@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from unlearn.config import EvalConfig
 from unlearn.placement import CPU_FP32, Placement
 from unlearn.registry import Registry
-from unlearn.task import Metric, Task
+from unlearn.task import ItemSubset, Metric, Task
 
 
 @dataclass
@@ -33,6 +33,8 @@ class Subject:
     placement: Placement = CPU_FP32  # where and in what precision its models load (--device, --dtype)
     seed: int = 0  # the run's train.seed: an attack's own seed (relearning split, data order) when none is given
     collapse: list[str] = field(default_factory=list)  # why the run counts as collapsed (empty: it does not)
+    # Per-item values of the run's metrics (its items.json): {"unlearned": {key: [...]}, "target": {...}}
+    items: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -45,6 +47,7 @@ class AttackResult:
     curve_metrics: tuple[Metric, ...] = ()
     target_probe: dict[str, float] | None = None
     measured_on: str | None = None
+    curve_items: ItemSubset | None = None  # the curve's metrics as full-evaluation metrics on some items, if they are
 
 
 class Attack(ABC):

@@ -113,7 +113,7 @@ class Relearn(Attack):
             target_probe = plan.probe(target.model.eval(), target.tokenizer, subject.eval_settings)
             del target
         return AttackResult(metrics=metrics, curve=curve, curve_metrics=plan.probe_metrics,
-                            target_probe=target_probe, measured_on=plan.measured_on,
+                            target_probe=target_probe, measured_on=plan.measured_on, curve_items=plan.items,
                             details={**plan.details, "train_seconds": round(seconds, 1)})
 
 

@@ -20,23 +20,29 @@ from unlearn.settings import (
     from_mapping,
     setting,
 )
-from unlearn.task import BENCHMARKS, Metric, RelearnPlan, Task, split_items
+from unlearn.task import BENCHMARKS, ItemSubset, Metric, RelearnPlan, Task, split_items
 
-ACC, ROUGE = "fraction correct", "ROUGE-L F1 (0-1)"
+ACC, ROUGE, PROB = "fraction correct", "ROUGE-L F1 (0-1)", "normalized answer probability (0-1)"
 METRICS = (
     Metric("forget/mcq_acc", "forget", "lower", "forget", ACC),
+    Metric("forget/mcq_prob", "forget Prob", "lower", "forget", PROB),
     Metric("forget/rougeL", "forget ROUGE-L", "lower", "forget", ROUGE),
     Metric("retain/mcq_acc", "retain", "higher", "utility", ACC, chance=0.25),  # 4 options
+    Metric("retain/mcq_prob", "retain Prob", "higher", "utility", PROB),
     Metric("holdout/mcq_acc", "holdout", "none", "info", ACC),
+    Metric("holdout/mcq_prob", "holdout Prob", "none", "info", PROB),
     Metric("forget/openqa_acc", "forget open-QA", "lower", "forget", ACC),
     Metric("retain/openqa_acc", "retain open-QA", "higher", "utility", ACC),
     Metric("holdout/openqa_acc", "holdout open-QA", "none", "info", ACC),
     Metric("retain/rougeL", "retain ROUGE-L", "higher", "utility", ROUGE),
     Metric("retain/perplexity", "perplexity", "lower", "utility", "perplexity"),
 )
-# What the relearning attack measures: MCQ accuracy on the forget facts it did not fine-tune on.
+# What the relearning attack measures: MCQ accuracy (and Prob) on the forget facts it did not fine-tune on.
 UNSEEN = (Metric("forget_unseen_acc", "forget (unseen)", "lower", "forget", ACC),
+          Metric("forget_unseen_prob", "forget Prob (unseen)", "lower", "forget", PROB),
           Metric("retain_acc", "retain", "higher", "utility", ACC))
+# The same values as the full evaluation's, restricted to the unseen facts: their per-item values give intervals.
+UNSEEN_ITEMS = {"forget_unseen_acc": "forget/mcq_acc", "forget_unseen_prob": "forget/mcq_prob"}
 
 
 @dataclass
@@ -51,9 +57,7 @@ class TaskData(Task):
 
         size, budget, max_new_tokens = settings.batch_size, settings.max_batch_tokens, settings.max_new_tokens
         model.eval()
-        steps: list[tuple[str, Callable[[], float | dict[str, float]]]] = [
-            (f"{split}/mcq", lambda s=split: mcq_accuracy(model, tokenizer, self.mcq[s], size, budget))
-            for split in self.mcq]
+        steps = self._mcq_steps(model, tokenizer, settings, self.mcq)
         steps += [(f"{split}/rougeL", lambda s=split: rouge_l(model, tokenizer, self.qa[s], max_new_tokens, size,
                                                                budget))
                   for split in ("forget", "retain")]
@@ -65,6 +69,18 @@ class TaskData(Task):
                       for split in self.mcq]
         return run_steps(steps, progress)
 
+    def _mcq_steps(self, model: Any, tokenizer: Any, settings: Any,
+                   splits: Any) -> list[tuple[str, Callable[[], float | dict[str, float]]]]:
+        size, budget = settings.batch_size, settings.max_batch_tokens
+        return [(f"{split}/mcq", lambda s=split: mcq_accuracy(model, tokenizer, self.mcq[s], size, budget, prob=True))
+                for split in splits]
+
+    def probe(self, model: Any, tokenizer: Any, settings: Any) -> dict[str, float]:
+        """MCQ accuracy and Prob on the forget and retain facts: seconds, where the full evaluation generates."""
+        model.eval()
+        metrics = run_steps(self._mcq_steps(model, tokenizer, settings, ("forget", "retain")), progress=False)
+        return {k: v for k, v in metrics.items() if k.count("/") == 1}  # the per-attribute breakdown is left out
+
     def relearn_plan(self, domain: str, samples: int | None, seed: int) -> RelearnPlan:
         """The forget facts are split (seeded): the attack fine-tunes on one part (or, out-of-domain, on the
         retain facts) and recovery is measured on the other, which it never saw. QA pair i and MCQ i of a
@@ -74,13 +90,15 @@ class TaskData(Task):
 
         def probe(model: Any, tokenizer: Any, settings: Any) -> dict[str, float]:
             size, budget = settings.batch_size, settings.max_batch_tokens
-            return {"forget_unseen_acc": mcq_accuracy(model, tokenizer, unseen_mcq, size, budget)["acc"],
+            forget = mcq_accuracy(model, tokenizer, unseen_mcq, size, budget, prob=True)
+            return {"forget_unseen_acc": forget["acc"], "forget_unseen_prob": forget["prob"],
                     "retain_acc": mcq_accuracy(model, tokenizer, self.mcq["retain"], size, budget)["acc"]}
 
         train = [self.forget[i] for i in used] if domain == "forget" else list(self.retain)
         return RelearnPlan(train=train, probe=probe, probe_metrics=UNSEEN,
                            measured_on="forget facts not used for relearning",
-                           details={"used_forget_indices": used, "unseen_forget_indices": unseen})
+                           details={"used_forget_indices": used, "unseen_forget_indices": unseen},
+                           items=ItemSubset(UNSEEN_ITEMS, unseen))
 
 
 @dataclass

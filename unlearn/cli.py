@@ -415,10 +415,14 @@ def attack(
             console.print(f"step {point['step']:4d}  " + "  ".join(
                 f"{_title(record.curve_metrics, k)} {point[k]:.3f}" for k in keys))
     _print_metrics(record.metrics, subject.task)
-    recovery = record.recovery
-    if recovery is not None:
-        console.print(f"recovery ratio ({recovery.measured_on}): "
-                      + (f"{recovery.ratio:.3f}" if recovery.ratio is not None else recovery.note))
+    for recovery in record.recoveries:
+        where = recovery.metric + (f", {recovery.measured_on}" if recovery.measured_on != recovery.metric else "")
+        if recovery.ratio is None:
+            console.print(f"recovery ratio ({where}): {recovery.note}")
+            continue
+        spread = (f" [{recovery.low:.3f}, {recovery.high:.3f}] (95 % bootstrap over {recovery.n} items)"
+                  if recovery.low is not None and recovery.high is not None else "")
+        console.print(f"recovery ratio ({where}): {recovery.ratio:.3f}{spread}")
     if folder is not None:
         console.print(f"wrote {folder / 'metrics.json'}")
 

@@ -21,6 +21,7 @@ from unlearn.errors import UserError
 from unlearn.files import read_text
 from unlearn.runs import check_name
 from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, Limit, from_mapping, key_list, setting, unknown_keys
+from unlearn.stopping import StopRule
 
 
 def _config_dir() -> Path:
@@ -69,6 +70,10 @@ class TrainConfig:
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 on a GPU that has it, else fp32)
     save_dtype: str | None = None  # precision of the saved model; None: the one it trained in
     save_every: int = setting(0, limit=NON_NEGATIVE)  # > 0: checkpoint every N steps, so --resume can continue
+    # > 0: measure the benchmark's quick probe (forget and utility metrics) every N steps, outside the timed region,
+    # into log.jsonl; with stop_at ('forget/mcq_acc <= 0.30') the run ends at the first measurement that meets it.
+    eval_every: int = setting(0, limit=NON_NEGATIVE)
+    stop_at: str | None = None
     # Under a launcher: "data" (every rank holds the model) or "fsdp" (parameters sharded across ranks; AdamW/SGD).
     parallel: str = setting("data", limit=Limit(choices=PARALLEL))
 
@@ -224,6 +229,11 @@ def train_config(data: Any) -> TrainConfig:
 
     settings = from_mapping(TrainConfig, data, "train")
     check(settings.device, settings.dtype, settings.save_dtype, section="train")
+    if settings.stop_at is not None:
+        StopRule.parse(settings.stop_at)
+        if not settings.eval_every:
+            raise UserError("train.stop_at is checked at the measurements train.eval_every makes: set "
+                            "train.eval_every > 0 (e.g. 5)")
     return settings
 
 

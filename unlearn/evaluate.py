@@ -66,6 +66,42 @@ def metric_scope(metric: str, progress: bool | None = None) -> Iterator[None]:
         _SCOPE.reset(token)
 
 
+# Per-item fields of the scorers' sample rows, and the metric keys they can be the mean of, given the row's tag T:
+# an MCQ step T reports T_acc and T_prob (run_steps' `<key>_<sub>`), a scorer under its own key reports T itself.
+_ITEM_FIELDS = (("correct", ("_acc", "")), ("prob", ("_prob",)), ("score", ("",)))
+
+
+def item_values(samples: list[dict[str, Any]], metrics: dict[str, float]) -> dict[str, list[float]]:
+    """The per-item values behind every metric of `metrics` that is a mean over items, from one evaluation's
+    samples, in item order. A field is matched to a metric only when their mean is that metric's value (to float
+    rounding), so a key that merely looks alike is never given values that are not its own."""
+    by_tag: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in samples:
+        by_tag[str(row.get("metric", ""))].append(row)
+    out: dict[str, list[float]] = {}
+    for tag, rows in by_tag.items():
+        if [r.get("index") for r in rows] != list(range(len(rows))):
+            continue  # scored more than once under one tag: which rows belong to the metric is unclear
+        for name, suffixes in _ITEM_FIELDS:
+            if not all(isinstance(r.get(name), bool | int | float) for r in rows):
+                continue
+            values = [float(r[name]) for r in rows]
+            mean = sum(values) / len(values)
+            key = next((tag + x for x in suffixes if isinstance(metrics.get(tag + x), float | int)
+                        and math.isclose(mean, metrics[tag + x], rel_tol=1e-9, abs_tol=1e-12)), None)
+            if key is not None:
+                out[key] = values
+    return out
+
+
+def evaluate_items(evaluate: Callable[[], dict[str, float]]) -> tuple[dict[str, float], dict[str, list[float]],
+                                                                     list[dict[str, Any]]]:
+    """(metrics, their per-item values, the samples) of one evaluation: `evaluate()` run collecting samples."""
+    with collect_samples() as samples:
+        metrics = evaluate()
+    return metrics, item_values(samples, metrics), samples
+
+
 def collecting_samples() -> bool:
     return _SCOPE.get().samples is not None
 
@@ -140,11 +176,17 @@ def run_batches(items: Sequence[Encoded], batch_size: int, max_tokens: int | Non
 # ---------------------------------------------------------------------------------------------- MCQ
 
 
-@torch.no_grad()
 def choice_scores(model, tokenizer, questions: list[MCQ], batch_size: int = 64,
                   max_batch_tokens: int | None = None) -> list[list[float]]:
     """Summed log-likelihood of each choice as a continuation of its question's prompt (after a space, as
-    lm-eval's target delimiter puts it): one list per question.
+    lm-eval's target delimiter puts it): one list per question (see `scored_choices`)."""
+    return [s for s, _ in scored_choices(model, tokenizer, questions, batch_size, max_batch_tokens)]
+
+
+@torch.no_grad()
+def scored_choices(model, tokenizer, questions: list[MCQ], batch_size: int = 64,
+                   max_batch_tokens: int | None = None) -> list[tuple[list[float], list[int]]]:
+    """(summed log-likelihood of each choice, its length in tokens) per question.
 
     Questions whose choices are all one token long (" A" ... " D": WMDP, MMLU) take one forward of the prompt,
     reading every choice off the next-token distribution at the last position only, instead of one forward
@@ -153,6 +195,7 @@ def choice_scores(model, tokenizer, questions: list[MCQ], batch_size: int = 64,
     context = model_context(model)
     encoded = [[_scoring_item(tokenizer, q.prompt, " " + choice, context) for choice in q.choices]
                for q in questions]
+    lengths = [[len(it.input_ids) - it.n_prompt for it in items] for items in encoded]
     single = [i for i, items in enumerate(encoded)
               if all(it.n_prompt >= 1 and len(it.input_ids) - it.n_prompt == 1 for it in items)]
     out: dict[int, list[float]] = {}
@@ -172,7 +215,7 @@ def choice_scores(model, tokenizer, questions: list[MCQ], batch_size: int = 64,
         for i in rest:
             out[i] = flat[start:start + len(encoded[i])]
             start += len(encoded[i])
-    return [out[i] for i in range(len(questions))]
+    return [(out[i], lengths[i]) for i in range(len(questions))]
 
 
 def _next_token_scores(model, prompts: list[list[int]], tokens: list[list[int]], pad_id: int,
@@ -187,27 +230,45 @@ def _next_token_scores(model, prompts: list[list[int]], tokens: list[list[int]],
     return run_batches(items, batch_size, max_batch_tokens, pad_id, score)
 
 
-def mcq_correct(model, tokenizer, questions: list[MCQ], batch_size: int = 64,
-                max_batch_tokens: int | None = None) -> list[bool]:
-    """Whether each question is answered right: the choice with the highest log-likelihood is the answer
-    (the first one on ties, as numpy's argmax in lm-eval). Logged per question when samples are collected."""
-    scores = choice_scores(model, tokenizer, questions, batch_size, max_batch_tokens)
-    picks = [max(range(len(s)), key=s.__getitem__) for s in scores]
+def answer_probability(scores: Sequence[float], lengths: Sequence[int], answer: int) -> float:
+    """The normalized probability of the correct answer among the choices, as TOFU's Prob: each choice's
+    probability taken per token (exp of its mean token log-likelihood, so long choices are not penalized), then
+    the correct one's share of their sum. 1/len(choices) = no preference; unlike accuracy it moves continuously."""
+    per_token = torch.tensor([s / max(n, 1) for s, n in zip(scores, lengths, strict=True)], dtype=torch.float64)
+    return float(torch.softmax(per_token, dim=0)[answer])
+
+
+def mcq_graded(model, tokenizer, questions: list[MCQ], batch_size: int = 64,
+               max_batch_tokens: int | None = None) -> tuple[list[bool], list[float]]:
+    """Per question: whether it is answered right (the choice with the highest summed log-likelihood, the first
+    one on ties, as numpy's argmax in lm-eval) and the normalized probability of its answer
+    (`answer_probability`), from one scoring pass. Logged per question when samples are collected."""
+    scored = scored_choices(model, tokenizer, questions, batch_size, max_batch_tokens)
+    picks = [max(range(len(s)), key=s.__getitem__) for s, _ in scored]
     correct = [pick == q.answer_index for q, pick in zip(questions, picks, strict=True)]
+    probs = [answer_probability(s, n, q.answer_index) for q, (s, n) in zip(questions, scored, strict=True)]
     if collecting_samples():
         log_samples([{"prompt": q.prompt, "choices": q.choices, "gold": q.answer_index, "scores": s, "pred": pick,
-                      "correct": ok, "concept": q.tag}
-                     for q, s, pick, ok in zip(questions, scores, picks, correct, strict=True)])
-    return correct
+                      "correct": ok, "prob": prob, "concept": q.tag}
+                     for q, (s, _), pick, ok, prob in zip(questions, scored, picks, correct, probs, strict=True)])
+    return correct, probs
+
+
+def mcq_correct(model, tokenizer, questions: list[MCQ], batch_size: int = 64,
+                max_batch_tokens: int | None = None) -> list[bool]:
+    """Whether each question is answered right (see `mcq_graded`)."""
+    return mcq_graded(model, tokenizer, questions, batch_size, max_batch_tokens)[0]
 
 
 def mcq_accuracy(model, tokenizer, questions: list[MCQ], batch_size: int = 64,
-                 max_batch_tokens: int | None = None) -> dict[str, float]:
-    """Overall accuracy plus accuracy per tag (see `mcq_correct`)."""
+                 max_batch_tokens: int | None = None, prob: bool = False) -> dict[str, float]:
+    """Overall accuracy plus accuracy per tag (see `mcq_graded`); with `prob`, also `prob`: the mean normalized
+    probability of the answers."""
     if not questions:
         return {}
-    correct = mcq_correct(model, tokenizer, questions, batch_size, max_batch_tokens)
-    return tagged_accuracy([q.tag for q in questions], correct)
+    correct, probs = mcq_graded(model, tokenizer, questions, batch_size, max_batch_tokens)
+    out = tagged_accuracy([q.tag for q in questions], correct)
+    return out | {"prob": sum(probs) / len(probs)} if prob else out
 
 
 def tagged_accuracy(tags: list[str], correct: list[bool]) -> dict[str, float]:

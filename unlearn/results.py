@@ -17,6 +17,8 @@ from unlearn.files import read_json
 from unlearn.task import Metric
 
 LEGACY_CURVE_METRIC = "forget_unseen_acc"  # relearning records written before curves named their metric
+# Per-item metric values beside a run's (and an attack's) metrics.json: {"unlearned"|"target"|"attacked": {key: [..]}}
+ITEMS_FILE = "items.json"
 
 
 @dataclass
@@ -32,6 +34,11 @@ class Recovery:
     attacked: float | None = None
     target: float | None = None
     curve: list[dict[str, Any]] | None = None  # {"step", "ratio"} per checkpoint, for attacks with a curve
+    # 95 % bootstrap interval over the n items the metric averages (resampled jointly for the three models), when
+    # their per-item values were recorded; None otherwise.
+    low: float | None = None
+    high: float | None = None
+    n: int | None = None
 
 
 def recovery_ratio(attacked: float, unlearned: float, target: float, better: str = "lower") -> tuple[float | None, str]:
@@ -82,9 +89,13 @@ class AttackRecord:
     curve: list[dict[str, float]] | None = None
     curve_metrics: list[Metric] = field(default_factory=list)  # declarations of the curve's values, first = recovery
     details: dict[str, Any] = field(default_factory=dict)
+    # Recovery on every forget metric measured (accuracy, Prob, ...); `recovery` is the first, on the headline.
+    recoveries: list[Recovery] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self) | {"curve_metrics": [m.to_dict() for m in self.curve_metrics]}
+        if not self.recoveries:
+            del data["recoveries"]
         return {k: v for k, v in data.items() if v is not None}
 
     @property
@@ -197,22 +208,44 @@ def _curve(path: Path, value: Any, metric: str) -> list[dict[str, float]] | None
     return value
 
 
+def _recovery(path: Path, recovery: dict[str, Any]) -> Recovery:
+    n = recovery.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise UserError(f"{path}: recovery 'n' must be a count of items, got {n!r}")
+    return Recovery(metric=str(recovery.get("metric") or recovery.get("measured_on") or ""),
+                    measured_on=str(recovery.get("measured_on", "")), ratio=_number(path, recovery, "ratio"),
+                    note=str(recovery.get("note", "")),
+                    # older relearning records named the values *_acc
+                    **{k: _number(path, recovery, k, f"{k}_acc") for k in ("unlearned", "attacked", "target")},
+                    low=_number(path, recovery, "low"), high=_number(path, recovery, "high"), n=n)
+
+
 def read_attack(path: Path, folder: str) -> AttackRecord:
     data = _object(path)
     declared = _declarations(path, data.get("curve_metrics"), "curve_metrics")
     metric = declared[0].key if declared else LEGACY_CURVE_METRIC
     recovery = _mapping(path, data, "recovery")
-    ratio = _number(path, recovery, "ratio")
+    every = data.get("recoveries") or []
+    if not isinstance(every, list) or not all(isinstance(r, dict) for r in every):
+        raise UserError(f"{path}: 'recoveries' must be a list of objects")
     seconds = data.get("seconds")
     return AttackRecord(
         attack=folder, kind=_text(path, data, "kind", "?"),
         settings=_mapping(path, data, "settings") or _mapping(path, data, "spec"),  # "spec": older quantize records
         metrics=_numbers(path, data, "metrics"), seconds=seconds if isinstance(seconds, int | float) else None,
-        recovery=Recovery(metric=str(recovery.get("metric") or recovery.get("measured_on") or ""),
-                          measured_on=str(recovery.get("measured_on", "")), ratio=ratio,
-                          note=str(recovery.get("note", "")),
-                          # older relearning records named the values *_acc
-                          **{k: _number(path, recovery, k, f"{k}_acc") for k in ("unlearned", "attacked", "target")})
-        if recovery else None,
+        recovery=_recovery(path, recovery) if recovery else None,
         curve=_curve(path, data.get("curve"), metric), curve_metrics=declared,
-        details=_mapping(path, data, "details"))
+        details=_mapping(path, data, "details"), recoveries=[_recovery(path, r) for r in every])
+
+
+def read_items(path: Path) -> dict[str, dict[str, list[float]]]:
+    """A run's or an attack's items.json ({} when there is none: older folders, or nothing per item to record),
+    its shape checked: {model: {metric key: [number per item]}}."""
+    if not path.is_file():
+        return {}
+    data = _object(path)
+    for model, values in data.items():
+        if not isinstance(values, dict) or not all(
+                isinstance(v, list) and all(_is_number(x) for x in v) for v in values.values()):
+            raise UserError(f"{path}: '{model}' must map metric keys to lists of numbers")
+    return data

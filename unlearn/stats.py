@@ -65,9 +65,18 @@ def bootstrap(rows: Sequence[Sequence[float]] | Sequence[float], statistic: Call
     return Interval(value, float(low), float(high), n, level)
 
 
-def recovery_ratio(data: Rows) -> float:
+def recovery_ratio(data: Rows, better: str = "lower") -> float:
     """Columns: per item, correct (1/0 or a probability) for the target, the unlearned and the attacked model.
     The ratio of their means by the attack reports' own rule (results.recovery_ratio), nan where it is undefined."""
     target, unlearned, attacked = (float(data[:, k].mean()) for k in range(3))
-    ratio, _ = results.recovery_ratio(attacked, unlearned, target)
+    ratio, _ = results.recovery_ratio(attacked, unlearned, target, better)
     return math.nan if ratio is None else ratio
+
+
+def recovery_interval(target: Sequence[float], unlearned: Sequence[float], attacked: Sequence[float],
+                      better: str = "lower", level: float = 0.95, resamples: int = 2000, seed: int = 0) -> Interval:
+    """The recovery ratio over items with its bootstrap interval: the three models' values on the same items."""
+    if not len(target) == len(unlearned) == len(attacked):
+        raise ValueError(f"per-item values of unequal length: {len(target)}, {len(unlearned)}, {len(attacked)}")
+    rows = np.column_stack([target, unlearned, attacked]).astype(float)
+    return bootstrap(rows, lambda d: recovery_ratio(d, better), level, resamples, seed)

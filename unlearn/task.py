@@ -66,6 +66,15 @@ class Stage:
 Probe = Callable[[Any, Any, Any], dict[str, float]]  # (model, tokenizer, EvalConfig) -> metric values
 
 
+@dataclass(frozen=True)
+class ItemSubset:
+    """Probe metrics that are full-evaluation metrics restricted to some of its items: {probe key: evaluation key}
+    and the item indices. The per-item values recorded for the evaluation keys then give the probe's intervals."""
+
+    keys: dict[str, str]
+    indices: list[int]
+
+
 @dataclass
 class RelearnPlan:
     """What a relearning attack needs from a benchmark: text to fine-tune on and a measurement to repeat.
@@ -79,6 +88,7 @@ class RelearnPlan:
     probe_metrics: tuple[Metric, ...]
     measured_on: str
     details: dict[str, Any] = field(default_factory=dict)  # recorded with the result (e.g. which items were used)
+    items: ItemSubset | None = None  # how the probe's metrics map onto per-item evaluation values, when they do
 
 
 def split_items(n: int, samples: int | None, seed: int, what: str = "forget items",

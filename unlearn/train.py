@@ -30,14 +30,26 @@ from unlearn.errors import UserError
 from unlearn.loss import Loss, LossValue, loss_parts
 from unlearn.objectives import Objective
 from unlearn.optim.protocol import Closure, Diagnosing, Graded, Scheduled, evaluate_parts
+from unlearn.stopping import StopRule
 
 
 @dataclass
 class TrainResult:
-    steps: int
+    steps: int  # steps taken: max_steps, or fewer when a stop rule ended the run
     seconds: float
     forward_passes: int
     final_loss: float
+    stopped_at: int | None = None  # the step at which `Monitor.rule` was met (None: it never was, or no rule)
+
+
+@dataclass
+class Monitor:
+    """Measurements every `every` steps, outside the timed region, logged with the step as "eval"; training ends at
+    the first one that meets `rule`."""
+
+    every: int
+    measure: Callable[[], dict[str, float]]
+    rule: StopRule | None = None
 
 
 @dataclass(frozen=True)
@@ -201,9 +213,10 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
           max_steps: int, seed: int, log_path: Path | None = None, desc: str = "unlearning",
           progress: bool = True, after_step: Callable[[int], None] | None = None, grad_accum: int = 1,
           world: World = SINGLE, start: Progress = Progress(), checkpoint: Callable[[Progress], None] | None = None,
-          checkpoint_every: int = 0) -> TrainResult:
+          checkpoint_every: int = 0, monitor: Monitor | None = None) -> TrainResult:
     """`after_step(step)` runs after each step and `checkpoint(progress)` after every `checkpoint_every`-th, both
-    outside the timed region. `start`: the steps already done by an interrupted run (its log is appended to)."""
+    outside the timed region, as does `monitor`. `start`: the steps already done by an interrupted run (its log is
+    appended to)."""
     if max_steps < 1:
         raise UserError(f"max_steps must be >= 1, got {max_steps}")
     check_batching(batch_size, grad_accum, world)
@@ -218,8 +231,18 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
         _first_rows(forget, batch_size, seed, max_steps),
         _first_rows(retain, batch_size, retain_seed(seed), max_steps) if retain else None),
         pad_id, grad_accum, world) if isinstance(optimizer, Scheduled) else None
+    stopped_at: int | None = None
+    step = start.steps
+    if monitor is not None and monitor.rule is not None and start.steps and start.steps % monitor.every == 0:
+        # A checkpoint taken at the step that met the rule (the run was then killed during its final evaluation):
+        # that step's measurement is repeated rather than training past it.
+        measured = time.perf_counter()
+        if monitor.rule.reached(monitor.measure()):
+            stopped_at = start.steps
+        begun += time.perf_counter() - measured
     try:
-        bar = tqdm(range(start.steps + 1, max_steps + 1), desc=desc, disable=not progress, dynamic_ncols=True,
+        last = max_steps if stopped_at is None else start.steps
+        bar = tqdm(range(start.steps + 1, last + 1), desc=desc, disable=not progress, dynamic_ncols=True,
                    initial=start.steps, total=max_steps)
         for step in bar:
             closure = StepClosure(model, objective, next(forget_stream),
@@ -238,8 +261,15 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
                                 f"(--lr) or check the data")
             parts = closure.logged_parts()
             bar.set_postfix(loss=f"{loss_value:.4f}", **{k: f"{v:.4f}" for k, v in parts.items() if k != "total"})
+            evaluation = None
+            if monitor is not None and step % monitor.every == 0:
+                measured = time.perf_counter()
+                evaluation = monitor.measure()
+                if monitor.rule is not None and monitor.rule.reached(evaluation):
+                    stopped_at = step
+                begun += time.perf_counter() - measured
             block_end = None
-            if probe is not None and step == max_steps:
+            if probe is not None and (step == max_steps or stopped_at is not None):
                 measured = time.perf_counter()
                 block_end = probe.measure()  # the same rows after the last step
                 begun += time.perf_counter() - measured
@@ -253,6 +283,8 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
                     record["probe"] = block_start  # fixed rows, before this step (the first of its block)
                 if block_end is not None:
                     record["probe_end"] = block_end
+                if evaluation is not None:
+                    record["eval"] = evaluation  # the benchmark's probe after this step
                 log.write(json.dumps(record) + "\n")
                 log.flush()  # a checkpoint taken next must find every line of the steps it covers
             paused = time.perf_counter()
@@ -261,8 +293,11 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
             if after_step is not None:
                 after_step(step)
             begun += time.perf_counter() - paused  # checkpoints and evaluations are not training time
+            if stopped_at is not None:
+                bar.close()
+                break
     finally:
         if log:
             log.close()
-    return TrainResult(steps=max_steps, seconds=time.perf_counter() - begun, forward_passes=forwards,
-                       final_loss=loss_value)
+    return TrainResult(steps=step, seconds=time.perf_counter() - begun, forward_passes=forwards,
+                       final_loss=loss_value, stopped_at=stopped_at)

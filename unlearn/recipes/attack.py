@@ -10,6 +10,7 @@ did not move the metric the way forgetting does, since then there is nothing to 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -19,11 +20,13 @@ from unlearn.attacks import ATTACKS, Attack, AttackResult, Subject
 from unlearn.collapse import COLLAPSED_NOTE
 from unlearn.config import apply_override, component_defaults, eval_config, merge, read_yaml
 from unlearn.errors import UserError
+from unlearn.evaluate import collect_samples, item_values
 from unlearn.files import read_json, write_json_atomic
 from unlearn.placement import resolve as resolve_placement
-from unlearn.results import AttackRecord, Recovery, collapse_of, recovery_ratio
+from unlearn.results import ITEMS_FILE, AttackRecord, Recovery, collapse_of, read_items, recovery_ratio
 from unlearn.runs import staged_dir
 from unlearn.settings import from_mapping
+from unlearn.stats import recovery_interval
 from unlearn.task import Task
 
 
@@ -49,27 +52,60 @@ def attack_settings(name: str, flags: dict[str, Any] | None = None,
     return canonical, cls(), from_mapping(cls.Settings, settings, "attack")
 
 
-def _recovery(subject: Subject, result: AttackResult) -> Recovery | None:
+def _interval(recovery: Recovery, subject: Subject, attacked: dict[str, list[float]], key: str, better: str,
+              indices: list[int] | None = None) -> Recovery:
+    """`recovery` with its interval over items, when the unlearned, target and attacked model's per-item values of
+    evaluation metric `key` were all recorded (on `indices` of its items only, when given)."""
+    vectors = [subject.items.get("target", {}).get(key), subject.items.get("unlearned", {}).get(key),
+               attacked.get(key)]
+    if any(v is None for v in vectors) or len({len(v) for v in vectors}) != 1:  # type: ignore[arg-type]
+        return recovery
+    if indices is not None:
+        if not indices or max(indices) >= len(vectors[0]):  # type: ignore[arg-type]
+            return recovery
+        vectors = [[v[i] for i in indices] for v in vectors]  # type: ignore[index]
+    interval = recovery_interval(*vectors, better=better, seed=subject.seed)  # type: ignore[arg-type]
+    if not math.isfinite(interval.low):
+        return replace(recovery, n=interval.n)
+    return replace(recovery, low=round(interval.low, 4), high=round(interval.high, 4), n=interval.n)
+
+
+def _recoveries(subject: Subject, result: AttackResult, attacked_items: dict[str, list[float]]) -> list[Recovery]:
+    """Recovery on every forget metric measured, the headline's first."""
     if result.curve:
         # Attacks that measure repeatedly: recovery on their own probe, from its first to its last point.
-        metric = next((m for m in result.curve_metrics if m.key in result.curve[0]), None)
-        if metric is None or result.target_probe is None or metric.key not in result.target_probe:
-            return None  # nothing declared was measured, or no target to compare with (a bare model)
-        unlearned, attacked = result.curve[0][metric.key], result.curve[-1][metric.key]
-        target = result.target_probe[metric.key]
-        ratio, why = recovery_ratio(attacked, unlearned, target, metric.better)
-        per_step = [{"step": p["step"], "ratio": recovery_ratio(p[metric.key], unlearned, target, metric.better)[0]}
-                    for p in result.curve]
-        return Recovery(metric=metric.key, measured_on=result.measured_on or metric.key, ratio=ratio, note=why,
-                        unlearned=unlearned, attacked=attacked, target=target, curve=per_step)
-    key = subject.task.headline
-    if not (subject.unlearned and subject.target) or key not in subject.unlearned or key not in subject.target:
-        return None
-    spec = subject.task.declared(key)
-    unlearned, attacked, target = subject.unlearned[key], result.metrics[key], subject.target[key]
-    ratio, why = recovery_ratio(attacked, unlearned, target, spec.better if spec else "lower")
-    return Recovery(metric=key, measured_on=key, ratio=ratio, note=why, unlearned=unlearned, attacked=attacked,
-                    target=target)
+        if result.target_probe is None:
+            return []  # no target to compare with (a bare model)
+        out = []
+        for metric in result.curve_metrics:
+            if metric.role != "forget" or metric.key not in result.curve[0] or metric.key not in result.target_probe:
+                continue
+            unlearned, attacked = result.curve[0][metric.key], result.curve[-1][metric.key]
+            target = result.target_probe[metric.key]
+            ratio, why = recovery_ratio(attacked, unlearned, target, metric.better)
+            per_step = [{"step": p["step"], "ratio": recovery_ratio(p[metric.key], unlearned, target,
+                                                                    metric.better)[0]} for p in result.curve]
+            recovery = Recovery(metric=metric.key, measured_on=result.measured_on or metric.key, ratio=ratio, note=why,
+                                unlearned=unlearned, attacked=attacked, target=target, curve=per_step)
+            subset = result.curve_items
+            if subset is not None and metric.key in subset.keys:
+                recovery = _interval(recovery, subject, attacked_items, subset.keys[metric.key], metric.better,
+                                     subset.indices)
+            out.append(recovery)
+        return out
+    if not (subject.unlearned and subject.target):
+        return []
+    out = []
+    for key in subject.task.forget_metrics:
+        if key not in subject.unlearned or key not in subject.target or key not in result.metrics:
+            continue
+        spec = subject.task.declared(key)
+        better = spec.better if spec else "lower"
+        unlearned, attacked, target = subject.unlearned[key], result.metrics[key], subject.target[key]
+        ratio, why = recovery_ratio(attacked, unlearned, target, better)
+        out.append(_interval(Recovery(metric=key, measured_on=key, ratio=ratio, note=why, unlearned=unlearned,
+                                      attacked=attacked, target=target), subject, attacked_items, key, better))
+    return out
 
 
 def run_attack(subject: Subject, name: str, attack: Attack, settings: Any,
@@ -80,17 +116,20 @@ def run_attack(subject: Subject, name: str, attack: Attack, settings: Any,
         settings = replace(settings, seed=subject.seed)
     attack.check(subject, settings)
     started = time.perf_counter()
-    result = attack.run(subject, settings, progress=progress)
+    with collect_samples() as samples:  # the attacked model's per-item values, for the intervals
+        result = attack.run(subject, settings, progress=progress)
+    items = item_values(samples, result.metrics)
+    recoveries = _recoveries(subject, result, items)
+    if subject.collapse:
+        recoveries = [replace(r, note="; ".join(filter(None, [r.note, COLLAPSED_NOTE]))) for r in recoveries]
     record = AttackRecord(attack=attack.folder(settings), kind=name, settings=asdict(settings),
                           metrics=result.metrics, seconds=round(time.perf_counter() - started, 1),
-                          recovery=_recovery(subject, result), curve=result.curve,
-                          curve_metrics=list(result.curve_metrics), details=result.details)
-    if subject.collapse and record.recovery is not None:
-        record.recovery.note = "; ".join(filter(None, [record.recovery.note, COLLAPSED_NOTE]))
-    return record, _finish(subject, record)
+                          recovery=recoveries[0] if recoveries else None, curve=result.curve,
+                          curve_metrics=list(result.curve_metrics), details=result.details, recoveries=recoveries)
+    return record, _finish(subject, record, items)
 
 
-def _finish(subject: Subject, record: AttackRecord) -> Path | None:
+def _finish(subject: Subject, record: AttackRecord, items: dict[str, list[float]]) -> Path | None:
     if subject.run_dir is None:
         return None
     attacks = attacks_dir(subject.run_dir)
@@ -98,6 +137,7 @@ def _finish(subject: Subject, record: AttackRecord) -> Path | None:
     attacks.mkdir(parents=True, exist_ok=True)
     with staged_dir(final, overwrite=True, kind="attack") as stage:
         write_json_atomic(stage / "metrics.json", record.to_json())
+        write_json_atomic(stage / ITEMS_FILE, {"attacked": items})
     return final
 
 
@@ -133,6 +173,7 @@ def subject_from_run(run_dir: Path, load_task, eval_overrides: dict[str, Any] | 
                    collapse=collapse_of(run_dir / "metrics.json", record) if record else [],
                    target_model=_target_model(saved.get("target_model")), trust_remote_code=trust_remote_code,
                    run_dir=run_dir, unlearned=record.get("metrics"), target=record.get("target"),
+                   items=read_items(run_dir / ITEMS_FILE),
                    placement=resolve_placement(device or "auto", dtype or trained_in or "auto"))
 
 

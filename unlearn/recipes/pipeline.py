@@ -26,7 +26,7 @@ from unlearn.config import RunConfig
 from unlearn.data import encode, rows_used
 from unlearn.distributed import World, gathered_model, shard_model
 from unlearn.errors import UserError
-from unlearn.evaluate import collect_samples
+from unlearn.evaluate import evaluate_items
 from unlearn.files import write_json_atomic, write_jsonl_atomic, write_yaml
 from unlearn.models import enable_gradient_checkpointing, load_model, save_model
 from unlearn.objectives import OBJECTIVES, Objective, build_objective
@@ -35,10 +35,11 @@ from unlearn.optim.protocol import accepts
 from unlearn.placement import CPU_FP32, Placement, parse_dtype
 from unlearn.placement import resolve as resolve_placement
 from unlearn.recipes.prepare import baseline_cached, baseline_metrics, target_model
-from unlearn.results import RunRecord
+from unlearn.results import ITEMS_FILE, RunRecord
 from unlearn.runs import open_run_dir, partial_dir, staged_dir
+from unlearn.stopping import StopRule
 from unlearn.task import Stage, Task
-from unlearn.train import Progress, check_batching, retain_seed, train
+from unlearn.train import Monitor, Progress, check_batching, retain_seed, train
 
 
 @dataclass
@@ -187,10 +188,11 @@ def _truncate_log(path: Path, steps: int) -> None:
 def _unlearn_request(cfg: RunConfig, objective, model: torch.nn.Module, tok, forget_examples, retain,
                      log_path: Path | None, desc: str, progress: bool, world: World, max_length: int,
                      save: Callable[[torch.nn.Module, torch.optim.Optimizer, Progress], None] | None,
-                     resume_from: Checkpoint | None) -> tuple[torch.nn.Module, Any]:
+                     resume_from: Checkpoint | None,
+                     probe: Callable[..., dict[str, float]]) -> tuple[torch.nn.Module, Any]:
     """One unlearning request: objective set-up on the current model, optional LoRA (merged at the end, so
     a following request starts from plain weights), a fresh optimizer, training (from a checkpoint when
-    resuming)."""
+    resuming), measuring `probe(model, tokenizer, eval settings)` every train.eval_every steps."""
     objective.trainable(model)
     forget = [encode(tok, ex, max_length=max_length) for ex in forget_examples]
     # The training loop's own retain stream: what it will draw, and nothing more.
@@ -213,12 +215,23 @@ def _unlearn_request(cfg: RunConfig, objective, model: torch.nn.Module, tok, for
                          float(done["final_loss"]))
         if log_path is not None:
             _truncate_log(log_path, start.steps)
+    monitor = None
+    if cfg.train.eval_every:
+        def measure() -> dict[str, float]:
+            training = model.training
+            try:
+                return probe(model, tok, cfg.eval)
+            finally:
+                model.train(training)
+
+        monitor = Monitor(cfg.train.eval_every, measure,
+                          StopRule.parse(cfg.train.stop_at) if cfg.train.stop_at is not None else None)
     result = train(model, objective, optimizer, forget, retain, pad_id=tok.pad_token_id,
                    batch_size=cfg.train.batch_size, max_steps=cfg.train.max_steps, seed=cfg.train.seed,
                    log_path=log_path, desc=desc, progress=progress and world.is_main,
                    grad_accum=cfg.train.grad_accum, world=world, start=start,
                    checkpoint=(lambda done: save(model, optimizer, done)) if save else None,
-                   checkpoint_every=cfg.train.save_every)
+                   checkpoint_every=cfg.train.save_every, monitor=monitor)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     return model, result
@@ -287,10 +300,11 @@ def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrit
     if sharded:
         loaded.model = shard_model(loaded.model, placement.device)
     target_metrics: dict[str, float] = {}
+    target_items: dict[str, list[float]] = {}
     cached = world.broadcast_object(baseline_cached(start_spec, task, cfg.eval, placement)) if sharded else False
     if main or (sharded and not cached):
-        target_metrics = baseline_metrics(start_spec, task, cfg.eval, progress=progress and main, loaded=loaded,
-                                          placement=placement, store=main)
+        target_metrics, target_items = baseline_metrics(start_spec, task, cfg.eval, progress=progress and main,
+                                                        loaded=loaded, placement=placement, store=main)
         log(f"starting model: {start_spec}  ({_describe(target_metrics, task.forget_metrics)}; "
             f"{placement.describe()}{', sharded over ' + str(world.size) + ' processes' if sharded else ''})")
     model, tok = loaded.model, loaded.tokenizer
@@ -315,6 +329,8 @@ def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrit
         seconds, forwards, steps = float(done["seconds"]), int(done["forward_passes"]), int(done["steps"])
         eval_seconds = float(done["eval_seconds"])
         metrics: dict[str, float] = stages[-1]["metrics"] if stages else {}
+        items: dict[str, list[float]] = {}
+        samples: list[dict[str, Any]] = []
         final_loss = stages[-1]["final_loss"] if stages else float("nan")
         first = point.stage if point else 0
         if point is not None and point.stage_start is not None:
@@ -342,17 +358,17 @@ def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrit
             model, result = _unlearn_request(
                 cfg, objective, model, tok, request.forget, retain, log_path if main else None, desc, progress,
                 world, max_length, save if resumable and main else None,
-                point.checkpoint if resumed_here and point is not None else None)
+                point.checkpoint if resumed_here and point is not None else None, task.probe)
             seconds, forwards, steps = seconds + result.seconds, forwards + result.forward_passes, steps + result.steps
             final_loss = result.final_loss
             if not evaluates:
                 continue  # rank 0 evaluates; the next request's training waits for it in its first collective
             started = time.perf_counter()
-            with collect_samples() if log_samples else nullcontext([]) as samples:
-                metrics = task.evaluate(model, tok, cfg.eval, progress=progress and main)
+            metrics, items, samples = evaluate_items(lambda m=model: task.evaluate(m, tok, cfg.eval,
+                                                                                   progress=progress and main))
             eval_seconds += time.perf_counter() - started
             stages.append({"stage": request.name, "steps": result.steps, "final_loss": result.final_loss,
-                           "metrics": metrics})
+                           "stopped_at": result.stopped_at, "metrics": metrics})
             if sequential:
                 log(f"after request {index + 1}/{len(requests)} ({request.name}): "
                     f"{_describe(metrics, task.forget_metrics)}")
@@ -364,9 +380,19 @@ def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrit
         assert model is not None
         if log_samples:  # the final evaluation's items: what metrics.json summarizes
             write_jsonl_atomic(stage_dir / "samples.jsonl", samples)
+        # Per-item values of the final and the starting model: what attack intervals and study statistics resample.
+        write_json_atomic(stage_dir / ITEMS_FILE, {"unlearned": items, "target": target_items})
         save_model(model, tok, stage_dir / "model", dtype=parse_dtype(cfg.train.save_dtype))
         train_info = {"steps": steps, "seconds": round(seconds, 1), "forward_passes": forwards,
                       "final_loss": final_loss, "eval_seconds": round(eval_seconds, 1)}
+        if cfg.train.stop_at is not None:
+            # Whether the run reached the level it was to stop at (each request, for a sequential run): a run that
+            # never did is reported as such, not compared as if it had.
+            stops = [s.get("stopped_at") for s in stages]
+            train_info |= {"stop_at": str(StopRule.parse(cfg.train.stop_at)), "stopped_at": stops[-1],
+                           "reached": all(s is not None for s in stops)}
+            if not train_info["reached"]:
+                log(f"note: the run never met train.stop_at ({cfg.train.stop_at}) within {cfg.train.max_steps} steps")
         record = RunRecord(method=cfg.method["name"], optimizer=cfg.optimizer["name"], benchmark=task.name,
                            headline=task.headline, metrics=metrics, declared=list(task.metrics), train=train_info,
                            target=target_metrics, notes=task.notes, stages=stages if len(requests) > 1 else None,

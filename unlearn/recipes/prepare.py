@@ -18,6 +18,7 @@ import torch
 
 from unlearn.config import EvalConfig
 from unlearn.data import encode
+from unlearn.evaluate import evaluate_items
 from unlearn.files import read_json, read_text, write_json_atomic
 from unlearn.locks import claim
 from unlearn.models import EMBEDDED, cache_dir, load_model, resolve, save_model
@@ -85,7 +86,7 @@ def target_model(spec: str, task: Task, settings: dict[str, Any], trust_remote_c
                    progress=progress)
     model.get_input_embeddings().weight.requires_grad_(True)
     # The target's full metrics are cached with it: every run's table compares against them.
-    metrics = task.evaluate(model, tok, EvalConfig(), progress=progress)
+    metrics, items, _ = evaluate_items(lambda: task.evaluate(model, tok, EvalConfig(), progress=progress))
     record = {"base_model": spec, "task": task.name, "task_fingerprint": task.fingerprint,
               "epochs": epochs, "lr": lr, "batch_size": batch_size, "steps": steps,
               "seconds": round(result.seconds, 1), "final_loss": result.final_loss, "metrics": metrics}
@@ -99,7 +100,7 @@ def target_model(spec: str, task: Task, settings: dict[str, Any], trust_remote_c
             save_model(model, tok, staging / "model")
             write_json_atomic(staging / "prepare.json", record)
     # Those are also the target's baseline under default evaluation settings: runs need not recompute them.
-    _store_baseline(str(folder / "model"), task, EvalConfig(), metrics, placement)
+    _store_baseline(str(folder / "model"), task, EvalConfig(), metrics, items, placement)
     return folder
 
 
@@ -113,23 +114,26 @@ def baseline_cached(spec: str, task: Task, settings: EvalConfig, placement: Plac
 
 def baseline_metrics(spec: str, task: Task, settings: EvalConfig, trust_remote_code: bool = False,
                      progress: bool = True, loaded: Any = None, placement: Placement = CPU_FP32,
-                     store: bool = True) -> dict[str, float]:
-    """Metrics of the model as given (the starting point on real benchmarks), cached per model, data and
-    evaluation settings: every run from the same model compares against the same numbers, computed once.
-    `loaded` is that model if the caller already holds it (it is loaded otherwise); `store`: cache the result."""
+                     store: bool = True) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Metrics of the model as given (the starting point on real benchmarks) and their per-item values, cached
+    per model, data and evaluation settings: every run from the same model compares against the same numbers,
+    computed once. `loaded` is that model if the caller already holds it (it is loaded otherwise); `store`: cache
+    the result."""
     path = _baseline_path(spec, task, settings, placement)
     if path.is_file():
-        return read_json(path)["metrics"]
+        cached = read_json(path)
+        return cached["metrics"], cached.get("items") or {}
     loaded = loaded or load_model(spec, trust_remote_code=trust_remote_code, placement=placement)
-    metrics = task.evaluate(loaded.model, loaded.tokenizer, settings, progress=progress)
+    metrics, items, _ = evaluate_items(lambda: task.evaluate(loaded.model, loaded.tokenizer, settings,
+                                                             progress=progress))
     if store:  # under a launcher only rank 0 writes the cache
-        _store_baseline(spec, task, settings, metrics, placement)
-    return metrics
+        _store_baseline(spec, task, settings, metrics, items, placement)
+    return metrics, items
 
 
-# Bumped whenever a metric's definition changes (2: MUSE as MUSE computes it, on its x100 scale): a cached
-# baseline computed under an older definition must not sit in a table beside new numbers.
-METRICS_VERSION = 2
+# Bumped whenever a metric's definition changes (2: MUSE as MUSE computes it, on its x100 scale; 3: MCQ Prob and
+# per-item values): a cached baseline computed under an older definition must not sit in a table beside new numbers.
+METRICS_VERSION = 3
 
 
 def _baseline_path(spec: str, task: Task, settings: EvalConfig, placement: Placement) -> Path:
@@ -138,8 +142,8 @@ def _baseline_path(spec: str, task: Task, settings: EvalConfig, placement: Place
 
 
 def _store_baseline(spec: str, task: Task, settings: EvalConfig, metrics: dict[str, float],
-                    placement: Placement) -> None:
+                    items: dict[str, list[float]], placement: Placement) -> None:
     path = _baseline_path(spec, task, settings, placement)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {"model": spec, "task": task.name, "task_fingerprint": task.fingerprint,
-                             "eval": settings.__dict__, "metrics": metrics})
+                             "eval": settings.__dict__, "metrics": metrics, "items": items})
