@@ -53,6 +53,10 @@ class AttackResult:
 class Attack(ABC):
     Settings: ClassVar[type]
     summary: ClassVar[str] = ""  # one line for `unlearn attacks`
+    # Settings `folder()` already spells out, and settings that change what is measured along the way but not the
+    # attacked model: neither adds to the result's folder name (see unlearn/recipes/attack.py, result_folder).
+    named_by: ClassVar[tuple[str, ...]] = ()
+    measurement_only: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def folder(self, settings: Any) -> str:

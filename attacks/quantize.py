@@ -294,6 +294,7 @@ class Quantize(Attack):
 
     Settings = QuantSpec
     summary = "bitsandbytes 4-bit (NF4/FP4) or 8-bit, or round-to-nearest 2/3/4/8-bit; the benchmark's metrics"
+    named_by = ("method", "bits", "quant_type", "group_size")
 
     def folder(self, settings: QuantSpec) -> str:
         return settings.name

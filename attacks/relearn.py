@@ -86,6 +86,8 @@ class Relearn(Attack):
 
     Settings = RelearnSettings
     summary = "fine-tune on part of the forget text (or retain text: out-of-domain); recovery curve"
+    named_by = ("domain", "lora")
+    measurement_only = ("checkpoints",)
 
     def folder(self, settings: RelearnSettings) -> str:
         return settings.name

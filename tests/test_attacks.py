@@ -60,7 +60,7 @@ def test_relearn_attack_writes_curve_and_report(workdir):
     result = cli("attack", "--run", "runs/tiny", "--relearn", "--steps", "3", "--checkpoints", "0,2,5",
                  "--batch-size", "2", "-q", cwd=workdir)
     assert result.returncode == 0, result.stderr
-    record = json.loads((workdir / "runs/tiny/attacks/relearn/metrics.json").read_text())
+    record = json.loads((workdir / "runs/tiny/attacks/relearn-steps3-batchsize2/metrics.json").read_text())
     assert [p["step"] for p in record["curve"]] == [0, 2, 3]
     details = record["details"]
     assert not set(details["used_forget_indices"]) & set(details["unseen_forget_indices"])
@@ -71,16 +71,16 @@ def test_relearn_attack_writes_curve_and_report(workdir):
     assert record["recovery"]["unlearned"] == record["curve"][0]["forget_unseen_acc"]
     report = cli("report", "runs", cwd=workdir)
     assert report.returncode == 0, report.stderr
-    assert "after relearn" in report.stdout and "forget (unseen) ↓" in report.stdout
+    assert "after relearn-steps3-batchsize2" in report.stdout and "forget (unseen) ↓" in report.stdout
     header, *lines = [line for line in report.stdout.splitlines() if line.startswith("| ")]
     titles = [t.strip() for t in header.strip("|").split("|")]
     row = next(line for line in lines if line.startswith("| tiny "))
     cells = [c.strip() for c in row.strip("|").split("|")]
     ratio = record["recovery"]["ratio"]  # the runs table carries the attack's recovery ratio beside its value
     if ratio is None:  # the tiny target may not know the unseen facts: no ratio, and no column of n/a
-        assert "recovery relearn" not in titles
+        assert "recovery relearn-steps3-batchsize2" not in titles
     else:
-        assert cells[titles.index("recovery relearn")] == f"{ratio:.3f}"
+        assert cells[titles.index("recovery relearn-steps3-batchsize2")] == f"{ratio:.3f}"
     assert (workdir / "runs/attack_curves.png").stat().st_size > 1000
     assert "attack_curves.png" in (workdir / "runs/report.md").read_text()
 
@@ -89,7 +89,8 @@ def test_relearn_lora_out_of_domain(workdir):
     result = cli("attack", "--run", "runs/tiny", "--relearn", "--lora", "--lora-rank", "2", "--out-of-domain",
                  "--steps", "2", "--batch-size", "2", "-q", cwd=workdir)
     assert result.returncode == 0, result.stderr
-    record = json.loads((workdir / "runs/tiny/attacks/relearn-ood-lora/metrics.json").read_text())
+    folder = workdir / "runs/tiny/attacks/relearn-ood-lora-steps2-batchsize2-lorarank2"  # non-default settings named
+    record = json.loads((folder / "metrics.json").read_text())
     assert record["settings"]["domain"] == "retain" and record["settings"]["lora"]
     assert record["kind"] == "relearn" and record["settings"]["lora_rank"] == 2
 
@@ -163,8 +164,9 @@ def test_report_shows_every_attack_folder(wide_run):
     its settings and recovery ratio (the report used to show only bnb-8bit, bnb-4bit-nf4 and relearn)."""
     attacks = {"rtn-4bit-channel": ["--quantize", "rtn4"],
                "bnb-4bit-fp4": ["--quantize", "4bit", "--quant-type", "fp4"],
-               "relearn-lora": ["--relearn", "--lora", "--lora-rank", "2", "--steps", "2", "--batch-size", "2"],
-               "relearn-ood": ["--relearn", "--out-of-domain", "--steps", "2", "--batch-size", "2"]}
+               "relearn-lora-steps2-batchsize2-lorarank2": ["--relearn", "--lora", "--lora-rank", "2", "--steps", "2",
+                                                            "--batch-size", "2"],
+               "relearn-ood-steps2-batchsize2": ["--relearn", "--out-of-domain", "--steps", "2", "--batch-size", "2"]}
     for folder, args in attacks.items():
         result = cli("attack", "--run", "runs/wide", *args, "-q", cwd=wide_run)
         assert result.returncode == 0, (folder, result.stderr)
@@ -214,6 +216,6 @@ def test_report_shows_every_attack_folder(wide_run):
     runs_row = next([c.strip() for c in line.strip("|").split("|")] for line in page.splitlines()
                     if line.startswith("| wide | embedded |"))
     assert runs_row[runs_columns.index(f"recovery {folder}")] == "0.250"
-    assert "quant_type=fp4" in rows["bnb-4bit-fp4"][3] and "domain=retain" in rows["relearn-ood"][3]
+    assert "quant_type=fp4" in rows["bnb-4bit-fp4"][3] and "domain=retain" in rows["relearn-ood-steps2-batchsize2"][3]
     csv_rows = (wide_run / "runs/report-attacks.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + len(attacks)

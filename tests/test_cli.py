@@ -77,7 +77,8 @@ def test_full_run_eval_and_report(tmp_path, tiny_model_dir):
                  "--steps", "3", "--batch-size", "2", "-q", *TINY_BENCH, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     run = tmp_path / "runs" / "npo-adamw"
-    assert sorted(p.name for p in run.iterdir()) == [".unlearn", "config.yaml", "log.jsonl", "metrics.json", "model"]
+    assert sorted(p.name for p in run.iterdir()) == [".unlearn", "config.yaml", "items.json", "log.jsonl",
+                                                      "metrics.json", "model"]
     assert "| npo-adamw | embedded | npo | adamw |" in result.stdout
     live = next(line for line in result.stdout.splitlines() if line.startswith("training log (live): "))
     assert "/.staging-npo-adamw-" in live and live.split()[3].endswith("/log.jsonl")  # where it can be watched

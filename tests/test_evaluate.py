@@ -2,9 +2,11 @@
 
 import math
 
+import pytest
 import torch
 
-from unlearn.evaluate import perplexity
+from unlearn.data import MCQ
+from unlearn.evaluate import answer_probability, collect_samples, item_values, mcq_accuracy, perplexity, run_steps
 
 
 def test_perplexity_of_a_wrecked_model_is_inf_not_a_crash(tiny):
@@ -14,3 +16,24 @@ def test_perplexity_of_a_wrecked_model_is_inf_not_a_crash(tiny):
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(1e6)  # logits so extreme that mean NLL exceeds ~709
     assert perplexity(model, tok, texts) == math.inf
+
+
+def test_answer_probability_is_the_per_token_share_of_the_answer() -> None:
+    """Two choices of 1 and 2 tokens with per-token log-likelihoods -1 and -2 (sums -1 and -4): the answer's share
+    is e^-1 / (e^-1 + e^-2); equal per-token scores give 1/len(choices) whatever the lengths."""
+    assert answer_probability([-1.0, -4.0], [1, 2], 0) == pytest.approx(math.exp(-1) / (math.exp(-1) + math.exp(-2)))
+    assert answer_probability([-3.0, -6.0, -9.0, -3.0], [1, 2, 3, 1], 2) == pytest.approx(0.25)
+
+
+def test_mcq_prob_and_accuracy_come_from_one_scoring_and_items_match_the_means(tiny) -> None:
+    model, tok = tiny
+    questions = [MCQ(f"Q{i}:", ["ferret", "owl", "cello", "harp"], i % 4, "pet") for i in range(6)]
+    with collect_samples() as samples:
+        metrics = run_steps([("forget/mcq", lambda: mcq_accuracy(model, tok, questions, prob=True))], progress=False)
+    items = item_values(samples, metrics)
+    assert set(items) == {"forget/mcq_acc", "forget/mcq_prob"}
+    assert sum(items["forget/mcq_acc"]) / 6 == pytest.approx(metrics["forget/mcq_acc"])
+    assert sum(items["forget/mcq_prob"]) / 6 == pytest.approx(metrics["forget/mcq_prob"])
+    assert all(0 < p < 1 for p in items["forget/mcq_prob"])
+    # A metric whose value is not the mean of the rows under its tag gets no per-item values.
+    assert item_values(samples, {"forget/mcq_acc": metrics["forget/mcq_acc"] + 0.5}) == {}

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from unlearn.stats import bootstrap, recovery_ratio
+from unlearn.stats import bootstrap, recovery_interval, recovery_ratio
 
 
 def test_mean_interval_matches_the_normal_theory_width_and_covers_the_truth() -> None:
@@ -57,3 +57,19 @@ def test_undefined_statistics_give_nan_not_a_fake_interval() -> None:
         bootstrap([])
     with pytest.raises(ValueError, match="level"):
         bootstrap([1.0, 2.0], level=1.5)
+
+
+def test_recovery_interval_over_items_is_about_the_ratio_and_narrows_with_items() -> None:
+    """Target knows every item, unlearning removed 70 %, the attack brought 20 % of the items back: ratio 2/7;
+    the interval holds it, and 4x the items halves its width (to bootstrap noise)."""
+    def data(n: int) -> tuple[list[float], list[float], list[float]]:
+        unlearned = [1.0 if i % 10 < 3 else 0.0 for i in range(n)]
+        attacked = [1.0 if i % 10 < 5 else 0.0 for i in range(n)]
+        return [1.0] * n, unlearned, attacked
+
+    small, large = recovery_interval(*data(100)), recovery_interval(*data(400))
+    assert small.value == pytest.approx(2 / 7) and large.value == pytest.approx(2 / 7)
+    assert small.contains(2 / 7) and large.contains(2 / 7)
+    assert large.half_width == pytest.approx(small.half_width / 2, rel=0.25)
+    with pytest.raises(ValueError, match="unequal length"):
+        recovery_interval([1.0], [0.0, 1.0], [1.0])

@@ -108,6 +108,24 @@ def _recoveries(subject: Subject, result: AttackResult, attacked_items: dict[str
     return out
 
 
+def result_folder(name: str, attack: Attack, settings: Any, run_seed: int) -> str:
+    """The attack's folder name, plus every setting that differs from its configs/attack default (a seed: from the
+    attacked run's own), so results of different settings and seeds sit side by side instead of replacing each other:
+    relearn, relearn-lr0.0001-steps100, relearn-seed3."""
+    defaults = from_mapping(type(settings), component_defaults("attack", name), "attack")
+    parts = []
+    for f in fields(settings):
+        if f.name in attack.named_by or f.name in attack.measurement_only:
+            continue
+        value, default = getattr(settings, f.name), getattr(defaults, f.name)
+        if f.name == "seed":
+            default = run_seed
+        if value != default:
+            text = f"{value:g}" if isinstance(value, float) else str(value)
+            parts.append(f.name.replace("_", "") + text)
+    return "-".join([attack.folder(settings), *parts])
+
+
 def run_attack(subject: Subject, name: str, attack: Attack, settings: Any,
                progress: bool = True) -> tuple[AttackRecord, Path | None]:
     """Run one attack and write its record into the run folder (when there is one). An attack seed left unset is the
@@ -122,7 +140,8 @@ def run_attack(subject: Subject, name: str, attack: Attack, settings: Any,
     recoveries = _recoveries(subject, result, items)
     if subject.collapse:
         recoveries = [replace(r, note="; ".join(filter(None, [r.note, COLLAPSED_NOTE]))) for r in recoveries]
-    record = AttackRecord(attack=attack.folder(settings), kind=name, settings=asdict(settings),
+    record = AttackRecord(attack=result_folder(name, attack, settings, subject.seed), kind=name,
+                          settings=asdict(settings),
                           metrics=result.metrics, seconds=round(time.perf_counter() - started, 1),
                           recovery=recoveries[0] if recoveries else None, curve=result.curve,
                           curve_metrics=list(result.curve_metrics), details=result.details, recoveries=recoveries)

@@ -1,0 +1,82 @@
+"""Matched efficacy: train.eval_every measures during training, train.stop_at ends a run at a level; and attack
+results of different settings and seeds live side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli import TINY_BENCH, cli
+from unlearn.errors import UserError
+from unlearn.stopping import StopRule
+
+
+def _run(tmp_path: Path, model: Path, *extra: str, name: str = "r"):
+    return cli("run", "--method", "npo", "--optimizer", "adamw", "--model", str(model), "--steps", "6",
+               "--batch-size", "2", "-q", *TINY_BENCH, "--name", name, *extra, cwd=tmp_path)
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_stop_at_ends_the_run_at_the_first_measurement_that_meets_it(tmp_path, tiny_model_dir):
+    result = _run(tmp_path, tiny_model_dir, "--set", "train.eval_every=2", "--set", "train.stop_at=forget/mcq_acc <= 1")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "runs/r/metrics.json").read_text())
+    assert record["train"]["steps"] == 2 and record["train"]["stopped_at"] == 2 and record["train"]["reached"]
+    assert record["train"]["stop_at"] == "forget/mcq_acc <= 1"
+    log = _log(tmp_path / "runs/r")
+    assert [r["step"] for r in log] == [1, 2] and "eval" in log[1] and "eval" not in log[0]
+    assert {"forget/mcq_acc", "forget/mcq_prob", "retain/mcq_acc"} <= set(log[1]["eval"])
+
+
+def test_a_level_never_reached_runs_every_step_and_says_so(tmp_path, tiny_model_dir):
+    result = _run(tmp_path, tiny_model_dir, "--set", "train.eval_every=3", "--set", "train.stop_at=forget/mcq_acc < 0")
+    assert result.returncode == 0, result.stderr
+    assert "never met train.stop_at" in result.stdout
+    train = json.loads((tmp_path / "runs/r/metrics.json").read_text())["train"]
+    assert train["steps"] == 6 and train["stopped_at"] is None and train["reached"] is False
+    assert [r["step"] for r in _log(tmp_path / "runs/r") if "eval" in r] == [3, 6]
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["train.stop_at=forget/mcq_acc <= 0.3"], "set train.eval_every > 0"),
+    (["train.eval_every=2", "train.stop_at=__import__('os') <= 1"], "must read 'METRIC OP NUMBER'"),
+    (["train.eval_every=2", "train.stop_at=forget/mcq_acc == 0.3"], "must read 'METRIC OP NUMBER'"),
+])
+def test_bad_stop_rules_fail_before_any_model_loads(tmp_path, tiny_model_dir, sets, message):
+    result = _run(tmp_path, tiny_model_dir, *[x for s in sets for x in ("--set", s)])
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs" / "r").exists()
+
+
+def test_a_metric_the_probe_does_not_measure_is_named(tmp_path, tiny_model_dir):
+    result = _run(tmp_path, tiny_model_dir, "--set", "train.eval_every=2", "--set", "train.stop_at=forget/rougeL <= 1")
+    assert result.returncode == 2 and "'forget/rougeL' is not measured during training" in result.stderr
+    assert not (tmp_path / "runs" / "r").exists()
+
+
+def test_stop_rule_parsing_and_checks():
+    rule = StopRule.parse(" retain/mcq_acc>=0.85 ")
+    assert (rule.metric, rule.op, rule.level) == ("retain/mcq_acc", ">=", 0.85)
+    assert rule.reached({"retain/mcq_acc": 0.9}) and not rule.reached({"retain/mcq_acc": 0.8})
+    assert not rule.reached({"retain/mcq_acc": float("nan")})
+    with pytest.raises(UserError):
+        StopRule.parse("forget/mcq_acc <= inf")
+
+
+def test_attacks_with_other_settings_or_seeds_never_overwrite_each_other(tmp_path, tiny_model_dir):
+    assert _run(tmp_path, tiny_model_dir).returncode == 0
+    for extra in ([], ["--seed", "1"], ["--lr", "1e-4"], ["--seed", "0"]):
+        result = cli("attack", "--run", "runs/r", "--relearn", "--checkpoints", "0,2", "-q", *extra, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    folders = sorted(p.name for p in (tmp_path / "runs/r/attacks").iterdir())
+    # The run's own seed (0) is the default: --seed 0 is the same attack as none, and replaces it.
+    assert folders == ["relearn", "relearn-lr0.0001", "relearn-seed1"], folders
+    seeds = {f: json.loads((tmp_path / "runs/r/attacks" / f / "metrics.json").read_text())["settings"]["seed"]
+             for f in folders}
+    assert seeds == {"relearn": 0, "relearn-lr0.0001": 0, "relearn-seed1": 1}
+    assert json.loads((tmp_path / "runs/r/attacks/relearn/items.json").read_text())["attacked"]
