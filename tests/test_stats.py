@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from unlearn.stats import bootstrap, recovery_interval, recovery_ratio
+from unlearn.stats import bootstrap, over_seeds, recovery_interval, recovery_ratio
 
 
 def test_mean_interval_matches_the_normal_theory_width_and_covers_the_truth() -> None:
@@ -73,3 +73,17 @@ def test_recovery_interval_over_items_is_about_the_ratio_and_narrows_with_items(
     assert large.half_width == pytest.approx(small.half_width / 2, rel=0.25)
     with pytest.raises(ValueError, match="unequal length"):
         recovery_interval([1.0], [0.0, 1.0], [1.0])
+
+
+def test_over_seeds_holds_the_seed_spread_and_the_item_noise() -> None:
+    """Three seeds whose item means are 0.2, 0.5 and 0.8 (n = 200 each): the mean is 0.5 and the interval is wide
+    (seeds disagree), far wider than one seed's item interval; identical seeds give about the item-only width."""
+    rng = np.random.default_rng(3)
+    spread = [rng.binomial(1, p, 200) for p in (0.2, 0.5, 0.8)]
+    wide = over_seeds(spread, seed=0)
+    assert wide.n == 3 and wide.value == pytest.approx(np.mean([s.mean() for s in spread]))
+    assert wide.contains(0.5) and wide.half_width > 0.15
+    alike = over_seeds([rng.binomial(1, 0.5, 200) for _ in range(3)], seed=0)
+    assert alike.half_width < 0.1
+    single = over_seeds([spread[1]], seed=0)
+    assert single.n == 1 and single.half_width == pytest.approx(bootstrap(spread[1], seed=0).half_width, rel=0.2)

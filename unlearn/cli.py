@@ -1,4 +1,4 @@
-"""`unlearn run | eval | attack | report | prepare | example-data`, and the listings `models | methods |
+"""`unlearn run | eval | attack | report | study | prepare | example-data`, and the listings `models | methods |
 optimizers | benchmarks | attacks`.
 
 User mistakes (UserError) end in one line on stderr and exit code 2; an interrupt (Ctrl-C, SIGTERM) ends in
@@ -445,6 +445,27 @@ def report(
     table, written = write_report(runs_dir, csv_path)
     print(table)
     console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+@app.command()
+def study(
+    config: Annotated[Path, typer.Argument(help="Study file (configs/study/NAME.yaml).")],
+    trust_remote_code: TrustOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run a study: methods × optimizers × seeds, each run attacked by every attack, into one folder with
+    results.csv, summary.md (means with 95 % intervals, paired comparisons) and plots. Run it again after an
+    interruption: complete runs and attacks are skipped."""
+    from unlearn.recipes.study import load_study, run_study
+
+    plan = load_study(config)  # every cell's settings checked before any model loads
+    console.print(f"study {plan.folder}: {len(plan.cells)} runs × {len(plan.attacks)} attacks")
+    _setup_torch()
+    outcome = run_study(plan, progress=not quiet, log=console.print, trust_remote_code=trust_remote_code)
+    console.print("wrote " + ", ".join(str(p) for p in outcome.written))
+    if outcome.failures:
+        raise UserError(f"{len(outcome.failures)} part(s) of the study failed (listed in summary.md); "
+                        f"the rest is summarized")
 
 
 @app.command()

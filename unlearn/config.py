@@ -253,9 +253,12 @@ def _refuse_remote_code(layers: dict[str, dict[str, Any]]) -> None:
 
 def load_run_config(method: str | None = None, optimizer: str | None = None,
                     config_file: Path | None = None, flags: dict[str, Any] | None = None,
-                    overrides: list[str] | None = None, benchmark: str | None = None) -> RunConfig:
+                    overrides: list[str] | None = None, benchmark: str | None = None,
+                    layer: dict[str, Any] | None = None) -> RunConfig:
+    """`layer`: settings given as a mapping (a study's cell), merged over the --config file at the same level."""
     raw = read_yaml(CONFIG_DIR / "run.yaml")
     user = read_yaml(config_file) if config_file is not None else {}
+    user = merge(user, layer or {})
     for key in RECORDED_KEYS:
         user.pop(key, None)
     # Flags and --set go into their own layer so that they win over the chosen method's and

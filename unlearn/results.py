@@ -238,14 +238,26 @@ def read_attack(path: Path, folder: str) -> AttackRecord:
         details=_mapping(path, data, "details"), recoveries=[_recovery(path, r) for r in every])
 
 
-def read_items(path: Path) -> dict[str, dict[str, list[float]]]:
+def _vectors(path: Path, where: str, values: Any) -> dict[str, list[float]]:
+    if not isinstance(values, dict) or not all(
+            isinstance(v, list) and all(_is_number(x) for x in v) for v in values.values()):
+        raise UserError(f"{path}: '{where}' must map names to lists of numbers")
+    return values
+
+
+def read_items(path: Path) -> dict[str, Any]:
     """A run's or an attack's items.json ({} when there is none: older folders, or nothing per item to record),
-    its shape checked: {model: {metric key: [number per item]}}."""
+    its shape checked: {model: {metric key: [number per item]}}, and for an attack also "recovery": {metric key:
+    {"target"|"unlearned"|"attacked": [number per item]}} (the values its recovery intervals resampled)."""
     if not path.is_file():
         return {}
     data = _object(path)
     for model, values in data.items():
-        if not isinstance(values, dict) or not all(
-                isinstance(v, list) and all(_is_number(x) for x in v) for v in values.values()):
-            raise UserError(f"{path}: '{model}' must map metric keys to lists of numbers")
+        if model == "recovery":
+            if not isinstance(values, dict):
+                raise UserError(f"{path}: 'recovery' must be an object")
+            for key, vectors in values.items():
+                _vectors(path, f"recovery.{key}", vectors)
+        else:
+            _vectors(path, model, values)
     return data

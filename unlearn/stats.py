@@ -80,3 +80,29 @@ def recovery_interval(target: Sequence[float], unlearned: Sequence[float], attac
         raise ValueError(f"per-item values of unequal length: {len(target)}, {len(unlearned)}, {len(attacked)}")
     rows = np.column_stack([target, unlearned, attacked]).astype(float)
     return bootstrap(rows, lambda d: recovery_ratio(d, better), level, resamples, seed)
+
+
+def over_seeds(groups: Sequence[Sequence[Sequence[float]] | Sequence[float]], statistic: Callable[[Rows], float] | None
+               = None, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> Interval:
+    """The mean over seeds of a per-seed statistic of that seed's items, with a two-level percentile bootstrap
+    interval: each resample draws seeds with replacement, then items with replacement within every drawn seed, so the
+    interval holds both the seed-to-seed spread and each seed's item sampling. `n` is the number of seeds; with one
+    seed only its items are resampled. Resamples with an undefined (nan) statistic count as in `bootstrap`."""
+    data = [np.asarray(g, dtype=float) for g in groups]
+    data = [g[:, None] if g.ndim == 1 else g for g in data]
+    if not data or any(len(g) == 0 for g in data):
+        raise ValueError("every seed needs at least one item")
+    stat = statistic or (lambda d: float(d[:, 0].mean()))
+    value = float(np.mean([stat(g) for g in data]))
+    rng = np.random.default_rng(seed)
+    k = len(data)
+    draws = np.empty(resamples)
+    for r in range(resamples):
+        picked = rng.integers(0, k, k) if k > 1 else [0]
+        draws[r] = np.mean([stat(data[j][rng.integers(0, len(data[j]), len(data[j]))]) for j in picked])
+    finite = draws[np.isfinite(draws)]
+    if len(finite) < resamples / 2 or (k == 1 and len(data[0]) == 1):
+        return Interval(value, math.nan, math.nan, k, level)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return Interval(value, float(low), float(high), k, level)

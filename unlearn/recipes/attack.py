@@ -52,30 +52,36 @@ def attack_settings(name: str, flags: dict[str, Any] | None = None,
     return canonical, cls(), from_mapping(cls.Settings, settings, "attack")
 
 
+Vectors = dict[str, list[float]]  # per item, for "target", "unlearned", "attacked"
+
+
 def _interval(recovery: Recovery, subject: Subject, attacked: dict[str, list[float]], key: str, better: str,
-              indices: list[int] | None = None) -> Recovery:
-    """`recovery` with its interval over items, when the unlearned, target and attacked model's per-item values of
-    evaluation metric `key` were all recorded (on `indices` of its items only, when given)."""
+              indices: list[int] | None = None) -> tuple[Recovery, Vectors | None]:
+    """`recovery` with its interval over items, and the per-item values it came from, when the unlearned, target and
+    attacked model's values of evaluation metric `key` were all recorded (on `indices` of its items, when given)."""
     vectors = [subject.items.get("target", {}).get(key), subject.items.get("unlearned", {}).get(key),
                attacked.get(key)]
     if any(v is None for v in vectors) or len({len(v) for v in vectors}) != 1:  # type: ignore[arg-type]
-        return recovery
+        return recovery, None
     if indices is not None:
         if not indices or max(indices) >= len(vectors[0]):  # type: ignore[arg-type]
-            return recovery
+            return recovery, None
         vectors = [[v[i] for i in indices] for v in vectors]  # type: ignore[index]
     interval = recovery_interval(*vectors, better=better, seed=subject.seed)  # type: ignore[arg-type]
+    used = dict(zip(("target", "unlearned", "attacked"), vectors, strict=True))  # type: ignore[arg-type]
     if not math.isfinite(interval.low):
-        return replace(recovery, n=interval.n)
-    return replace(recovery, low=round(interval.low, 4), high=round(interval.high, 4), n=interval.n)
+        return replace(recovery, n=interval.n), used
+    return replace(recovery, low=round(interval.low, 4), high=round(interval.high, 4), n=interval.n), used
 
 
-def _recoveries(subject: Subject, result: AttackResult, attacked_items: dict[str, list[float]]) -> list[Recovery]:
-    """Recovery on every forget metric measured, the headline's first."""
+def _recoveries(subject: Subject, result: AttackResult,
+                attacked_items: dict[str, list[float]]) -> tuple[list[Recovery], dict[str, Vectors]]:
+    """Recovery on every forget metric measured, the headline's first; and the per-item values of each, by metric."""
+    vectors: dict[str, Vectors] = {}
     if result.curve:
         # Attacks that measure repeatedly: recovery on their own probe, from its first to its last point.
         if result.target_probe is None:
-            return []  # no target to compare with (a bare model)
+            return [], vectors  # no target to compare with (a bare model)
         out = []
         for metric in result.curve_metrics:
             if metric.role != "forget" or metric.key not in result.curve[0] or metric.key not in result.target_probe:
@@ -89,12 +95,14 @@ def _recoveries(subject: Subject, result: AttackResult, attacked_items: dict[str
                                 unlearned=unlearned, attacked=attacked, target=target, curve=per_step)
             subset = result.curve_items
             if subset is not None and metric.key in subset.keys:
-                recovery = _interval(recovery, subject, attacked_items, subset.keys[metric.key], metric.better,
-                                     subset.indices)
+                recovery, used = _interval(recovery, subject, attacked_items, subset.keys[metric.key], metric.better,
+                                           subset.indices)
+                if used is not None:
+                    vectors[metric.key] = used
             out.append(recovery)
-        return out
+        return out, vectors
     if not (subject.unlearned and subject.target):
-        return []
+        return [], vectors
     out = []
     for key in subject.task.forget_metrics:
         if key not in subject.unlearned or key not in subject.target or key not in result.metrics:
@@ -103,9 +111,12 @@ def _recoveries(subject: Subject, result: AttackResult, attacked_items: dict[str
         better = spec.better if spec else "lower"
         unlearned, attacked, target = subject.unlearned[key], result.metrics[key], subject.target[key]
         ratio, why = recovery_ratio(attacked, unlearned, target, better)
-        out.append(_interval(Recovery(metric=key, measured_on=key, ratio=ratio, note=why, unlearned=unlearned,
-                                      attacked=attacked, target=target), subject, attacked_items, key, better))
-    return out
+        recovery, used = _interval(Recovery(metric=key, measured_on=key, ratio=ratio, note=why, unlearned=unlearned,
+                                            attacked=attacked, target=target), subject, attacked_items, key, better)
+        if used is not None:
+            vectors[key] = used
+        out.append(recovery)
+    return out, vectors
 
 
 def result_folder(name: str, attack: Attack, settings: Any, run_seed: int) -> str:
@@ -130,14 +141,13 @@ def run_attack(subject: Subject, name: str, attack: Attack, settings: Any,
                progress: bool = True) -> tuple[AttackRecord, Path | None]:
     """Run one attack and write its record into the run folder (when there is one). An attack seed left unset is the
     run's own (`--seed` of `unlearn run` then sets the attack's split and order too); the record holds the one used."""
-    if getattr(settings, "seed", 0) is None:
-        settings = replace(settings, seed=subject.seed)
+    settings = with_run_seed(settings, subject.seed)
     attack.check(subject, settings)
     started = time.perf_counter()
     with collect_samples() as samples:  # the attacked model's per-item values, for the intervals
         result = attack.run(subject, settings, progress=progress)
     items = item_values(samples, result.metrics)
-    recoveries = _recoveries(subject, result, items)
+    recoveries, vectors = _recoveries(subject, result, items)
     if subject.collapse:
         recoveries = [replace(r, note="; ".join(filter(None, [r.note, COLLAPSED_NOTE]))) for r in recoveries]
     record = AttackRecord(attack=result_folder(name, attack, settings, subject.seed), kind=name,
@@ -145,10 +155,15 @@ def run_attack(subject: Subject, name: str, attack: Attack, settings: Any,
                           metrics=result.metrics, seconds=round(time.perf_counter() - started, 1),
                           recovery=recoveries[0] if recoveries else None, curve=result.curve,
                           curve_metrics=list(result.curve_metrics), details=result.details, recoveries=recoveries)
-    return record, _finish(subject, record, items)
+    return record, _finish(subject, record, {"attacked": items, "recovery": vectors})
 
 
-def _finish(subject: Subject, record: AttackRecord, items: dict[str, list[float]]) -> Path | None:
+def with_run_seed(settings: Any, seed: int) -> Any:
+    """The settings with an unset seed (None) replaced by the attacked run's."""
+    return replace(settings, seed=seed) if getattr(settings, "seed", 0) is None else settings
+
+
+def _finish(subject: Subject, record: AttackRecord, items: dict[str, Any]) -> Path | None:
     if subject.run_dir is None:
         return None
     attacks = attacks_dir(subject.run_dir)
@@ -156,7 +171,7 @@ def _finish(subject: Subject, record: AttackRecord, items: dict[str, list[float]
     attacks.mkdir(parents=True, exist_ok=True)
     with staged_dir(final, overwrite=True, kind="attack") as stage:
         write_json_atomic(stage / "metrics.json", record.to_json())
-        write_json_atomic(stage / ITEMS_FILE, {"attacked": items})
+        write_json_atomic(stage / ITEMS_FILE, items)
     return final
 
 
