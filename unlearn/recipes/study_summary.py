@@ -192,8 +192,8 @@ def _comparisons(study: Study, cells: list[CellResult], declared: dict[str, Metr
                                        recovery_rows(attack.label, key), ratio_of(better)))
             for title, rows_of, statistic in quantities:
                 diff = paired_difference(mine, ref, rows_of, statistic)
-                if diff is None:
-                    continue
+                if diff is None or not math.isfinite(diff.interval.value):
+                    continue  # undefined for some seed (a ratio with nothing to recover): no comparison to state
                 rows.append([method.label, optimizer.label, title, _interval(diff.interval), str(diff.interval.n),
                              diff.verdict])
     if not rows:
@@ -249,7 +249,7 @@ def plots(study: Study, cells: list[CellResult], folder: Path) -> list[Path]:
             ax.set_xlabel(f"{_title(declared, headline)} after unlearning")
             ax.set_ylabel(f"recovery on {_title(declared, key)}")
             ax.set_title(attack.label)
-        axes[0][0].legend(fontsize=7)
+        _legend(axes[0][0])
         save(fig, "recovery_vs_forget.png")
 
     curved = [a for a in study.attacks if any(a.label in c.attacks and c.attacks[a.label][0].curve for c in cells)]
@@ -274,7 +274,7 @@ def plots(study: Study, cells: list[CellResult], folder: Path) -> list[Path]:
             ax.set_xlabel("attack steps")
             ax.set_ylabel(_title(declared, key) if key else "")
             ax.set_title(f"{attack.label}: mean, band = range over seeds")
-        axes[0][0].legend(fontsize=7)
+        _legend(axes[0][0])
         save(fig, "relearn_curves.png")
 
     if utility:
@@ -284,6 +284,11 @@ def plots(study: Study, cells: list[CellResult], folder: Path) -> list[Path]:
         ax.set_xlabel(f"{_title(declared, headline)} after unlearning")
         ax.set_ylabel(_title(declared, utility[0]))
         ax.set_title("utility against forgetting (dots: seeds)")
-        ax.legend(fontsize=7)
+        _legend(ax)
         save(fig, "utility_vs_forget.png")
     return written
+
+
+def _legend(ax: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:  # nothing plotted (every value undefined): no empty legend
+        ax.legend(fontsize=7)

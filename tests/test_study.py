@@ -1,0 +1,164 @@
+"""`unlearn study` on a tiny model: the grid, the outputs, bad input, and a study killed mid-way and restarted that
+finishes without redoing complete cells; and the aggregation on a hand-made table whose answers are known."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.test_cli import cli
+from unlearn.results import AttackRecord, Recovery, RunRecord
+from unlearn.study_results import (
+    CellResult,
+    mean_of,
+    metric_aggregate,
+    metric_rows,
+    paired_difference,
+    ratio_of,
+    recovery_aggregate,
+    recovery_rows,
+    results_rows,
+)
+from unlearn.task import Metric
+
+BENCH = {"name": "embedded", "people": [2, 2, 4], "cities": [1, 1, 2], "organizations": [1, 1, 2],
+         "prepare": {"epochs": 1}}
+
+
+def _study(tmp_path: Path, model: Path, **changes) -> Path:
+    study = {"name": "tiny", "output_dir": str(tmp_path / "studies"), "seeds": [0, 1],
+             "run": {"model": str(model), "benchmark": BENCH, "eval": {"max_new_tokens": 2},
+                     "train": {"max_steps": 3, "batch_size": 2, "eval_every": 1,
+                               "stop_at": "forget/mcq_acc <= 0.05"}},
+             "methods": {"npo": None}, "optimizers": {"adamw": {}, "fast": {"name": "adamw", "lr": 1e-4}},
+             "attacks": {"rtn4": {"attack": "quantize", "method": "rtn", "bits": 4},
+                         "relearn": {"attack": "relearn", "steps": 2, "checkpoints": [0, 2]}}} | changes
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def test_a_study_runs_its_grid_and_summarizes_it(tmp_path, tiny_model_dir):
+    result = cli("study", str(_study(tmp_path, tiny_model_dir)), "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "studies/tiny"
+    runs = sorted(p.name for p in (folder / "runs").iterdir() if not p.name.startswith("."))
+    assert runs == ["npo-adamw-s0", "npo-adamw-s1", "npo-fast-s0", "npo-fast-s1"]
+    assert sorted(p.name for p in (folder / "runs/npo-fast-s1/attacks").iterdir()) == ["relearn-steps2",
+                                                                                        "rtn-4bit-channel"]
+    rows = (folder / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 * 3  # header, then per cell: the unlearned model and two attacks
+    header = rows[0].split(",")
+    fast = [dict(zip(header, r.split(","), strict=False)) for r in rows[1:] if ",fast," in r]
+    assert {r["lr"] for r in fast} == {"0.0001"} and {r["attack"] for r in fast} == {"none", "rtn4", "relearn"}
+    summary = (folder / "summary.md").read_text()
+    assert "## Recovery after `rtn4`" in summary and "## Compared with `adamw`" in summary
+    assert "never reached `forget/mcq_acc <= 0.05`" in summary  # the tiny model cannot: said, not hidden
+    for image in ("recovery_vs_forget.png", "relearn_curves.png", "utility_vs_forget.png"):
+        assert (folder / image).stat().st_size > 1000 and f"]({image})" in summary
+    again = cli("study", str(_study(tmp_path, tiny_model_dir)), "-q", cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.count("complete, skipped") == 4 * 3
+
+
+def test_a_killed_study_continues_without_redoing_complete_cells(tmp_path, tiny_model_dir):
+    path = _study(tmp_path, tiny_model_dir, seeds=[0, 1, 2])
+    env = {**os.environ, "UNLEARN_CACHE": str(tmp_path / "cache"), "UNLEARN_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "unlearn.cli", "study", str(path), "-q"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    runs = tmp_path / "studies/tiny/runs"
+    first = runs / "npo-adamw-s0"
+    deadline = time.monotonic() + 300
+    while not (first / "attacks/rtn-4bit-channel/metrics.json").is_file():
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-way: the first cell's run and one of its attacks are done
+    proc.wait()
+    done = {p: p.stat().st_mtime_ns for p in [first / "metrics.json", first / "attacks/rtn-4bit-channel/metrics.json"]}
+    result = cli("study", str(path), "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "[1/6] npo-adamw-s0: run complete, skipped" in result.stdout
+    assert "[1/6] npo-adamw-s0: rtn4 complete, skipped" in result.stdout
+    assert all(p.stat().st_mtime_ns == t for p, t in done.items())  # not redone
+    assert len([p for p in runs.iterdir() if (p / "metrics.json").is_file()]) == 6
+    assert not [p for p in runs.iterdir() if p.name.startswith(".staging")]  # the killed run's leftovers went
+
+
+def test_a_finished_cell_with_other_settings_is_refused(tmp_path, tiny_model_dir):
+    assert cli("study", str(_study(tmp_path, tiny_model_dir, seeds=[0])), "-q", cwd=tmp_path).returncode == 0
+    changed = _study(tmp_path, tiny_model_dir, seeds=[0], optimizers={"adamw": {"lr": 3e-5}})
+    result = cli("study", str(changed), "-q", cwd=tmp_path)
+    assert result.returncode == 2 and "was run with other settings" in result.stderr
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"seeds": [0, 0]}, "distinct integers"),
+    ({"optimizers": {}}, "names no optimizers"),
+    ({"optimizers": {"adamw": {"lr": -1}}}, "Invalid learning rate"),
+    ({"attacks": {"x": {"attack": "nope"}}}, "unknown attack 'nope'"),
+    ({"attacks": {"x": {"attack": "quantize", "bits": 5}}}, "supports"),
+    ({"methods": {"../up": None}}, "plain folder name"),
+    ({"compare_to": "sgd"}, "compare_to 'sgd' is not one of the optimizers"),
+    ({"bogus": 1}, "unknown key(s) in 'study': bogus"),
+])
+def test_bad_study_input_fails_in_one_line_before_anything_runs(tmp_path, tiny_model_dir, changes, message):
+    result = cli("study", str(_study(tmp_path, tiny_model_dir, **changes)), "-q", cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "studies").exists()
+
+
+# ------------------------------------------------------------------------------------------------ hand-made table
+
+FORGET = Metric("forget/mcq_acc", "forget", "lower", "forget")
+RETAIN = Metric("retain/mcq_acc", "retain", "higher", "utility")
+
+
+def _cell(optimizer: str, seed: int, forget: list[float], attacked: list[float]) -> CellResult:
+    target = [1.0] * len(forget)
+    record = RunRecord("npo", optimizer, "embedded", FORGET.key, {FORGET.key: float(np.mean(forget)),
+                                                                   RETAIN.key: 0.9},
+                       [FORGET, RETAIN], train={"steps": 10, "reached": True}, target={FORGET.key: 1.0})
+    ratio = (np.mean(attacked) - np.mean(forget)) / (1.0 - np.mean(forget))
+    attack = AttackRecord("rtn-4bit-channel", "quantize", {}, {FORGET.key: float(np.mean(attacked))},
+                          recovery=Recovery(FORGET.key, FORGET.key, float(ratio), "ok"),
+                          recoveries=[Recovery(FORGET.key, FORGET.key, float(ratio), "ok")])
+    items = {"recovery": {FORGET.key: {"target": target, "unlearned": forget, "attacked": attacked}}}
+    return CellResult(f"npo-{optimizer}-s{seed}", "npo", optimizer, seed, record, {"optimizer": {"lr": 1e-5}},
+                      {"unlearned": {FORGET.key: forget}, "target": {FORGET.key: target}},
+                      {"q4": (attack, items)})
+
+
+def test_aggregation_of_a_hand_made_table():
+    """Two optimizers × three seeds on 200 items. "a": 30 % of items still known, the attack brings back 20 % more
+    (ratio 2/7 every seed); "b": the same forgetting, nothing comes back (ratio 0). The means, their intervals, the
+    rows of results.csv and the paired verdicts follow."""
+    n = 200
+    forget = [1.0 if i % 10 < 3 else 0.0 for i in range(n)]
+    back = [1.0 if i % 10 < 5 else 0.0 for i in range(n)]
+    a = [_cell("a", s, forget, back) for s in range(3)]
+    b = [_cell("b", s, forget, forget) for s in range(3)]
+    level = metric_aggregate(a, FORGET.key)
+    assert level is not None and level.interval.value == pytest.approx(0.3) and level.interval.n == 3
+    assert level.interval.low < 0.3 < level.interval.high and level.items
+    rec_a, rec_b = recovery_aggregate(a, "q4", FORGET.key), recovery_aggregate(b, "q4", FORGET.key)
+    assert rec_a is not None and rec_b is not None
+    assert rec_a.interval.value == pytest.approx(2 / 7) and rec_a.per_seed == pytest.approx([2 / 7] * 3)
+    assert rec_b.interval.value == 0.0 and rec_b.interval.low == rec_b.interval.high == 0.0
+    diff = paired_difference(b, a, recovery_rows("q4", FORGET.key), ratio_of("lower"))
+    assert diff is not None and diff.interval.value == pytest.approx(-2 / 7) and diff.verdict == "lower (beyond noise)"
+    same = paired_difference(b, a, metric_rows(FORGET.key), mean_of)
+    assert same is not None and same.interval.value == 0.0 and same.verdict == "within noise"
+    rows = results_rows(a + b, ["q4"])
+    assert len(rows) == 12 and {r["attack"] for r in rows} == {"none", "q4"}
+    q4 = [r for r in rows if r["attack"] == "q4" and r["optimizer"] == "a"]
+    assert all(r["recovery forget/mcq_acc"] == pytest.approx(2 / 7) and r["lr"] == "1e-05" for r in q4)
+    assert json.dumps(rows)  # plain values only: what csv and json can hold
