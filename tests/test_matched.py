@@ -80,3 +80,23 @@ def test_attacks_with_other_settings_or_seeds_never_overwrite_each_other(tmp_pat
              for f in folders}
     assert seeds == {"relearn": 0, "relearn-lr0.0001": 0, "relearn-seed1": 1}
     assert json.loads((tmp_path / "runs/r/attacks/relearn/items.json").read_text())["attacked"]
+
+
+def test_report_shows_lr_lora_rank_and_the_recovery_interval(tmp_path, tiny_model_dir):
+    assert _run(tmp_path, tiny_model_dir, "--lr", "3e-5", "--lora-rank", "2").returncode == 0
+    assert cli("attack", "--run", "runs/r", "--quantize", "rtn4", "-q", cwd=tmp_path).returncode == 0
+    report = cli("report", "runs", cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    header, _, *rows = [line for line in report.stdout.splitlines() if line.startswith("| run | benchmark")
+                        or line.startswith("|---") or line.startswith("| r |")][:3]
+    cells = dict(zip([c.strip() for c in header.strip("|").split("|")],
+                     [c.strip() for c in rows[0].strip("|").split("|")], strict=True))
+    assert cells["lr"] == "3e-05" and cells["LoRA rank"] == "2"
+    path = tmp_path / "runs/r/attacks/rtn-4bit-channel/metrics.json"
+    record = json.loads(path.read_text())
+    assert {r["metric"] for r in record["recoveries"]} >= {"forget/mcq_acc", "forget/mcq_prob"}
+    # The tiny target knows little, so its headline ratio may be undefined: give it a hand-made one and its interval.
+    record["recovery"].update(unlearned=0.2, attacked=0.4, target=1.0, ratio=0.25, low=0.125, high=0.375, n=40)
+    path.write_text(json.dumps(record))
+    assert cli("report", "runs", cwd=tmp_path).returncode == 0
+    assert "| 0.250 | [0.125, 0.375] n=40 |" in (tmp_path / "runs/report.md").read_text()

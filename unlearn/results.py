@@ -261,3 +261,14 @@ def read_items(path: Path) -> dict[str, Any]:
         else:
             _vectors(path, model, values)
     return data
+
+
+def describe_lr(optimizer: Any) -> str:
+    """The learning rate(s) of an optimizer section: `1e-05`, or `fo 1e-05 / zo 0.001` for a hybrid."""
+    if not isinstance(optimizer, dict):
+        return ""
+    if _is_number(optimizer.get("lr")):
+        return f"{optimizer['lr']:g}"
+    parts = [f"{k} {optimizer[k]['lr']:g}" for k in ("fo", "zo")
+             if isinstance(optimizer.get(k), dict) and _is_number(optimizer[k].get("lr"))]
+    return " / ".join(parts)

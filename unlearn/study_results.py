@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from unlearn.config import read_yaml
-from unlearn.results import ITEMS_FILE, AttackRecord, RunRecord, read_attack, read_items, read_run
+from unlearn.results import ITEMS_FILE, AttackRecord, RunRecord, describe_lr, read_attack, read_items, read_run
 from unlearn.stats import Interval, bootstrap, over_seeds, recovery_ratio
 from unlearn.task import Metric
 
@@ -48,21 +48,6 @@ def read_cell(run_dir: Path, method: str, optimizer: str, seed: int, attack_fold
         if (path / "metrics.json").is_file():
             cell.attacks[label] = (read_attack(path / "metrics.json", folder), read_items(path / ITEMS_FILE))
     return cell
-
-
-def describe_lr(optimizer: Any) -> str:
-    """The learning rate(s) of an optimizer section: `1e-05`, or `fo 1e-05 / zo 0.001` for a hybrid."""
-    if not isinstance(optimizer, dict):
-        return ""
-    if _is_number(optimizer.get("lr")):
-        return f"{optimizer['lr']:g}"
-    parts = [f"{k} {optimizer[k]['lr']:g}" for k in ("fo", "zo")
-             if isinstance(optimizer.get(k), dict) and _is_number(optimizer[k].get("lr"))]
-    return " / ".join(parts)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _declared(cells: list[CellResult]) -> list[Metric]:

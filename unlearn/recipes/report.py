@@ -16,13 +16,14 @@ import csv
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unlearn.config import read_yaml
 from unlearn.errors import UserError
 from unlearn.files import write_atomic, write_text_atomic
-from unlearn.results import AttackRecord, RunRecord, read_attack, read_run
+from unlearn.results import AttackRecord, RunRecord, describe_lr, read_attack, read_run
 from unlearn.task import Metric, declaration
 
 
@@ -31,6 +32,7 @@ class Found:
     name: str
     record: RunRecord
     attacks: list[AttackRecord]
+    config: dict[str, Any] = field(default_factory=dict)  # the run's config.yaml (read as data: lr, LoRA rank)
 
 
 def _folders(parent: Path) -> list[Path]:
@@ -47,7 +49,8 @@ def find_runs(runs_dir: Path) -> list[Found]:
         attacks_dir = folder / "attacks"
         attacks = [read_attack(a / "metrics.json", a.name) for a in _folders(attacks_dir)
                    if (a / "metrics.json").is_file()] if attacks_dir.is_dir() else []
-        found.append(Found(folder.name, read_run(folder / "metrics.json"), attacks))
+        config = read_yaml(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
+        found.append(Found(folder.name, read_run(folder / "metrics.json"), attacks, config))
     if not found:
         raise UserError(f"no runs with metrics.json under {runs_dir}")
     return found
@@ -89,6 +92,7 @@ def runs_table(found: list[Found]) -> Table:
             metrics.setdefault(m.key, m)
     attack_names = sorted({a.attack for item in found for a in item.attacks})
     columns = [("run", "run"), ("benchmark", "benchmark"), ("method", "method"), ("optimizer", "optimizer"),
+               ("lr", "lr"), ("lora_rank", "LoRA rank"),
                *[(k, m.heading) for k, m in metrics.items()], ("steps", "steps"), ("seconds", "seconds"),
                ("collapsed", "collapsed"),
                *[column for a in attack_names for column in ((f"attack/{a}", f"after {a}"),
@@ -102,7 +106,11 @@ def runs_table(found: list[Found]) -> Table:
             key = json.dumps([r.benchmark, r.target], sort_keys=True, default=str)
             before.setdefault(key, {"run": "(before unlearning)", "benchmark": r.benchmark, "method": "—",
                                     "optimizer": "—", **{k: r.target.get(k) for k in metrics}})
+        train = item.config.get("train") if isinstance(item.config.get("train"), dict) else {}
+        rank = train.get("lora_rank")
         row = {"run": item.name, "benchmark": r.benchmark, "method": r.method, "optimizer": r.optimizer,
+               "lr": describe_lr(item.config.get("optimizer")) or None,
+               "lora_rank": rank if isinstance(rank, int) and not isinstance(rank, bool) and rank > 0 else None,
                "steps": r.train.get("steps"), "seconds": r.train.get("seconds"),
                "collapsed": ("yes" if r.collapsed else "no") if any_collapsed else None,
                **{k: r.metrics.get(k) for k in metrics}}
@@ -136,7 +144,8 @@ def _settings_text(settings: dict[str, Any]) -> str:
 def attacks_table(found: list[Found]) -> Table:
     columns = [("run", "run"), ("attack", "attack"), ("kind", "kind"), ("settings", "settings"),
                ("metric", "recovery measured on"), ("unlearned", "unlearned"), ("attacked", "attacked"),
-               ("target", "target"), ("recovery", "recovery ratio"), ("seconds", "seconds")]
+               ("target", "target"), ("recovery", "recovery ratio"), ("interval", "95 % interval (items)"),
+               ("seconds", "seconds")]
     rows = []
     for item in found:
         declared = _declared(item.record)
@@ -146,7 +155,9 @@ def attacks_table(found: list[Found]) -> Table:
             metric = declaration(a.curve_metrics, key) or declaration(declared, key)
             row = {"run": item.name, "attack": a.attack, "kind": a.kind, "settings": _settings_text(a.settings),
                    "metric": _heading(metric, key), "seconds": a.seconds,
-                   "recovery": rec.ratio if rec is not None else None}
+                   "recovery": rec.ratio if rec is not None else None,
+                   "interval": f"[{rec.low:.3f}, {rec.high:.3f}] n={rec.n}"
+                   if rec is not None and rec.low is not None and rec.high is not None else None}
             if rec is not None and rec.unlearned is not None:
                 row |= {"unlearned": rec.unlearned, "attacked": rec.attacked, "target": rec.target}
             else:  # no recovery inputs recorded (a bare model, or an older record): the attacked value alone

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from unlearn.files import write_atomic
+from unlearn.results import describe_lr
 from unlearn.stats import Interval
 from unlearn.study_results import (
     Aggregate,
     CellResult,
-    describe_lr,
     mean_of,
     metric_aggregate,
     metric_rows,
