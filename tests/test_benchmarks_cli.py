@@ -66,7 +66,7 @@ def test_wmdp_run_eval_and_report(tmp_path: Path, tiny_model_dir: Path, data: Pa
     # Relearning runs on WMDP too: fine-tune on part of the forget corpus, measure WMDP accuracy at each checkpoint.
     relearn = cli("attack", "--run", str(run), "--relearn", "--steps", "2", "--checkpoints", "0,2", "-q", cwd=tmp_path)
     assert relearn.returncode == 0, relearn.stderr
-    relearned = json.loads((run / "attacks" / "relearn" / "metrics.json").read_text())
+    relearned = json.loads((run / "attacks" / "relearn-steps2" / "metrics.json").read_text())
     assert [p["step"] for p in relearned["curve"]] == [0, 2] and relearned["recovery"]["metric"] == "wmdp/acc"
     assert relearned["curve"][0]["wmdp/acc"] == pytest.approx(record["metrics"]["wmdp/acc"])  # native = lm-eval
     assert "wmdp/acc" in relearned["metrics"] and len(relearned["details"]["used_indices"]) >= 1
@@ -75,7 +75,7 @@ def test_wmdp_run_eval_and_report(tmp_path: Path, tiny_model_dir: Path, data: Pa
     assert report.returncode == 0, report.stderr
     header = report.stdout.splitlines()[0]
     assert "WMDP ↓" in header and "WMDP open-QA ↓" in header and "forget ↓" not in header
-    assert "after bnb-8bit" in header and "after relearn" in header
+    assert "after bnb-8bit" in header and "after relearn-steps2" in header
     assert "## Per concept" in (tmp_path / "runs" / "report.md").read_text()
 
 
@@ -110,7 +110,7 @@ def test_muse_sequential_run(tmp_path: Path, tiny_model_dir: Path, data: Path) -
     relearn = cli("attack", "--run", str(run), "--relearn", "--steps", "1", "--checkpoints", "0,1", "--batch-size",
                   "2", "-q", cwd=tmp_path)
     assert relearn.returncode == 0, relearn.stderr
-    relearned = json.loads((run / "attacks" / "relearn" / "metrics.json").read_text())
+    relearned = json.loads((run / "attacks" / "relearn-steps1-batchsize2" / "metrics.json").read_text())
     assert relearned["recovery"]["metric"] == "muse/verbmem_forget" and relearned["recovery"]["target"] is not None
     assert set(relearned["curve"][0]) == {"step", "muse/verbmem_forget", "muse/knowmem_forget", "muse/knowmem_retain"}
     assert relearned["curve"][0]["muse/knowmem_retain"] == pytest.approx(record["metrics"]["muse/knowmem_retain"])
