@@ -71,7 +71,7 @@ def test_two_processes_take_the_steps_of_one(tmp_path, tiny_model_dir, optimizer
     assert one.returncode == 0, one.stderr
     runs = tmp_path / "runs"
     assert sorted(p.name for p in runs.iterdir()) == ["one", "two"]
-    assert sorted(p.name for p in (runs / "two").iterdir()) == [".unlearn", "config.yaml", "log.jsonl",
+    assert sorted(p.name for p in (runs / "two").iterdir()) == [".unlearn", "config.yaml", "items.json", "log.jsonl",
                                                                   "metrics.json", "model"]
     assert len(_losses(runs / "two")) == 4
     assert [p.name for p in (tmp_path / "cache" / "targets").iterdir()] != []

@@ -33,7 +33,7 @@ def test_one_seed_changes_every_stream(tmp_path, tiny_model_dir) -> None:
         attack = cli("attack", "--run", f"runs/{name}", "--relearn", "--steps", "1", "-q", cwd=tmp_path)
         assert attack.returncode == 0, attack.stderr
         config = yaml.safe_load((tmp_path / "runs" / name / "config.yaml").read_text())
-        record = json.loads((tmp_path / "runs" / name / "attacks" / "relearn" / "metrics.json").read_text())
+        record = json.loads((tmp_path / "runs" / name / "attacks" / "relearn-steps1" / "metrics.json").read_text())
         log = [json.loads(line) for line in (tmp_path / "runs" / name / "log.jsonl").read_text().splitlines()]
         assert config["train"]["seed"] == config["optimizer"]["seed"] == record["settings"]["seed"] == seed
         runs[seed] = (log, record["details"]["used_forget_indices"])
