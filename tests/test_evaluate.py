@@ -37,3 +37,24 @@ def test_mcq_prob_and_accuracy_come_from_one_scoring_and_items_match_the_means(t
     assert all(0 < p < 1 for p in items["forget/mcq_prob"])
     # A metric whose value is not the mean of the rows under its tag gets no per-item values.
     assert item_values(samples, {"forget/mcq_acc": metrics["forget/mcq_acc"] + 0.5}) == {}
+
+
+def test_choices_scored_from_a_shared_prompt_equal_whole_sequences(tiny) -> None:
+    """Multi-token choices continue their question's cached prompt (left-padded, batched across questions of
+    different lengths and choice counts): each summed log-likelihood equals scoring prompt + choice in one piece."""
+    from unlearn.data import collate
+    from unlearn.evaluate import _scoring_item, choice_scores
+    from unlearn.scoring import sequence_logprobs
+
+    model, tok = tiny
+    questions = [MCQ("Where was Bo Tranth born? A:", ["Kraizo", "Pl", "Drouvaelnd", "Sty"], 0, ""),
+                 MCQ("Q: pet?", ["ferret", "owl"], 1, ""),
+                 MCQ("What is the profession of Zaerk Quoumai, the one from the hills?",
+                     ["glassblower", "x", "locksmith"], 2, "")]
+    got = choice_scores(model, tok, questions, batch_size=2, max_batch_tokens=None)
+    for q, scores in zip(questions, got, strict=True):
+        assert len(scores) == len(q.choices)
+        for choice, score in zip(q.choices, scores, strict=True):
+            item = _scoring_item(tok, q.prompt, " " + choice, None)
+            want = sequence_logprobs(model, collate([item], tok.pad_token_id))[0][0].item()
+            assert score == pytest.approx(want, rel=1e-4, abs=1e-4)

@@ -12,6 +12,7 @@ they score item by item can be collected with `collect_samples()` (`--log-sample
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -25,7 +26,7 @@ from rouge_score import rouge_scorer
 from tqdm import tqdm
 
 from unlearn.data import MCQ, Encoded, Example, collate, encode, on_device
-from unlearn.scoring import next_token_logprobs, sequence_logprobs
+from unlearn.scoring import next_token_logprobs, sequence_logprobs, split_head
 
 # ---------------------------------------------------------------------------------------------- scope
 
@@ -205,6 +206,11 @@ def scored_choices(model, tokenizer, questions: list[MCQ], batch_size: int = 64,
         out.update(zip(single, _next_token_scores(model, prompts, tokens, tokenizer.pad_token_id, batch_size,
                                                   max_batch_tokens), strict=True))
     rest = [i for i in range(len(questions)) if i not in out]
+    shared = [i for i in rest if all(it.n_prompt >= 1 for it in encoded[i])] if split_head(model) else []
+    if shared:
+        out.update(zip(shared, _shared_prompt_scores(model, [encoded[i] for i in shared], tokenizer.pad_token_id,
+                                                     batch_size, max_batch_tokens), strict=True))
+        rest = [i for i in rest if i not in out]
     items = [it for i in rest for it in encoded[i]]
     if items:
         def summed(batch: dict[str, torch.Tensor], _indices: list[int]) -> list[float]:
@@ -216,6 +222,65 @@ def scored_choices(model, tokenizer, questions: list[MCQ], batch_size: int = 64,
             out[i] = flat[start:start + len(encoded[i])]
             start += len(encoded[i])
     return [(out[i], lengths[i]) for i in range(len(questions))]
+
+
+def _shared_prompt_scores(model, encoded: list[list[Encoded]], pad_id: int, batch_size: int,
+                          max_batch_tokens: int | None) -> list[list[float]]:
+    """Summed log p(choice | prompt) of each question's choices, the prompt run once per question instead of once
+    per choice: prompts left-padded through the decoder with its key/value cache, then every choice continues from
+    its own question's cache (position ids carried on). The same values as scoring each prompt + choice whole (a test
+    checks it), at about (prompt + choices) instead of choices × (prompt + choice) tokens."""
+    decoder, head = split_head(model)  # type: ignore[misc]
+    device = next(model.parameters()).device
+    prompts = [q[0].input_ids[:q[0].n_prompt] for q in encoded]
+    choices = [[it.input_ids[it.n_prompt:] for it in q] for q in encoded]
+    # A question's padded cost: its prompt, plus its choices at the longest choice's width.
+    lengths = [len(p) + len(c) * max(len(x) for x in c) for p, c in zip(prompts, choices, strict=True)]
+    out: list[list[float]] = [[] for _ in encoded]
+    with progress_bar(len(encoded)) as bar:
+        for indices in length_batches(lengths, batch_size, max_batch_tokens):
+            width = max(len(prompts[i]) for i in indices)
+            ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(indices), width), dtype=torch.long)
+            for row, i in enumerate(indices):
+                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]):] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            first = decoder(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                            use_cache=True)
+            start = torch.log_softmax(head(first.last_hidden_state[:, -1]).float(), dim=-1)  # each choice's 1st token
+            owner = [row for row, i in enumerate(indices) for _ in choices[i]]  # choice row -> its question's row
+            flat = [c for i in indices for c in choices[i]]
+            cwidth = max(len(c) for c in flat)
+            cids = torch.full((len(flat), cwidth), pad_id, dtype=torch.long)
+            cmask = torch.zeros((len(flat), cwidth), dtype=torch.long)
+            for row, c in enumerate(flat):
+                cids[row, :len(c)] = torch.tensor(c)
+                cmask[row, :len(c)] = 1
+            cids, cmask = cids.to(device), cmask.to(device)
+            rows = torch.tensor(owner, device=device)
+            cache = first.cache if hasattr(first, "cache") else first.past_key_values
+            cache.batch_select_indices(rows)
+            positions = mask.sum(1)[rows][:, None] + torch.arange(cwidth, device=device)[None]
+            hidden = decoder(input_ids=cids, attention_mask=torch.cat([mask[rows], cmask], dim=1),
+                             position_ids=positions, use_cache=True, **{_cache_keyword(decoder): cache}
+                             ).last_hidden_state
+            summed = start[rows, cids[:, 0]].double()
+            later = cmask[:, 1:].bool()  # token t >= 1 of a choice is predicted at its position t - 1
+            if later.any():
+                logits = head(hidden[:, :-1][later]).float()
+                token_lp = torch.log_softmax(logits, dim=-1).gather(1, cids[:, 1:][later][:, None])[:, 0]
+                summed = summed.index_add(0, later.nonzero()[:, 0], token_lp.double())
+            values = summed.cpu().tolist()
+            for row, i in enumerate(indices):
+                out[i] = [values[r] for r, o in enumerate(owner) if o == row]
+            bar.update(len(indices))
+    return out
+
+
+def _cache_keyword(decoder: Any) -> str:
+    """transformers 5 names the key/value cache argument `cache` (`past_key_values` before, still accepted)."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 def _next_token_scores(model, prompts: list[list[int]], tokens: list[list[int]], pad_id: int,

@@ -21,7 +21,7 @@ def _sharded(model) -> bool:
     return isinstance(model, fsdp.FSDPModule)
 
 
-def _split_head(model):
+def split_head(model):
     """(decoder, head) when the model's logits are simply head(hidden), so the head can be applied to chosen
     positions only; None for models whose logits are more than that (e.g. soft-capped)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
@@ -42,7 +42,7 @@ def _logits_at(model, batch: dict[str, torch.Tensor], select, padding_mask: bool
     mask; without one the model takes its plain causal attention kernel, which is faster (lm-eval-harness
     scores the same way)."""
     mask = batch["attention_mask"] if padding_mask else None
-    split = _split_head(model)
+    split = split_head(model)
     if split is None:
         return select(model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).logits)
     decoder, head = split
@@ -55,7 +55,7 @@ def shifted_logprobs(model, input_ids: torch.Tensor, max_logits: int = LOGIT_BUD
     rows (no mask needed: see `_logits_at`). The head runs on a slice of positions at a time, so a long passage
     of a large-vocabulary model never holds a full float32 logits tensor (at most `max_logits` elements)."""
     targets = input_ids[:, 1:]
-    split = _split_head(model)
+    split = split_head(model)
     if split is None:
         logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float()
         return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
