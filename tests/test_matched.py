@@ -100,3 +100,11 @@ def test_report_shows_lr_lora_rank_and_the_recovery_interval(tmp_path, tiny_mode
     path.write_text(json.dumps(record))
     assert cli("report", "runs", cwd=tmp_path).returncode == 0
     assert "| [0.125, 0.375] n=40 |" in (tmp_path / "runs/report.md").read_text()
+
+
+def test_eval_rouge_false_skips_generation_and_says_nothing_about_rouge(tmp_path, tiny_model_dir):
+    result = _run(tmp_path, tiny_model_dir, "--set", "eval.rouge=false")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "runs/r/metrics.json").read_text())["metrics"]
+    assert "forget/mcq_acc" in metrics and "forget/mcq_prob" in metrics
+    assert not [k for k in metrics if "rougeL" in k]

@@ -456,7 +456,8 @@ def study(
     """Run a study: methods × optimizers × seeds, each run attacked by every attack, into one folder with
     results.csv, summary.md (means with 95 % intervals, paired comparisons) and plots. Run it again after an
     interruption: complete runs and attacks are skipped."""
-    from unlearn.recipes.study import load_study, run_study
+    from unlearn.recipes.study import run_study
+    from unlearn.recipes.study_plan import load_study
 
     plan = load_study(config)  # every cell's settings checked before any model loads
     console.print(f"study {plan.folder}: {len(plan.cells)} runs × {len(plan.attacks)} attacks")

@@ -89,6 +89,7 @@ class EvalConfig:
     # toolkit's in-loop scorer; a test shows both give the same accuracy).
     engine: str = "lm-eval"  # checked by check_engine, whose message names the engines
     openqa: bool = False  # also ask the MCQs open-ended and judge the free-text answers
+    rouge: bool = True  # embedded: ROUGE-L of greedy answers (false: MCQ metrics and perplexity only, ~2x faster)
     judge: str | None = None  # NLI model (hub id or folder) judging open-ended answers; None: normalized match
     # A run is flagged collapsed when a utility metric falls below chance or its perplexity exceeds this many
     # times the starting model's (unlearn/collapse.py).

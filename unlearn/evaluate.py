@@ -224,6 +224,18 @@ def scored_choices(model, tokenizer, questions: list[MCQ], batch_size: int = 64,
     return [(out[i], lengths[i]) for i in range(len(questions))]
 
 
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask), each row padded on the left, so every row ends where what follows begins."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, tokens in enumerate(rows):
+        if tokens:
+            ids[row, width - len(tokens):] = torch.tensor(list(tokens))
+            mask[row, width - len(tokens):] = 1
+    return ids, mask
+
+
 def _shared_prompt_scores(model, encoded: list[list[Encoded]], pad_id: int, batch_size: int,
                           max_batch_tokens: int | None) -> list[list[float]]:
     """Summed log p(choice | prompt) of each question's choices, the prompt run once per question instead of once
@@ -239,12 +251,7 @@ def _shared_prompt_scores(model, encoded: list[list[Encoded]], pad_id: int, batc
     out: list[list[float]] = [[] for _ in encoded]
     with progress_bar(len(encoded)) as bar:
         for indices in length_batches(lengths, batch_size, max_batch_tokens):
-            width = max(len(prompts[i]) for i in indices)
-            ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(indices), width), dtype=torch.long)
-            for row, i in enumerate(indices):
-                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                mask[row, width - len(prompts[i]):] = 1
+            ids, mask = left_padded([prompts[i] for i in indices], pad_id)
             ids, mask = ids.to(device), mask.to(device)
             first = decoder(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                             use_cache=True)
@@ -365,14 +372,8 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 1
     lengths = [len(ids) + max_new_tokens for ids in encoded]
     with progress_bar(len(prompts)) as bar:
         for indices in length_batches(lengths, batch_size, max_batch_tokens):
-            width = max(len(encoded[i]) for i in indices)
-            input_ids = torch.full((len(indices), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(indices), width), dtype=torch.long)
-            for row, i in enumerate(indices):
-                ids = encoded[i]
-                if ids:
-                    input_ids[row, width - len(ids):] = torch.tensor(ids)
-                    mask[row, width - len(ids):] = 1
+            input_ids, mask = left_padded([encoded[i] for i in indices], pad)
+            width = input_ids.shape[1]
             generated = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
             texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True, **decode_options)

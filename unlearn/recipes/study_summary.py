@@ -32,7 +32,7 @@ from unlearn.study_results import (
 from unlearn.task import Metric
 
 if TYPE_CHECKING:
-    from unlearn.recipes.study import Study
+    from unlearn.recipes.study_plan import Study
 
 
 def csv_text(rows: list[dict[str, Any]]) -> str:
