@@ -21,6 +21,7 @@ Embeddings and norms are never quantized.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -173,6 +174,9 @@ def _bitsandbytes():
         import bitsandbytes
     except (ImportError, RuntimeError) as err:  # a broken native backend raises RuntimeError
         raise UserError(f"bitsandbytes quantization is not available here: {err}") from None
+    # LLM.int8 warns on every matmul that fp32 inputs are cast to fp16 (thousands of lines per evaluation, burying
+    # the progress): the cast is how int8 inference works, said once in the docs, not per call.
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     return bitsandbytes
 
 

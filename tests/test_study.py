@@ -39,6 +39,7 @@ def _study(tmp_path: Path, model: Path, **changes) -> Path:
              "run": {"model": str(model), "benchmark": BENCH, "eval": {"max_new_tokens": 2},
                      "train": {"max_steps": 3, "batch_size": 2, "eval_every": 1,
                                "stop_at": "forget/mcq_acc <= 0.05"}},
+             "attack_unmatched": True,  # the tiny model never reaches the level; its attacks are what is tested
              "methods": {"npo": None}, "optimizers": {"adamw": {}, "fast": {"name": "adamw", "lr": 1e-4}},
              "attacks": {"rtn4": {"attack": "quantize", "method": "rtn", "bits": 4},
                          "relearn": {"attack": "relearn", "steps": 2, "checkpoints": [0, 2]}}} | changes
@@ -63,6 +64,7 @@ def test_a_study_runs_its_grid_and_summarizes_it(tmp_path, tiny_model_dir):
     summary = (folder / "summary.md").read_text()
     assert "## Recovery after `rtn4`" in summary and "## Compared with `adamw`" in summary
     assert "never reached `forget/mcq_acc <= 0.05`" in summary  # the tiny model cannot: said, not hidden
+    assert "attacked anyway" not in summary  # attack_unmatched: true in this test
     for image in ("recovery_vs_forget.png", "relearn_curves.png", "utility_vs_forget.png"):
         assert (folder / image).stat().st_size > 1000 and f"]({image})" in summary
     again = cli("study", str(_study(tmp_path, tiny_model_dir)), "-q", cwd=tmp_path)
@@ -162,3 +164,12 @@ def test_aggregation_of_a_hand_made_table():
     q4 = [r for r in rows if r["attack"] == "q4" and r["optimizer"] == "a"]
     assert all(r["recovery forget/mcq_acc"] == pytest.approx(2 / 7) and r["lr"] == "1e-05" for r in q4)
     assert json.dumps(rows)  # plain values only: what csv and json can hold
+
+
+def test_runs_that_miss_the_level_are_not_attacked_by_default(tmp_path, tiny_model_dir):
+    path = _study(tmp_path, tiny_model_dir, seeds=[0], optimizers={"adamw": {}}, attack_unmatched=False)
+    result = cli("study", str(path), "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "never reached train.stop_at: not attacked" in result.stdout
+    assert not (tmp_path / "studies/tiny/runs/npo-adamw-s0/attacks").exists()
+    assert "not attacked: they are not at the matched level" in (tmp_path / "studies/tiny/summary.md").read_text()

@@ -29,6 +29,7 @@ from unlearn.recipes.pipeline import load_task
 from unlearn.recipes.pipeline import run as run_pipeline
 from unlearn.recipes.study_plan import STUDY_FILE, Study
 from unlearn.recipes.study_summary import csv_text, plots, summary_markdown
+from unlearn.results import read_run
 from unlearn.study_results import CellResult, read_cell, results_rows
 
 
@@ -79,6 +80,9 @@ def run_study(study: Study, progress: bool = True, log: Callable[[str], None] = 
             assert outcome is not None
             if outcome.run_dir != run_dir:
                 raise UserError(f"{run_dir} is being written by another process; run one study at a time")
+        if not study.settings.attack_unmatched and _missed_level(run_dir):
+            log(f"{where}: never reached train.stop_at: not attacked (attack_unmatched: false)")
+            continue
         folders = study.attack_folders(cell)
         for attack in study.attacks:
             folder = folders[attack.label]
@@ -95,6 +99,10 @@ def run_study(study: Study, progress: bool = True, log: Callable[[str], None] = 
     cells = finished_cells(study)
     written = write_outputs(study, cells, failures)
     return StudyOutcome(study.folder, cells, failures, written)
+
+
+def _missed_level(run_dir: Path) -> bool:
+    return read_run(run_dir / "metrics.json").train.get("reached") is False
 
 
 def finished_cells(study: Study) -> list[CellResult]:

@@ -31,6 +31,9 @@ class StudySettings:
     optimizers: dict[str, Any] = field(default_factory=dict)
     attacks: dict[str, Any] = field(default_factory=dict)  # label -> {attack: NAME, <its settings>}
     compare_to: str | None = None  # the optimizer label the others are compared with; default: the first
+    # A run that missed train.stop_at is not at the matched level: its attacks would be compared with runs that
+    # are. false: it is reported (summary, results.csv) but not attacked; true: attacked anyway.
+    attack_unmatched: bool = False
 
     def __post_init__(self) -> None:
         bad = [s for s in self.seeds if not NON_NEGATIVE.ok(s)]

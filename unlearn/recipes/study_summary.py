@@ -135,8 +135,10 @@ def summary_markdown(study: Study, cells: list[CellResult], failures: dict[str, 
     lines += _table(header, rows)
     unreached = [c.name for c in cells if c.record.train.get("reached") is False]
     if unreached:
-        lines += [f"Runs that never reached `{cells[0].record.train.get('stop_at')}` (their attacks are shown, but "
-                  f"they are not at the matched level): {', '.join(unreached)}.", ""]
+        what = ("their attacks are shown, but they are not at the matched level" if study.settings.attack_unmatched
+                else "not attacked: they are not at the matched level (`attack_unmatched: true` attacks them anyway)")
+        lines += [f"Runs that never reached `{cells[0].record.train.get('stop_at')}` ({what}): "
+                  f"{', '.join(unreached)}.", ""]
 
     for attack in study.attacks:
         metrics = recovery_metrics(cells, attack.label)
