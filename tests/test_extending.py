@@ -68,6 +68,7 @@ class NoiseSettings:
 class Noise(Attack):
     Settings = NoiseSettings
     summary = "add Gaussian noise to every weight"
+    named_by = ("scale",)  # folder() spells it: the recipe adds only the other non-default settings
 
     def folder(self, settings: NoiseSettings) -> str:
         return f"noise-{settings.scale:g}"
