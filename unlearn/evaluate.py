@@ -186,12 +186,15 @@ def choice_scores(model, tokenizer, questions: list[MCQ], batch_size: int = 64,
 
 @torch.no_grad()
 def scored_choices(model, tokenizer, questions: list[MCQ], batch_size: int = 64,
-                   max_batch_tokens: int | None = None) -> list[tuple[list[float], list[int]]]:
+                   max_batch_tokens: int | None = None,
+                   share_prompt: bool = True) -> list[tuple[list[float], list[int]]]:
     """(summed log-likelihood of each choice, its length in tokens) per question.
 
     Questions whose choices are all one token long (" A" ... " D": WMDP, MMLU) take one forward of the prompt,
     reading every choice off the next-token distribution at the last position only, instead of one forward
-    per choice and the output head at every position; the value is the same log p(choice | prompt).
+    per choice and the output head at every position; the value is the same log p(choice | prompt). Longer
+    choices continue their question's cached prompt (`share_prompt`; `_shared_prompt_scores`), else each
+    prompt + choice is scored whole (`python -m unlearn.perf.mcq_prefix` times both).
     """
     context = model_context(model)
     encoded = [[_scoring_item(tokenizer, q.prompt, " " + choice, context) for choice in q.choices]
@@ -206,7 +209,8 @@ def scored_choices(model, tokenizer, questions: list[MCQ], batch_size: int = 64,
         out.update(zip(single, _next_token_scores(model, prompts, tokens, tokenizer.pad_token_id, batch_size,
                                                   max_batch_tokens), strict=True))
     rest = [i for i in range(len(questions)) if i not in out]
-    shared = [i for i in rest if all(it.n_prompt >= 1 for it in encoded[i])] if split_head(model) else []
+    shared = [i for i in rest if all(it.n_prompt >= 1 for it in encoded[i])] \
+        if share_prompt and split_head(model) else []
     if shared:
         out.update(zip(shared, _shared_prompt_scores(model, [encoded[i] for i in shared], tokenizer.pad_token_id,
                                                      batch_size, max_batch_tokens), strict=True))

@@ -167,11 +167,13 @@ class Difference:
         low, high = self.interval.low, self.interval.high
         if not (math.isfinite(low) and math.isfinite(high)):
             return "no interval"
+        # With one seed the interval holds the item sampling only, not the seed-to-seed spread: said with the verdict.
+        caveat = " (one seed: item noise only)" if self.interval.n == 1 else ""
         if low > 0:
-            return "higher (beyond noise)"
+            return "higher (beyond noise)" + caveat
         if high < 0:
-            return "lower (beyond noise)"
-        return "within noise"
+            return "lower (beyond noise)" + caveat
+        return "within noise" + caveat
 
 
 def paired_difference(mine: list[CellResult], reference: list[CellResult], rows: Callable[[CellResult], Any],
