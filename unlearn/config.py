@@ -270,7 +270,8 @@ def load_run_config(method: str | None = None, optimizer: str | None = None,
             apply_override(cli, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}")
     for assignment in overrides or []:
         apply_override(cli, assignment)
-    _refuse_remote_code({str(config_file): user, "--set": cli})
+    _refuse_remote_code({str(config_file) if config_file is not None else "the study's run settings": user,
+                         "--set": cli})
     # A method or an optimizer may need different run settings (RMU: another learning rate and more steps; a
     # zeroth-order member: LoRA and many more steps); the `run:` section of its YAML sits right above run.yaml
     # (the optimizer's above the method's), below everything the user says.
