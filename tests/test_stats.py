@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from unlearn.stats import bootstrap, over_seeds, recovery_interval, recovery_ratio
+from unlearn.stats import bootstrap, over_seeds, recovery_interval, recovery_ratio, removal_beyond_noise
 
 
 def test_mean_interval_matches_the_normal_theory_width_and_covers_the_truth() -> None:
@@ -87,3 +87,10 @@ def test_over_seeds_holds_the_seed_spread_and_the_item_noise() -> None:
     assert alike.half_width < 0.1
     single = over_seeds([spread[1]], seed=0)
     assert single.n == 1 and single.half_width == pytest.approx(bootstrap(spread[1], seed=0).half_width, rel=0.2)
+
+
+def test_a_removal_inside_its_item_noise_is_told_apart_from_a_real_one() -> None:
+    """Unlearning that moved 2 of 100 items is noise (its ratio could take any value); 70 of 100 is not."""
+    target = [1.0] * 100
+    assert not removal_beyond_noise(target, [0.0, 0.0] + [1.0] * 98)
+    assert removal_beyond_noise(target, [0.0] * 70 + [1.0] * 30)

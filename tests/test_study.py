@@ -17,6 +17,7 @@ import yaml
 
 from tests.test_cli import cli
 from unlearn.results import AttackRecord, Recovery, RunRecord
+from unlearn.runs import MARKER
 from unlearn.study_results import (
     CellResult,
     mean_of,
@@ -92,7 +93,9 @@ def test_a_killed_study_continues_without_redoing_complete_cells(tmp_path, tiny_
     assert "[1/6] npo-adamw-s0: rtn4 complete, skipped" in result.stdout
     assert all(p.stat().st_mtime_ns == t for p, t in done.items())  # not redone
     assert len([p for p in runs.iterdir() if (p / "metrics.json").is_file()]) == 6
-    assert not [p for p in runs.iterdir() if p.name.startswith(".staging")]  # the killed run's leftovers went
+    # The killed run's staging folder is gone, unless the kill came before its marker was written: such a folder
+    # may be a live writer's for a minute (unlearn/runs.py) and is cleaned by a later run.
+    assert not [p for p in runs.iterdir() if p.name.startswith(".staging") and (p / MARKER).exists()]
 
 
 def test_a_finished_cell_with_other_settings_is_refused(tmp_path, tiny_model_dir):

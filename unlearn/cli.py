@@ -422,7 +422,8 @@ def attack(
             continue
         spread = (f" [{recovery.low:.3f}, {recovery.high:.3f}] (95 % bootstrap over {recovery.n} items)"
                   if recovery.low is not None and recovery.high is not None else "")
-        console.print(f"recovery ratio ({where}): {recovery.ratio:.3f}{spread}")
+        caveat = f"; {recovery.note.removeprefix('ok; ')}" if recovery.note not in ("", "ok") else ""
+        console.print(f"recovery ratio ({where}): {recovery.ratio:.3f}{spread}{caveat}")
     if folder is not None:
         console.print(f"wrote {folder / 'metrics.json'}")
 

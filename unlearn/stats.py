@@ -73,6 +73,18 @@ def recovery_ratio(data: Rows, better: str = "lower") -> float:
     return math.nan if ratio is None else ratio
 
 
+UNRELIABLE_NOTE = "unreliable: what unlearning removed on this metric is within its item noise"
+
+
+def removal_beyond_noise(target: Sequence[float], unlearned: Sequence[float], level: float = 0.95,
+                         resamples: int = 2000, seed: int = 0) -> bool:
+    """Whether the recovery ratio's denominator, target − unlearned over the same items, is told apart from 0 by its
+    bootstrap interval (either sign: the ratio's own rule says which direction counts)."""
+    rows = np.column_stack([target, unlearned]).astype(float)
+    gap = bootstrap(rows, lambda d: float(d[:, 0].mean() - d[:, 1].mean()), level, resamples, seed)
+    return math.isfinite(gap.low) and (gap.low > 0 or gap.high < 0)
+
+
 def recovery_interval(target: Sequence[float], unlearned: Sequence[float], attacked: Sequence[float],
                       better: str = "lower", level: float = 0.95, resamples: int = 2000, seed: int = 0) -> Interval:
     """The recovery ratio over items with its bootstrap interval: the three models' values on the same items."""

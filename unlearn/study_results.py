@@ -82,7 +82,8 @@ def results_rows(cells: list[CellResult], attack_labels: list[str]) -> list[dict
             for rec in record.recoveries or ([record.recovery] if record.recovery else []):
                 row |= {f"recovery {rec.metric}": rec.ratio, f"recovery {rec.metric} low": rec.low,
                         f"recovery {rec.metric} high": rec.high, f"recovery {rec.metric} n": rec.n,
-                        f"attacked {rec.metric}": rec.attacked}
+                        f"attacked {rec.metric}": rec.attacked,
+                        f"recovery {rec.metric} note": None if rec.note == "ok" else rec.note}
             rows.append(row)
     return rows
 

@@ -26,7 +26,7 @@ from unlearn.placement import resolve as resolve_placement
 from unlearn.results import ITEMS_FILE, AttackRecord, Recovery, collapse_of, read_items, recovery_ratio
 from unlearn.runs import staged_dir
 from unlearn.settings import from_mapping
-from unlearn.stats import recovery_interval
+from unlearn.stats import UNRELIABLE_NOTE, recovery_interval, removal_beyond_noise
 from unlearn.task import Task
 
 
@@ -69,6 +69,9 @@ def _interval(recovery: Recovery, subject: Subject, attacked: dict[str, list[flo
         vectors = [[v[i] for i in indices] for v in vectors]  # type: ignore[index]
     interval = recovery_interval(*vectors, better=better, seed=subject.seed)  # type: ignore[arg-type]
     used = dict(zip(("target", "unlearned", "attacked"), vectors, strict=True))  # type: ignore[arg-type]
+    if recovery.ratio is not None and not removal_beyond_noise(vectors[0], vectors[1], seed=subject.seed):
+        # The denominator is itself noise: a ratio of noise can take any value (-44 was seen).
+        recovery = replace(recovery, note="; ".join(filter(None, [recovery.note, UNRELIABLE_NOTE])))
     if not math.isfinite(interval.low):
         return replace(recovery, n=interval.n), used
     return replace(recovery, low=round(interval.low, 4), high=round(interval.high, 4), n=interval.n), used
