@@ -99,6 +99,11 @@ class AttackRecord:
         return {k: v for k, v in data.items() if v is not None}
 
     @property
+    def every_recovery(self) -> list[Recovery]:
+        """Recovery on every forget metric measured; a record written before `recoveries` has its one `recovery`."""
+        return self.recoveries or ([self.recovery] if self.recovery is not None else [])
+
+    @property
     def curve_metric(self) -> str | None:
         if not self.curve:
             return None

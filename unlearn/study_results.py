@@ -79,7 +79,7 @@ def results_rows(cells: list[CellResult], attack_labels: list[str]) -> list[dict
                 continue
             record, _ = cell.attacks[label]
             row = base | {"attack": label, "attack_folder": record.attack, "attack_seconds": record.seconds}
-            for rec in record.recoveries or ([record.recovery] if record.recovery else []):
+            for rec in record.every_recovery:
                 row |= {f"recovery {rec.metric}": rec.ratio, f"recovery {rec.metric} low": rec.low,
                         f"recovery {rec.metric} high": rec.high, f"recovery {rec.metric} n": rec.n,
                         f"attacked {rec.metric}": rec.attacked,
@@ -115,7 +115,7 @@ def metric_aggregate(cells: list[CellResult], key: str) -> Aggregate | None:
         if rows is None:
             return None
         groups.append(rows)
-    return _aggregate(groups, lambda d: float(d[:, 0].mean()), itemized)
+    return _aggregate(groups, mean_of, itemized)
 
 
 def _aggregate(groups: list[np.ndarray], statistic: Callable[[np.ndarray], float], itemized: bool) -> Aggregate:
@@ -127,7 +127,7 @@ def _aggregate(groups: list[np.ndarray], statistic: Callable[[np.ndarray], float
 
 def _recovery_rows(cell: CellResult, label: str, metric: str) -> tuple[np.ndarray | None, float | None, str]:
     record, items = cell.attacks[label]
-    rec = next((r for r in record.recoveries or [record.recovery] if r is not None and r.metric == metric), None)
+    rec = next((r for r in record.every_recovery if r.metric == metric), None)
     if rec is None:
         return None, None, "lower"
     vectors = (items.get("recovery") or {}).get(metric)
@@ -153,7 +153,7 @@ def recovery_metrics(cells: list[CellResult], label: str) -> list[str]:
     for cell in cells:
         if label in cell.attacks:
             record = cell.attacks[label][0]
-            keys += [r.metric for r in record.recoveries or [record.recovery] if r is not None and r.metric not in keys]
+            keys += [r.metric for r in record.every_recovery if r.metric not in keys]
     return keys
 
 
