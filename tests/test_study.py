@@ -16,8 +16,10 @@ import pytest
 import yaml
 
 from tests.test_cli import cli
-from unlearn.results import AttackRecord, Recovery, RunRecord
+from unlearn.config import read_yaml
+from unlearn.results import AttackRecord, Recovery, RunRecord, read_run
 from unlearn.runs import MARKER
+from unlearn.study_calibration import Trial, choose
 from unlearn.study_results import (
     CellResult,
     mean_of,
@@ -114,6 +116,14 @@ def test_a_finished_cell_with_other_settings_is_refused(tmp_path, tiny_model_dir
     ({"methods": {"../up": None}}, "plain folder name"),
     ({"compare_to": "sgd"}, "compare_to 'sgd' is not one of the optimizers"),
     ({"bogus": 1}, "unknown key(s) in 'study': bogus"),
+    ({"calibration_seed": 1}, "not one of the seeds"),
+    ({"optimizers": {"adamw": {"calibrate": {"lr": [1e-5]}}}}, "at least two distinct positive numbers"),
+    ({"optimizers": {"adamw": {"calibrate": {"lr": [1e-5, 2e-5], "betas": [0.9, 0.8]}}}}, "one option"),
+    ({"optimizers": {"adamw": {"calibrate": {"lr": [1e-5, -1.0]}}}}, "positive numbers"),
+    ({"optimizers": {"adamw": {"calibrate": {"../lr": [1e-5, 2e-5]}}}}, "dotted path"),
+    ({"methods": {"npo": {"calibrate": {"beta": [0.1, 0.2]}}}}, "only optimizers can be calibrated"),
+    ({"optimizers": {"adamw": {"calibrate": {"lr": [1e-5, 2e-5]}}},
+      "run": {"train": {"max_steps": 2}}}, "needs train.stop_at"),
 ])
 def test_bad_study_input_fails_in_one_line_before_anything_runs(tmp_path, tiny_model_dir, changes, message):
     result = cli("study", str(_study(tmp_path, tiny_model_dir, **changes)), "-q", cwd=tmp_path)
@@ -176,3 +186,53 @@ def test_runs_that_miss_the_level_are_not_attacked_by_default(tmp_path, tiny_mod
     assert "never reached train.stop_at: not attacked" in result.stdout
     assert not (tmp_path / "studies/tiny/runs/npo-adamw-s0/attacks").exists()
     assert "not attacked: they are not at the matched level" in (tmp_path / "studies/tiny/summary.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+
+
+def _trial(value: float, reached: bool, forget: float, retain: float, steps: int = 10, collapse: bool = False) -> Trial:
+    record = RunRecord("npo", "adamw", "embedded", FORGET.key, {FORGET.key: forget, RETAIN.key: retain},
+                       [FORGET, RETAIN], train={"steps": steps, "reached": reached,
+                                                "stop_at": "forget/mcq_acc <= 0.4"},
+                       collapse=["retain collapsed"] if collapse else [])
+    return Trial(value, record)
+
+
+def test_calibration_keeps_the_value_that_reaches_the_level_with_the_best_utility():
+    # The best retain of all (0.99) did not reach the level; 0.95 collapsed: 3e-5 (retain 0.9) is kept.
+    trials = [_trial(1e-5, False, 0.6, 0.99), _trial(2e-5, True, 0.35, 0.8), _trial(3e-5, True, 0.3, 0.9),
+              _trial(4e-5, True, 0.2, 0.95, collapse=True)]
+    choice = choose(trials)
+    assert (choice.value, choice.by, choice.reached) == (3e-5, RETAIN.key, True)
+    # equal utility: fewer steps, then the smaller value
+    assert choose([_trial(2e-5, True, 0.3, 0.9, steps=20), _trial(4e-5, True, 0.3, 0.9, steps=10)]).value == 4e-5
+    assert choose([_trial(2e-5, True, 0.3, 0.9), _trial(4e-5, True, 0.3, 0.9)]).value == 2e-5
+    # by another metric: the forget level itself (lower is better)
+    assert choose(trials[:3], by=FORGET.key).value == 3e-5
+    # none reached: the one closest to 0.4, said to be unmatched
+    closest = choose([_trial(1e-5, False, 0.9, 0.99), _trial(2e-5, False, 0.5, 0.9), _trial(3e-5, False, 0.2, 0.1,
+                                                                                              collapse=True)])
+    assert (closest.value, closest.reached) == (2e-5, False) and "no value reached" in closest.reason
+
+
+def test_a_calibrated_optimizer_runs_its_trials_on_their_own_seed_and_its_cells_with_the_choice(tmp_path,
+                                                                                              tiny_model_dir):
+    grid = [1e-5, 1e-3]
+    path = _study(tmp_path, tiny_model_dir, seeds=[0], attacks={},
+                  run={"model": str(tiny_model_dir), "benchmark": BENCH, "eval": {"max_new_tokens": 2},
+                       "train": {"max_steps": 3, "batch_size": 2, "eval_every": 1, "stop_at": "forget/mcq_acc <= 1.0"}},
+                  optimizers={"adamw": {"calibrate": {"lr": grid}}})
+    result = cli("study", str(path), "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "studies/tiny"
+    trials = [folder / "calibration" / f"npo-adamw-lr{v:g}" for v in grid]
+    assert all(read_yaml(t / "config.yaml")["train"]["seed"] == 1 for t in trials)  # not the compared seed 0
+    assert [read_yaml(t / "config.yaml")["optimizer"]["lr"] for t in trials] == grid
+    choice = choose([Trial(v, read_run(t / "metrics.json")) for v, t in zip(grid, trials, strict=True)])
+    assert read_yaml(folder / "runs/npo-adamw-s0/config.yaml")["optimizer"]["lr"] == choice.value
+    summary = (folder / "summary.md").read_text()
+    assert "## Calibration" in summary and summary.count("✓") == 1 and f"lr {choice.value:g}" in summary
+    assert f"adamw: lr = {choice.value:g}" in result.stdout
+    again = cli("study", str(path), "-q", cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.count("run complete, skipped") == 3  # two trials and the cell

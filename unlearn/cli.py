@@ -461,7 +461,8 @@ def study(
     from unlearn.recipes.study_plan import load_study
 
     plan = load_study(config)  # every cell's settings checked before any model loads
-    console.print(f"study {plan.folder}: {len(plan.cells)} runs × {len(plan.attacks)} attacks")
+    trials = f", after {len(plan.trials)} calibration trials" if plan.trials else ""
+    console.print(f"study {plan.folder}: {len(plan.cells)} runs × {len(plan.attacks)} attacks{trials}")
     _setup_torch()
     outcome = run_study(plan, progress=not quiet, log=console.print, trust_remote_code=trust_remote_code)
     console.print("wrote " + ", ".join(str(p) for p in outcome.written))

@@ -34,11 +34,45 @@ class StudySettings:
     # A run that missed train.stop_at is not at the matched level: its attacks would be compared with runs that
     # are. false: it is reported (summary, results.csv) but not attacked; true: attacked anyway.
     attack_unmatched: bool = False
+    # Optimizers with `calibrate: {OPTION: [values]}` run one trial per value on this seed first (default: one more
+    # than the largest study seed; never one of the seeds compared) and keep the value that reaches stop_at with
+    # the best utility (calibrate_by, default the benchmark's first utility metric): unlearn/study_calibration.py.
+    calibration_seed: int | None = None
+    calibrate_by: str | None = None
 
     def __post_init__(self) -> None:
         bad = [s for s in self.seeds if not NON_NEGATIVE.ok(s)]
         if bad or not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise UserError(f"study seeds must be distinct integers >= 0, got {self.seeds}")
+        if self.calibration_seed is not None and (not NON_NEGATIVE.ok(self.calibration_seed)
+                                                  or self.calibration_seed in self.seeds):
+            raise UserError(f"study calibration_seed must be an integer >= 0 that is not one of the seeds "
+                            f"{self.seeds} (a value chosen on a run must not then be judged by it), "
+                            f"got {self.calibration_seed!r}")
+
+    @property
+    def trial_seed(self) -> int:
+        return self.calibration_seed if self.calibration_seed is not None else max(self.seeds) + 1
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """An optimizer option searched over a grid: `option` is a dotted path into its options (`lr`, `fo.lr`)."""
+
+    option: str
+    values: tuple[float, ...]
+
+    def options(self, value: float) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        inner = out
+        *parents, last = self.option.split(".")
+        for part in parents:
+            inner = inner.setdefault(part, {})
+        inner[last] = value
+        return out
+
+    def describe(self, value: float) -> str:
+        return f"{self.option}{value:g}"
 
 
 @dataclass(frozen=True)
@@ -50,6 +84,7 @@ class Entry:
     name: str
     options: dict[str, Any]
     run: dict[str, Any]
+    calibrate: Calibration | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +106,21 @@ class Cell:
         return f"{self.method.label}-{self.optimizer.label}-s{self.seed}"
 
 
+@dataclass(frozen=True)
+class TrialRun:
+    """One calibration trial: a method × optimizer at one value of the calibrated option, on the calibration seed."""
+
+    method: Entry
+    optimizer: Entry
+    value: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        assert self.optimizer.calibrate is not None
+        return f"{self.method.label}-{self.optimizer.label}-{self.optimizer.calibrate.describe(self.value)}"
+
+
 @dataclass
 class Study:
     path: Path
@@ -79,12 +129,29 @@ class Study:
     methods: list[Entry]
     optimizers: list[Entry]
     attacks: list[AttackEntry]
-    configs: dict[str, RunConfig]  # cell name -> its run config, checked
+    configs: dict[str, RunConfig]  # cell name -> its run config, checked (a calibrated optimizer's: see `choose`)
     cells: list[Cell]
+    trials: list[TrialRun] = field(default_factory=list)
+    trial_configs: dict[str, RunConfig] = field(default_factory=dict)
 
     @property
     def runs_dir(self) -> Path:
         return self.folder / "runs"
+
+    @property
+    def calibration_dir(self) -> Path:
+        return self.folder / "calibration"
+
+    def trials_of(self, method: Entry, optimizer: Entry) -> list[TrialRun]:
+        return [t for t in self.trials if t.method == method and t.optimizer == optimizer]
+
+    def use_value(self, method: Entry, optimizer: Entry, value: float) -> None:
+        """The cells of method × optimizer are run with the calibrated option at `value`."""
+        assert optimizer.calibrate is not None
+        for cell in self.cells:
+            if cell.method == method and cell.optimizer == optimizer:
+                self.configs[cell.name] = _run_config(self.settings, self.runs_dir, method, optimizer, cell.seed,
+                                                      cell.name, optimizer.calibrate.options(value))
 
     def attack_folders(self, cell: Cell) -> dict[str, str]:
         return {a.label: result_folder(a.name, a.attack, with_run_seed(a.settings, cell.seed), cell.seed)
@@ -106,8 +173,38 @@ def _entries(kind: str, section: dict[str, Any]) -> list[Entry]:
         name = options.get("name", label)
         if not isinstance(name, str):
             raise UserError(f"study {kind} '{label}': 'name' must be a registered {kind} name")
-        entries.append(Entry(label, name, {k: v for k, v in options.items() if k not in ("name", "run")}, run))
+        calibrate = _calibration(f"study {kind} '{label}'", options["calibrate"]) if "calibrate" in options else None
+        if calibrate is not None and kind != "optimizer":
+            raise UserError(f"study {kind} '{label}': only optimizers can be calibrated")
+        entries.append(Entry(label, name, {k: v for k, v in options.items() if k not in ("name", "run", "calibrate")},
+                             run, calibrate))
     return entries
+
+
+def _calibration(where: str, raw: Any) -> Calibration:
+    usage = "give `calibrate:` one option and its grid, e.g. {lr: [1.0e-5, 2.0e-5, 4.0e-5]}"
+    if not isinstance(raw, dict) or len(raw) != 1:
+        raise UserError(f"{where}: {usage}")
+    (option, values), = raw.items()
+    parts = option.split(".") if isinstance(option, str) else []
+    if not parts or not all(p.strip() and p.replace("_", "").isalnum() for p in parts):
+        raise UserError(f"{where}: calibrate option {option!r} must be an option name or a dotted path (fo.lr)")
+    numbers = values if isinstance(values, list) else []
+    if (len(numbers) < 2 or len(set(numbers)) != len(numbers)
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in numbers)):
+        raise UserError(f"{where}: calibrate {option} needs at least two distinct positive numbers, got {values!r}")
+    return Calibration(option, tuple(float(v) for v in numbers))
+
+
+def _run_config(settings: StudySettings, runs_dir: Path, method: Entry, optimizer: Entry, seed: int, name: str,
+                options: dict[str, Any] | None = None) -> RunConfig:
+    layer = merge(merge(merge(settings.run, method.run), optimizer.run), {
+        "method": {"name": method.name, **method.options},
+        "optimizer": merge({"name": optimizer.name, **optimizer.options}, options or {}),
+        "train": {"seed": seed}, "name": name, "output_dir": str(runs_dir)})
+    cfg = seeded(load_run_config(method.name, optimizer.name, layer=layer))
+    check_run_config(cfg)
+    return cfg
 
 
 def _attack_entries(section: dict[str, Any]) -> list[AttackEntry]:
@@ -136,13 +233,20 @@ def load_study(path: Path) -> Study:
                         f"{', '.join(o.label for o in optimizers)}")
     attacks = _attack_entries(settings.attacks)
     cells = [Cell(m, o, seed) for m in methods for o in optimizers for seed in settings.seeds]
+    trials = [TrialRun(m, o, value, settings.trial_seed) for m in methods for o in optimizers if o.calibrate
+              for value in o.calibrate.values]
+    trial_configs = {}
+    for trial in trials:
+        assert trial.optimizer.calibrate is not None
+        cfg = _run_config(settings, folder / "calibration", trial.method, trial.optimizer, trial.seed, trial.name,
+                          trial.optimizer.calibrate.options(trial.value))
+        if not cfg.train.stop_at:
+            raise UserError(f"study optimizer '{trial.optimizer.label}' is calibrated, which needs train.stop_at: "
+                            f"the grid is searched for the value that reaches that level with the best utility")
+        trial_configs[trial.name] = cfg
     configs = {}
-    for cell in cells:
-        layer = merge(merge(merge(settings.run, cell.method.run), cell.optimizer.run), {
-            "method": {"name": cell.method.name, **cell.method.options},
-            "optimizer": {"name": cell.optimizer.name, **cell.optimizer.options},
-            "train": {"seed": cell.seed}, "name": cell.name, "output_dir": str(folder / "runs")})
-        cfg = seeded(load_run_config(cell.method.name, cell.optimizer.name, layer=layer))
-        check_run_config(cfg)
-        configs[cell.name] = cfg
-    return Study(path, settings, folder, methods, optimizers, attacks, configs, cells)
+    for cell in cells:  # a calibrated optimizer's cells are checked with its first value until one is chosen
+        calibrate = cell.optimizer.calibrate
+        configs[cell.name] = _run_config(settings, folder / "runs", cell.method, cell.optimizer, cell.seed, cell.name,
+                                         calibrate.options(calibrate.values[0]) if calibrate else None)
+    return Study(path, settings, folder, methods, optimizers, attacks, configs, cells, trials, trial_configs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ import numpy as np
 from unlearn.files import write_atomic
 from unlearn.results import describe_lr
 from unlearn.stats import Interval
+from unlearn.study_calibration import Calibrated, utility_metric
 from unlearn.study_results import (
     Aggregate,
     CellResult,
@@ -103,7 +105,8 @@ def _groups(study: Study, cells: list[CellResult]) -> list[tuple[str, str, list[
     return out
 
 
-def summary_markdown(study: Study, cells: list[CellResult], failures: dict[str, str], images: list[Path]) -> str:
+def summary_markdown(study: Study, cells: list[CellResult], failures: dict[str, str], images: list[Path],
+                     calibrations: Sequence[Calibrated] = ()) -> str:
     name = study.folder.name
     lines = [f"# Study `{name}`", "",
              f"Command: `unlearn study {study.path}` · seeds {study.settings.seeds} · "
@@ -113,6 +116,7 @@ def summary_markdown(study: Study, cells: list[CellResult], failures: dict[str, 
              "resampled, then the items within each seed, so the interval holds both the seed-to-seed spread and the "
              "item sampling (metrics recorded only as one number per run are resampled over seeds alone). A "
              "difference whose interval holds 0 is within noise.", ""]
+    lines += _calibration_table(study, calibrations)
     if not cells:
         return "\n".join([*lines, "No cell is complete yet.", ""])
     declared = _declarations(cells)
@@ -161,6 +165,40 @@ def summary_markdown(study: Study, cells: list[CellResult], failures: dict[str, 
     if missing:
         lines += [f"Not complete: {', '.join(missing)}.", ""]
     return "\n".join(lines)
+
+
+def _calibration_table(study: Study, calibrations: Sequence[Calibrated]) -> list[str]:
+    if not calibrations:
+        return []
+    lines = ["## Calibration", "",
+             f"One trial per value on seed {study.settings.trial_seed}, which no compared cell uses. Kept: among the "
+             "trials that reached stop_at without collapsing, the best utility (ties: fewer steps); if none did, the "
+             "one closest to the level (unlearn/study_calibration.py). Each trial is one run: a choice between values "
+             "whose utilities differ by less than their noise is arbitrary, not evidence.", ""]
+    records = [t.record for c in calibrations for t in c.trials]
+    utility = utility_metric(records, study.settings.calibrate_by) if records else None
+    shown = [k for k in (records[0].headline if records else None, utility[0] if utility else None) if k]
+    declared = {m.key: m for r in records for m in r.declared}
+    header = ["method", "optimizer", "value", "reached stop_at", "steps", *[_title(declared, k) for k in shown],
+              "collapsed", "kept"]
+    rows = []
+    for calibration in calibrations:
+        choice = calibration.choice
+        for trial in calibration.trials:
+            train = trial.record.train
+            rows.append([calibration.method, calibration.optimizer, f"{calibration.option} {trial.value:g}",
+                         {True: "yes", False: "no"}.get(train.get("reached"), "—"), str(train.get("steps", "n/a")),
+                         *[_number_text(trial.record.metrics.get(k)) for k in shown],
+                         "yes" if trial.record.collapsed else "no",
+                         f"✓ {choice.reason}" if choice is not None and choice.value == trial.value else ""])
+        if not calibration.trials:
+            rows.append([calibration.method, calibration.optimizer, calibration.option, "—", "—",
+                         *["" for _ in shown], "—", "no trial finished"])
+    return lines + _table(header, rows)
+
+
+def _number_text(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, int | float) and not isinstance(value, bool) else "n/a"
 
 
 def _mean_text(values: list[Any], digits: int = 0) -> str:
