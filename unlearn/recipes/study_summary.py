@@ -156,7 +156,7 @@ def summary_markdown(study: Study, cells: list[CellResult], failures: dict[str, 
                 for method, optimizer, group in groups]
         lines += _table(header, rows)
 
-    lines += _comparisons(study, cells, declared, headline, utility)
+    lines += _comparisons(study, cells, declared, headline, forget, utility)
     if images:
         lines += ["## Plots", "", *[f"![{p.stem}]({p.name})" for p in images], ""]
     missing = [c.name for c in study.cells if c.name not in {x.name for x in cells}]
@@ -209,7 +209,7 @@ def _mean_text(values: list[Any], digits: int = 0) -> str:
 
 
 def _comparisons(study: Study, cells: list[CellResult], declared: dict[str, Metric], headline: str,
-                 utility: list[str]) -> list[str]:
+                 forget: list[str], utility: list[str]) -> list[str]:
     reference = study.settings.compare_to or study.optimizers[0].label
     lines = [f"## Compared with `{reference}` (paired: same seeds, same items)", "",
              "Δ = this optimizer − the reference, mean over the shared seeds with its 95 % interval.", ""]
@@ -224,7 +224,7 @@ def _comparisons(study: Study, cells: list[CellResult], declared: dict[str, Metr
                 continue
             mine = [c for c in cells if c.method == method.label and c.optimizer == optimizer.label]
             quantities = [(f"{_title(declared, k)} (unlearned)", metric_rows(k), mean_of)
-                          for k in [headline, *utility[:1]]]
+                          for k in [headline, *[f for f in forget if f != headline], *utility]]
             for attack in study.attacks:
                 for key in recovery_metrics(mine + ref, attack.label):
                     better = declared[key].better if key in declared else "lower"
