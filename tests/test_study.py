@@ -67,7 +67,7 @@ def test_a_study_runs_its_grid_and_summarizes_it(tmp_path, tiny_model_dir):
     summary = (folder / "summary.md").read_text()
     assert "## Recovery after `rtn4`" in summary and "## Compared with `adamw`" in summary
     assert "never reached `forget/mcq_acc <= 0.05`" in summary  # the tiny model cannot: said, not hidden
-    assert "attacked anyway" not in summary  # attack_unmatched: true in this test
+    assert "Their attacks are shown" in summary and "attacks them anyway" not in summary  # attack_unmatched: true
     for image in ("recovery_vs_forget.png", "relearn_curves.png", "utility_vs_forget.png"):
         assert (folder / image).stat().st_size > 1000 and f"]({image})" in summary
     again = cli("study", str(_study(tmp_path, tiny_model_dir)), "-q", cwd=tmp_path)
@@ -185,7 +185,8 @@ def test_runs_that_miss_the_level_are_not_attacked_by_default(tmp_path, tiny_mod
     assert result.returncode == 0, result.stderr
     assert "never reached train.stop_at: not attacked" in result.stdout
     assert not (tmp_path / "studies/tiny/runs/npo-adamw-s0/attacks").exists()
-    assert "not attacked: they are not at the matched level" in (tmp_path / "studies/tiny/summary.md").read_text()
+    summary = (tmp_path / "studies/tiny/summary.md").read_text()
+    assert "They are not attacked, since they are not at the matched level" in summary
 
 
 # ------------------------------------------------------------------------------------------------ calibration

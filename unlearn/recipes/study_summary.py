@@ -139,10 +139,11 @@ def summary_markdown(study: Study, cells: list[CellResult], failures: dict[str, 
     lines += _table(header, rows)
     unreached = [c.name for c in cells if c.record.train.get("reached") is False]
     if unreached:
-        what = ("their attacks are shown, but they are not at the matched level" if study.settings.attack_unmatched
-                else "not attacked: they are not at the matched level (`attack_unmatched: true` attacks them anyway)")
-        lines += [f"Runs that never reached `{cells[0].record.train.get('stop_at')}` ({what}): "
-                  f"{', '.join(unreached)}.", ""]
+        what = ("Their attacks are shown, but they are not at the matched level." if study.settings.attack_unmatched
+                else "They are not attacked, since they are not at the matched level; `attack_unmatched: true` "
+                     "attacks them anyway.")
+        lines += [f"Runs that never reached `{cells[0].record.train.get('stop_at')}`: {', '.join(unreached)}. {what}",
+                  ""]
 
     for attack in study.attacks:
         metrics = recovery_metrics(cells, attack.label)
