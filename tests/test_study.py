@@ -17,6 +17,7 @@ import yaml
 
 from tests.test_cli import cli
 from unlearn.config import read_yaml
+from unlearn.errors import UserError
 from unlearn.results import AttackRecord, Recovery, RunRecord, read_run
 from unlearn.runs import MARKER
 from unlearn.study_calibration import Trial, choose
@@ -120,6 +121,7 @@ def test_a_finished_cell_with_other_settings_is_refused(tmp_path, tiny_model_dir
     ({"optimizers": {"adamw": {"calibrate": {"lr": [1e-5]}}}}, "at least two distinct positive numbers"),
     ({"optimizers": {"adamw": {"calibrate": {"lr": [1e-5, 2e-5], "betas": [0.9, 0.8]}}}}, "one option"),
     ({"optimizers": {"adamw": {"calibrate": {"lr": [1e-5, -1.0]}}}}, "positive numbers"),
+    ({"optimizers": {"adamw": {"calibrate": {"lr": [1e-5, 1.0000001e-5]}}}}, "too close to name"),
     ({"optimizers": {"adamw": {"calibrate": {"../lr": [1e-5, 2e-5]}}}}, "dotted path"),
     ({"methods": {"npo": {"calibrate": {"beta": [0.1, 0.2]}}}}, "only optimizers can be calibrated"),
     ({"optimizers": {"adamw": {"calibrate": {"lr": [1e-5, 2e-5]}}},
@@ -211,6 +213,8 @@ def test_calibration_keeps_the_value_that_reaches_the_level_with_the_best_utilit
     assert choose([_trial(2e-5, True, 0.3, 0.9), _trial(4e-5, True, 0.3, 0.9)]).value == 2e-5
     # by another metric: the forget level itself (lower is better)
     assert choose(trials[:3], by=FORGET.key).value == 3e-5
+    with pytest.raises(UserError, match="calibrate_by 'retain/nope'"):
+        choose(trials, by="retain/nope")
     # none reached: the one closest to 0.4, said to be unmatched
     closest = choose([_trial(1e-5, False, 0.9, 0.99), _trial(2e-5, False, 0.5, 0.9), _trial(3e-5, False, 0.2, 0.1,
                                                                                               collapse=True)])

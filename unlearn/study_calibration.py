@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from unlearn.errors import UserError
 from unlearn.results import RunRecord
 from unlearn.stopping import StopRule
 
@@ -72,6 +73,8 @@ def choose(trials: list[Trial], by: str | None = None) -> Choice:
     usable = [t for t in trials if _usable(t)]
     if usable:
         utility = utility_metric([t.record for t in usable], by)
+        if utility is None and by:
+            raise UserError(f"calibrate_by '{by}' is not a metric every calibration trial recorded")
         if utility is None:
             best = min(usable, key=lambda t: (t.record.train.get("steps") or 0, t.value))
             return Choice(best.value, None, True, "reached the level in the fewest steps (no utility metric)")

@@ -129,7 +129,7 @@ class Study:
     methods: list[Entry]
     optimizers: list[Entry]
     attacks: list[AttackEntry]
-    configs: dict[str, RunConfig]  # cell name -> its run config, checked (a calibrated optimizer's: see `choose`)
+    configs: dict[str, RunConfig]  # cell name -> its run config, checked (a calibrated optimizer's: see `use_value`)
     cells: list[Cell]
     trials: list[TrialRun] = field(default_factory=list)
     trial_configs: dict[str, RunConfig] = field(default_factory=dict)
@@ -193,7 +193,10 @@ def _calibration(where: str, raw: Any) -> Calibration:
     if (len(numbers) < 2 or len(set(numbers)) != len(numbers)
             or not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in numbers)):
         raise UserError(f"{where}: calibrate {option} needs at least two distinct positive numbers, got {values!r}")
-    return Calibration(option, tuple(float(v) for v in numbers))
+    calibration = Calibration(option, tuple(float(v) for v in numbers))
+    if len({calibration.describe(v) for v in calibration.values}) != len(numbers):
+        raise UserError(f"{where}: calibrate {option} values {values!r} are too close to name their trials apart")
+    return calibration
 
 
 def _run_config(settings: StudySettings, runs_dir: Path, method: Entry, optimizer: Entry, seed: int, name: str,
