@@ -10,6 +10,7 @@ instead, which tells apart "knowledge came back" from "any fine-tuning shakes th
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 
 from unlearn.adapters import add_lora
 from unlearn.attacks.base import ATTACKS, Attack, AttackResult, Subject
+from unlearn.config import read_yaml
 from unlearn.data import encode
 from unlearn.errors import UserError
 from unlearn.models import load_model
@@ -109,14 +111,38 @@ class Relearn(Attack):
         del model, loaded
         target_probe = None
         if subject.target_model:
-            # The target measured exactly as the curve is (the same held-out items): like is compared with like.
-            target = load_model(subject.target_model, trust_remote_code=subject.trust_remote_code,
-                                placement=subject.placement)
-            target_probe = plan.probe(target.model.eval(), target.tokenizer, subject.eval_settings)
-            del target
+            key = _target_probe_key(subject, plan, settings)
+            target_probe = _TARGET_PROBES.get(key) if key else None
+            if target_probe is None:
+                # The target measured exactly as the curve is (the same held-out items): like is compared with like.
+                target = load_model(subject.target_model, trust_remote_code=subject.trust_remote_code,
+                                    placement=subject.placement)
+                target_probe = plan.probe(target.model.eval(), target.tokenizer, subject.eval_settings)
+                del target
+                if key:
+                    _TARGET_PROBES[key] = target_probe
+            target_probe = dict(target_probe)
         return AttackResult(metrics=metrics, curve=curve, curve_metrics=plan.probe_metrics,
                             target_probe=target_probe, measured_on=plan.measured_on, curve_items=plan.items,
                             details={**plan.details, "train_seconds": round(seconds, 1)})
+
+
+# The target model's probe depends only on the target, the benchmark, the split and how it is scored; in a study
+# every run of a seed shares all four, so it is measured once per process instead of once per attack (the same
+# model scoring the same items: the values are identical, about 10 s saved each time).
+_TARGET_PROBES: dict[str, dict[str, float]] = {}
+
+
+def _target_probe_key(subject: Subject, plan: RelearnPlan, settings: RelearnSettings) -> str | None:
+    if subject.run_dir is None or not (Path(subject.run_dir) / "config.yaml").is_file() or not subject.target_model:
+        return None
+    target = Path(subject.target_model)
+    if not target.is_dir():
+        return None  # a hub name: its files are not ours to vouch for
+    stamp = max((f.stat().st_mtime_ns for f in target.iterdir() if f.is_file()), default=0)
+    benchmark = read_yaml(Path(subject.run_dir) / "config.yaml").get("benchmark")
+    return json.dumps([str(target.resolve()), stamp, benchmark, plan.details, plan.measured_on, settings.domain,
+                       repr(subject.eval_settings), repr(subject.placement)], sort_keys=True, default=str)
 
 
 def _exists(spec: str) -> bool:

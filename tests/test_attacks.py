@@ -219,3 +219,35 @@ def test_report_shows_every_attack_folder(wide_run):
     assert "quant_type=fp4" in rows["bnb-4bit-fp4"][3] and "domain=retain" in rows["relearn-ood-steps2-batchsize2"][3]
     csv_rows = (wide_run / "runs/report-attacks.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + len(attacks)
+
+
+def test_the_target_probe_is_measured_once_per_process_and_reused_unchanged(workdir, monkeypatch):
+    """Two relearning attacks on one run share the target, benchmark, split and scoring: the second reuses the
+    first's target measurement (one target load fewer) and records the same target values; another split does
+    not."""
+    import unlearn.attacks.relearn as relearn_module
+    from unlearn.recipes.attack import attack_settings, run_attack, subject_from_run
+    from unlearn.recipes.pipeline import load_task
+
+    monkeypatch.setenv("UNLEARN_CACHE", str(workdir / "cache"))
+    monkeypatch.setattr(relearn_module, "_TARGET_PROBES", {})
+    loads: list[str] = []
+    real_load = relearn_module.load_model
+
+    def counting_load(spec, **kwargs):
+        loads.append(str(spec))
+        return real_load(spec, **kwargs)
+
+    monkeypatch.setattr(relearn_module, "load_model", counting_load)
+    records = []
+    for overrides in (["attack.steps=2", "attack.batch_size=2"], ["attack.steps=3", "attack.batch_size=2"],
+                      ["attack.steps=2", "attack.batch_size=2", "attack.seed=7"]):
+        subject = subject_from_run(workdir / "runs/tiny", load_task)
+        assert subject.target_model  # the run records its target, so there is a target probe to share
+        name, attack, settings = attack_settings("relearn", overrides=overrides)
+        records.append(run_attack(subject, name, attack, settings, progress=False)[0])
+    target = subject.target_model
+    assert loads.count(target) == 2  # the first attack and the other split; not the second attack
+    first, second, other_split = (r.recoveries[0] for r in records)
+    assert first.target == second.target and first.metric == second.metric
+    assert len(relearn_module._TARGET_PROBES) == 2 and other_split.metric == first.metric
