@@ -19,7 +19,6 @@ import torch
 
 from unlearn.adapters import add_lora
 from unlearn.attacks.base import ATTACKS, Attack, AttackResult, Subject
-from unlearn.config import read_yaml
 from unlearn.data import encode
 from unlearn.errors import UserError
 from unlearn.models import load_model
@@ -134,15 +133,14 @@ _TARGET_PROBES: dict[str, dict[str, float]] = {}
 
 
 def _target_probe_key(subject: Subject, plan: RelearnPlan, settings: RelearnSettings) -> str | None:
-    if subject.run_dir is None or not (Path(subject.run_dir) / "config.yaml").is_file() or not subject.target_model:
-        return None
-    target = Path(subject.target_model)
-    if not target.is_dir():
+    target = Path(subject.target_model or "")
+    if not subject.target_model or not target.is_dir():
         return None  # a hub name: its files are not ours to vouch for
     stamp = max((f.stat().st_mtime_ns for f in target.iterdir() if f.is_file()), default=0)
-    benchmark = read_yaml(Path(subject.run_dir) / "config.yaml").get("benchmark")
-    return json.dumps([str(target.resolve()), stamp, benchmark, plan.details, plan.measured_on, settings.domain,
-                       repr(subject.eval_settings), repr(subject.placement)], sort_keys=True, default=str)
+    # The task's fingerprint changes whenever its data does (the same key the target and baseline caches use).
+    return json.dumps([str(target.resolve()), stamp, subject.task.name, subject.task.fingerprint, plan.details,
+                       plan.measured_on, settings.domain, repr(subject.eval_settings), repr(subject.placement)],
+                      sort_keys=True, default=str)
 
 
 def _exists(spec: str) -> bool:
