@@ -156,12 +156,17 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         value = parse_yaml(text)
     except yaml.YAMLError:
         raise UserError(f"--set {key}: cannot parse value '{text}'") from None
+    set_path(raw, key.strip(), value, where=f"--set {key}")
+
+
+def set_path(raw: dict[str, Any], key: str, value: Any, where: str | None = None) -> None:
+    """raw["train"]["max_steps"] = value for key `train.max_steps`, creating the sections on the way."""
     node = raw
-    *parents, leaf = key.strip().split(".")
+    *parents, leaf = key.split(".")
     for part in parents:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise UserError(f"--set {key}: '{part}' is not a section")
+            raise UserError(f"{where or key}: '{part}' is not a section")
         node = child
     node[leaf] = value
 

@@ -113,7 +113,8 @@ class AttackRecord:
 # ------------------------------------------------------------------------------------------------ reading
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """An int or float, not a bool (a YAML/JSON true is an int to isinstance)."""
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
@@ -135,7 +136,7 @@ def _mapping(path: Path, record: dict[str, Any], key: str) -> dict[str, Any]:
 
 def _numbers(path: Path, record: dict[str, Any], key: str) -> dict[str, float]:
     values = _mapping(path, record, key)
-    bad = next((k for k, v in values.items() if v is not None and not _is_number(v)), None)
+    bad = next((k for k, v in values.items() if v is not None and not is_number(v)), None)
     if bad is not None:
         raise UserError(f"{path}: metric '{bad}' must be a number, got {values[bad]!r}")
     return values
@@ -198,7 +199,7 @@ def collapse_of(path: Path, data: dict[str, Any]) -> list[str]:
 
 def _number(path: Path, data: dict[str, Any], key: str, legacy: str | None = None) -> float | None:
     value = data.get(key, data.get(legacy) if legacy else None)
-    if value is not None and not _is_number(value):
+    if value is not None and not is_number(value):
         raise UserError(f"{path}: recovery '{key}' must be a number or null, got {value!r}")
     return value
 
@@ -245,7 +246,7 @@ def read_attack(path: Path, folder: str) -> AttackRecord:
 
 def _vectors(path: Path, where: str, values: Any) -> dict[str, list[float]]:
     if not isinstance(values, dict) or not all(
-            isinstance(v, list) and all(_is_number(x) for x in v) for v in values.values()):
+            isinstance(v, list) and all(is_number(x) for x in v) for v in values.values()):
         raise UserError(f"{path}: '{where}' must map names to lists of numbers")
     return values
 
@@ -272,8 +273,8 @@ def describe_lr(optimizer: Any) -> str:
     """The learning rate(s) of an optimizer section: `1e-05`, or `fo 1e-05 / zo 0.001` for a hybrid."""
     if not isinstance(optimizer, dict):
         return ""
-    if _is_number(optimizer.get("lr")):
+    if is_number(optimizer.get("lr")):
         return f"{optimizer['lr']:g}"
     parts = [f"{k} {optimizer[k]['lr']:g}" for k in ("fo", "zo")
-             if isinstance(optimizer.get(k), dict) and _is_number(optimizer[k].get("lr"))]
+             if isinstance(optimizer.get(k), dict) and is_number(optimizer[k].get("lr"))]
     return " / ".join(parts)

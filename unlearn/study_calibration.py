@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 
 from unlearn.errors import UserError
-from unlearn.results import RunRecord
+from unlearn.results import RunRecord, is_number
 from unlearn.stopping import StopRule
 
 
@@ -58,9 +58,7 @@ def utility_metric(records: list[RunRecord], by: str | None = None) -> tuple[str
 
 
 def _number(value: object) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
+    return float(value) if is_number(value) and math.isfinite(value) else None
 
 
 def _usable(trial: Trial) -> bool:

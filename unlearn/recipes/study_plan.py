@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from unlearn.attacks import Attack
-from unlearn.config import RunConfig, load_run_config, merge, read_yaml
+from unlearn.config import RunConfig, load_run_config, merge, read_yaml, set_path
 from unlearn.errors import UserError
 from unlearn.recipes.attack import attack_settings, result_folder, with_run_seed
 from unlearn.recipes.pipeline import check_run_config, seeded
+from unlearn.results import is_number
 from unlearn.runs import check_name, child
 from unlearn.settings import NON_NEGATIVE, from_mapping, setting
 
@@ -64,11 +65,7 @@ class Calibration:
 
     def options(self, value: float) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        inner = out
-        *parents, last = self.option.split(".")
-        for part in parents:
-            inner = inner.setdefault(part, {})
-        inner[last] = value
+        set_path(out, self.option, value)
         return out
 
     def describe(self, value: float) -> str:
@@ -191,7 +188,7 @@ def _calibration(where: str, raw: Any) -> Calibration:
         raise UserError(f"{where}: calibrate option {option!r} must be an option name or a dotted path (fo.lr)")
     numbers = values if isinstance(values, list) else []
     if (len(numbers) < 2 or len(set(numbers)) != len(numbers)
-            or not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in numbers)):
+            or not all(is_number(v) and v > 0 for v in numbers)):
         raise UserError(f"{where}: calibrate {option} needs at least two distinct positive numbers, got {values!r}")
     calibration = Calibration(option, tuple(float(v) for v in numbers))
     if len({calibration.describe(v) for v in calibration.values}) != len(numbers):

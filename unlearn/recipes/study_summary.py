@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from unlearn.files import write_atomic
-from unlearn.results import describe_lr
+from unlearn.results import describe_lr, is_number
 from unlearn.stats import Interval
 from unlearn.study_calibration import Calibrated, utility_metric
 from unlearn.study_results import (
@@ -199,11 +199,11 @@ def _calibration_table(study: Study, calibrations: Sequence[Calibrated]) -> list
 
 
 def _number_text(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, int | float) and not isinstance(value, bool) else "n/a"
+    return f"{value:.3f}" if is_number(value) else "n/a"
 
 
 def _mean_text(values: list[Any], digits: int = 0) -> str:
-    numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    numbers = [v for v in values if is_number(v)]
     if not numbers:
         return "n/a"
     return f"{sum(numbers) / len(numbers):.{digits}f}"
