@@ -42,6 +42,23 @@ def test_a_level_never_reached_runs_every_step_and_says_so(tmp_path, tiny_model_
     assert [r["step"] for r in _log(tmp_path / "runs/r") if "eval" in r] == [3, 6]
 
 
+def test_eval_delay_skips_the_early_measurements_without_changing_the_training(tmp_path, tiny_model_dir):
+    # A level every measurement meets: without the delay the run would stop at step 1.
+    result = _run(tmp_path, tiny_model_dir, "--set", "train.eval_every=1", "--set", "train.eval_delay=4",
+                  "--set", "train.stop_at=forget/mcq_acc <= 1")
+    assert result.returncode == 0, result.stderr
+    train = json.loads((tmp_path / "runs/r/metrics.json").read_text())["train"]
+    assert train["steps"] == 4 and train["stopped_at"] == 4
+    assert [r["step"] for r in _log(tmp_path / "runs/r") if "eval" in r] == [4]
+    # Measuring is outside the training: the same six steps with and without measurements give the same losses.
+    for name, sets in (("measured", ["train.eval_every=2"]), ("delayed", ["train.eval_every=2", "train.eval_delay=5"])):
+        assert _run(tmp_path, tiny_model_dir, *[a for s in sets for a in ("--set", s)], name=name).returncode == 0
+    measured, delayed = _log(tmp_path / "runs/measured"), _log(tmp_path / "runs/delayed")
+    assert [r["step"] for r in measured if "eval" in r] == [2, 4, 6]
+    assert [r["step"] for r in delayed if "eval" in r] == [6]
+    assert [r["loss"] for r in measured] == [r["loss"] for r in delayed]
+
+
 @pytest.mark.parametrize(("sets", "message"), [
     (["train.stop_at=forget/mcq_acc <= 0.3"], "set train.eval_every > 0"),
     (["train.eval_every=2", "train.stop_at=__import__('os') <= 1"], "must read 'METRIC OP NUMBER'"),

@@ -73,6 +73,7 @@ class TrainConfig:
     # > 0: measure the benchmark's quick probe (forget and utility metrics) every N steps, outside the timed region,
     # into log.jsonl; with stop_at ('forget/mcq_acc <= 0.30') the run ends at the first measurement that meets it.
     eval_every: int = setting(0, limit=NON_NEGATIVE)
+    eval_delay: int = setting(0, limit=NON_NEGATIVE)  # no measurement before this step (they cost time)
     stop_at: str | None = None
     # Under a launcher: "data" (every rank holds the model) or "fsdp" (parameters sharded across ranks; AdamW/SGD).
     parallel: str = setting("data", limit=Limit(choices=PARALLEL))

@@ -50,6 +50,12 @@ class Monitor:
     every: int
     measure: Callable[[], dict[str, float]]
     rule: StopRule | None = None
+    # No measurement before this step (HF Trainer's eval_delay): the early steps of a run aimed at a forget level
+    # are far from it, and each measurement costs about as much as several training steps.
+    delay: int = 0
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 and step >= self.delay
 
 
 @dataclass(frozen=True)
@@ -233,7 +239,7 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
         pad_id, grad_accum, world) if isinstance(optimizer, Scheduled) else None
     stopped_at: int | None = None
     step = start.steps
-    if monitor is not None and monitor.rule is not None and start.steps and start.steps % monitor.every == 0:
+    if monitor is not None and monitor.rule is not None and start.steps and monitor.due(start.steps):
         # A checkpoint taken at the step that met the rule (the run was then killed during its final evaluation):
         # that step's measurement is repeated rather than training past it.
         measured = time.perf_counter()
@@ -262,7 +268,7 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
             parts = closure.logged_parts()
             bar.set_postfix(loss=f"{loss_value:.4f}", **{k: f"{v:.4f}" for k, v in parts.items() if k != "total"})
             evaluation = None
-            if monitor is not None and step % monitor.every == 0:
+            if monitor is not None and monitor.due(step):
                 measured = time.perf_counter()
                 evaluation = monitor.measure()
                 if monitor.rule is not None and monitor.rule.reached(evaluation):

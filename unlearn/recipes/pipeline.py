@@ -225,7 +225,8 @@ def _unlearn_request(cfg: RunConfig, objective, model: torch.nn.Module, tok, for
                 model.train(training)
 
         monitor = Monitor(cfg.train.eval_every, measure,
-                          StopRule.parse(cfg.train.stop_at) if cfg.train.stop_at is not None else None)
+                          StopRule.parse(cfg.train.stop_at) if cfg.train.stop_at is not None else None,
+                          cfg.train.eval_delay)
     result = train(model, objective, optimizer, forget, retain, pad_id=tok.pad_token_id,
                    batch_size=cfg.train.batch_size, max_steps=cfg.train.max_steps, seed=cfg.train.seed,
                    log_path=log_path, desc=desc, progress=progress and world.is_main,
