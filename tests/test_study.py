@@ -101,6 +101,54 @@ def test_a_killed_study_continues_without_redoing_complete_cells(tmp_path, tiny_
     assert not [p for p in runs.iterdir() if p.name.startswith(".staging") and (p / MARKER).exists()]
 
 
+def _results_without_timings(folder: Path) -> list[dict[str, str]]:
+    rows = (folder / "results.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    return [{k: v for k, v in zip(header, r.split(","), strict=False) if "seconds" not in k} for r in rows[1:]]
+
+
+def test_workers_run_cells_at_once_with_the_same_results(tmp_path, tiny_model_dir):
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    # One thread per run either way (2 threads over 2 workers), and one target model (the serial study prepares
+    # it, the cache hands it to the other), so the results must agree to the last digit.
+    cache = {"UNLEARN_CACHE": str(tmp_path / "cache")}
+    serial = cli("study", str(_study(tmp_path / "one", tiny_model_dir)), "-q", cwd=tmp_path / "one",
+                 env={"UNLEARN_THREADS": "1", **cache}, separate_process=True)
+    assert serial.returncode == 0, serial.stderr
+    parallel = cli("study", str(_study(tmp_path / "two", tiny_model_dir)), "-q", "--workers", "2",
+                   cwd=tmp_path / "two", env={"UNLEARN_THREADS": "2", **cache}, separate_process=True)
+    assert parallel.returncode == 0, parallel.stderr
+    assert "2 workers, 1 CPU thread(s) each" in parallel.stdout
+    assert "preparing the starting model" in parallel.stdout  # once, before the workers start
+    assert parallel.stdout.count("attack relearn") == 4 and parallel.stdout.count(": unlearning (") == 4
+    one, two = tmp_path / "one/studies/tiny", tmp_path / "two/studies/tiny"
+    assert _results_without_timings(one) == _results_without_timings(two)
+    assert (two / "summary.md").is_file()
+
+
+def test_an_interrupted_study_with_workers_stops_them_and_fails(tmp_path, tiny_model_dir):
+    path = _study(tmp_path, tiny_model_dir, seeds=[0, 1, 2])
+    env = {**os.environ, "UNLEARN_CACHE": str(tmp_path / "cache"), "UNLEARN_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "unlearn.cli", "study", str(path), "-q", "--workers", "2"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    runs = tmp_path / "studies/tiny/runs"
+    deadline = time.monotonic() + 300
+    while not any(runs.glob("*/attacks/*/metrics.json")):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    written = {p: p.stat().st_mtime_ns for p in runs.glob("**/metrics.json")}
+    time.sleep(3)  # the workers are stopped with the study: nothing more is written
+    assert {p: p.stat().st_mtime_ns for p in runs.glob("**/metrics.json")} == written
+    assert len([p for p in runs.iterdir() if (p / "metrics.json").is_file()]) < 6
+    result = cli("study", str(path), "-q", "--workers", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len([p for p in runs.iterdir() if (p / "metrics.json").is_file()]) == 6
+
+
 def test_a_finished_cell_with_other_settings_is_refused(tmp_path, tiny_model_dir):
     assert cli("study", str(_study(tmp_path, tiny_model_dir, seeds=[0])), "-q", cwd=tmp_path).returncode == 0
     changed = _study(tmp_path, tiny_model_dir, seeds=[0], optimizers={"adamw": {"lr": 3e-5}})

@@ -118,12 +118,9 @@ def _setup_torch() -> None:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(threads_per_process(dict(os.environ), cores))
-    from transformers.utils import logging as hf_logging
+    from unlearn.models import quiet_transformers
 
-    # Our own progress bars say what is happening; per-tensor loading bars and advisory warnings
-    # from transformers would bury them.
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    quiet_transformers()
 
 
 def _markdown_table(table) -> None:
@@ -453,6 +450,9 @@ def study(
     config: Annotated[Path, typer.Argument(help="Study file (configs/study/NAME.yaml).")],
     trust_remote_code: TrustOpt = False,
     quiet: QuietOpt = False,
+    workers: Annotated[int, typer.Option(min=1, help=(
+        "Cells run at once, each in its own process with its share of the CPU threads (2 on 2 cores: about "
+        "1.2x the throughput). Runs then print lines, not progress bars."))] = 1,
 ) -> None:
     """Run a study: methods × optimizers × seeds, each run attacked by every attack, into one folder with
     results.csv, summary.md (means with 95 % intervals, paired comparisons) and plots. Run it again after an
@@ -464,7 +464,8 @@ def study(
     trials = f", after {len(plan.trials)} calibration trials" if plan.trials else ""
     console.print(f"study {plan.folder}: {len(plan.cells)} runs × {len(plan.attacks)} attacks{trials}")
     _setup_torch()
-    outcome = run_study(plan, progress=not quiet, log=console.print, trust_remote_code=trust_remote_code)
+    outcome = run_study(plan, progress=not quiet, log=console.print, trust_remote_code=trust_remote_code,
+                        workers=workers)
     console.print("wrote " + ", ".join(str(p) for p in outcome.written))
     if outcome.failures:
         raise UserError(f"{len(outcome.failures)} part(s) of the study failed (listed in summary.md); "

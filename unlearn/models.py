@@ -23,6 +23,15 @@ EMBEDDED = {
 }
 
 
+def quiet_transformers() -> None:
+    """Our own progress bars say what is happening; per-tensor loading bars and advisory warnings from
+    transformers would bury them."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def cache_dir() -> Path:
     path = Path(os.environ.get("UNLEARN_CACHE") or Path.home() / ".cache" / "unlearn").expanduser()
     if path.exists() and not path.is_dir():

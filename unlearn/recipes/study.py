@@ -13,38 +13,17 @@ now says is refused rather than silently mixed in.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from unlearn.config import RunConfig, read_yaml
-from unlearn.errors import UserError
 from unlearn.files import writable_dir, write_text_atomic
-from unlearn.recipes.attack import run_attack, subject_from_run
-from unlearn.recipes.pipeline import load_task
-from unlearn.recipes.pipeline import run as run_pipeline
 from unlearn.recipes.study_plan import STUDY_FILE, Study
 from unlearn.recipes.study_summary import csv_text, plots, summary_markdown
+from unlearn.recipes.study_workers import Job, JobAttack, JobOptions, prepare_targets, run_jobs
 from unlearn.results import read_run
 from unlearn.study_calibration import Calibrated, Trial, choose
 from unlearn.study_results import CellResult, read_cell, results_rows
-
-
-def _comparable(config: dict[str, Any]) -> str:
-    """A run config as text without what a run records about itself (its folder, its target model's path)."""
-    kept = {k: v for k, v in config.items() if k not in ("name", "output_dir", "target_model")}
-    return json.dumps(yaml.safe_load(yaml.safe_dump(kept)), sort_keys=True)
-
-
-def _check_unchanged(run_dir: Path, cfg: RunConfig) -> None:
-    saved = read_yaml(run_dir / "config.yaml")
-    if _comparable(saved) != _comparable(cfg.to_dict()):
-        raise UserError(f"{run_dir} was run with other settings than the study now gives it; give the study another "
-                        f"name, or move that folder away to run it again")
 
 
 @dataclass
@@ -56,82 +35,61 @@ class StudyOutcome:
 
 
 def run_study(study: Study, progress: bool = True, log: Callable[[str], None] = print,
-              trust_remote_code: bool = False) -> StudyOutcome:
+              trust_remote_code: bool = False, workers: int = 1) -> StudyOutcome:
+    """`workers` > 1 runs that many cells (or calibration trials) at once, each in its own process with its share
+    of the CPU threads (unlearn/recipes/study_workers.py)."""
     writable_dir(study.folder.parent, "study output folder")
     study.runs_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(study.folder / STUDY_FILE, study.path.read_text())  # what this study was run from
+    options = JobOptions(progress, trust_remote_code)
+    if workers > 1:  # the shared target model is built once, here, rather than by every worker at once
+        prepare_targets([*study.trial_configs.values(), *study.configs.values()], options, log)
+
+    def execute(jobs: list[Job]) -> dict[str, str]:
+        return run_jobs(jobs, options, log, workers)
+
     failures: dict[str, str] = {}
-
-    def ensure_run(cfg: RunConfig, run_dir: Path, where: str, what: str) -> bool:
-        """The run at run_dir complete (run now unless it already is); False if it failed (said in failures)."""
-        if (run_dir / "metrics.json").is_file():
-            _check_unchanged(run_dir, cfg)
-            log(f"{where}: run complete, skipped")
-            return True
-        log(f"{where}: {what}")
-        try:
-            outcome = run_pipeline(cfg, progress=progress, log=lambda text: log("    " + text),
-                                   trust_remote_code=trust_remote_code)
-        except UserError as err:  # this run cannot be made (e.g. its loss diverged); the others still can
-            failures[run_dir.name] = str(err)
-            log(f"{where}: failed: {err}")
-            return False
-        assert outcome is not None
-        if outcome.run_dir != run_dir:
-            raise UserError(f"{run_dir} is being written by another process; run one study at a time")
-        return True
-
-    calibrations = _calibrate(study, ensure_run, log)
+    calibrations = _calibrate(study, execute, failures, log)
     uncalibrated = {(c.method, c.optimizer) for c in calibrations if c.choice is None}
     total = len(study.cells)
+    jobs = []
     for index, cell in enumerate(study.cells, 1):
-        where = f"[{index}/{total}] {cell.name}"
         if (cell.method.label, cell.optimizer.label) in uncalibrated:
             failures[cell.name] = "no calibration trial finished, so no value to run it with"
             continue
-        run_dir = study.runs_dir / cell.name
-        if not ensure_run(study.configs[cell.name], run_dir, where,
-                          f"unlearning ({cell.method.name} × {cell.optimizer.name}, seed {cell.seed})"):
-            continue
-        if not study.settings.attack_unmatched and _missed_level(run_dir):
-            log(f"{where}: never reached train.stop_at: not attacked (attack_unmatched: false)")
-            continue
         folders = study.attack_folders(cell)
-        for attack in study.attacks:
-            folder = folders[attack.label]
-            if (run_dir / "attacks" / folder / "metrics.json").is_file():
-                log(f"{where}: {attack.label} complete, skipped")
-                continue
-            log(f"{where}: attack {attack.label} ({folder})")
-            subject = subject_from_run(run_dir, load_task, trust_remote_code=trust_remote_code)
-            try:
-                run_attack(subject, attack.name, attack.attack, attack.settings, progress=progress)
-            except UserError as err:
-                failures[f"{cell.name} / {attack.label}"] = str(err)
-                log(f"{where}: {attack.label} failed: {err}")
+        jobs.append(Job(f"[{index}/{total}] {cell.name}",
+                        f"unlearning ({cell.method.name} × {cell.optimizer.name}, seed {cell.seed})",
+                        study.configs[cell.name], study.runs_dir / cell.name,
+                        tuple(JobAttack(a.label, a.name, a.attack, a.settings, folders[a.label])
+                              for a in study.attacks), study.settings.attack_unmatched))
+    failures |= execute(jobs)
     cells = finished_cells(study)
     written = write_outputs(study, cells, failures, calibrations)
     return StudyOutcome(study.folder, cells, failures, written)
 
 
-def _calibrate(study: Study, ensure_run: Callable[[RunConfig, Path, str, str], bool],
+def _calibrate(study: Study, execute: Callable[[list[Job]], dict[str, str]], failures: dict[str, str],
                log: Callable[[str], None]) -> list[Calibrated]:
     """Every calibration trial run (or found complete), and each calibrated optimizer's cells set to its choice."""
-    out = []
     total = len(study.trials)
-    done = 0
+    jobs = []
+    for done, trial in enumerate(study.trials, 1):
+        assert trial.optimizer.calibrate is not None
+        jobs.append(Job(f"[calibration {done}/{total}] {trial.name}",
+                        f"trial {trial.optimizer.calibrate.describe(trial.value)} (seed {trial.seed})",
+                        study.trial_configs[trial.name], study.calibration_dir / trial.name))
+    if jobs:
+        failures |= execute(jobs)
+    out = []
     for method in study.methods:
         for optimizer in study.optimizers:
             calibrate = optimizer.calibrate
             if calibrate is None:
                 continue
-            trials = []
-            for trial in study.trials_of(method, optimizer):
-                done += 1
-                run_dir = study.calibration_dir / trial.name
-                if ensure_run(study.trial_configs[trial.name], run_dir, f"[calibration {done}/{total}] {trial.name}",
-                              f"trial {calibrate.describe(trial.value)} (seed {trial.seed})"):
-                    trials.append(Trial(trial.value, read_run(run_dir / "metrics.json")))
+            trials = [Trial(t.value, read_run(study.calibration_dir / t.name / "metrics.json"))
+                      for t in study.trials_of(method, optimizer)
+                      if (study.calibration_dir / t.name / "metrics.json").is_file()]
             choice = choose(trials, study.settings.calibrate_by) if trials else None
             if choice is not None:
                 study.use_value(method, optimizer, choice.value)
@@ -139,10 +97,6 @@ def _calibrate(study: Study, ensure_run: Callable[[RunConfig, Path, str, str], b
                     f"({choice.reason})")
             out.append(Calibrated(method.label, optimizer.label, calibrate.option, trials, choice))
     return out
-
-
-def _missed_level(run_dir: Path) -> bool:
-    return read_run(run_dir / "metrics.json").train.get("reached") is False
 
 
 def finished_cells(study: Study) -> list[CellResult]:
