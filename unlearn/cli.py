@@ -452,7 +452,7 @@ def study(
     quiet: QuietOpt = False,
     workers: Annotated[int, typer.Option(min=1, help=(
         "Cells run at once, each in its own process with its share of the CPU threads (2 on 2 cores: about "
-        "1.2x the throughput). Runs then print lines, not progress bars."))] = 1,
+        "1.1x the throughput, python -m unlearn.perf.study_workers). Runs then print lines, not progress bars."))] = 1,
 ) -> None:
     """Run a study: methods × optimizers × seeds, each run attacked by every attack, into one folder with
     results.csv, summary.md (means with 95 % intervals, paired comparisons) and plots. Run it again after an
