@@ -54,14 +54,18 @@ class RelearnSettings:
 
 
 def relearn(model: torch.nn.Module, tokenizer, plan: RelearnPlan, settings: RelearnSettings, eval_settings: Any,
-            progress: bool = True, max_length: int = 256) -> tuple[torch.nn.Module, list[dict[str, float]], float]:
-    """Run the attack in place: (the attacked model, merged if LoRA; the curve; training seconds)."""
+            progress: bool = True, max_length: int = 256,
+            start: dict[str, float] | None = None) -> tuple[torch.nn.Module, list[dict[str, float]], float]:
+    """Run the attack in place: (the attacked model, merged if LoRA; the curve; training seconds). `start`: the
+    probe of this very model, already measured (it is then not measured again at step 0)."""
     items = [encode(tokenizer, ex, max_length=max_length) for ex in plan.train]
     checkpoints = sorted({c for c in settings.checkpoints if 0 <= c <= settings.steps} | {0, settings.steps})
     curve: list[dict[str, float]] = []
 
     def measure(step: int) -> None:
-        if step in checkpoints:
+        if step == 0 and start is not None:
+            curve.append({"step": 0, **start})
+        elif step in checkpoints:
             model.eval()
             curve.append({"step": step, **plan.probe(model, tokenizer, eval_settings)})
 
@@ -104,14 +108,19 @@ class Relearn(Attack):
         plan = subject.task.relearn_plan(settings.domain, settings.samples, settings.seed)
         loaded = load_model(subject.model_spec, trust_remote_code=subject.trust_remote_code,
                             placement=subject.placement)
+        start_key = _probe_key(subject.model_spec, subject, plan, settings)
+        known = _PROBES.get(start_key) if start_key else None
         model, curve, seconds = relearn(loaded.model, loaded.tokenizer, plan, settings, subject.eval_settings,
-                                        progress, subject.task.train_max_length)
+                                        progress, subject.task.train_max_length,
+                                        dict(known) if known is not None else None)
+        if start_key and known is None:
+            _PROBES[start_key] = {k: v for k, v in curve[0].items() if k != "step"}
         metrics = subject.task.evaluate(model, loaded.tokenizer, subject.eval_settings, progress=progress)
         del model, loaded
         target_probe = None
         if subject.target_model:
-            key = _target_probe_key(subject, plan, settings)
-            target_probe = _TARGET_PROBES.get(key) if key else None
+            key = _probe_key(subject.target_model, subject, plan, settings)
+            target_probe = _PROBES.get(key) if key else None
             if target_probe is None:
                 # The target measured exactly as the curve is (the same held-out items): like is compared with like.
                 target = load_model(subject.target_model, trust_remote_code=subject.trust_remote_code,
@@ -119,28 +128,30 @@ class Relearn(Attack):
                 target_probe = plan.probe(target.model.eval(), target.tokenizer, subject.eval_settings)
                 del target
                 if key:
-                    _TARGET_PROBES[key] = target_probe
+                    _PROBES[key] = target_probe
             target_probe = dict(target_probe)
         return AttackResult(metrics=metrics, curve=curve, curve_metrics=plan.probe_metrics,
                             target_probe=target_probe, measured_on=plan.measured_on, curve_items=plan.items,
                             details={**plan.details, "train_seconds": round(seconds, 1)})
 
 
-# The target model's probe depends only on the target, the benchmark, the split and how it is scored; in a study
-# every run of a seed shares all four, so it is measured once per process instead of once per attack (the same
-# model scoring the same items: the values are identical, about 10 s saved each time).
-_TARGET_PROBES: dict[str, dict[str, float]] = {}
+# A saved model's probe depends only on the model, the benchmark, the items the plan holds out and how they are
+# scored. In a study the target is shared by every run of a seed, and a run's relearning and out-of-domain attacks
+# start from the same model and measure the same held-out items; so each is measured once per process instead of
+# once per attack (the same model scoring the same items: identical values, about 10 s saved each time).
+_PROBES: dict[str, dict[str, float]] = {}
 
 
-def _target_probe_key(subject: Subject, plan: RelearnPlan, settings: RelearnSettings) -> str | None:
-    target = Path(subject.target_model or "")
-    if not subject.target_model or not target.is_dir():
+def _probe_key(spec: str, subject: Subject, plan: RelearnPlan, settings: RelearnSettings) -> str | None:
+    folder = Path(spec)
+    if not folder.is_dir():
         return None  # a hub name: its files are not ours to vouch for
-    stamp = max((f.stat().st_mtime_ns for f in target.iterdir() if f.is_file()), default=0)
-    # The task's fingerprint changes whenever its data does (the same key the target and baseline caches use).
-    return json.dumps([str(target.resolve()), stamp, subject.task.name, subject.task.fingerprint, plan.details,
-                       plan.measured_on, settings.domain, repr(subject.eval_settings), repr(subject.placement)],
-                      sort_keys=True, default=str)
+    stamp = max((f.stat().st_mtime_ns for f in folder.iterdir() if f.is_file()), default=0)
+    # The task's fingerprint changes whenever its data does (the same key the target and baseline caches use);
+    # the plan's details name what it holds out (the probe is a function of them, whichever domain is trained on).
+    return json.dumps([str(folder.resolve()), stamp, subject.task.name, subject.task.fingerprint, plan.details,
+                       plan.measured_on, [m.key for m in plan.probe_metrics], settings.lora,
+                       repr(subject.eval_settings), repr(subject.placement)], sort_keys=True, default=str)
 
 
 def _exists(spec: str) -> bool:

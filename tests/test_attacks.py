@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -221,17 +222,18 @@ def test_report_shows_every_attack_folder(wide_run):
     assert len(csv_rows) == 1 + len(attacks)
 
 
-def test_the_target_probe_is_measured_once_per_process_and_reused_unchanged(workdir, monkeypatch):
-    """Two relearning attacks on one run share the target, benchmark, split and scoring: the second reuses the
-    first's target measurement (one target load fewer) and records the same target values; another split does
-    not."""
+def test_saved_models_probes_are_measured_once_per_process_and_reused_unchanged(workdir, monkeypatch):
+    """Relearning attacks on one run share the target, benchmark, split and scoring: a later one reuses the target's
+    measurement (one target load fewer) and the unlearned model's step-0 measurement, out-of-domain included (it
+    holds out the same facts), and records the same values; another split does not share them."""
     import unlearn.attacks.relearn as relearn_module
     from unlearn.recipes.attack import attack_settings, run_attack, subject_from_run
     from unlearn.recipes.pipeline import load_task
 
     monkeypatch.setenv("UNLEARN_CACHE", str(workdir / "cache"))
-    monkeypatch.setattr(relearn_module, "_TARGET_PROBES", {})
+    monkeypatch.setattr(relearn_module, "_PROBES", {})
     loads: list[str] = []
+    probes: list[int] = []
     real_load = relearn_module.load_model
 
     def counting_load(spec, **kwargs):
@@ -241,13 +243,27 @@ def test_the_target_probe_is_measured_once_per_process_and_reused_unchanged(work
     monkeypatch.setattr(relearn_module, "load_model", counting_load)
     records = []
     for overrides in (["attack.steps=2", "attack.batch_size=2"], ["attack.steps=3", "attack.batch_size=2"],
+                      ["attack.steps=2", "attack.batch_size=2", "attack.domain=retain"],
                       ["attack.steps=2", "attack.batch_size=2", "attack.seed=7"]):
         subject = subject_from_run(workdir / "runs/tiny", load_task)
         assert subject.target_model  # the run records its target, so there is a target probe to share
+        real_plan = subject.task.relearn_plan
+
+        def counting_plan(*args, real_plan=real_plan):
+            plan = real_plan(*args)
+            def probe(*a, probe=plan.probe):
+                probes.append(1)
+                return probe(*a)
+            return replace(plan, probe=probe)
+
+        monkeypatch.setattr(subject.task, "relearn_plan", counting_plan)
         name, attack, settings = attack_settings("relearn", overrides=overrides)
         records.append(run_attack(subject, name, attack, settings, progress=False)[0])
     target = subject.target_model
-    assert loads.count(target) == 2  # the first attack and the other split; not the second attack
-    first, second, other_split = (r.recoveries[0] for r in records)
-    assert first.target == second.target and first.metric == second.metric
-    assert len(relearn_module._TARGET_PROBES) == 2 and other_split.metric == first.metric
+    assert loads.count(target) == 2  # the first attack and the other split only
+    # Probes: the first attack 3 (start, end, target); the next two only their end; the other split 3 again.
+    assert len(probes) == 3 + 1 + 1 + 3
+    first, second, ood, other_split = records
+    assert first.curve[0] == second.curve[0] == ood.curve[0] and other_split.curve[0] != first.curve[0]
+    assert first.recoveries[0].target == second.recoveries[0].target == ood.recoveries[0].target
+    assert len(relearn_module._PROBES) == 4  # (start, target) × two splits
