@@ -5,6 +5,7 @@ Everything here is seeded, so tests are deterministic and run in seconds on 2 CP
 
 from __future__ import annotations
 
+import signal
 import string
 from pathlib import Path
 
@@ -12,6 +13,13 @@ import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+
+def sigint_as_in_a_terminal() -> None:
+    """A `preexec_fn` for a child that a test interrupts with SIGINT: the default disposition, as in a terminal. A
+    test suite started in the background by a shell without job control (CI, nohup) inherits SIGINT ignored, its
+    children too, and the toolkit rightly keeps an ignored signal ignored, so the interrupt would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import sigint_as_in_a_terminal
 from tests.test_bad_inputs import call_main
 from tests.test_cli import TINY_BENCH
 
@@ -222,11 +223,8 @@ def test_names_must_stay_inside_the_output_folder(tmp_path):
 def _start(args: list[str], cwd: Path, cache: Path) -> subprocess.Popen:
     env = {**os.environ, "UNLEARN_CACHE": str(cache), "UNLEARN_THREADS": "1"}
     env.pop("UNLEARN_DEBUG", None)
-    # The child gets SIGINT's default disposition, as in a terminal: a test suite started in the background by a
-    # shell without job control inherits SIGINT ignored, and the toolkit rightly keeps an ignored signal ignored.
     return subprocess.Popen([sys.executable, "-m", "unlearn.cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_in_a_terminal)
 
 
 def _wait_for(predicate, timeout: float = 120.0) -> None:

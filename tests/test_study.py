@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.conftest import sigint_as_in_a_terminal
 from tests.test_cli import cli
 from unlearn.config import read_yaml
 from unlearn.errors import UserError
@@ -130,7 +131,8 @@ def test_an_interrupted_study_with_workers_stops_them_and_fails(tmp_path, tiny_m
     path = _study(tmp_path, tiny_model_dir, seeds=[0, 1, 2])
     env = {**os.environ, "UNLEARN_CACHE": str(tmp_path / "cache"), "UNLEARN_THREADS": "2"}
     proc = subprocess.Popen([sys.executable, "-m", "unlearn.cli", "study", str(path), "-q", "--workers", "2"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_as_in_a_terminal)
     runs = tmp_path / "studies/tiny/runs"
     deadline = time.monotonic() + 300
     while not any(runs.glob("*/attacks/*/metrics.json")):
