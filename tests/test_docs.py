@@ -14,3 +14,16 @@ def test_ci_runs_the_readme_test_command():
     assert "unlearn run --method npo --optimizer hybrid" in commands[0]
     assert commands[1].strip() in (ROOT / ".ci" / "run").read_text()
     assert commands[1].strip().endswith("pytest -q")
+
+
+def test_the_findings_quote_their_study_run_unchanged():
+    """docs/FINDINGS.md says its tables are the shipped study's summary.md, copied unchanged, from a run of the study
+    file as shipped: a table edited by hand, or a study file changed without running it again, fails here."""
+    findings = (ROOT / "docs" / "FINDINGS.md").read_text()
+    summary = (ROOT / "docs" / "findings" / "summary.md").read_text()
+    heading = "## The run's tables (`docs/findings/summary.md`, unchanged)\n"
+    quoted = findings.split(heading, 1)[1].split("\n## Plots")[0]
+    tables = summary.split("\n## Forget level", 1)[1].split("\n## Plots")[0]
+    assert quoted.strip() == ("### Forget level" + tables).replace("\n## ", "\n### ").strip()
+    assert (ROOT / "docs" / "findings" / "study.yaml").read_text() == \
+        (ROOT / "configs" / "study" / "downgrade.yaml").read_text(), "the shipped study changed: run it again"
