@@ -118,7 +118,7 @@ def quantizable_linears(model: nn.Module) -> dict[str, nn.Module]:
             if _is_quantizable_type(module) and not _skipped(name, skip)}
 
 
-def _weight_out_in(module: nn.Module) -> torch.Tensor:
+def weight_out_in(module: nn.Module) -> torch.Tensor:
     """The weight as [out_features, in_features]; a view, so writing to it writes the layer."""
     return module.weight if type(module) is nn.Linear else module.weight.T  # Conv1D stores [in, out]
 
@@ -161,7 +161,7 @@ def rtn_quantize_(model: nn.Module, bits: int, group_size: int | None = None) ->
     layers = quantizable_linears(model)
     with torch.no_grad():
         for module in layers.values():
-            weight = _weight_out_in(module)
+            weight = weight_out_in(module)
             weight.copy_(fake_quantize(weight, bits, group_size))
     return {"layers": len(layers), "bits": bits, "group_size": group_size}
 
@@ -192,7 +192,7 @@ def _bnb_config(spec: QuantSpec):
 
 def _to_bnb(module: nn.Module, config, bnb) -> nn.Module:
     """A bnb layer holding `module`'s weights, quantized by bitsandbytes itself as from_pretrained does."""
-    weight = _weight_out_in(module).detach()
+    weight = weight_out_in(module).detach()
     out_features, in_features = weight.shape
     has_bias = module.bias is not None
     # Built on "meta" so no throwaway float weight is allocated; the real weight is assigned below and

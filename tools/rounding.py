@@ -76,9 +76,9 @@ def survival(target: dict[str, torch.Tensor], unlearned: dict[str, torch.Tensor]
 
 def quantized_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every matrix the quantization attack rounds, as float32 [out, in]."""
-    from unlearn.attacks.quantize import _weight_out_in, quantizable_linears
+    from unlearn.attacks.quantize import quantizable_linears, weight_out_in
 
-    return {name: _weight_out_in(module).detach().float() for name, module in quantizable_linears(model).items()}
+    return {name: weight_out_in(module).detach().float() for name, module in quantizable_linears(model).items()}
 
 
 def load(folder: Path) -> nn.Module:
