@@ -5,9 +5,11 @@ Everything here is seeded, so tests are deterministic and run in seconds on 2 CP
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 import string
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -20,6 +22,16 @@ def sigint_as_in_a_terminal() -> None:
     test suite started in the background by a shell without job control (CI, nohup) inherits SIGINT ignored, its
     children too, and the toolkit rightly keeps an ignored signal ignored, so the interrupt would never arrive."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def load_tool(name: str) -> ModuleType:
+    """tools/NAME.py as a module: the tools are scripts, not part of the installed package."""
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", Path(__file__).resolve().parents[1] / "tools" /
+                                                  f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import make_model
-
-ROUNDING = Path(__file__).resolve().parents[1] / "tools" / "rounding.py"
+from tests.conftest import load_tool, make_model
 
 
 @pytest.fixture(scope="module")
 def rounding():
-    spec = importlib.util.spec_from_file_location("rounding_tool", ROUNDING)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("rounding")
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +65,12 @@ def test_the_attacks_layers_are_compared_and_a_run_folder_is_read(rounding, tmp_
         unlearned.model.layers[0].mlp.down_proj.weight.add_(1.0)
     target.save_pretrained(tmp_path / "target")
     unlearned.save_pretrained(tmp_path / "run" / "model")
-    names = rounding.quantized_weights(target).keys()
-    assert "model.layers.0.mlp.down_proj" in names and "lm_head" not in names  # the attack's own choice
+    quantized = rounding.quantized_weights(target)
+    assert "model.layers.0.mlp.down_proj" in quantized and "lm_head" not in quantized  # the attack's own choice
     assert rounding.main(["--target", str(tmp_path / "target"), str(tmp_path / "run"), "--kinds", "int8"]) == 0
     row = capsys.readouterr().out.splitlines()[-1].split("|")
     changed, cosine = float(row[3]), float(row[5])
-    share = unlearned.model.layers[0].mlp.down_proj.weight.numel() / sum(w.numel() for w in
-                                                                         rounding.quantized_weights(target).values())
+    share = unlearned.model.layers[0].mlp.down_proj.weight.numel() / sum(w.numel() for w in quantized.values())
     assert changed == pytest.approx(share, abs=1e-3)
     assert cosine > 0.9
 

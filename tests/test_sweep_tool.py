@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SWEEP = Path(__file__).resolve().parents[1] / "tools" / "sweep.py"
+from tests.conftest import load_tool
 
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("sweep_tool", SWEEP)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("sweep")
 
 
 def write_log(path: Path, grades: list[str], retain: list[float], probes: dict[int, float], end: float) -> Path:
