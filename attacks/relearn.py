@@ -24,6 +24,7 @@ from unlearn.errors import UserError
 from unlearn.models import load_model
 from unlearn.objectives import LanguageModeling
 from unlearn.optim import build_optimizer
+from unlearn.placement import CPU_FP32, Placement
 from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Limit, setting
 from unlearn.task import RelearnPlan
 from unlearn.train import train
@@ -55,9 +56,11 @@ class RelearnSettings:
 
 def relearn(model: torch.nn.Module, tokenizer, plan: RelearnPlan, settings: RelearnSettings, eval_settings: Any,
             progress: bool = True, max_length: int = 256,
-            start: dict[str, float] | None = None) -> tuple[torch.nn.Module, list[dict[str, float]], float]:
+            start: dict[str, float] | None = None,
+            placement: Placement = CPU_FP32) -> tuple[torch.nn.Module, list[dict[str, float]], float]:
     """Run the attack in place: (the attacked model, merged if LoRA; the curve; training seconds). `start`: the
-    probe of this very model, already measured (it is then not measured again at step 0)."""
+    probe of this very model, already measured (it is then not measured again at step 0). `placement`: the one
+    the model was loaded for (its precision decides how updates are added)."""
     items = [encode(tokenizer, ex, max_length=max_length) for ex in plan.train]
     checkpoints = sorted({c for c in settings.checkpoints if 0 <= c <= settings.steps} | {0, settings.steps})
     curve: list[dict[str, float]] = []
@@ -76,9 +79,11 @@ def relearn(model: torch.nn.Module, tokenizer, plan: RelearnPlan, settings: Rele
         model = add_lora(model, settings.lora_rank)
     measure(0)
     optimizer = build_optimizer("adamw", model.parameters(), lr=settings.lr, weight_decay=0.0)
+    if placement.stochastic:
+        optimizer.round_updates(seed)  # type: ignore[attr-defined]
     result = train(model, LanguageModeling(), optimizer, items, None, pad_id=tokenizer.pad_token_id,
                    batch_size=settings.batch_size, max_steps=settings.steps, seed=seed,
-                   desc=settings.name, progress=progress, after_step=measure)
+                   desc=settings.name, progress=progress, after_step=measure, rounded=placement.stochastic)
     if settings.lora:
         model = model.merge_and_unload()
     return model.eval(), curve, result.seconds
@@ -106,13 +111,13 @@ class Relearn(Attack):
 
     def run(self, subject: Subject, settings: RelearnSettings, progress: bool = True) -> AttackResult:
         plan = subject.task.relearn_plan(settings.domain, settings.samples, settings.seed)
-        loaded = load_model(subject.model_spec, trust_remote_code=subject.trust_remote_code,
-                            placement=subject.placement)
+        placement = subject.placement.for_training(True)  # fine-tuned with AdamW, whatever the run's optimizer
+        loaded = load_model(subject.model_spec, trust_remote_code=subject.trust_remote_code, placement=placement)
         start_key = _probe_key(subject.model_spec, subject, plan, settings)
         known = _PROBES.get(start_key) if start_key else None
         model, curve, seconds = relearn(loaded.model, loaded.tokenizer, plan, settings, subject.eval_settings,
                                         progress, subject.task.train_max_length,
-                                        dict(known) if known is not None else None)
+                                        dict(known) if known is not None else None, placement)
         if start_key and known is None:
             _PROBES[start_key] = {k: v for k, v in curve[0].items() if k != "step"}
         metrics = subject.task.evaluate(model, loaded.tokenizer, subject.eval_settings, progress=progress)
@@ -124,7 +129,7 @@ class Relearn(Attack):
             if target_probe is None:
                 # The target measured exactly as the curve is (the same held-out items): like is compared with like.
                 target = load_model(subject.target_model, trust_remote_code=subject.trust_remote_code,
-                                    placement=subject.placement)
+                                    placement=placement)
                 target_probe = plan.probe(target.model.eval(), target.tokenizer, subject.eval_settings)
                 del target
                 if key:
@@ -151,7 +156,8 @@ def _probe_key(spec: str, subject: Subject, plan: RelearnPlan, settings: Relearn
     # the plan's details name what it holds out (the probe is a function of them, whichever domain is trained on).
     return json.dumps([str(folder.resolve()), stamp, subject.task.name, subject.task.fingerprint, plan.details,
                        plan.measured_on, [m.key for m in plan.probe_metrics], settings.lora,
-                       repr(subject.eval_settings), repr(subject.placement)], sort_keys=True, default=str)
+                       repr(subject.eval_settings), repr(subject.placement.for_training(True))],
+                      sort_keys=True, default=str)
 
 
 def _exists(spec: str) -> bool:

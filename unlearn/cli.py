@@ -61,7 +61,12 @@ DeviceOpt = Annotated[str | None, typer.Option(
     help="auto (a GPU if there is one), cpu, cuda (this process's GPU under torchrun/accelerate) or cuda:N "
          "(train.device).")]
 DtypeOpt = Annotated[str | None, typer.Option(
-    help="Weights' precision: auto (bf16 on a GPU that has it, else fp32), bf16, fp16 or fp32 (train.dtype).")]
+    help="Compute precision: auto (bf16 on a GPU that has it, else fp32), bf16, fp16 or fp32 (train.dtype); "
+         "--precision says what the updates are added to.")]
+PrecisionOpt = Annotated[str | None, typer.Option(
+    help="What updates are added to in bf16/fp16: auto (master for gradient grades, lean for zeroth-order), "
+         "master (fp32 weights, compute under autocast), lean (bf16 weights, stochastically rounded updates) or "
+         "pure (rounded to nearest) (train.precision).")]
 LogSamplesOpt = Annotated[bool, typer.Option(
     "--log-samples", help="Also write one JSON line per scored item (prompt, gold, scores or generation, correct) "
                           "to samples.jsonl in the run folder, or to --samples-path.")]
@@ -151,6 +156,7 @@ def run(
         help="Unlearn through LoRA adapters of this rank (train.lora_rank; 0 = full weights).")] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    precision: PrecisionOpt = None,
     save_dtype: Annotated[str | None, typer.Option(
         help="Precision of the saved model: bf16, fp16 or fp32 (train.save_dtype; default: as trained).")] = None,
     grad_accum: Annotated[int | None, typer.Option(
@@ -189,7 +195,8 @@ def run(
     flags = {"model": _path_or_name(model), "train.max_steps": steps, "optimizer.lr": lr,
              "train.batch_size": batch_size, "train.seed": seed, "train.lora_rank": lora_rank, "name": name,
              "train.device": device, "train.dtype": dtype, "train.save_dtype": save_dtype,
-             "train.grad_accum": grad_accum, "train.gradient_checkpointing": gradient_checkpointing or None,
+             "train.precision": precision, "train.grad_accum": grad_accum,
+             "train.gradient_checkpointing": gradient_checkpointing or None,
              "train.max_length": max_length, "train.save_every": save_every, "train.parallel": parallel,
              "benchmark.forget_corpus": _path_or_name(forget_corpus),
              "benchmark.retain_corpus": _path_or_name(retain_corpus)} | _benchmark_flags(data, engine, openqa, judge)
@@ -198,7 +205,7 @@ def run(
                  "--data": data, "--forget-corpus": forget_corpus, "--retain-corpus": retain_corpus,
                  "--engine": engine, "--openqa": openqa, "--judge": judge, "--steps": steps, "--lr": lr,
                  "--batch-size": batch_size, "--seed": seed, "--lora-rank": lora_rank, "--device": device,
-                 "--dtype": dtype, "--save-dtype": save_dtype, "--grad-accum": grad_accum,
+                 "--dtype": dtype, "--precision": precision, "--save-dtype": save_dtype, "--grad-accum": grad_accum,
                  "--gradient-checkpointing": gradient_checkpointing, "--max-length": max_length,
                  "--save-every": save_every, "--parallel": parallel, "--name": name, "--overwrite": overwrite,
                  "--config": config,
@@ -477,6 +484,7 @@ def prepare(
     model: Annotated[str | None, typer.Option(help="Base model (default from configs/run.yaml).")] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    precision: PrecisionOpt = None,
     trust_remote_code: TrustOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -489,11 +497,12 @@ def prepare(
     from unlearn.recipes.prepare import prepare_record, target_model
 
     cfg = load_run_config("npo", "adamw", config, {"model": _path_or_name(model), "train.device": device,
-                                                    "train.dtype": dtype}, set_)
+                                                    "train.dtype": dtype, "train.precision": precision}, set_)
     task = load_task(cfg.benchmark)
     _setup_torch()
     folder = target_model(cfg.model, task, cfg.benchmark.get("prepare", {}), trust_remote_code,
-                          progress=not quiet, placement=resolve(cfg.train.device, cfg.train.dtype))
+                          progress=not quiet, placement=resolve(cfg.train.device, cfg.train.dtype,
+                                                                cfg.train.precision).for_training(True))
     record = prepare_record(folder)
     for split in ("forget", "retain", "holdout"):
         console.print(f"{split:8s} MCQ accuracy {record['metrics'][f'{split}/mcq_acc']:.3f}")

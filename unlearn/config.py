@@ -67,7 +67,13 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute each decoder layer's activations in backward: less memory
     max_length: int | None = setting(None, limit=AT_LEAST_ONE)  # tokens per training text; None: the benchmark's
     device: str = "auto"  # auto | cpu | cuda | cuda:N (checked by unlearn.placement)
-    dtype: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 on a GPU that has it, else fp32)
+    dtype: str = "auto"  # compute precision: auto | bf16 | fp16 | fp32 (auto: bf16 on a GPU that has it, else fp32)
+    # What updates are added to in bf16/fp16 (unlearn.placement): auto | master (fp32 weights, autocast) | lean
+    # (bf16 weights, stochastically rounded updates) | pure (rounded to nearest: lr-sized steps vanish).
+    precision: str = "auto"
+    # The guard: a run stops when, over its last 5 updates, at least this share of the trained weights it samples
+    # was left bit-unchanged (updates rounding away); None turns it off.
+    max_unchanged: float | None = setting(0.5, limit=Limit(gt=0, le=1))
     save_dtype: str | None = None  # precision of the saved model; None: the one it trained in
     save_every: int = setting(0, limit=NON_NEGATIVE)  # > 0: checkpoint every N steps, so --resume can continue
     # > 0: measure the benchmark's quick probe (forget and utility metrics) every N steps, outside the timed region,
@@ -235,7 +241,7 @@ def train_config(data: Any) -> TrainConfig:
     from unlearn.placement import check
 
     settings = from_mapping(TrainConfig, data, "train")
-    check(settings.device, settings.dtype, settings.save_dtype, section="train")
+    check(settings.device, settings.dtype, settings.save_dtype, section="train", precision=settings.precision)
     if settings.stop_at is not None:
         StopRule.parse(settings.stop_at)
         if not settings.eval_every:

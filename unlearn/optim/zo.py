@@ -112,6 +112,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
                 raise ValueError("zeroth-order optimizers need contiguous parameters")
         self.directions: Directions = self.make_directions()
         self.steps_taken = 0
+        self._round_seed: int | None = None  # set by round_updates: bf16 weights take stochastically rounded updates
 
     def _selected(self, include: list[str] | None) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
         """The parameters this member probes and updates: all, or those whose name matches the first pattern
@@ -237,7 +238,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
         coeffs = self._coeffs(self.coefficients(center, plus, minus))
         self.update(seeds, coeffs, pending)
         for p, group in zip(self.params, self._groups, strict=True):
-            if group["weight_decay"] and group["lr"]:
+            if group["weight_decay"] and group["lr"] and not self._rounded(p):  # rounded ones: in the update
                 p.mul_(1.0 - group["lr"] * group["weight_decay"])
         self.steps_taken += 1
         losses = plus + minus + ([center] if center is not None else [])
@@ -279,8 +280,24 @@ class ZerothOrderBase(torch.optim.Optimizer):
     def _lrs(self) -> list[float]:
         return [group["lr"] for group in self._groups]
 
+    def moving_params(self) -> list[torch.Tensor]:
+        return list(self.params)  # those `include` selects
+
+    def round_updates(self, seed: int) -> None:
+        """bf16 parameters take their updates (and weight decay) computed in fp32 and stochastically rounded
+        (``unlearn.optim.rounding``), and the member's buffers are kept in fp32: rounded to nearest, an lr-sized
+        update of a bf16 weight is lost. The probes themselves stay rounded to nearest (see the module docstring
+        on restoring)."""
+        self._round_seed = seed
+
+    def _rounded(self, p: torch.Tensor) -> bool:
+        return self._round_seed is not None and p.dtype == torch.bfloat16
+
     def update(self, seeds: list[int], coeffs: list[float], pending: tuple[int, float] | None) -> None:
         lrs = self._lrs()
+        if any(self._rounded(p) for p in self.params):
+            self._rounded_update(seeds, coeffs, pending, lrs)
+            return
         if self.linear_update:
             for seed, c in zip(seeds, coeffs, strict=True):
                 undo = self.undo_scale(pending, seed)
@@ -302,6 +319,43 @@ class ZerothOrderBase(torch.optim.Optimizer):
                         estimate.add_(d, alpha=m * c / self.mu)
                 assert estimate is not None
                 self.apply_update(i, k, p, a, b, chunk, estimate, lrs[i])
+
+    def _rounded_update(self, seeds: list[int], coeffs: list[float], pending: tuple[int, float] | None,
+                        lrs: list[float]) -> None:
+        """The update chunk by chunk in fp32 (the pending probe undone, the step, weight decay), stored back into
+        bf16 parameters by stochastic rounding; other parameters are updated in place as they are."""
+        from unlearn.optim.rounding import noise_generator, stochastic_round_
+
+        assert self._round_seed is not None
+        for i, p in enumerate(self.params):
+            flat = p.detach().view(-1)
+            low = self._rounded(p)
+            gen = noise_generator(p.device, self._round_seed, self.steps_taken, i) if low else None
+            decay = self._groups[i]["weight_decay"] * lrs[i]
+            for k, (a, b) in enumerate(self.directions.chunks[i]):
+                chunk = flat[a:b]
+                work = chunk.float() if low else chunk
+                if pending is not None:
+                    d, m = self.directions.direction(pending[0], i, k)
+                    work.add_(d, alpha=-pending[1] * m)
+                if self.linear_update:
+                    for seed, c in zip(seeds, coeffs, strict=True):
+                        d, m = self.directions.direction(seed, i, k)
+                        work.add_(d, alpha=-lrs[i] * c * m / self.mu)
+                else:
+                    estimate = None
+                    for seed, c in zip(seeds, coeffs, strict=True):
+                        d, m = self.directions.direction(seed, i, k)
+                        if estimate is None:
+                            estimate = d * (m * c / self.mu)
+                        else:
+                            estimate.add_(d, alpha=m * c / self.mu)
+                    assert estimate is not None
+                    self.apply_update(i, k, p, a, b, work, estimate, lrs[i])
+                if gen is not None:
+                    if decay:
+                        work.mul_(1.0 - decay)
+                    stochastic_round_(chunk, work, gen)
 
     # The seed stream and step count are the only non-tensor state; checkpoint them so a resumed run draws
     # the same directions.
@@ -330,7 +384,10 @@ class ZerothOrderBase(torch.optim.Optimizer):
         """Elements a:b of the flat state buffer ``name`` of ``p``, created (filled with ``fill``) on first use."""
         state = self.state[p]
         if name not in state:
-            state[name] = torch.full_like(p, fill, memory_format=torch.contiguous_format)
+            # fp32 beside bf16 weights whose updates are rounded stochastically: the buffers are the update's
+            # precision, and an exponential average rounded to nearest in bf16 stops moving.
+            dtype = torch.float32 if self._rounded(p) else p.dtype
+            state[name] = torch.full_like(p, fill, dtype=dtype, memory_format=torch.contiguous_format)
         return state[name].view(-1)[a:b]
 
     @staticmethod
@@ -395,6 +452,7 @@ class ZerothOrderAdam(ZerothOrderBase):
         beta1, beta2 = self.betas
         t = self.steps_taken + 1
         m, v = self._buffer(p, "exp_avg", a, b), self._buffer(p, "exp_avg_sq", a, b)
+        estimate = estimate.to(m.dtype)  # the directions are fp32; the buffers are the weights' dtype or fp32
         m.lerp_(estimate, 1 - beta1)
         v.mul_(beta2).addcmul_(estimate, estimate, value=1 - beta2)
         denom = (v / (1 - beta2**t)).sqrt_().add_(self.eps)
@@ -564,6 +622,8 @@ class ZOMuon(ZerothOrderBase):
 
     def make_directions(self) -> Directions:
         return SubspaceDirections(self.params, self.mu, self.rank, self.refresh, self.seed)
+
+    round_updates = None  # type: ignore[assignment]  # its projected step is added in place: precision master
 
     def update(self, seeds, coeffs, pending):
         from unlearn.optim.spectral import newton_schulz  # the same iteration as Muon / SIFT

@@ -22,6 +22,8 @@ from unlearn.config import apply_override, component_defaults, eval_config, merg
 from unlearn.errors import UserError
 from unlearn.evaluate import collect_samples, item_values
 from unlearn.files import read_json, write_json_atomic
+from unlearn.optim import OPTIMIZERS
+from unlearn.placement import Placement
 from unlearn.placement import resolve as resolve_placement
 from unlearn.results import ITEMS_FILE, AttackRecord, Recovery, collapse_of, read_items, recovery_ratio
 from unlearn.runs import staged_dir
@@ -211,7 +213,17 @@ def subject_from_run(run_dir: Path, load_task, eval_overrides: dict[str, Any] | 
                    target_model=_target_model(saved.get("target_model")), trust_remote_code=trust_remote_code,
                    run_dir=run_dir, unlearned=record.get("metrics"), target=record.get("target"),
                    items=read_items(run_dir / ITEMS_FILE),
-                   placement=resolve_placement(device or "auto", dtype or trained_in or "auto"))
+                   placement=_run_placement(saved, train, device, dtype or trained_in))
+
+
+def _run_placement(saved: dict[str, Any], train: dict[str, Any], device: str | None, dtype: str | None) -> Placement:
+    """Where a run's model is evaluated or attacked: the given device, in the precision it trained in (its compute
+    dtype and the precision mode its optimizer resolved to, so a re-evaluation computes what the run did)."""
+    precision = train.get("precision") if isinstance(train.get("precision"), str) else "auto"
+    optimizer = saved.get("optimizer") if isinstance(saved.get("optimizer"), dict) else {}
+    cls = OPTIMIZERS.get(optimizer.get("name")) if isinstance(optimizer.get("name"), str) else None
+    gradients = bool(getattr(cls, "uses_gradients", True))
+    return resolve_placement(device or "auto", dtype or "auto", precision).for_training(gradients)
 
 
 def _target_model(value: Any) -> str | None:

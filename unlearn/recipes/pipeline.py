@@ -31,7 +31,7 @@ from unlearn.files import write_json_atomic, write_jsonl_atomic, write_yaml
 from unlearn.models import enable_gradient_checkpointing, load_model, save_model
 from unlearn.objectives import OBJECTIVES, Objective, build_objective
 from unlearn.optim import OPTIMIZERS, build_optimizer, dry_build
-from unlearn.optim.protocol import accepts
+from unlearn.optim.protocol import accepts, rounds_updates
 from unlearn.placement import CPU_FP32, Placement, parse_dtype
 from unlearn.placement import resolve as resolve_placement
 from unlearn.recipes.prepare import baseline_cached, baseline_metrics, target_model
@@ -66,7 +66,7 @@ def starting_model(cfg: RunConfig, task: Task, progress: bool = True, trust_remo
     if not task.needs_target:
         return cfg.model
     return str(target_model(cfg.model, task, cfg.benchmark.get("prepare", {}), trust_remote_code=trust_remote_code,
-                            progress=progress, placement=placement) / "model")
+                            progress=progress, placement=placement.for_training(True)) / "model")
 
 
 def _describe(metrics: dict[str, float], keys: tuple[str, ...]) -> str:
@@ -125,14 +125,32 @@ def check_run_config(cfg: RunConfig) -> tuple[Task, Objective]:
     return task, objective
 
 
+def _optimizer_names(cfg: RunConfig) -> list[str]:
+    """The optimizer and, for a hybrid, its members."""
+    return [cfg.optimizer["name"]] + [cfg.optimizer[k]["name"] for k in ("fo", "zo")
+                                      if isinstance(cfg.optimizer.get(k), dict) and "name" in cfg.optimizer[k]]
+
+
+def training_placement(cfg: RunConfig) -> Placement:
+    """Device, compute dtype and precision for this run's optimizer (unlearn.placement): `auto` precision is
+    fp32 master weights for gradient grades, stochastically rounded bf16 weights for zeroth-order ones. A
+    precision the optimizer cannot do is refused here, before any model loads."""
+    gradients = bool(getattr(OPTIMIZERS.lookup(cfg.optimizer["name"]), "uses_gradients", True))
+    placement = resolve_placement(cfg.train.device, cfg.train.dtype, cfg.train.precision).for_training(gradients)
+    if placement.stochastic:
+        for name in _optimizer_names(cfg):
+            if not rounds_updates(OPTIMIZERS.lookup(name)):
+                raise UserError(f"optimizer '{name}' cannot add stochastically rounded updates to bf16 weights "
+                                f"(train.precision lean); use --precision master")
+    return placement
+
+
 def check_world(cfg: RunConfig, world: World) -> None:
     """What several processes cannot do, said before any model loads."""
     check_batching(cfg.train.batch_size, cfg.train.grad_accum, world)
     if not world.distributed:
         return
-    names = [cfg.optimizer["name"]] + [cfg.optimizer[k]["name"] for k in ("fo", "zo")
-                                       if isinstance(cfg.optimizer.get(k), dict) and "name" in cfg.optimizer[k]]
-    for name in names:
+    for name in _optimizer_names(cfg):
         if not getattr(OPTIMIZERS.lookup(name), "data_parallel", True):
             raise UserError(f"optimizer '{name}' cannot run on several processes (its state is estimated per "
                             f"process); run it in one process, with train.grad_accum for the batch")
@@ -189,7 +207,7 @@ def _unlearn_request(cfg: RunConfig, objective, model: torch.nn.Module, tok, for
                      log_path: Path | None, desc: str, progress: bool, world: World, max_length: int,
                      save: Callable[[torch.nn.Module, torch.optim.Optimizer, Progress], None] | None,
                      resume_from: Checkpoint | None,
-                     probe: Callable[..., dict[str, float]]) -> tuple[torch.nn.Module, Any]:
+                     probe: Callable[..., dict[str, float]], placement: Placement) -> tuple[torch.nn.Module, Any]:
     """One unlearning request: objective set-up on the current model, optional LoRA (merged at the end, so
     a following request starts from plain weights), a fresh optimizer, training (from a checkpoint when
     resuming), measuring `probe(model, tokenizer, eval settings)` every train.eval_every steps."""
@@ -207,6 +225,11 @@ def _unlearn_request(cfg: RunConfig, objective, model: torch.nn.Module, tok, for
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     optimizer = _optimizer(cfg, model)
+    if placement.stochastic:
+        try:
+            optimizer.round_updates(cfg.train.seed)  # type: ignore[attr-defined]  # checked: training_placement
+        except ValueError as err:
+            raise UserError(f"train.precision lean: {err}") from None
     start = Progress()
     if resume_from is not None:
         checkpoints.restore(resume_from, model, optimizer)
@@ -232,7 +255,8 @@ def _unlearn_request(cfg: RunConfig, objective, model: torch.nn.Module, tok, for
                    log_path=log_path, desc=desc, progress=progress and world.is_main,
                    grad_accum=cfg.train.grad_accum, world=world, start=start,
                    checkpoint=(lambda done: save(model, optimizer, done)) if save else None,
-                   checkpoint_every=cfg.train.save_every, monitor=monitor)
+                   checkpoint_every=cfg.train.save_every, monitor=monitor, max_unchanged=cfg.train.max_unchanged,
+                   rounded=placement.stochastic)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     return model, result
@@ -245,7 +269,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
     returns the outcome (the others return None). `resume`: continue the interrupted run `cfg.name`."""
     cfg = seeded(cfg)
     task, objective = check_run_config(cfg)
-    placement = resolve_placement(cfg.train.device, cfg.train.dtype)
+    placement = training_placement(cfg)
     world = World.from_env(placement.device)
     try:
         return _claim_and_run(cfg, task, objective, overwrite, progress, log, trust_remote_code, log_samples,
@@ -359,7 +383,7 @@ def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrit
             model, result = _unlearn_request(
                 cfg, objective, model, tok, request.forget, retain, log_path if main else None, desc, progress,
                 world, max_length, save if resumable and main else None,
-                point.checkpoint if resumed_here and point is not None else None, task.probe)
+                point.checkpoint if resumed_here and point is not None else None, task.probe, placement)
             seconds, forwards, steps = seconds + result.seconds, forwards + result.forward_passes, steps + result.steps
             final_loss = result.final_loss
             if not evaluates:

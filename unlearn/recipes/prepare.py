@@ -58,7 +58,7 @@ def target_key(spec: str, task: Task, settings: dict[str, Any]) -> str:
 
 def _precision(placement: Placement) -> dict[str, str]:
     """What a cache key adds for the precision: nothing in fp32 (so caches from before it was a setting stay)."""
-    return {} if placement.dtype == torch.float32 else {"dtype": placement.dtype_name}
+    return {} if placement.dtype == torch.float32 else {"dtype": placement.dtype_name, "precision": placement.mode}
 
 
 def target_model(spec: str, task: Task, settings: dict[str, Any], trust_remote_code: bool = False,
@@ -80,10 +80,12 @@ def target_model(spec: str, task: Task, settings: dict[str, Any], trust_remote_c
     model.get_input_embeddings().weight.requires_grad_(False)
     items = [encode(tok, ex) for ex in task.forget + task.retain]
     optimizer = build_optimizer("adamw", model.parameters(), lr=lr, weight_decay=0.0)
+    if placement.stochastic:
+        optimizer.round_updates(0)  # type: ignore[attr-defined]
     steps = epochs * math.ceil(len(items) / batch_size)
     result = train(model, LanguageModeling(), optimizer, items, None, pad_id=tok.pad_token_id,
                    batch_size=batch_size, max_steps=steps, seed=0, desc="preparing target model",
-                   progress=progress)
+                   progress=progress, rounded=placement.stochastic)
     model.get_input_embeddings().weight.requires_grad_(True)
     # The target's full metrics are cached with it: every run's table compares against them.
     metrics, items, _ = evaluate_items(lambda: task.evaluate(model, tok, EvalConfig(), progress=progress))

@@ -1,0 +1,226 @@
+"""Precision that learns: fp32 master weights under autocast, stochastically rounded bf16 updates, and the guard
+that stops a run whose updates round away (bf16 runs on this CPU too, so all of it is checked here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import make_model
+from unlearn.attacks.relearn import RelearnSettings, relearn
+from unlearn.data import Example, collate, encode
+from unlearn.errors import UserError
+from unlearn.models import load_model
+from unlearn.objectives import LanguageModeling
+from unlearn.optim import build_optimizer
+from unlearn.optim.rounding import noise_generator, stochastic_round_
+from unlearn.placement import Placement, autocast_forward, resolve
+from unlearn.scoring import mean_token_nll, sequence_logprobs
+from unlearn.task import Metric, RelearnPlan
+from unlearn.train import train
+
+CPU = torch.device("cpu")
+FACTS = [Example(prompt=f"Q{i}: what is {i}?", target=f" It is {i * 7}.") for i in range(16)]
+
+
+def placement(mode: str, gradients: bool = True) -> Placement:
+    return Placement(CPU, torch.bfloat16, mode, gradients)
+
+
+def tiny_in(mode: str, tokenizer, gradients: bool = True) -> torch.nn.Module:
+    """The tiny model stored as ``mode`` stores weights, run as it runs them."""
+    where = placement(mode, gradients)
+    model = make_model(len(tokenizer)).to(where.weights)
+    if where.autocast:
+        autocast_forward(model, where)
+    return model
+
+
+def test_auto_is_master_for_gradient_grades_and_lean_for_zeroth_order() -> None:
+    assert placement("auto").mode == "master" and placement("auto", gradients=False).mode == "lean"
+    assert placement("auto").weights == torch.float32 and placement("auto", False).weights == torch.bfloat16
+    assert Placement(CPU, torch.float32, "lean").mode == "fp32"  # nothing to round in fp32
+    assert Placement(CPU, torch.float16, "auto", gradients=False).mode == "master"  # rounding is written for bf16
+    with pytest.raises(UserError, match="needs --dtype bf16"):
+        resolve("cpu", "fp16", "lean")
+    with pytest.raises(UserError, match="unknown precision"):
+        resolve("cpu", "bf16", "half")
+
+
+def test_stochastic_rounding_is_exact_where_representable_and_unbiased_elsewhere() -> None:
+    exact = torch.randn(1000).bfloat16()
+    out = torch.empty_like(exact)
+    stochastic_round_(out, exact.float(), noise_generator(CPU, 0, 0, 0))
+    assert torch.equal(out, exact)
+    value = torch.full((200_000,), 1.0 + 2**-10)  # a quarter of the way from 1 to the next bf16 value (1 + 2^-7)...
+    value[100_000:] = -value[100_000:]  # ...on both signs
+    stochastic_round_(out := torch.empty_like(value, dtype=torch.bfloat16), value, noise_generator(CPU, 0, 0, 1))
+    assert set(out[:100_000].float().unique().tolist()) == {1.0, 1.0 + 2**-7}
+    up = (out[:100_000].float() > 1).float().mean()
+    assert abs(float(up) - 0.125) < 0.005  # (2^-10) / (2^-7) of the way: rounded up 1 time in 8
+    assert float(out.float()[:100_000].mean()) == pytest.approx(1.0 + 2**-10, abs=2e-5)
+    assert float(out.float()[100_000:].mean()) == pytest.approx(-(1.0 + 2**-10), abs=2e-5)
+
+
+def _one_adamw_step(weights: torch.Tensor, grad: torch.Tensor, lean: bool) -> torch.Tensor:
+    p = torch.nn.Parameter(weights.clone())
+    opt = build_optimizer("adamw", [p], lr=1e-5, weight_decay=0.0)
+    if lean:
+        opt.round_updates(0)  # type: ignore[attr-defined]
+    p.grad = grad.to(p.dtype)
+
+    def closure() -> torch.Tensor:  # the gradient is already there: a loss whose gradient adds nothing
+        return (p * 0).sum()
+
+    opt.step(closure)
+    return p.detach()
+
+
+def test_an_lr_1e5_adamw_step_changes_bf16_weights_in_expectation_only_when_compensated() -> None:
+    gen = torch.Generator().manual_seed(0)
+    weights = (torch.randn(100_000, generator=gen) * 0.05).bfloat16()
+    grad = torch.randn(100_000, generator=gen)
+    intended = -1e-5 * torch.sign(grad)  # Adam's first step moves every weight by lr against its gradient's sign
+    rounded = _one_adamw_step(weights, grad, lean=False)
+    assert float((rounded == weights).float().mean()) > 0.9  # rounded to nearest: the step is lost almost everywhere
+    lean = _one_adamw_step(weights, grad, lean=True)
+    moved = (lean.float() - weights.float())
+    assert float((lean != weights).float().mean()) > 0.02  # a few weights move by a whole bf16 step...
+    # ...and on average by the intended amount: the mean of the moves along -sign(g) is lr, within its noise.
+    along = moved * -torch.sign(grad)
+    mean, error = float(along.mean()), float(along.std() / along.numel() ** 0.5)
+    assert abs(mean - 1e-5) < 4 * error and error < 2e-6
+    master = _one_adamw_step(weights.float(), grad, lean=False)  # fp32 master weights take it exactly
+    assert torch.allclose(master - weights.float(), intended, rtol=1e-3, atol=1e-9)
+
+
+def test_lean_keeps_adams_moments_moving_in_bf16() -> None:
+    p = torch.nn.Parameter(torch.randn(4096).bfloat16() * 0.05)
+    opt = build_optimizer("adamw", [p], lr=1e-5)
+    opt.round_updates(3)  # type: ignore[attr-defined]
+    for step in range(20):
+        p.grad = torch.full_like(p, 1.0 + step)
+
+        def closure() -> torch.Tensor:
+            return (p * 0).sum()
+
+        opt.step(closure)
+    state = opt.state[p]
+    assert state["exp_avg"].dtype == torch.bfloat16 and state["exp_avg_sq"].dtype == torch.bfloat16
+    # v = Σ 0.001·0.999^(19-k)·(1+k)²; rounded to nearest in bf16 it would stop near its first values.
+    expected = sum(0.001 * 0.999 ** (19 - k) * (1 + k) ** 2 for k in range(20))
+    assert float(state["exp_avg_sq"].float().mean()) == pytest.approx(expected, rel=0.01)
+
+
+def _items(tokenizer) -> list:
+    return [encode(tokenizer, ex) for ex in FACTS]
+
+
+def _train(model, tokenizer, lr: float, steps: int = 10, rounded: bool = False, name: str = "adamw",
+           **options) -> float:
+    opt = build_optimizer(name, model.named_parameters(), lr=lr, **options)
+    if rounded:
+        opt.round_updates(0)  # type: ignore[attr-defined]
+    return train(model, LanguageModeling(), opt, _items(tokenizer), None, pad_id=tokenizer.pad_token_id,
+                 batch_size=8, max_steps=steps, seed=0, progress=False, rounded=rounded).final_loss
+
+
+def test_the_guard_stops_a_pure_bf16_run_whose_updates_vanish(tokenizer, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"step 5: the last 5 updates left \d+% .*--precision master"):
+        _train(tiny_in("pure", tokenizer), tokenizer, lr=1e-5)
+    # The same run in fp32 master weights, and compensated in bf16, trains; the log records the share.
+    _train(tiny_in("master", tokenizer), tokenizer, lr=1e-5)
+    _train(tiny_in("lean", tokenizer), tokenizer, lr=1e-5, rounded=True)
+    model = make_model(len(tokenizer))
+    opt = build_optimizer("adamw", model.parameters(), lr=1e-5)
+    log = tmp_path / "log.jsonl"
+    train(model, LanguageModeling(), opt, _items(tokenizer), None, pad_id=tokenizer.pad_token_id, batch_size=8,
+          max_steps=3, seed=0, progress=False, log_path=log)
+    import json
+
+    shares = [json.loads(line)["unchanged"] for line in log.read_text().splitlines()]
+    assert shares and all(share < 0.01 for share in shares)  # fp32: every sampled weight moved
+
+
+def test_master_and_lean_training_follow_fp32_and_pure_bf16_does_not(tokenizer) -> None:
+    """Twenty AdamW steps at lr 1e-4: the loss after them in fp32, with fp32 master weights under bf16 autocast and
+    with stochastically rounded bf16 weights agree; with bf16 weights rounded to nearest the run is stopped."""
+    fp32 = _train(make_model(len(tokenizer)), tokenizer, lr=1e-4, steps=20)
+    master = _train(tiny_in("master", tokenizer), tokenizer, lr=1e-4, steps=20)
+    lean = _train(tiny_in("lean", tokenizer), tokenizer, lr=1e-4, steps=20, rounded=True)
+    assert master == pytest.approx(fp32, abs=2e-3) and lean == pytest.approx(fp32, abs=5e-3)
+
+
+@pytest.mark.parametrize("name", ["zo", "zo-adam"])
+def test_zeroth_order_updates_to_bf16_weights_are_kept_in_expectation(tokenizer, name: str) -> None:
+    """ZO-SGD (linear update) and ZO-Adam (buffers, per-chunk rule): with stochastic rounding the bf16 weights
+    move by the fp32 update on average; rounded to nearest most of it is lost."""
+    start = (torch.randn(50_000, generator=torch.Generator().manual_seed(1)) * 0.05).bfloat16()
+
+    def moved(rounded: bool | None) -> torch.Tensor:
+        p = torch.nn.Parameter(start.float().clone() if rounded is None else start.clone())
+        opt = build_optimizer(name, [p], lr=1e-5, seed=0, exact_restore=True)
+        if rounded:
+            opt.round_updates(0)  # type: ignore[attr-defined]
+        calls = []
+
+        def closure() -> torch.Tensor:
+            # L+ − L− = 2μ whatever the weights' precision: the same coefficient (1) in every mode, so the modes
+            # differ only in how the update -lr·z is stored (a few 1e-5, far below a bf16 step of these weights).
+            calls.append(1)
+            return torch.tensor(1e-3 if len(calls) % 2 else -1e-3)
+
+        opt.step(closure)
+        return p.detach().float() - start.float()
+
+    exact = moved(None)
+    assert float((moved(False) == 0).float().mean()) > 0.5  # rounded to nearest: most of it lost
+    lean = moved(True)
+    assert float((lean * exact).sum() / (exact * exact).sum()) == pytest.approx(1.0, abs=0.05)
+    assert float((lean - exact).mean()) == pytest.approx(0.0, abs=float(exact.abs().mean()) * 0.05)
+
+
+def test_master_weights_stay_fp32_and_compute_runs_in_bf16(tiny_model_dir: Path, tokenizer) -> None:
+    loaded = load_model(str(tiny_model_dir), placement=placement("master"))
+    model = loaded.model
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    seen: list[torch.dtype] = []
+    layer = model.model.layers[0].mlp.down_proj
+    handle = layer.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    batch = collate(_items(tokenizer)[:2], tokenizer.pad_token_id)
+    logits = model(input_ids=batch["input_ids"]).logits
+    sequence_logprobs(model, batch)  # the scorers call the decoder and the head directly
+    handle.remove()
+    assert seen == [torch.bfloat16, torch.bfloat16] and logits.dtype == torch.float32
+    lean = load_model(str(tiny_model_dir), placement=placement("lean"))
+    assert all(p.dtype == torch.bfloat16 for p in lean.model.parameters())
+
+
+def _relearn_plan(tokenizer) -> RelearnPlan:
+    metric = Metric("forget_nll", "forget NLL", better="lower", role="forget")
+
+    def probe(model, tok, settings) -> dict[str, float]:
+        with torch.no_grad():
+            batch = collate(_items(tok)[8:], tok.pad_token_id)
+            return {"forget_nll": float(mean_token_nll(model, batch))}
+
+    return RelearnPlan(train=FACTS, probe=probe, probe_metrics=(metric,), measured_on="the same facts")
+
+
+def test_a_bf16_relearning_attack_recovers_what_the_fp32_one_does(tokenizer) -> None:
+    """The attack that must never report "nothing came back" because its updates rounded away."""
+    settings = RelearnSettings(steps=15, lr=2e-5, batch_size=8, checkpoints=[0, 15], seed=0)  # the attack's lr
+
+    def attack(model, where: Placement) -> float:
+        _, curve, _ = relearn(model, tokenizer, _relearn_plan(tokenizer), settings, None, progress=False,
+                              placement=where)
+        return curve[0]["forget_nll"] - curve[-1]["forget_nll"]  # how far the NLL came down
+
+    fp32 = attack(make_model(len(tokenizer)), Placement(CPU, torch.float32))
+    assert fp32 > 0.02
+    assert attack(tiny_in("master", tokenizer), placement("master")) == pytest.approx(fp32, rel=0.02)
+    assert attack(tiny_in("lean", tokenizer), placement("lean")) == pytest.approx(fp32, rel=0.05)
+    with pytest.raises(UserError, match="round away"):
+        attack(tiny_in("pure", tokenizer), placement("pure"))

@@ -1,0 +1,123 @@
+"""Updates to bf16 weights that are right in expectation: stochastic rounding (the `lean` precision).
+
+Rounded to nearest, an update smaller than half a bf16 step of the weight it is added to is lost every time
+(bf16 keeps 8 significant bits: a weight of 0.05 has a step of 2.4e-4, an lr-sized update is 1e-5 .. 1e-4).
+Stochastic rounding keeps it on average: x, computed in fp32, becomes the bf16 value above it with probability
+(x − below) / (above − below) and the one below otherwise, so E[stored] = x and many small updates add up to
+what they would in fp32 (Gupta et al., 2015; the bf16 form used by torchao's optimizers). In bits: add a uniform
+random 16-bit integer to the fp32 pattern and cut the low 16 bits. For a negative x the pattern's magnitude is
+rounded the same way, which is again unbiased.
+
+``LeanStep`` runs a library optimizer (AdamW, SGD, the sign grades, Sophia, Muon) on bf16 weights one parameter
+at a time: that parameter, its gradient and its state are widened to fp32 for its update, and the results are
+stochastically rounded back to bf16. The fp32 copies exist for one parameter at a time, so the memory is that of
+bf16 weights, gradients and state (8 bytes a weight with AdamW, against 16 for fp32 master weights).
+
+The rounding noise is drawn from a generator seeded by (seed, step, parameter): a run is reproducible on one
+device and a resumed run draws the same noise, without any generator state to checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+_LOW = 1 << 16
+_MASK = -_LOW  # 0xFFFF0000 as a signed 32-bit integer
+
+
+def _mix(*values: int) -> int:
+    out = 0
+    for v in values:
+        out = (out * 0x9E3779B97F4A7C15 + v + 1) % (1 << 63)
+    return out
+
+
+def noise_generator(device: torch.device, seed: int, step: int, index: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(_mix(seed, step, index))
+
+
+def stochastic_round_(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator) -> None:
+    """``target`` (bf16) ← ``value`` (any float dtype) stochastically rounded; exact where ``value`` is."""
+    wide = value.detach().to(torch.float32).contiguous()
+    noise = torch.randint(0, _LOW, wide.shape, dtype=torch.int32, device=wide.device, generator=generator)
+    bits = wide.view(torch.int32).add_(noise).bitwise_and_(_MASK)
+    target.copy_(bits.view(torch.float32))  # the low 16 bits are zero: the cast to bf16 is exact
+
+
+def store_(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator | None) -> None:
+    """``target`` ← ``value``: stochastically rounded into a bf16 target when a generator is given, else copied."""
+    if generator is not None and target.dtype == torch.bfloat16:
+        stochastic_round_(target, value, generator)
+    else:
+        target.copy_(value)
+
+
+class LeanStep:
+    """Steps a library optimizer on bf16 parameters through fp32, one parameter at a time (module docstring).
+
+    Parameters in another dtype (fp32 LoRA adapters beside a bf16 base, say) are stepped as they are."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.steps = 0
+
+    def __call__(self, optimizer: torch.optim.Optimizer, library_step: Callable[[], Any]) -> None:
+        groups = optimizer.param_groups
+        held = [group["params"] for group in groups]
+        try:
+            for group in groups:  # every other parameter first, as the library would
+                group["params"] = [p for p in group["params"] if p.grad is not None and p.dtype != torch.bfloat16]
+            if any(group["params"] for group in groups):
+                library_step()
+            index = 0
+            for k, params in enumerate(held):
+                for p in params:
+                    if p.grad is None or p.dtype != torch.bfloat16:
+                        continue
+                    for j, group in enumerate(groups):
+                        group["params"] = [p] if j == k else []
+                    self._one(optimizer, p, library_step, index)
+                    index += 1
+        finally:
+            for group, params in zip(groups, held, strict=True):
+                group["params"] = params
+        self.steps += 1
+
+    def _one(self, optimizer: torch.optim.Optimizer, p: torch.Tensor, library_step: Callable[[], Any],
+             index: int) -> None:
+        stored, grad = p.data, p.grad
+        state = _state_of(optimizer, p)
+        narrow = {k: v for k, v in state.items()
+                  if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 and v.shape == p.shape}
+        for key, value in narrow.items():
+            state[key] = value.float()
+        p.data = stored.float()
+        p.grad = grad.float()
+        try:
+            library_step()
+            gen = noise_generator(stored.device, self.seed, self.steps, 2 * index)
+            stochastic_round_(stored, p.data, gen)
+            state = _state_of(optimizer, p)
+            gen = noise_generator(stored.device, self.seed, self.steps, 2 * index + 1)
+            for key, value in list(state.items()):
+                # The moments are stored in bf16 too, stochastically rounded: rounded to nearest, Adam's second
+                # moment (v += 0.001·(g² − v)) would stop moving.
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == p.shape:
+                    low = torch.empty_like(value, dtype=torch.bfloat16)
+                    stochastic_round_(low, value, gen)
+                    state[key] = low
+        finally:
+            p.grad = None
+            p.data = stored
+            p.grad = grad
+
+
+def _state_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict[Any, Any]:
+    """The state of ``p``: in ``optimizer.state``, or in the sub-optimizer that holds it (Muon's parts)."""
+    for owner in [optimizer, *getattr(optimizer, "parts", {}).values()]:
+        if p in owner.state:
+            return owner.state[p]
+    return {}
