@@ -64,6 +64,9 @@ class RunRecord:
     notes: list[str] = field(default_factory=list)
     stages: list[dict[str, Any]] | None = None  # sequential runs: metrics after each request
     collapse: list[str] = field(default_factory=list)  # why the run counts as collapsed (unlearn.collapse)
+    # The base model's metrics before target preparation (benchmarks that prepare a target): with `target` and
+    # `metrics`, a disagreement between two machines is localized to conversion, preparation or unlearning.
+    base: dict[str, float] | None = None
 
     @property
     def collapsed(self) -> bool:
@@ -75,6 +78,8 @@ class RunRecord:
                                "collapsed": self.collapsed}
         if self.stages is None:
             del data["stages"]
+        if self.base is None:
+            del data["base"]
         return data
 
 
@@ -184,7 +189,7 @@ def read_run(path: Path) -> RunRecord:
                      declared=_declarations(path, data.get("declared"), "declared"),
                      train=_mapping(path, data, "train"), target=_numbers(path, data, "target"),
                      notes=[str(n) for n in notes] if isinstance(notes, list) else [str(notes)], stages=stages,
-                     collapse=collapse_of(path, data))
+                     collapse=collapse_of(path, data), base=_numbers(path, data, "base") if "base" in data else None)
 
 
 def collapse_of(path: Path, data: dict[str, Any]) -> list[str]:

@@ -69,6 +69,18 @@ def starting_model(cfg: RunConfig, task: Task, progress: bool = True, trust_remo
                             progress=progress, placement=placement.for_training(True)) / "model")
 
 
+def base_model_metrics(cfg: RunConfig, task: Task, progress: bool, trust_remote_code: bool, placement: Placement,
+                       log=print) -> dict[str, float] | None:
+    """The base model's metrics before it was taught the facts (benchmarks that prepare a target), cached like
+    every baseline and measured before the starting model loads (never two models in memory at once)."""
+    if not task.needs_target:
+        return None
+    metrics, _ = baseline_metrics(cfg.model, task, cfg.eval, trust_remote_code=trust_remote_code,
+                                  progress=progress, placement=placement.for_training(True))
+    log(f"base model: {cfg.model}  ({_describe(metrics, task.forget_metrics)}; before preparation)")
+    return metrics
+
+
 def _describe(metrics: dict[str, float], keys: tuple[str, ...]) -> str:
     return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if isinstance(metrics.get(k), float))
 
@@ -313,6 +325,7 @@ def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrit
     main = world.is_main
     if main:  # rank 0 prepares (and caches) the starting model; the others then find it in the cache
         start_spec = starting_model(cfg, task, progress, trust_remote_code, placement)
+    base_metrics = base_model_metrics(cfg, task, progress, trust_remote_code, placement, log) if main else None
     world.barrier()
     if not main:
         start_spec = starting_model(cfg, task, False, trust_remote_code, placement)
@@ -409,7 +422,8 @@ def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrit
         write_json_atomic(stage_dir / ITEMS_FILE, {"unlearned": items, "target": target_items})
         save_model(model, tok, stage_dir / "model", dtype=parse_dtype(cfg.train.save_dtype))
         train_info = {"steps": steps, "seconds": round(seconds, 1), "forward_passes": forwards,
-                      "final_loss": final_loss, "eval_seconds": round(eval_seconds, 1)}
+                      "final_loss": final_loss, "eval_seconds": round(eval_seconds, 1),
+                      "precision": placement.describe()}
         if cfg.train.stop_at is not None:
             # Whether the run reached the level it was to stop at (each request, for a sequential run): a run that
             # never did is reported as such, not compared as if it had.
@@ -421,7 +435,8 @@ def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrit
         record = RunRecord(method=cfg.method["name"], optimizer=cfg.optimizer["name"], benchmark=task.name,
                            headline=task.headline, metrics=metrics, declared=list(task.metrics), train=train_info,
                            target=target_metrics, notes=task.notes, stages=stages if len(requests) > 1 else None,
-                           collapse=collapse_reasons(metrics, target_metrics, task.metrics, cfg.eval.collapse_ratio))
+                           collapse=collapse_reasons(metrics, target_metrics, task.metrics, cfg.eval.collapse_ratio),
+                           base=base_metrics)
         if record.collapsed:
             log(collapse_warning(record.collapse))
         write_json_atomic(stage_dir / "metrics.json", record.to_json())

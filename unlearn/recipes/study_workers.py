@@ -113,21 +113,22 @@ def run_job(job: Job, options: JobOptions, log: Callable[[str], None]) -> dict[s
 def prepare_targets(configs: list[RunConfig], options: JobOptions, log: Callable[[str], None]) -> None:
     """Each distinct starting model the runs need (the embedded benchmark's target) built and its baseline
     evaluated, once, before workers start: otherwise every worker would build the same one at the same time."""
-    from unlearn.placement import resolve
+    from unlearn.recipes.pipeline import base_model_metrics, training_placement
 
     seen: set[str] = set()
     for cfg in configs:
-        key = json.dumps([cfg.model, cfg.benchmark, cfg.eval.__dict__, cfg.train.device, cfg.train.dtype],
-                         sort_keys=True, default=str)
+        placement = training_placement(cfg)  # the cell's precision: its baseline is measured in it
+        key = json.dumps([cfg.model, cfg.benchmark, cfg.eval.__dict__, cfg.train.device, cfg.train.dtype,
+                          placement.mode], sort_keys=True, default=str)
         if key in seen:
             continue
         seen.add(key)
         task = load_task(cfg.benchmark)
         if not task.needs_target:
             continue
-        placement = resolve(cfg.train.device, cfg.train.dtype)
         log(f"preparing the starting model for {cfg.model} on {task.name} (once, before the workers start)")
         spec = starting_model(cfg, task, options.progress, options.trust_remote_code, placement)
+        base_model_metrics(cfg, task, options.progress, options.trust_remote_code, placement, log)
         baseline_metrics(spec, task, cfg.eval, options.trust_remote_code, options.progress, placement=placement)
 
 
