@@ -4,8 +4,8 @@
 #
 #   bash tools/gpu_check.sh            # figures land in $OUT (default ./gpu-check)
 #
-# 1. The README quick start with --device cuda: run (NPO + hybrid), 4-bit attack (bitsandbytes on the GPU),
-#    relearning, report.
+# 1. The README quick start with --device cuda, in bf16 and in fp32: run (NPO + hybrid), 4-bit attack
+#    (bitsandbytes on the GPU), relearning, report; then the memory of each precision mode.
 # 2. A bf16 AdamW step and a ZO step on a randomly initialised model with SmolLM2-1.7B's shape: step ÷ forward
 #    and peak GPU memory ÷ inference peak (unlearn.perf.scaling), with and without gradient checkpointing.
 set -euo pipefail
@@ -19,12 +19,17 @@ fi
 . .venv/bin/activate
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" | tee "$OUT/device.txt"
 start=$(date +%s)
-{
-  unlearn run --method npo --optimizer hybrid --name quickstart --overwrite --device cuda -q --output-dir "$OUT/runs"
-  unlearn attack --run "$OUT/runs/quickstart" --quantize 4bit -q
-  unlearn attack --run "$OUT/runs/quickstart" --relearn -q
-  unlearn report "$OUT/runs"
-} 2>&1 | tee "$OUT/quickstart.txt"
-echo "quick start on the GPU: $(( $(date +%s) - start )) s" | tee -a "$OUT/quickstart.txt"
+# The quick start in bf16 (the GPU's default: fp32 master weights, bf16 compute) and in fp32, side by side.
+for dtype in bf16 fp32; do
+  {
+    unlearn run --method npo --optimizer hybrid --name "quickstart-$dtype" --overwrite --device cuda --dtype "$dtype" \
+      -q --output-dir "$OUT/runs"
+    unlearn attack --run "$OUT/runs/quickstart-$dtype" --quantize 4bit -q
+    unlearn attack --run "$OUT/runs/quickstart-$dtype" --relearn -q
+  } 2>&1 | tee "$OUT/quickstart-$dtype.txt"
+done
+unlearn report "$OUT/runs" | tee "$OUT/report.txt"
+echo "quick starts on the GPU: $(( $(date +%s) - start )) s" | tee -a "$OUT/report.txt"
+python -m unlearn.perf.precision_memory --device cuda 2>&1 | tee "$OUT/precision-memory.txt"
 python -m unlearn.perf.scaling --device cuda --dtype bf16 --widths 2048 --layers 24 --vocab 49152 --mlp 4 --tied \
   --length 512 --batch 4 --grades adamw zo --markdown "$OUT/smollm2-1.7b-shape.md" 2>&1 | tee "$OUT/scaling.txt"
