@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from unlearn.adapters import add_lora
+from unlearn.adapters import add_lora, merge_lora
 from unlearn.attacks.base import ATTACKS, Attack, AttackResult, Subject
 from unlearn.data import encode
 from unlearn.errors import UserError
@@ -85,7 +85,7 @@ def relearn(model: torch.nn.Module, tokenizer, plan: RelearnPlan, settings: Rele
                    batch_size=settings.batch_size, max_steps=settings.steps, seed=seed,
                    desc=settings.name, progress=progress, after_step=measure, rounded=placement.stochastic)
     if settings.lora:
-        model = model.merge_and_unload()
+        model = merge_lora(model, seed if placement.stochastic else None)
     return model.eval(), curve, result.seconds
 
 

@@ -259,3 +259,54 @@ def test_data_order_and_relearning_split_do_not_depend_on_torch_streams_or_devic
     assert split_items(10, None, seed=0)[0] == [0, 2, 4, 6, 9]
     torch.manual_seed(321)
     assert epoch_order(10, seed=0, epoch=0) == [7, 8, 1, 5, 3, 4, 2, 0, 9, 6]
+
+
+def test_lean_rounding_noise_resumes_from_the_optimizer_state() -> None:
+    """A lean run resumed from a checkpoint (weights and optimizer state) takes the same steps as one never
+    interrupted: the rounding noise is seeded by the step count the optimizer's state_dict carries."""
+    def fresh() -> tuple[torch.nn.Parameter, torch.optim.Optimizer]:
+        p = torch.nn.Parameter((torch.randn(2048, generator=torch.Generator().manual_seed(5)) * 0.05).bfloat16())
+        opt = build_optimizer("adamw", [p], lr=1e-5)
+        opt.round_updates(0)  # type: ignore[attr-defined]
+        return p, opt
+
+    def step(p: torch.nn.Parameter, opt: torch.optim.Optimizer, k: int) -> None:
+        p.grad = torch.full_like(p, float(k % 3) - 1.0)
+        opt.step(lambda: (p * 0).sum())
+
+    p, opt = fresh()
+    for k in range(4):
+        step(p, opt, k)
+    q, other = fresh()
+    for k in range(2):
+        step(q, other, k)
+    saved_weights, saved_state = q.detach().clone(), other.state_dict()
+    q, other = fresh()
+    q.data.copy_(saved_weights)
+    other.load_state_dict(saved_state)
+    for k in range(2, 4):
+        step(q, other, k)
+    assert torch.equal(p.detach(), q.detach())
+
+
+def test_a_lora_update_merged_into_bf16_weights_is_kept_in_expectation(tokenizer) -> None:
+    """Under `lean` the base stays bf16: merging an adapter's small update rounded to nearest would lose it."""
+    from unlearn.adapters import add_lora, merge_lora
+
+    def merged(seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        model = make_model(len(tokenizer)).bfloat16()
+        before = model.model.layers[0].mlp.down_proj.weight.detach().float().clone()
+        model = add_lora(model, 2)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.fill_(1e-4)  # an update of about 1e-4·Σ A: far below a bf16 step of most weights
+        delta = model.base_model.model.model.layers[0].mlp.down_proj.get_delta_weight("default").float()
+        after = merge_lora(model, seed).model.layers[0].mlp.down_proj.weight
+        assert after.dtype == torch.bfloat16
+        return after.detach().float() - before, delta
+
+    nearest, delta = merged(None)
+    rounded, _ = merged(0)
+    assert float((nearest * delta).sum() / (delta * delta).sum()) < 0.6  # mostly lost
+    assert float((rounded * delta).sum() / (delta * delta).sum()) == pytest.approx(1.0, abs=0.1)

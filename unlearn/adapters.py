@@ -26,3 +26,30 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float | None = None) -> t
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, target_modules=targets,
                         lora_dropout=0.0)  # no dropout: zeroth-order steps need a deterministic forward
     return get_peft_model(model, config)
+
+
+def merge_lora(model: torch.nn.Module, rounding_seed: int | None = None) -> torch.nn.Module:
+    """The plain model with the adapters merged into their layers. Rounded to nearest, a merged update smaller than
+    half a bf16 step of the base weight would be lost (the `lean` precision keeps the base in bf16): with
+    ``rounding_seed`` each bf16 layer takes base + update computed in fp32, stochastically rounded back, right
+    in expectation (``unlearn.optim.rounding``)."""
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    if rounding_seed is None:
+        return model.merge_and_unload()
+    from peft.tuners.lora import LoraLayer
+
+    from unlearn.optim.rounding import noise_generator, stochastic_round_
+
+    narrow: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(module, LoraLayer) and base is not None and base.weight.dtype == torch.bfloat16:
+            narrow[name.removeprefix("base_model.model.")] = base.weight.data
+            base.weight.data = base.weight.data.float()  # merged in fp32, exactly as the adapter computes it
+    merged = model.merge_and_unload()
+    for index, (name, stored) in enumerate(sorted(narrow.items())):
+        weight = merged.get_submodule(name).weight
+        stochastic_round_(stored, weight.data, noise_generator(weight.device, rounding_seed, -1, index))
+        weight.data = stored
+    return merged

@@ -66,6 +66,9 @@ class LeanStep:
 
     def __call__(self, optimizer: torch.optim.Optimizer, library_step: Callable[[], Any]) -> None:
         groups = optimizer.param_groups
+        # The step count lives in the first param group, which the optimizer's state_dict saves: a run resumed from
+        # a checkpoint draws the same rounding noise as one that was never interrupted.
+        self.steps = int(groups[0].setdefault("rounding_step", 0))
         held = [group["params"] for group in groups]
         try:
             for group in groups:  # every other parameter first, as the library would
@@ -85,6 +88,7 @@ class LeanStep:
             for group, params in zip(groups, held, strict=True):
                 group["params"] = params
         self.steps += 1
+        groups[0]["rounding_step"] = self.steps
 
     def _one(self, optimizer: torch.optim.Optimizer, p: torch.Tensor, library_step: Callable[[], Any],
              index: int) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from unlearn import checkpoints
-from unlearn.adapters import add_lora
+from unlearn.adapters import add_lora, merge_lora
 from unlearn.benchmarks import BENCHMARKS
 from unlearn.checkpoints import Checkpoint
 from unlearn.collapse import collapse_reasons, collapse_warning
@@ -269,8 +269,7 @@ def _unlearn_request(cfg: RunConfig, objective, model: torch.nn.Module, tok, for
                    checkpoint=(lambda done: save(model, optimizer, done)) if save else None,
                    checkpoint_every=cfg.train.save_every, monitor=monitor, max_unchanged=cfg.train.max_unchanged,
                    rounded=placement.stochastic)
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+    model = merge_lora(model, cfg.train.seed if placement.stochastic else None)
     return model, result
 
 
