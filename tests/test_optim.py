@@ -350,3 +350,30 @@ def test_random_chunk_signs_are_what_decorrelates_shared_pool_entries(monkeypatc
         cross[k * 8:(k + 1) * 8, k * 8:(k + 1) * 8] = False
     assert (unsigned.T @ unsigned / len(unsigned))[cross].mean() > 0.05
     assert (z.T @ z / len(z))[cross].mean().abs() < 0.01
+
+
+@pytest.mark.parametrize("name", ["zo", "zo-sign", "zo-adam", "fzoo", "zo-rank"])
+def test_per_parameter_draws_solve_the_quadratic_too(name: str) -> None:
+    """draw: parameter (MeZO's one draw per parameter per pass, for GPUs) is a drop-in for the pool."""
+    options, steps, _ = QUADRATIC_RUNS[name]
+    theta, f = quadratic()
+    opt = build_optimizer(name, [(MATRIX, theta)], **options, draw="parameter")
+    initial = float(f())
+    for _ in range(steps):
+        opt.step(f)
+    assert float(f()) < 0.05 * initial  # another random stream than the pool's: the same descent, other digits
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_per_parameter_directions_have_identity_second_moment_and_regenerate(kind: str) -> None:
+    from unlearn.optim.zo_directions import ParameterDirections
+
+    params = [torch.zeros(30), torch.zeros(10)]
+    dirs = ParameterDirections(params, mu=1.0, kind=kind)
+    z = torch.stack([torch.cat([dirs.direction(s, 0, 0)[0], dirs.direction(s, 1, 0)[0]]) for s in range(20000)])
+    second = z.double().T @ z.double() / len(z)
+    assert (torch.diagonal(second) - 1).abs().max() < 0.06
+    assert (second - torch.diag(torch.diagonal(second))).abs().max() < 0.06
+    assert torch.equal(dirs.direction(7, 1, 0)[0], dirs.direction(7, 1, 0)[0])  # the same draw at every pass
+    with pytest.raises(ValueError, match="structured directions"):
+        build_optimizer("hizoo", [(MATRIX, torch.nn.Parameter(torch.zeros(6, 5)))], draw="parameter")

@@ -58,6 +58,7 @@ from unlearn.optim.zo_directions import (
     Directions,
     IIDDirections,
     LowRankDirections,
+    ParameterDirections,
     PoolDirections,
     SubspaceDirections,
 )
@@ -110,6 +111,9 @@ class ZerothOrderBase(torch.optim.Optimizer):
         for p in self.params:
             if not p.is_contiguous():  # chunks are views of p.view(-1)
                 raise ValueError("zeroth-order optimizers need contiguous parameters")
+        if self.stable.draw != "pool" and type(self).make_directions is not ZerothOrderBase.make_directions:
+            raise ValueError(f"draw '{self.stable.draw}' is for plain Gaussian or Rademacher probes; this member "
+                             f"draws its own structured directions")
         self.directions: Directions = self.make_directions()
         self.steps_taken = 0
         self._round_seed: int | None = None  # set by round_updates: bf16 weights take stochastically rounded updates
@@ -134,6 +138,8 @@ class ZerothOrderBase(torch.optim.Optimizer):
 
     # ---- hooks -------------------------------------------------------------------------------------
     def make_directions(self) -> Directions:
+        if self.stable.draw == "parameter":
+            return ParameterDirections(self.params, self.mu, self.direction_kind)
         return PoolDirections(self.params, self.mu, self.direction_kind)
 
     @property

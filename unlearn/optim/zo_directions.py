@@ -125,6 +125,38 @@ class PoolDirections:
         return pool[offsets[k]: offsets[k] + b - a], signs[k]
 
 
+class ParameterDirections:
+    """MeZO's way: each parameter's whole direction drawn at once on its device, by a generator on that device
+    seeded with (seed, parameter), then coarsened like the pool's (8 significant bits). One chunk per parameter,
+    one launch per parameter per pass, a parameter-sized temporary; drawn again at each pass (probe, probe,
+    update), never stored. Entries are i.i.d."""
+
+    views = False
+
+    def __init__(self, params: list[torch.Tensor], mu: float, kind: str = "gaussian") -> None:
+        if kind not in ("gaussian", "rademacher"):
+            raise ValueError(f"draw 'parameter' takes gaussian or rademacher directions, got '{kind}'")
+        self.mu, self.kind = mu, kind
+        self.chunks = [[(0, p.numel())] for p in params]
+        self._devices = [p.device for p in params]
+        self._gens: dict[torch.device, torch.Generator] = {}
+
+    def prepare(self, seeds: list[int], step: int) -> None:
+        pass
+
+    def direction(self, seed: int, index: int, chunk: int) -> tuple[torch.Tensor, float]:
+        device = self._devices[index]
+        gen = self._gens.get(device)
+        if gen is None:
+            gen = self._gens[device] = torch.Generator(device=device)
+        gen.manual_seed(mix(seed, index))
+        z = torch.empty(self.chunks[index][0][1], device=device)
+        if self.kind == "rademacher":
+            return z.bernoulli_(0.5, generator=gen).mul_(2 * self.mu).sub_(self.mu), 1.0
+        z.normal_(generator=gen).mul_(self.mu)
+        return z.copy_(z.bfloat16()), 1.0  # coarse, as the pool's: θ + d − d restores exactly more often
+
+
 class IIDDirections:
     """Every chunk drawn from its own generator seeded by (seed, parameter, chunk): i.i.d. entries."""
 

@@ -22,6 +22,13 @@ step θ −= lr·c·z blows the model up (retain perplexity 6.7e9) and it never 
   grows with the number of perturbed weights. A list of patterns is tried in order and the first that selects
   a trainable parameter is used: a default can name the norms and still work when only LoRA adapters train.
 
+Not a stabilizer, but taken by every member that probes along plain Gaussian or Rademacher directions:
+
+* ``draw``: ``pool`` (default) views windows of one drawn pool per seed (fast on the CPU: a 16 MB draw per step
+  instead of one as large as the model); ``parameter`` draws each parameter's whole direction at once on its
+  device, from a generator seeded by (seed, parameter), as MeZO does: one launch per parameter per pass, for a
+  GPU, at the cost of one parameter-sized temporary.
+
 Every count (clipped coefficients, rolled-back steps, forwards) is logged per step in log.jsonl.
 """
 
@@ -52,6 +59,7 @@ class Stabilizers:
     # A name pattern, or a list of them tried in order: the first that selects a trainable parameter is used (so
     # one config serves full weights, LoRA adapters and RMU's few trainable layers).
     include: str | list[str] | None = None
+    draw: str = setting("pool", limit=Limit(choices=("pool", "parameter")))
 
     @property
     def rollback_parts(self) -> list[str]:
