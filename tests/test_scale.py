@@ -234,12 +234,18 @@ def test_placement_on_the_cpu(tmp_path, tiny_model_dir):
         resolve("tpu", "auto")
     bf16 = cli(*_run_args("adamw", "bf16", tiny_model_dir, "--steps", "2", "--dtype", "bf16"), cwd=tmp_path)
     assert bf16.returncode == 0, bf16.stderr
-    assert "cpu bf16" in bf16.stdout
-    assert {t.dtype for t in _weights(tmp_path / "runs" / "bf16").values()} == {torch.bfloat16}  # as trained
-    saved = cli(*_run_args("adamw", "fp32", tiny_model_dir, "--steps", "2", "--dtype", "bf16", "--save-dtype",
-                           "fp32"), cwd=tmp_path)
+    assert "cpu bf16 (fp32 master weights)" in bf16.stdout
+    # Saved as trained: the fp32 master weights a bf16 AdamW run adds its updates to (precision auto = master)...
+    assert {t.dtype for t in _weights(tmp_path / "runs" / "bf16").values()} == {torch.float32}
+    lean = cli(*_run_args("adamw", "lean", tiny_model_dir, "--steps", "2", "--dtype", "bf16", "--precision", "lean"),
+               cwd=tmp_path)
+    assert lean.returncode == 0, lean.stderr
+    assert "cpu bf16 (bf16 weights, stochastically rounded updates)" in lean.stdout
+    assert {t.dtype for t in _weights(tmp_path / "runs" / "lean").values()} == {torch.bfloat16}  # ...or bf16 ones
+    saved = cli(*_run_args("adamw", "small", tiny_model_dir, "--steps", "2", "--dtype", "bf16", "--save-dtype",
+                           "bf16"), cwd=tmp_path)
     assert saved.returncode == 0, saved.stderr
-    assert {t.dtype for t in _weights(tmp_path / "runs" / "fp32").values()} == {torch.float32}
+    assert {t.dtype for t in _weights(tmp_path / "runs" / "small").values()} == {torch.bfloat16}
     bad = tmp_path / "bad"
     bad.mkdir()
     assert_user_error(cli(*_run_args("adamw", "x", tiny_model_dir, "--dtype", "fp8"), cwd=bad),

@@ -112,14 +112,16 @@ class StepClosure:
                 rb = on_device(model, collate(r, pad_id)) if r else None
                 self._local.append((k, len(f) / len(forget), on_device(model, collate(f, pad_id)), rb))
         self.rounds = 0
-        self.part_sums: dict[str, float] = {}
+        # Each part's detached value per evaluation, read (a host sync) only when the step is logged: a float() here
+        # would make the host wait for every forward before it could queue the backward.
+        self.part_values: dict[str, list[torch.Tensor]] = {}
         self.gradients_summed = world.distributed and is_sharded(model)  # FSDP sums them in its backward
 
     def _shard(self, weight: float, fb: dict, rb: dict | None) -> Closure:
         def closure() -> LossValue:
             loss = _scaled(self.objective(self.model, fb, rb), weight)
             for key, value in loss_parts(loss).items():
-                self.part_sums[key] = self.part_sums.get(key, 0.0) + float(value.detach())
+                self.part_values.setdefault(key, []).append(value.detach())
             return loss
         return closure
 
@@ -157,14 +159,20 @@ class StepClosure:
 
     def logged_parts(self) -> dict[str, float]:
         """Each part averaged over the step's evaluations and summed over the processes (a collective call)."""
-        keys = sorted(self.part_sums)
+        part_sums: dict[str, float] = {}
+        for key, values in self.part_values.items():
+            total = 0.0
+            for value in values:  # summed as Python floats in evaluation order, as they always were
+                total += float(value)
+            part_sums[key] = total
+        keys = sorted(part_sums)
         if self.world.distributed:
             # Rank 0 always computes the first (largest) shard; a rank whose shards are all empty has no keys.
             keys = list(self.world.broadcast_object(keys))  # type: ignore[call-overload]
-            every = self.world.gather_floats([self.part_sums.get(k, 0.0) for k in keys])
+            every = self.world.gather_floats([part_sums.get(k, 0.0) for k in keys])
             sums = [sum(every[i::len(keys)]) for i in range(len(keys))] if keys else []
         else:
-            sums = [self.part_sums[k] for k in keys]
+            sums = [part_sums[k] for k in keys]
         return {k: v / max(self.rounds, 1) for k, v in zip(keys, sums, strict=True)}
 
 

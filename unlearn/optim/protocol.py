@@ -136,12 +136,13 @@ def backward(closure: Closure, params: Iterable[torch.Tensor], create_graph: boo
     """Fill ``.grad`` of ``params`` with the gradient of the whole batch's loss (one backward per shard, then one
     sum over the processes) and return that loss, detached, as float32."""
     split = sharded(closure)
-    values = []
+    losses = []
     for shard in split.shards():
         loss = total_loss(shard())
         loss.backward(create_graph=create_graph)
-        values.append(float(loss.detach()))
+        losses.append(loss.detach())  # read after every backward is queued: no host sync between the shards
         del loss  # this shard's graph goes before the next one is built
+    values = [float(value) for value in losses]
     if split.processes > 1 and not split.gradients_summed:
         grads = []
         for p in params:

@@ -32,10 +32,17 @@ GRADES = ("zo", "signsgd", "adamw", "sophia", "muon", "hybrid")
 WIDTHS = (128, 256, 512, 1024)
 
 
-def _model(width: int, args: argparse.Namespace) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _placement(grade: str, args: argparse.Namespace):
+    """The placement a run of this grade takes with --dtype and --precision (unlearn.placement)."""
+    from unlearn.optim import OPTIMIZERS
+    from unlearn.placement import DTYPES, Placement
 
-    from unlearn.placement import DTYPES
+    gradients = bool(OPTIMIZERS[grade].uses_gradients)  # type: ignore[attr-defined]
+    return Placement(torch.device(args.device), DTYPES[args.dtype], args.precision, gradients)
+
+
+def _model(width: int, args: argparse.Namespace, weights: torch.dtype) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     heads = max(1, width // 64)
@@ -43,7 +50,7 @@ def _model(width: int, args: argparse.Namespace) -> torch.nn.Module:
                          intermediate_size=(int(args.mlp * width) + 63) // 64 * 64, num_hidden_layers=args.layers,
                          num_attention_heads=heads, num_key_value_heads=heads,
                          max_position_embeddings=max(args.length, 128), tie_word_embeddings=args.tied)
-    return LlamaForCausalLM(config).to(DTYPES[args.dtype]).eval()
+    return LlamaForCausalLM(config).to(weights).eval()
 
 
 def measure(grade: str, width: int, checkpointing: bool, args: argparse.Namespace) -> dict[str, Any]:
@@ -51,9 +58,13 @@ def measure(grade: str, width: int, checkpointing: bool, args: argparse.Namespac
     from unlearn.models import enable_gradient_checkpointing
     from unlearn.objectives import build_objective
     from unlearn.optim import OPTIMIZERS, build_optimizer
+    from unlearn.placement import autocast_forward
 
     device = torch.device(args.device)
-    model = _model(width, args).to(device)
+    where = _placement(grade, args)
+    model = _model(width, args, where.weights).to(device)
+    if where.autocast:
+        autocast_forward(model, where)
     gen = torch.Generator().manual_seed(1)
 
     def rows() -> list[Encoded]:
@@ -70,7 +81,16 @@ def measure(grade: str, width: int, checkpointing: bool, args: argparse.Namespac
         return objective(model, fb, rb)
 
     options: dict[str, Any] = {"block": 1, "total_steps": args.steps + 1} if grade == "hybrid" else {}
-    timing = side_by_side(closure, lambda: build_optimizer(grade, model.named_parameters(), **options), args.steps,
+    if args.draw != "pool" and OPTIMIZERS[grade].grade == "zeroth-order":  # type: ignore[attr-defined]
+        options["draw"] = args.draw
+
+    def build() -> torch.optim.Optimizer:
+        optimizer = build_optimizer(grade, model.named_parameters(), **options)
+        if where.stochastic:
+            optimizer.round_updates(0)  # type: ignore[attr-defined]
+        return optimizer
+
+    timing = side_by_side(closure, build, args.steps,
                           args.repeats, Meter(device),
                           prepare=(lambda: enable_gradient_checkpointing(model)) if checkpointing else None)
     params = sum(p.numel() for p in model.parameters())
@@ -79,14 +99,15 @@ def measure(grade: str, width: int, checkpointing: bool, args: argparse.Namespac
     return {"grade": grade, "kind": kind, "width": width, "params_m": params / 1e6,
             "checkpointing": checkpointing, "step_s": step_s, "forward_s": forward_s,
             "step_over_forward": step_s / forward_s, "peak_mb": peak, "inference_mb": inference_mb,
-            "peak_over_inference": peak / inference_mb, "device": args.device, "threads": torch.get_num_threads()}
+            "peak_over_inference": peak / inference_mb, "device": args.device, "threads": torch.get_num_threads(),
+            "precision": where.mode}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| width | params (M) | optimizer | grade | checkpointing | s/step | step ÷ forward | peak MB | "
-             "peak ÷ inference |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| width | params (M) | optimizer | grade | precision | checkpointing | s/step | step ÷ forward | "
+             "peak MB | peak ÷ inference |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['width']} | {r['params_m']:.1f} | {r['grade']} | {r['kind']} | "
+        lines.append(f"| {r['width']} | {r['params_m']:.1f} | {r['grade']} | {r['kind']} | {r.get('precision', '')} | "
                      f"{'on' if r['checkpointing'] else 'off'} | {r['step_s']:.3f} | {r['step_over_forward']:.2f}× | "
                      f"{r['peak_mb']:.0f} | {r['peak_over_inference']:.2f}× |")
     return "\n".join(lines)
@@ -102,7 +123,10 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--mlp", type=float, default=8 / 3, help="MLP width ÷ model width")
     parser.add_argument("--tied", action="store_true", help="tie the input and output embeddings")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="compute precision")
+    parser.add_argument("--precision", default="auto", choices=("auto", "master", "lean", "pure"),
+                        help="what updates are added to (auto: master for gradient grades, lean for ZO)")
+    parser.add_argument("--draw", default="pool", choices=("pool", "parameter"), help="zeroth-order directions")
     parser.add_argument("--length", type=int, default=256, help="tokens per row")
     parser.add_argument("--batch", type=int, default=4, help="rows per forget (and per retain) batch")
     parser.add_argument("--steps", type=int, default=2, help="timed steps, after one warm-up step")
@@ -116,8 +140,9 @@ def main() -> None:
         print(json.dumps(measure(grade, int(width), ckpt == "1", args)))
         return
     check_grades(args.grades)
-    shared = [f"--{k}={getattr(args, k)}" for k in ("layers", "vocab", "mlp", "dtype", "length", "batch", "steps",
-                                                    "repeats", "device")] + (["--tied"] if args.tied else [])
+    shared = [f"--{k}={getattr(args, k)}" for k in ("layers", "vocab", "mlp", "dtype", "precision", "draw", "length",
+                                                    "batch", "steps", "repeats", "device")] \
+        + (["--tied"] if args.tied else [])
     rows = []
     for width in args.widths:
         for grade in args.grades:
