@@ -291,3 +291,17 @@ def test_a_calibrated_optimizer_runs_its_trials_on_their_own_seed_and_its_cells_
     assert f"adamw: lr = {choice.value:g}" in result.stdout
     again = cli("study", str(path), "-q", cwd=tmp_path)
     assert again.returncode == 0 and again.stdout.count("run complete, skipped") == 3  # two trials and the cell
+
+
+@pytest.mark.parametrize("name", ["downgrade", "gpu"])
+def test_the_shipped_study_files_plan_and_check_every_cell(name: str) -> None:
+    """Every cell's settings are checked when the plan is made (no model loads): a shipped file that names an
+    unknown option or an impossible precision fails here, not after an hour on a GPU."""
+    from unlearn.recipes.study_plan import load_study
+
+    study = load_study(Path(__file__).resolve().parents[1] / "configs" / "study" / f"{name}.yaml")
+    assert len(study.cells) == len(study.methods) * len(study.optimizers) * len(study.settings.seeds)
+    if name == "gpu":
+        assert len(study.settings.seeds) >= 3 and {m.label for m in study.methods} == {"npo", "graddiff"}
+        zo = study.configs[next(c.name for c in study.cells if c.optimizer.label == "zo")]
+        assert zo.train.max_steps >= 5000 and zo.train.save_every > 0

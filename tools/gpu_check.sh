@@ -33,3 +33,8 @@ echo "quick starts on the GPU: $(( $(date +%s) - start )) s" | tee -a "$OUT/repo
 python -m unlearn.perf.precision_memory --device cuda 2>&1 | tee "$OUT/precision-memory.txt"
 python -m unlearn.perf.scaling --device cuda --dtype bf16 --widths 2048 --layers 24 --vocab 49152 --mlp 4 --tied \
   --length 512 --batch 4 --grades adamw zo --markdown "$OUT/smollm2-1.7b-shape.md" 2>&1 | tee "$OUT/scaling.txt"
+# The one-seed slice of the GPU study, in what is left of the box (resumable: run the script again to go on).
+sed 's/^seeds: \[0, 1, 2\]/seeds: [0]/; s/^name: downgrade-gpu/name: downgrade-gpu-slice/' configs/study/gpu.yaml \
+  > "$OUT/gpu-slice.yaml"
+timeout "${SLICE_SECONDS:-240}" unlearn study "$OUT/gpu-slice.yaml" -q 2>&1 | tail -40 | tee "$OUT/gpu-slice.txt" || true
+cp -r studies/downgrade-gpu-slice "$OUT/" 2>/dev/null || true
