@@ -122,6 +122,10 @@ class Hybrid(torch.optim.Optimizer):
                 raise ValueError(f"hybrid member '{type(member).__name__}' cannot round its updates stochastically")
             member.round_updates(seed)  # type: ignore[attr-defined]
 
+    def probe_without_writing(self, model: torch.nn.Module) -> None:
+        """The zeroth-order block probes on transient copies (``ZerothOrderBase.probe_without_writing``)."""
+        self.zo.probe_without_writing(model)  # type: ignore[attr-defined]
+
     def moving_params(self) -> list[torch.Tensor]:
         """The parameters the next step may move: those of the block that takes it."""
         return moving_params(self._optimizer_at(self.steps_taken))

@@ -117,6 +117,10 @@ class ZerothOrderBase(torch.optim.Optimizer):
         self.directions: Directions = self.make_directions()
         self.steps_taken = 0
         self._round_seed: int | None = None  # set by round_updates: bf16 weights take stochastically rounded updates
+        # Set by probe_without_writing: (module, [(parameter name, index in self.params)]) whose forwards see the
+        # probe on a transient copy, and the probe currently applied (seed, ±1), if any.
+        self._hooked: list[tuple[torch.nn.Module, list[tuple[str, int]]]] = []
+        self._active: tuple[int, float] | None = None
 
     def _selected(self, include: list[str] | None) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
         """The parameters this member probes and updates: all, or those whose name matches the first pattern
@@ -216,8 +220,10 @@ class ZerothOrderBase(torch.optim.Optimizer):
         for group in self.param_groups:
             group["lr"] = group["initial_lr"] * factor
         rollback = self.stable.rollback is not None
+        transient = bool(self._hooked)  # probes on transient copies: nothing to restore
         # A copy of θ (and, for rollback, of the member's buffers) for the duration of this step only.
-        snapshot = [p.detach().clone() for p in self.params] if self.exact_restore or rollback else None
+        snapshot = [p.detach().clone() for p in self.params] \
+            if (self.exact_restore and not transient) or rollback else None
         buffers = {id(p): {k: v.clone() for k, v in self.state[p].items() if isinstance(v, torch.Tensor)}
                    for p in self.params} if rollback else None
         seeds = [_draw(self._rng) for _ in range(self.q)]
@@ -228,6 +234,16 @@ class ZerothOrderBase(torch.optim.Optimizer):
         minus: list[float] = []
         pending: tuple[int, float] | None = None  # a probe left in place, undone inside the update pass
         for j, seed in enumerate(seeds):
+            if transient:
+                try:
+                    self._active = (seed, 1.0)
+                    plus.append(self._evaluate(closure))
+                    if self.sided == 2:
+                        self._active = (seed, -1.0)
+                        minus.append(self._evaluate(closure))
+                finally:
+                    self._active = None
+                continue
             self.shift(seed, [1.0] * len(self.params))
             plus.append(self._evaluate(closure))
             offset = 1.0  # θ currently sits at θ + offset·d
@@ -285,6 +301,53 @@ class ZerothOrderBase(torch.optim.Optimizer):
 
     def _lrs(self) -> list[float]:
         return [group["lr"] for group in self._groups]
+
+    def probe_without_writing(self, model: torch.nn.Module) -> None:
+        """Probe on transient copies: while a module of ``model`` runs, its probed weights are replaced by θ ± d
+        computed into a new tensor, and put back (the same tensor object) when it returns. The weights themselves
+        are only ever written by the update, so restoring is exact in any precision, at the cost of one module's
+        weights of extra memory at a time. Used for bf16 weights (`lean`), where probing in place, rounded to
+        nearest, leaves a drift that adds up over steps (``python -m unlearn.perf.zo_drift``)."""
+        owner = {id(p): i for i, p in enumerate(self.params)}
+        for module in model.modules():
+            mine = [(name, owner[id(p)]) for name, p in module.named_parameters(recurse=False) if id(p) in owner]
+            if not mine:
+                continue
+            stack: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+
+            def before(mod: torch.nn.Module, args: Any, mine=mine, stack=stack) -> None:
+                if self._active is None:
+                    return
+                seed, scale = self._active
+                swapped = []
+                for name, index in mine:
+                    p = mod._parameters[name]
+                    assert p is not None
+                    swapped.append((p, p.data))
+                    p.data = self._probed(index, p, seed, scale)
+                stack.append(swapped)
+
+            def after(mod: torch.nn.Module, args: Any, output: Any, stack=stack) -> None:
+                if self._active is None or not stack:
+                    return
+                for p, stored in stack.pop():
+                    p.data = stored
+
+            module.register_forward_pre_hook(before)
+            module.register_forward_hook(after)
+            self._hooked.append((module, mine))
+        missing = set(range(len(self.params))) - {i for _, mine in self._hooked for _, i in mine}
+        if missing:
+            raise ValueError(f"{len(missing)} probed parameter(s) belong to no module of the model")
+
+    def _probed(self, index: int, p: torch.Tensor, seed: int, scale: float) -> torch.Tensor:
+        """θ + scale·d for parameter ``index``, in a new tensor (computed in fp32, then in p's dtype)."""
+        work = p.detach().to(torch.float32, copy=True)
+        flat = work.view(-1)
+        for k, (a, b) in enumerate(self.directions.chunks[index]):
+            d, m = self.directions.direction(seed, index, k)
+            flat[a:b].add_(d, alpha=m * scale)
+        return work.to(p.dtype)
 
     def moving_params(self) -> list[torch.Tensor]:
         return list(self.params)  # those `include` selects

@@ -240,6 +240,8 @@ def _unlearn_request(cfg: RunConfig, objective, model: torch.nn.Module, tok, for
     if placement.stochastic:
         try:
             optimizer.round_updates(cfg.train.seed)  # type: ignore[attr-defined]  # checked: training_placement
+            if callable(getattr(optimizer, "probe_without_writing", None)):
+                optimizer.probe_without_writing(model)  # type: ignore[attr-defined]  # exact restore in bf16
         except ValueError as err:
             raise UserError(f"train.precision lean: {err}") from None
     start = Progress()
