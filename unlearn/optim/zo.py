@@ -31,6 +31,10 @@ Restoring θ after a probe — what is exact, and what cannot be:
 * ``exact_restore=True`` keeps a copy of the trainable parameters for the duration of one step (freed
   before ``step`` returns) and restores by copying: bit-exact, for one copy of the *trainable* parameters —
   negligible for LoRA, 2x parameter memory for full fine-tuning, hence off by default.
+* ``probe_without_writing(model)`` probes on transient copies (forward hooks swap each module's probed weights
+  for θ ± d while it runs): nothing to restore, for one module's weights of memory. In bf16, where an in-place
+  probe rounded to nearest misses far more often than in fp32 (and the misses add up over steps), the `lean`
+  precision uses it. In fp32 it takes the same steps as ``exact_restore``, bit for bit.
 
 Cost per two-sided query: 2 forwards and 3 passes over the parameters (θ + d, straight to θ − d, and the
 last undo folded into the update pass).
@@ -355,8 +359,8 @@ class ZerothOrderBase(torch.optim.Optimizer):
     def round_updates(self, seed: int) -> None:
         """bf16 parameters take their updates (and weight decay) computed in fp32 and stochastically rounded
         (``unlearn.optim.rounding``), and the member's buffers are kept in fp32: rounded to nearest, an lr-sized
-        update of a bf16 weight is lost. The probes themselves stay rounded to nearest (see the module docstring
-        on restoring)."""
+        update of a bf16 weight is lost. Probes in place stay rounded to nearest and leave a drift on bf16 weights
+        (see the module docstring on restoring): ``probe_without_writing`` avoids it, and `lean` runs use it."""
         self._round_seed = seed
 
     def _rounded(self, p: torch.Tensor) -> bool:
