@@ -34,6 +34,7 @@ from torch import nn
 from unlearn.attacks.base import ATTACKS, Attack, AttackResult, Subject
 from unlearn.errors import UserError
 from unlearn.models import from_pretrained, load_tokenizer, resolve
+from unlearn.placement import Placement, autocast_forward
 from unlearn.settings import AT_LEAST_ONE, Limit, setting
 
 METHODS = ("bnb", "rtn")
@@ -180,14 +181,15 @@ def _bitsandbytes():
     return bitsandbytes
 
 
-def _bnb_config(spec: QuantSpec):
-    """The one source of the bnb settings, used by both the from_pretrained and the in-memory path."""
+def _bnb_config(spec: QuantSpec, compute: torch.dtype = torch.float32):
+    """The one source of the bnb settings, used by both the from_pretrained and the in-memory path. `compute`: the
+    dtype 4-bit layers dequantize to and multiply in."""
     from transformers import BitsAndBytesConfig
 
     if spec.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.quant_type,
-                              bnb_4bit_compute_dtype=torch.float32)
+                              bnb_4bit_compute_dtype=compute)
 
 
 def _to_bnb(module: nn.Module, config, bnb) -> nn.Module:
@@ -270,12 +272,14 @@ def _from_pretrained(source: str, spec_text: str, **kwargs: Any) -> nn.Module:
 
 
 def load_quantized(model_dir: str | Path, spec: QuantSpec, trust_remote_code: bool = False,
-                   device: torch.device | None = None) -> nn.Module:
+                   device: torch.device | None = None, compute: torch.dtype = torch.float32) -> nn.Module:
     """Load a model folder (or hub id) quantized as `spec` says, in eval mode.
 
     bnb goes through transformers' own quantizing loader (on `device` if it is a GPU, else on the GPU when there
     is one, as bnb is meant to run); rtn loads the float model, rounds it in float32 and moves it to `device`.
-    Evaluation then follows the model to wherever it is (`unlearn.data.on_device`).
+    Evaluation then follows the model to wherever it is (`unlearn.data.on_device`). `compute` other than fp32:
+    the model runs in that precision, as the run it attacks was measured (4-bit layers multiply in it, and every
+    forward runs under autocast), so the attack's effect is not mixed with a change of compute precision.
     """
     spec.validate()
     source = resolve(str(model_dir))  # a missing folder or one without config.json is a UserError here
@@ -286,9 +290,12 @@ def load_quantized(model_dir: str | Path, spec: QuantSpec, trust_remote_code: bo
             model = model.to(device)
     else:
         _bitsandbytes()  # a clear error before transformers' longer one
-        model = _from_pretrained(source, str(model_dir), quantization_config=_bnb_config(spec),
+        model = _from_pretrained(source, str(model_dir), quantization_config=_bnb_config(spec, compute),
                                  device_map=_device_map(device), trust_remote_code=trust_remote_code)
         _check_cpu_4bit(model.named_modules())
+    if compute != torch.float32:
+        where = next(model.parameters()).device
+        autocast_forward(model, Placement(where, compute, "master"))
     return model.eval()
 
 
@@ -306,6 +313,6 @@ class Quantize(Attack):
     def run(self, subject: Subject, settings: QuantSpec, progress: bool = True) -> AttackResult:
         tokenizer, source = load_tokenizer(subject.model_spec, subject.trust_remote_code)
         model = load_quantized(source, settings, trust_remote_code=subject.trust_remote_code,
-                               device=subject.placement.device)
+                               device=subject.placement.device, compute=subject.placement.dtype)
         metrics = subject.task.evaluate(model, tokenizer, subject.eval_settings, progress=progress)
         return AttackResult(metrics=metrics)

@@ -345,3 +345,17 @@ def test_transient_probes_take_the_steps_of_exact_in_place_probes_in_fp32(tokeni
     start = make_model(len(tokenizer)).state_dict()
     assert any(not torch.equal(v, start[k]) for k, v in b.state_dict().items())
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_a_quantized_bf16_run_is_measured_in_bf16_compute(tiny_model_dir: Path, tokenizer) -> None:
+    """The quantization attack on a bf16 run runs the quantized model in bf16 compute, as the run was measured:
+    otherwise the recovery ratio would mix the rounding of the weights with a change of compute precision."""
+    from unlearn.attacks.quantize import QuantSpec, load_quantized
+
+    seen: list[torch.dtype] = []
+    for compute in (torch.float32, torch.bfloat16):
+        model = load_quantized(tiny_model_dir, QuantSpec("rtn", 4), compute=compute)
+        handle = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+        model(input_ids=collate(_items(tokenizer)[:1], tokenizer.pad_token_id)["input_ids"])
+        handle.remove()
+    assert seen == [torch.float32, torch.bfloat16]
