@@ -86,8 +86,10 @@ def measure(grade: str, width: int, checkpointing: bool, args: argparse.Namespac
 
     def build() -> torch.optim.Optimizer:
         optimizer = build_optimizer(grade, model.named_parameters(), **options)
-        if where.stochastic:
+        if where.stochastic:  # as a `lean` run does: rounded updates, probes on transient copies
             optimizer.round_updates(0)  # type: ignore[attr-defined]
+            if callable(getattr(optimizer, "probe_without_writing", None)):
+                optimizer.probe_without_writing(model)  # type: ignore[attr-defined]
         return optimizer
 
     timing = side_by_side(closure, build, args.steps,
