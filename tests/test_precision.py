@@ -359,3 +359,27 @@ def test_a_quantized_bf16_run_is_measured_in_bf16_compute(tiny_model_dir: Path, 
         model(input_ids=collate(_items(tokenizer)[:1], tokenizer.pad_token_id)["input_ids"])
         handle.remove()
     assert seen == [torch.float32, torch.bfloat16]
+
+
+def test_a_forward_that_raises_midway_leaves_no_transient_probe_in_the_weights(tokenizer) -> None:
+    model = make_model(len(tokenizer)).bfloat16()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = build_optimizer("zo", model.named_parameters(), lr=0.0, seed=0)
+    opt.round_updates(0)  # type: ignore[attr-defined]
+    opt.probe_without_writing(model)  # type: ignore[attr-defined]
+    batch = collate(_items(tokenizer)[:2], tokenizer.pad_token_id)
+
+    def fails_inside() -> torch.Tensor:
+        def stop(*_: object) -> None:
+            raise KeyboardInterrupt
+
+        # After the probe's own pre-hook has swapped this module's weight, before its after-hook can put it back.
+        handle = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(stop)
+        try:
+            return mean_token_nll(model, batch)
+        finally:
+            handle.remove()
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(fails_inside)
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())

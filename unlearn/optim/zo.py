@@ -124,6 +124,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
         # Set by probe_without_writing: (module, [(parameter name, index in self.params)]) whose forwards see the
         # probe on a transient copy, and the probe currently applied (seed, ±1), if any.
         self._hooked: list[tuple[torch.nn.Module, list[tuple[str, int]]]] = []
+        self._stacks: list[list[list[tuple[torch.Tensor, torch.Tensor]]]] = []  # per hooked module: swapped weights
         self._active: tuple[int, float] | None = None
 
     def _selected(self, include: list[str] | None) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
@@ -247,6 +248,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
                         minus.append(self._evaluate(closure))
                 finally:
                     self._active = None
+                    self._put_stored_back()  # a forward that raised midway never ran its modules' after-hooks
                 continue
             self.shift(seed, [1.0] * len(self.params))
             plus.append(self._evaluate(closure))
@@ -318,6 +320,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
             if not mine:
                 continue
             stack: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+            self._stacks.append(stack)
 
             def before(mod: torch.nn.Module, args: Any, mine=mine, stack=stack) -> None:
                 if self._active is None:
@@ -343,6 +346,12 @@ class ZerothOrderBase(torch.optim.Optimizer):
         missing = set(range(len(self.params))) - {i for _, mine in self._hooked for _, i in mine}
         if missing:
             raise ValueError(f"{len(missing)} probed parameter(s) belong to no module of the model")
+
+    def _put_stored_back(self) -> None:
+        for stack in self._stacks:
+            while stack:
+                for p, stored in stack.pop():
+                    p.data = stored
 
     def _probed(self, index: int, p: torch.Tensor, seed: int, scale: float) -> torch.Tensor:
         """θ + scale·d for parameter ``index``, in a new tensor (computed in fp32, then in p's dtype)."""
