@@ -383,3 +383,17 @@ def test_a_forward_that_raises_midway_leaves_no_transient_probe_in_the_weights(t
     with pytest.raises(KeyboardInterrupt):
         opt.step(fails_inside)
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+
+
+def test_lean_steps_do_not_depend_on_how_parameters_are_batched(tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LeanStep widens as many parameters at once as fit its budget; one at a time gives the same weights."""
+    from unlearn.optim import rounding
+
+    def trained(budget: int) -> dict[str, torch.Tensor]:
+        monkeypatch.setattr(rounding, "BATCH_BYTES", budget)
+        model = tiny_in("lean", tokenizer)
+        _train(model, tokenizer, lr=1e-4, steps=3, rounded=True)
+        return model.state_dict()
+
+    one, all_at_once = trained(1), trained(1 << 30)
+    assert all(torch.equal(v, all_at_once[k]) for k, v in one.items())

@@ -8,10 +8,11 @@ what they would in fp32 (Gupta et al., 2015; the bf16 form used by torchao's opt
 random 16-bit integer to the fp32 pattern and cut the low 16 bits. For a negative x the pattern's magnitude is
 rounded the same way, which is again unbiased.
 
-``LeanStep`` runs a library optimizer (AdamW, SGD, the sign grades, Sophia, Muon) on bf16 weights one parameter
-at a time: that parameter, its gradient and its state are widened to fp32 for its update, and the results are
-stochastically rounded back to bf16. The fp32 copies exist for one parameter at a time, so the memory is that of
-bf16 weights, gradients and state (8 bytes a weight with AdamW, against 16 for fp32 master weights).
+``LeanStep`` runs a library optimizer (AdamW, SGD, the sign grades, Muon) on bf16 weights a batch of parameters
+at a time: those parameters, their gradients and their state are widened to fp32 for their update, and the results
+are stochastically rounded back to bf16. The fp32 copies exist for one batch at a time (at most 1 GiB, or one
+parameter), so the memory is that of bf16 weights, gradients and state (8 bytes a weight with AdamW, against 16 for
+fp32 master weights).
 
 The rounding noise is drawn from a generator seeded by (seed, step, parameter): a run is reproducible on one
 device and a resumed run draws the same noise, without any generator state to checkpoint.
@@ -55,8 +56,13 @@ def store_(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator
         target.copy_(value)
 
 
+BATCH_BYTES = 1 << 30  # fp32 copies held at once: a weight, its gradient and two moments, 16 bytes an element
+
+
 class LeanStep:
-    """Steps a library optimizer on bf16 parameters through fp32, one parameter at a time (module docstring).
+    """Steps a library optimizer on bf16 parameters through fp32, a batch of parameters at a time (module
+    docstring): as many as fit BATCH_BYTES of fp32 copies, at least one, so a GPU's foreach kernels still see many
+    tensors per launch while the copies stay far smaller than the model.
 
     Parameters in another dtype (fp32 LoRA adapters beside a bf16 base, say) are stepped as they are."""
 
@@ -77,46 +83,58 @@ class LeanStep:
                 library_step()
             index = 0
             for k, params in enumerate(held):
+                batch: list[torch.Tensor] = []
+                size = 0
                 for p in params:
                     if p.grad is None or p.dtype != torch.bfloat16:
                         continue
-                    for j, group in enumerate(groups):
-                        group["params"] = [p] if j == k else []
-                    self._one(optimizer, p, library_step, index)
-                    index += 1
+                    if batch and (size + p.numel()) * 16 > BATCH_BYTES:
+                        self._batch(optimizer, k, batch, library_step, index)
+                        index, batch, size = index + len(batch), [], 0
+                    batch.append(p)
+                    size += p.numel()
+                if batch:
+                    self._batch(optimizer, k, batch, library_step, index)
+                    index += len(batch)
         finally:
             for group, params in zip(groups, held, strict=True):
                 group["params"] = params
         self.steps += 1
         groups[0]["rounding_step"] = self.steps
 
-    def _one(self, optimizer: torch.optim.Optimizer, p: torch.Tensor, library_step: Callable[[], Any],
-             index: int) -> None:
-        stored, grad = p.data, p.grad
-        state = _state_of(optimizer, p)
-        narrow = {k: v for k, v in state.items()
-                  if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16 and v.shape == p.shape}
-        for key, value in narrow.items():
-            state[key] = value.float()
-        p.data = stored.float()
-        p.grad = grad.float()
+    def _batch(self, optimizer: torch.optim.Optimizer, group_index: int, batch: list[torch.Tensor],
+               library_step: Callable[[], Any], first: int) -> None:
+        """One library step over ``batch`` (parameters of param group ``group_index``) widened to fp32, then every
+        value it wrote stochastically rounded back into bf16; noise seeded per parameter (its running index)."""
+        stored = [(p.data, p.grad) for p in batch]
+        for j, group in enumerate(optimizer.param_groups):
+            group["params"] = list(batch) if j == group_index else []
+        for p in batch:
+            state = _state_of(optimizer, p)
+            for key, value in list(state.items()):
+                if isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16 and value.shape == p.shape:
+                    state[key] = value.float()
+            p.data = p.data.float()
+            p.grad = p.grad.float()  # type: ignore[union-attr]
         try:
             library_step()
-            gen = noise_generator(stored.device, self.seed, self.steps, 2 * index)
-            stochastic_round_(stored, p.data, gen)
-            state = _state_of(optimizer, p)
-            gen = noise_generator(stored.device, self.seed, self.steps, 2 * index + 1)
-            for key, value in list(state.items()):
-                # The moments are stored in bf16 too, stochastically rounded: rounded to nearest, Adam's second
-                # moment (v += 0.001·(g² − v)) would stop moving.
-                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == p.shape:
-                    low = torch.empty_like(value, dtype=torch.bfloat16)
-                    stochastic_round_(low, value, gen)
-                    state[key] = low
+            for offset, (p, (data, _)) in enumerate(zip(batch, stored, strict=True)):
+                index = first + offset
+                stochastic_round_(data, p.data, noise_generator(data.device, self.seed, self.steps, 2 * index))
+                state = _state_of(optimizer, p)
+                gen = noise_generator(data.device, self.seed, self.steps, 2 * index + 1)
+                for key, value in list(state.items()):
+                    # The moments are stored in bf16 too, stochastically rounded: rounded to nearest, Adam's second
+                    # moment (v += 0.001·(g² − v)) would stop moving.
+                    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == p.shape:
+                        low = torch.empty_like(value, dtype=torch.bfloat16)
+                        stochastic_round_(low, value, gen)
+                        state[key] = low
         finally:
-            p.grad = None
-            p.data = stored
-            p.grad = grad
+            for p, (data, grad) in zip(batch, stored, strict=True):
+                p.grad = None
+                p.data = data
+                p.grad = grad
 
 
 def _state_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict[Any, Any]:

@@ -354,13 +354,14 @@ class ZerothOrderBase(torch.optim.Optimizer):
                     p.data = stored
 
     def _probed(self, index: int, p: torch.Tensor, seed: int, scale: float) -> torch.Tensor:
-        """θ + scale·d for parameter ``index``, in a new tensor (computed in fp32, then in p's dtype)."""
-        work = p.detach().to(torch.float32, copy=True)
+        """θ + scale·d for parameter ``index``, in a new tensor of p's dtype: each element added in fp32 and
+        rounded once (in-place ``add_`` computes in fp32 for a bf16 tensor), without an fp32 copy of p."""
+        work = p.detach().clone()
         flat = work.view(-1)
         for k, (a, b) in enumerate(self.directions.chunks[index]):
             d, m = self.directions.direction(seed, index, k)
             flat[a:b].add_(d, alpha=m * scale)
-        return work.to(p.dtype)
+        return work
 
     def moving_params(self) -> list[torch.Tensor]:
         return list(self.params)  # those `include` selects
