@@ -301,7 +301,7 @@ def test_a_lora_update_merged_into_bf16_weights_is_kept_in_expectation(tokenizer
             for name, param in model.named_parameters():
                 if "lora_B" in name:
                     param.fill_(1e-4)  # an update of about 1e-4·Σ A: far below a bf16 step of most weights
-        delta = model.base_model.model.model.layers[0].mlp.down_proj.get_delta_weight("default").float()
+        delta = model.base_model.model.model.layers[0].mlp.down_proj.get_delta_weight("default").detach().float()
         after = merge_lora(model, seed).model.layers[0].mlp.down_proj.weight
         assert after.dtype == torch.bfloat16
         return after.detach().float() - before, delta
