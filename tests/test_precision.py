@@ -397,3 +397,29 @@ def test_lean_steps_do_not_depend_on_how_parameters_are_batched(tokenizer, monke
 
     one, all_at_once = trained(1), trained(1 << 30)
     assert all(torch.equal(v, all_at_once[k]) for k, v in one.items())
+
+
+def test_zeroth_order_probes_below_the_weights_precision_stop_the_run() -> None:
+    """μ = 1e-3 on bf16 weights near 1 (the norms; a bf16 step there is 0.0078): almost every probe rounds back
+    to the weight, so the estimate is made of the few that do not. Such a member is refused at its first step; the
+    same probes on fp32 weights go on."""
+    target = torch.randn(64, generator=torch.Generator().manual_seed(0))
+
+    def run(dtype: torch.dtype) -> None:
+        p = torch.nn.Parameter(torch.ones(64, dtype=dtype))
+        opt = build_optimizer("zo", [p], lr=1e-3, seed=0)
+        opt.round_updates(0)  # type: ignore[attr-defined]
+        for _ in range(6):
+            opt.step(lambda: ((p.float() - target) ** 2).sum())
+
+    run(torch.float32)
+    with pytest.raises(UserError, match=r"a probe of mu 0.001 moves only 0% of the probed weights.*--precision master"):
+        run(torch.bfloat16)
+
+
+def test_zeroth_order_steps_whose_probes_all_see_one_loss_stop_the_run() -> None:
+    p = torch.nn.Parameter(torch.zeros(8))
+    opt = build_optimizer("zo", [p], lr=1e-3, seed=0)
+    with pytest.raises(UserError, match="the last 5 zeroth-order steps found no loss difference"):
+        for _ in range(5):
+            opt.step(lambda: (p * 0).sum() + 1.0)  # a loss that does not depend on the probed weights

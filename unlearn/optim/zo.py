@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from unlearn.errors import UserError
 from unlearn.optim.protocol import (
     Closure,
     ModelDependent,
@@ -70,6 +71,7 @@ from unlearn.optim.zo_stable import Coefficients, Stabilizers
 from unlearn.settings import check_int
 
 _SEED_RANGE = 2**62
+FLAT_STEPS = 5  # consecutive steps of probes that all saw the same loss before a member stops (_check_visible)
 
 
 def _draw(rng: torch.Generator) -> int:
@@ -126,6 +128,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
         self._hooked: list[tuple[torch.nn.Module, list[tuple[str, int]]]] = []
         self._stacks: list[list[list[tuple[torch.Tensor, torch.Tensor]]]] = []  # per hooked module: swapped weights
         self._active: tuple[int, float] | None = None
+        self._flat_steps = 0  # consecutive steps whose probes all saw exactly the same loss
 
     def _selected(self, include: list[str] | None) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
         """The parameters this member probes and updates: all, or those whose name matches the first pattern
@@ -231,6 +234,8 @@ class ZerothOrderBase(torch.optim.Optimizer):
             if (self.exact_restore and not transient) or rollback else None
         buffers = {id(p): {k: v.clone() for k, v in self.state[p].items() if isinstance(v, torch.Tensor)}
                    for p in self.params} if rollback else None
+        if self.steps_taken == 0:
+            self._check_probe_scale()
         seeds = [_draw(self._rng) for _ in range(self.q)]
         self.directions.prepare(seeds, self.steps_taken)
         self._watched = []
@@ -263,6 +268,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
                 pending = (seed, offset)  # folded into the update: one pass fewer per step
             else:
                 self._restore(seed, offset, snapshot)
+        self._check_visible(center, plus, minus)
         coeffs = self._coeffs(self.coefficients(center, plus, minus))
         self.update(seeds, coeffs, pending)
         for p, group in zip(self.params, self._groups, strict=True):
@@ -346,6 +352,45 @@ class ZerothOrderBase(torch.optim.Optimizer):
         missing = set(range(len(self.params))) - {i for _, mine in self._hooked for _, i in mine}
         if missing:
             raise ValueError(f"{len(missing)} probed parameter(s) belong to no module of the model")
+
+    def _check_probe_scale(self) -> None:
+        """Refuse probes that mostly round away: θ ± μz is stored in the weights' dtype, and where μ|z| is below
+        half a step of that dtype at θ the probe leaves θ as it was. For bf16 weights near 1 (the norms) a step is
+        0.0078, so μ = 1e-3 moves almost none of them. Estimated on a sample of each low-precision parameter: the
+        share of probed weights a probe moves (Gaussian z: P(|z| > step/2μ); ±1 entries: whether μ > step/2)."""
+        visible, total = 0.0, 0
+        for p in self.params:
+            if p.dtype not in (torch.bfloat16, torch.float16):
+                visible, total = visible + p.numel(), total + p.numel()
+                continue
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)].float()
+            _, exponent = torch.frexp(sample)
+            step = torch.ldexp(torch.full_like(sample, torch.finfo(p.dtype).eps), exponent - 1)  # one ulp at θ
+            ratio = step / (2 * self.mu)
+            if self.direction_kind == "rademacher":
+                moved = (ratio < 1).float()
+            else:
+                moved = torch.special.erfc(ratio / math.sqrt(2))
+            visible += float(moved.mean()) * p.numel()
+            total += p.numel()
+        if total and visible / total < 0.5:
+            raise UserError(f"a probe of mu {self.mu:g} moves only {visible / total:.0%} of the probed weights: the "
+                            f"rest round back to themselves in their low precision; raise optimizer mu, or use "
+                            f"--precision master (fp32 weights)")
+
+    def _check_visible(self, center: float | None, plus: list[float], minus: list[float]) -> None:
+        """Stop a member whose probes the model cannot see: when every probe of FLAT_STEPS steps in a row returned
+        exactly the loss it was compared with, the estimate is zero and nothing can be learned. That is what a
+        probe below the weights' precision does (μ = 1e-3 on bf16 weights near 1, whose bf16 step is 0.0078)."""
+        others = minus if self.sided == 2 else [center] * len(plus)
+        flat = all(a == b for a, b in zip(plus, others, strict=True))
+        self._flat_steps = self._flat_steps + 1 if flat else 0
+        if self._flat_steps >= FLAT_STEPS:
+            kinds = sorted({str(p.dtype).removeprefix("torch.") for p in self.params})
+            raise UserError(f"the last {FLAT_STEPS} zeroth-order steps found no loss difference between their "
+                            f"probes (mu {self.mu:g} on {'/'.join(kinds)} weights): the probes are below the weights' "
+                            f"precision; raise optimizer mu, or use --precision master (fp32 weights)")
 
     def _put_stored_back(self) -> None:
         for stack in self._stacks:
