@@ -122,6 +122,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
                              f"draws its own structured directions")
         self.directions: Directions = self.make_directions()
         self.steps_taken = 0
+        self._check_probe_scale()  # before any training: a member whose probes round away can learn nothing
         self._round_seed: int | None = None  # set by round_updates: bf16 weights take stochastically rounded updates
         # Set by probe_without_writing: (module, [(parameter name, index in self.params)]) whose forwards see the
         # probe on a transient copy, and the probe currently applied (seed, ±1), if any.
@@ -234,8 +235,6 @@ class ZerothOrderBase(torch.optim.Optimizer):
             if (self.exact_restore and not transient) or rollback else None
         buffers = {id(p): {k: v.clone() for k, v in self.state[p].items() if isinstance(v, torch.Tensor)}
                    for p in self.params} if rollback else None
-        if self.steps_taken == 0:
-            self._check_probe_scale()
         seeds = [_draw(self._rng) for _ in range(self.q)]
         self.directions.prepare(seeds, self.steps_taken)
         self._watched = []
@@ -354,7 +353,8 @@ class ZerothOrderBase(torch.optim.Optimizer):
             raise ValueError(f"{len(missing)} probed parameter(s) belong to no module of the model")
 
     def _check_probe_scale(self) -> None:
-        """Refuse probes that mostly round away: θ ± μz is stored in the weights' dtype, and where μ|z| is below
+        """Refuse probes that mostly round away (when the member is built, from the weights as they are then):
+        θ ± μz is stored in the weights' dtype, and where μ|z| is below
         half a step of that dtype at θ the probe leaves θ as it was. For bf16 weights near 1 (the norms) a step is
         0.0078, so μ = 1e-3 moves almost none of them. Estimated on a sample of each low-precision parameter: the
         share of probed weights a probe moves (Gaussian z: P(|z| > step/2μ); ±1 entries: whether μ > step/2)."""
