@@ -24,6 +24,7 @@ from unlearn.errors import UserError
 from unlearn.models import load_model
 from unlearn.objectives import LanguageModeling
 from unlearn.optim import build_optimizer
+from unlearn.optim.rounding import use_precision
 from unlearn.placement import CPU_FP32, Placement
 from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Limit, setting
 from unlearn.task import RelearnPlan
@@ -79,8 +80,7 @@ def relearn(model: torch.nn.Module, tokenizer, plan: RelearnPlan, settings: Rele
         model = add_lora(model, settings.lora_rank)
     measure(0)
     optimizer = build_optimizer("adamw", model.parameters(), lr=settings.lr, weight_decay=0.0)
-    if placement.stochastic:
-        optimizer.round_updates(seed)  # type: ignore[attr-defined]
+    use_precision(optimizer, placement, seed)
     result = train(model, LanguageModeling(), optimizer, items, None, pad_id=tokenizer.pad_token_id,
                    batch_size=settings.batch_size, max_steps=settings.steps, seed=seed,
                    desc=settings.name, progress=progress, after_step=measure, rounded=placement.stochastic)

@@ -142,14 +142,17 @@ def _parse_precision(spec: str, what: str = "precision") -> str:
     return text
 
 
+def _check_lean(precision: str, dtype: str, what: str) -> None:
+    """`lean` rounds into bf16 (in fp32 there is nothing to round): fp16 is refused with it."""
+    if precision == "lean" and dtype == "fp16":
+        raise UserError(f"{what} 'lean' (stochastically rounded bf16 weights) needs --dtype bf16, got fp16; use "
+                        f"--precision master")
+
+
 def resolve(device: str = "auto", dtype: str = "auto", precision: str = "auto") -> Placement:
     where = resolve_device(device)
     placement = Placement(where, resolve_dtype(dtype, where), _parse_precision(precision))
-    if placement.precision == "lean" and placement.dtype != torch.bfloat16:
-        if placement.dtype == torch.float32:
-            return placement  # nothing to round: fp32 weights
-        raise UserError(f"precision 'lean' (stochastically rounded bf16 weights) needs --dtype bf16, got "
-                        f"{placement.dtype_name}; use --precision master")
+    _check_lean(placement.precision, placement.dtype_name, "precision")
     return placement
 
 
@@ -160,10 +163,8 @@ def check(device: str, dtype: str, save_dtype: str | None = None, section: str =
     text = _parse_dtype(dtype, f"{section}.dtype")
     if save_dtype is not None:
         _parse_dtype(save_dtype, f"{section}.save_dtype", auto=False)
-    if precision is not None and _parse_precision(precision, f"{section}.precision") == "lean" \
-            and text in ("fp16",):
-        raise UserError(f"{section}.precision 'lean' (stochastically rounded bf16 weights) needs {section}.dtype "
-                        "bf16; use master with fp16")
+    if precision is not None:
+        _check_lean(_parse_precision(precision, f"{section}.precision"), text, f"{section}.precision")
 
 
 def autocast_forward(model: torch.nn.Module, placement: Placement) -> None:

@@ -28,6 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from unlearn.loss import LossValue, loss_parts, total_loss
+from unlearn.optim.rounding import LeanStep
 from unlearn.registry import Registry
 from unlearn.settings import SettingError, check_call_options
 
@@ -231,8 +232,6 @@ class BackwardStep:
         return loss
 
     def round_updates(self, seed: int) -> None:
-        from unlearn.optim.rounding import LeanStep
-
         self._lean = LeanStep(seed)
 
     def _own_params(self) -> list[torch.Tensor]:

@@ -25,19 +25,15 @@ from typing import Any
 
 import torch
 
+from unlearn.optim.zo_directions import mix
+from unlearn.placement import Placement
+
 _LOW = 1 << 16
 _MASK = -_LOW  # 0xFFFF0000 as a signed 32-bit integer
 
 
-def _mix(*values: int) -> int:
-    out = 0
-    for v in values:
-        out = (out * 0x9E3779B97F4A7C15 + v + 1) % (1 << 63)
-    return out
-
-
 def noise_generator(device: torch.device, seed: int, step: int, index: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(_mix(seed, step, index))
+    return torch.Generator(device=device).manual_seed(mix(seed, step, index))
 
 
 def stochastic_round_(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator) -> None:
@@ -46,14 +42,6 @@ def stochastic_round_(target: torch.Tensor, value: torch.Tensor, generator: torc
     noise = torch.randint(0, _LOW, wide.shape, dtype=torch.int32, device=wide.device, generator=generator)
     bits = wide.view(torch.int32).add_(noise).bitwise_and_(_MASK)
     target.copy_(bits.view(torch.float32))  # the low 16 bits are zero: the cast to bf16 is exact
-
-
-def store_(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator | None) -> None:
-    """``target`` ← ``value``: stochastically rounded into a bf16 target when a generator is given, else copied."""
-    if generator is not None and target.dtype == torch.bfloat16:
-        stochastic_round_(target, value, generator)
-    else:
-        target.copy_(value)
 
 
 BATCH_BYTES = 1 << 30  # fp32 copies held at once: a weight, its gradient and two moments, 16 bytes an element
@@ -68,13 +56,12 @@ class LeanStep:
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
-        self.steps = 0
 
     def __call__(self, optimizer: torch.optim.Optimizer, library_step: Callable[[], Any]) -> None:
         groups = optimizer.param_groups
         # The step count lives in the first param group, which the optimizer's state_dict saves: a run resumed from
         # a checkpoint draws the same rounding noise as one that was never interrupted.
-        self.steps = int(groups[0].setdefault("rounding_step", 0))
+        step = int(groups[0].get("rounding_step", 0))
         held = [group["params"] for group in groups]
         try:
             for group in groups:  # every other parameter first, as the library would
@@ -89,21 +76,20 @@ class LeanStep:
                     if p.grad is None or p.dtype != torch.bfloat16:
                         continue
                     if batch and (size + p.numel()) * 16 > BATCH_BYTES:
-                        self._batch(optimizer, k, batch, library_step, index)
+                        self._batch(optimizer, k, batch, library_step, step, index)
                         index, batch, size = index + len(batch), [], 0
                     batch.append(p)
                     size += p.numel()
                 if batch:
-                    self._batch(optimizer, k, batch, library_step, index)
+                    self._batch(optimizer, k, batch, library_step, step, index)
                     index += len(batch)
         finally:
             for group, params in zip(groups, held, strict=True):
                 group["params"] = params
-        self.steps += 1
-        groups[0]["rounding_step"] = self.steps
+        groups[0]["rounding_step"] = step + 1
 
     def _batch(self, optimizer: torch.optim.Optimizer, group_index: int, batch: list[torch.Tensor],
-               library_step: Callable[[], Any], first: int) -> None:
+               library_step: Callable[[], Any], step: int, first: int) -> None:
         """One library step over ``batch`` (parameters of param group ``group_index``) widened to fp32, then every
         value it wrote stochastically rounded back into bf16; noise seeded per parameter (its running index)."""
         stored = [(p.data, p.grad) for p in batch]
@@ -120,9 +106,9 @@ class LeanStep:
             library_step()
             for offset, (p, (data, _)) in enumerate(zip(batch, stored, strict=True)):
                 index = first + offset
-                stochastic_round_(data, p.data, noise_generator(data.device, self.seed, self.steps, 2 * index))
+                stochastic_round_(data, p.data, noise_generator(data.device, self.seed, step, 2 * index))
                 state = _state_of(optimizer, p)
-                gen = noise_generator(data.device, self.seed, self.steps, 2 * index + 1)
+                gen = noise_generator(data.device, self.seed, step, 2 * index + 1)
                 for key, value in list(state.items()):
                     # The moments are stored in bf16 too, stochastically rounded: rounded to nearest, Adam's second
                     # moment (v += 0.001·(g² − v)) would stop moving.
@@ -143,3 +129,19 @@ def _state_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict[Any, An
         if p in owner.state:
             return owner.state[p]
     return {}
+
+
+def use_precision(optimizer: torch.optim.Optimizer, placement: Placement, seed: int,
+                  model: torch.nn.Module | None = None) -> None:
+    """What the placement's precision asks of an optimizer that trains a model: under `lean`, stochastically
+    rounded updates (``round_updates``) and, for zeroth-order probing, probes on transient copies of ``model``'s
+    weights (``probe_without_writing``); nothing otherwise. A ValueError where the optimizer cannot."""
+    if not placement.stochastic:
+        return
+    round_updates = getattr(optimizer, "round_updates", None)
+    if not callable(round_updates):
+        raise ValueError(f"optimizer {type(optimizer).__name__} cannot round its updates stochastically")
+    round_updates(seed)
+    probe = getattr(optimizer, "probe_without_writing", None)
+    if model is not None and callable(probe):
+        probe(model)

@@ -59,6 +59,7 @@ from unlearn.optim.protocol import (
     register,
     require_closure,
 )
+from unlearn.optim.rounding import noise_generator, stochastic_round_
 from unlearn.optim.zo_directions import (
     Directions,
     IIDDirections,
@@ -438,22 +439,24 @@ class ZerothOrderBase(torch.optim.Optimizer):
                 if pending is not None:
                     d, m = self.directions.direction(pending[0], i, k)
                     chunk.add_(d, alpha=-pending[1] * m)
-                estimate = None
-                for seed, c in zip(seeds, coeffs, strict=True):
-                    d, m = self.directions.direction(seed, i, k)
-                    if estimate is None:
-                        estimate = d * (m * c / self.mu)
-                    else:
-                        estimate.add_(d, alpha=m * c / self.mu)
-                assert estimate is not None
-                self.apply_update(i, k, p, a, b, chunk, estimate, lrs[i])
+                self.apply_update(i, k, p, a, b, chunk, self._estimate(seeds, coeffs, i, k), lrs[i])
+
+    def _estimate(self, seeds: list[int], coeffs: list[float], index: int, chunk: int) -> torch.Tensor:
+        """ĝ over chunk ``chunk`` of parameter ``index``: Σ_j c_j·z_j, with z_j = d_j·m_j/μ (a new tensor)."""
+        estimate: torch.Tensor | None = None
+        for seed, c in zip(seeds, coeffs, strict=True):
+            d, m = self.directions.direction(seed, index, chunk)
+            if estimate is None:
+                estimate = d * (m * c / self.mu)
+            else:
+                estimate.add_(d, alpha=m * c / self.mu)
+        assert estimate is not None
+        return estimate
 
     def _rounded_update(self, seeds: list[int], coeffs: list[float], pending: tuple[int, float] | None,
                         lrs: list[float]) -> None:
         """The update chunk by chunk in fp32 (the pending probe undone, the step, weight decay), stored back into
         bf16 parameters by stochastic rounding; other parameters are updated in place as they are."""
-        from unlearn.optim.rounding import noise_generator, stochastic_round_
-
         assert self._round_seed is not None
         for i, p in enumerate(self.params):
             flat = p.detach().view(-1)
@@ -471,15 +474,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
                         d, m = self.directions.direction(seed, i, k)
                         work.add_(d, alpha=-lrs[i] * c * m / self.mu)
                 else:
-                    estimate = None
-                    for seed, c in zip(seeds, coeffs, strict=True):
-                        d, m = self.directions.direction(seed, i, k)
-                        if estimate is None:
-                            estimate = d * (m * c / self.mu)
-                        else:
-                            estimate.add_(d, alpha=m * c / self.mu)
-                    assert estimate is not None
-                    self.apply_update(i, k, p, a, b, work, estimate, lrs[i])
+                    self.apply_update(i, k, p, a, b, work, self._estimate(seeds, coeffs, i, k), lrs[i])
                 if gen is not None:
                     if decay:
                         work.mul_(1.0 - decay)

@@ -16,6 +16,7 @@ import argparse
 import torch
 
 from unlearn.optim import build_optimizer
+from unlearn.optim.rounding import use_precision
 from unlearn.placement import Placement, autocast_forward
 
 MODES = ("fp32", "master", "lean", "pure")
@@ -39,8 +40,7 @@ def measure(mode: str, width: int, layers: int, mlp: float, vocab: int, device: 
     if where.autocast:
         autocast_forward(model, where)
     optimizer = build_optimizer("adamw", model.parameters(), lr=1e-5)
-    if where.stochastic:
-        optimizer.round_updates(0)  # type: ignore[attr-defined]
+    use_precision(optimizer, where, 0)
     ids = torch.randint(0, vocab, (batch, length), device=device)
     grads = 0
 

@@ -58,6 +58,7 @@ def measure(grade: str, width: int, checkpointing: bool, args: argparse.Namespac
     from unlearn.models import enable_gradient_checkpointing
     from unlearn.objectives import build_objective
     from unlearn.optim import OPTIMIZERS, build_optimizer
+    from unlearn.optim.rounding import use_precision
     from unlearn.placement import autocast_forward
 
     device = torch.device(args.device)
@@ -86,10 +87,7 @@ def measure(grade: str, width: int, checkpointing: bool, args: argparse.Namespac
 
     def build() -> torch.optim.Optimizer:
         optimizer = build_optimizer(grade, model.named_parameters(), **options)
-        if where.stochastic:  # as a `lean` run does: rounded updates, probes on transient copies
-            optimizer.round_updates(0)  # type: ignore[attr-defined]
-            if callable(getattr(optimizer, "probe_without_writing", None)):
-                optimizer.probe_without_writing(model)  # type: ignore[attr-defined]
+        use_precision(optimizer, where, 0, model)  # as a `lean` run does: rounded updates, transient probes
         return optimizer
 
     timing = side_by_side(closure, build, args.steps,

@@ -32,6 +32,7 @@ from unlearn.models import enable_gradient_checkpointing, load_model, save_model
 from unlearn.objectives import OBJECTIVES, Objective, build_objective
 from unlearn.optim import OPTIMIZERS, build_optimizer, dry_build
 from unlearn.optim.protocol import accepts, rounds_updates
+from unlearn.optim.rounding import use_precision
 from unlearn.placement import CPU_FP32, Placement, parse_dtype
 from unlearn.placement import resolve as resolve_placement
 from unlearn.recipes.prepare import baseline_cached, baseline_metrics, target_model
@@ -237,13 +238,10 @@ def _unlearn_request(cfg: RunConfig, objective, model: torch.nn.Module, tok, for
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     optimizer = _optimizer(cfg, model)
-    if placement.stochastic:
-        try:
-            optimizer.round_updates(cfg.train.seed)  # type: ignore[attr-defined]  # checked: training_placement
-            if callable(getattr(optimizer, "probe_without_writing", None)):
-                optimizer.probe_without_writing(model)  # type: ignore[attr-defined]  # exact restore in bf16
-        except ValueError as err:
-            raise UserError(f"train.precision lean: {err}") from None
+    try:
+        use_precision(optimizer, placement, cfg.train.seed, model)  # the names were checked: training_placement
+    except ValueError as err:
+        raise UserError(f"train.precision lean: {err}") from None
     start = Progress()
     if resume_from is not None:
         checkpoints.restore(resume_from, model, optimizer)

@@ -24,6 +24,7 @@ from unlearn.locks import claim
 from unlearn.models import EMBEDDED, cache_dir, load_model, resolve, save_model
 from unlearn.objectives import LanguageModeling
 from unlearn.optim import build_optimizer
+from unlearn.optim.rounding import use_precision
 from unlearn.placement import CPU_FP32, Placement
 from unlearn.runs import staged_dir
 from unlearn.settings import from_mapping
@@ -80,8 +81,7 @@ def target_model(spec: str, task: Task, settings: dict[str, Any], trust_remote_c
     model.get_input_embeddings().weight.requires_grad_(False)
     items = [encode(tok, ex) for ex in task.forget + task.retain]
     optimizer = build_optimizer("adamw", model.parameters(), lr=lr, weight_decay=0.0)
-    if placement.stochastic:
-        optimizer.round_updates(0)  # type: ignore[attr-defined]
+    use_precision(optimizer, placement, 0)
     steps = epochs * math.ceil(len(items) / batch_size)
     result = train(model, LanguageModeling(), optimizer, items, None, pad_id=tok.pad_token_id,
                    batch_size=batch_size, max_steps=steps, seed=0, desc="preparing target model",
