@@ -9,8 +9,16 @@ training, saving, renaming), and checks that:
      its weights and the toolkit marker; an attack: its metrics.json), never half-written;
   2. the next command into the same folder succeeds, removes whatever the killed one left (staging folders,
      lock files) and says so when there was something to remove.
-Trials alternate between `run` and `attack --quantize rtn4`. Exit code 0 only if every trial passes.
-`tests/test_safety.py` runs two trials of it inside the test suite.
+Trials alternate between `run` and `attack --quantize rtn4`.
+
+    python -m tests.kill_trials --races 10
+
+Race trials pause (SIGSTOP) an `eval --run` or an `attack --run` of a run at a random point, give
+`run --overwrite` of that run meanwhile (with other steps and seed, so it is another model), then let the reader
+go on. Each passes when both commands end in 0 or a one-line refusal (exit 2), the run folder is complete, and what
+is on disk is one run's: an undisturbed eval (attack) of the run now there gives the metrics that metrics.json
+(the attack's record) holds. Exit code 0 only if every trial passes. `tests/test_safety.py` runs a few of each
+inside the test suite.
 """
 
 from __future__ import annotations
@@ -65,12 +73,13 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(_command(args, cwd), cwd=cwd, env=_env(cwd), capture_output=True, text=True, timeout=600)
 
 
-def run_args(model: Path, name: str) -> list[str]:
-    return ["run", "--method", "npo", "--optimizer", "adamw", "--model", str(model), "--steps", "20",
-            "--batch-size", "2", "--name", name, "--overwrite", "-q", *TINY_BENCH]
+def run_args(model: Path, name: str, steps: int = 20, seed: int = 0) -> list[str]:
+    return ["run", "--method", "npo", "--optimizer", "adamw", "--model", str(model), "--steps", str(steps),
+            "--batch-size", "2", "--seed", str(seed), "--name", name, "--overwrite", "-q", *TINY_BENCH]
 
 
 ATTACK_ARGS = ["attack", "--run", "runs/base", "--quantize", "rtn4", "-q"]
+EVAL_ARGS = ["eval", "--run", "runs/base", "-q"]
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -136,6 +145,68 @@ def trial(kind: str, delay: float, model: Path, cwd: Path, index: int) -> Trial:
     return Trial(kind, round(delay, 2), finished, state, left, following.returncode == 0, after, reported)
 
 
+@dataclass
+class Race:
+    reader: str
+    delay: float
+    reader_code: int
+    writer_code: int
+    state: str  # "complete" or what was wrong with the run folder
+    consistent: str  # "yes", or what disagreed
+
+    @property
+    def passed(self) -> bool:
+        return (self.reader_code in (0, 2) and self.writer_code in (0, 2) and self.state == "complete"
+                and self.consistent == "yes")
+
+
+def _metrics(path: Path) -> dict[str, float] | None:
+    try:
+        return json.loads(path.read_text())["metrics"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _same(a: dict[str, float] | None, b: dict[str, float] | None) -> bool:
+    return a is not None and b is not None and a.keys() == b.keys() and all(
+        abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(a[k])) for k in a)
+
+
+def race(reader: str, delay: float, model: Path, cwd: Path, index: int) -> Race:
+    """Pause a reader of runs/base after `delay` s, overwrite runs/base with another model meanwhile, resume it."""
+    base = cwd / "runs" / "base"
+    args = EVAL_ARGS if reader == "eval" else ATTACK_ARGS
+    proc = subprocess.Popen(_command(args, cwd), cwd=cwd, env=_env(cwd), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    paused = proc.poll() is None
+    if paused:
+        proc.send_signal(signal.SIGSTOP)
+    try:
+        writer = _run(run_args(model, "base", steps=10 + 10 * (index % 2), seed=index), cwd)
+    finally:
+        if paused:
+            proc.send_signal(signal.SIGCONT)
+        proc.wait()
+    if writer.returncode == 2 and len(writer.stderr.strip().splitlines()) != 1:
+        return Race(reader, round(delay, 2), proc.returncode, -1, run_state(base), "the refusal was not one line")
+    state = run_state(base)
+    # What is on disk must be one run's: measured again, undisturbed, it gives the same numbers.
+    if reader == "eval":
+        recorded = _metrics(base / "metrics.json")
+        again = _run(EVAL_ARGS, cwd)
+        measured = _metrics(base / "metrics.json") if again.returncode == 0 else None
+    else:
+        result = base / "attacks" / "rtn-4bit-channel" / "metrics.json"
+        if not result.exists():
+            return Race(reader, round(delay, 2), proc.returncode, writer.returncode, state, "yes")
+        recorded = _metrics(result)
+        again = _run(ATTACK_ARGS, cwd)
+        measured = _metrics(result) if again.returncode == 0 else None
+    consistent = "yes" if _same(recorded, measured) else f"recorded {recorded} but measured {measured}"
+    return Race(reader, round(delay, 2), proc.returncode, writer.returncode, state, consistent)
+
+
 def make_tiny_model(folder: Path) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from transformers.utils import logging as hf_logging
@@ -152,6 +223,7 @@ def make_tiny_model(folder: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--races", type=int, default=0, help="race trials: eval or attack against an overwrite")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder (default: a temporary one)")
     args = parser.parse_args(argv)
@@ -164,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         if _run(run_args(model, "base"), cwd).returncode != 0:
             raise SystemExit("could not make the base run")
         lengths = {"run": duration(run_args(model, "victim-0"), cwd), "attack": duration(ATTACK_ARGS, cwd)}
-        print(f"undisturbed: run {lengths['run']:.1f} s, attack {lengths['attack']:.1f} s")
+        if args.races:
+            lengths["eval"] = duration(EVAL_ARGS, cwd)
+        print("undisturbed: " + ", ".join(f"{k} {v:.1f} s" for k, v in lengths.items()))
         results = []
         for i in range(args.trials):
             kind = "run" if i % 2 == 0 else "attack"
@@ -177,8 +251,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"{', reported the removal' if result.reported else ''}; "
                   f"after it {result.leftovers_after_next or 'clean'}"
                   f" -> {'pass' if result.passed else 'FAIL'}")
-        failed = sum(not r.passed for r in results)
-        print(f"{len(results) - failed}/{len(results)} trials passed")
+        races = []
+        for i in range(args.races):
+            reader = "eval" if i % 2 == 0 else "attack"
+            outcome = race(reader, rng.uniform(0.2, lengths[reader] * 1.05), model, cwd, i + 1)
+            races.append(outcome)
+            print(f"race {i + 1:2d} {reader:6s} paused at {outcome.delay:5.2f} s: reader exit {outcome.reader_code}, "
+                  f"overwrite exit {outcome.writer_code}; run {outcome.state}; one run's results: "
+                  f"{outcome.consistent} -> {'pass' if outcome.passed else 'FAIL'}")
+        failed = sum(not r.passed for r in [*results, *races])
+        total = len(results) + len(races)
+        print(f"{total - failed}/{total} trials passed")
         return 1 if failed else 0
 
 

@@ -146,6 +146,10 @@ def test_a_second_writer_on_the_same_run_is_refused(tmp_path):
     assert not runs.exists()  # locks go with their writers, and so does the folder they created
 
 
+def _age(path: Path) -> None:
+    os.utime(path, (time.time() - 3600, time.time() - 3600))
+
+
 def test_stale_staging_of_dead_writers_is_removed_and_live_ones_kept(tmp_path):
     from unlearn.locks import FileLock
     from unlearn.runs import MARKER as RUN_MARKER
@@ -162,27 +166,66 @@ def test_stale_staging_of_dead_writers_is_removed_and_live_ones_kept(tmp_path):
     assert holder.acquire()
     young = runs / ".staging-young-0000cccc"  # no marker yet: being created right now
     young.mkdir()
-    old = runs / ".staging-old-0000dddd"  # no marker and old: its writer died before writing one
+    old = runs / ".staging-old-0000dddd"  # no marker and old: nothing says it is ours, so it stays (with a note)
     old.mkdir()
-    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    _age(old)
     # An old folder moved aside for a replacement that never arrived (kill -9 between the two renames) is put
-    # back; one whose replacement is in place is garbage.
+    # back; one whose replacement is in place is garbage, when it is provably a toolkit folder.
     (runs / ".trash-orphan-0000eeee").mkdir()
     (runs / ".trash-orphan-0000eeee" / "metrics.json").write_text("{}")
     (runs / "replaced").mkdir()
     (runs / ".trash-replaced-0000ffff").mkdir()
-    gone = runs / ".gone.lock"  # a killed writer's lock file, unheld and old
-    gone.write_text("123\n")
-    os.utime(gone, (time.time() - 3600, time.time() - 3600))
+    (runs / ".trash-replaced-0000ffff" / RUN_MARKER).write_text("{}")
+    (runs / "kept").mkdir()
+    (runs / ".trash-kept-00001111").mkdir()  # no marker: not provably ours
+    dead_lock = runs / ".gone.lock"  # a killed writer's lock file, unheld and old
+    dead_lock.write_text("unlearn-lock 123\n")
+    _age(dead_lock)
     (runs / ".fresh.lock").write_text("")  # just created by a writer about to lock it: left alone
     (runs / ".staging-not-ours").mkdir()  # not a name this toolkit makes: never touched
     notes = clean_stale(runs)
     holder.release(unlink=False)
-    assert sorted(p.name for p in runs.iterdir()) == [".fresh.lock", ".staging-live-0000bbbb", ".staging-not-ours",
-                                                      ".staging-young-0000cccc", "orphan", "replaced"]
+    assert sorted(p.name for p in runs.iterdir()) == [
+        ".fresh.lock", ".staging-live-0000bbbb", ".staging-not-ours", ".staging-old-0000dddd",
+        ".staging-young-0000cccc", ".trash-kept-00001111", "kept", "orphan", "replaced"]
     assert (runs / "orphan" / "metrics.json").is_file()
-    assert len(notes) == 4 and any("1.0 MiB" in n and "staging-dead" in n for n in notes)
+    assert any("1.0 MiB" in n and "staging-dead" in n for n in notes)
     assert any(n.startswith("restored") and "orphan" in n for n in notes)
+    assert any("trash-replaced" in n and n.startswith("removed") for n in notes)
+    assert sum("no toolkit marker" in n for n in notes) == 2 and len(notes) == 5, notes
+
+
+def test_files_of_the_user_that_look_like_ours_are_left_with_a_note(tmp_path):
+    """`--output-dir proj` must not delete `proj/.notes.lock` or `proj/.staging-thesis-0badcafe/chapter1.txt`."""
+    proj = tmp_path / "proj"
+    thesis = proj / ".staging-thesis-0badcafe"
+    thesis.mkdir(parents=True)
+    (thesis / "chapter1.txt").write_text("years of work")
+    (proj / ".notes.lock").write_text("my notes")
+    (proj / ".old-run.lock").write_text("4242\n")  # a lock file of an older version: no marker, so not touched
+    for path in (thesis / "chapter1.txt", thesis, proj / ".notes.lock", proj / ".old-run.lock"):
+        _age(path)
+    code, out, err = call_main(["example-data", str(proj / "ex")], tmp_path)
+    assert code == 0, err
+    assert (thesis / "chapter1.txt").read_text() == "years of work"
+    assert (proj / ".notes.lock").read_text() == "my notes" and (proj / ".old-run.lock").is_file()
+    assert out.count("no toolkit marker") == 3, out
+
+
+def test_a_hard_link_at_a_lock_path_is_refused_and_its_target_kept(tmp_path):
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    os.link(precious, runs / ".victim.lock")
+    code, _, err = call_main(["run", "--method", "npo", "--optimizer", "adamw", "--name", "victim"], tmp_path)
+    assert code == 2 and "hard links" in err and ".victim.lock" in err, err
+    assert precious.read_text() == "keep me"
+    _age(runs / ".victim.lock")
+    from unlearn.runs import clean_stale
+
+    notes = clean_stale(runs)  # a clean-up leaves it too
+    assert precious.read_text() == "keep me" and (runs / ".victim.lock").exists() and "no toolkit marker" in notes[0]
 
 
 def test_lock_files_are_never_followed_through_a_symlink(tmp_path):
@@ -289,3 +332,42 @@ def test_a_received_folder_cannot_redirect_our_writes(tmp_path):
     assert victim.read_text() == "keep me"
     report = tmp_path / "runs" / "report.md"
     assert not report.is_symlink() and "| received |" in report.read_text()
+
+
+@pytest.mark.parametrize("reader", ["eval", "attack"])
+def test_an_overwrite_is_refused_while_eval_or_attack_holds_the_run(tmp_path, tiny_model_dir, reader):
+    """The issue's race: `eval --run runs/W` (or `attack --run`) is paused mid-way, `run --name W --overwrite`
+    is given meanwhile, then the reader resumes. The overwrite is refused in one line; the reader finishes; what is
+    on disk is one run's results (measured again, undisturbed, the same numbers)."""
+    from tests.kill_trials import ATTACK_ARGS, EVAL_ARGS, _metrics, _same, run_args
+
+    cache = tmp_path / "cache"
+    env = {**os.environ, "UNLEARN_CACHE": str(cache), "UNLEARN_THREADS": "1"}
+    made = subprocess.run([sys.executable, "-m", "unlearn.cli", *run_args(tiny_model_dir, "base")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    lock = tmp_path / "runs" / ".base.lock"
+    proc = _start(EVAL_ARGS if reader == "eval" else ATTACK_ARGS, tmp_path, cache)
+    try:
+        _wait_for(lambda: lock.exists() or proc.poll() is not None)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGSTOP)
+        writer = subprocess.run([sys.executable, "-m", "unlearn.cli",
+                                 *run_args(tiny_model_dir, "base", steps=10, seed=5)],
+                                cwd=tmp_path, env=env, capture_output=True, text=True)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert writer.returncode == 2, writer.stderr
+    assert writer.stderr.strip().splitlines() == [
+        "error: runs/base is being read by another process (an eval, attack or report of it); "
+        "wait for it to finish or choose another name"]
+    record = tmp_path / "runs" / "base" / ("metrics.json" if reader == "eval"
+                                           else "attacks/rtn-4bit-channel/metrics.json")
+    before = _metrics(record)
+    again = subprocess.run([sys.executable, "-m", "unlearn.cli", *(EVAL_ARGS if reader == "eval" else ATTACK_ARGS)],
+                           cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert _same(before, _metrics(record))
+    assert not lock.exists()  # the last reader removes it

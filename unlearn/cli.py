@@ -267,6 +267,17 @@ def _subject(run_dir: Path | None, model: str | None, config: Path | None, set_:
                    placement=resolve(device or "auto", dtype or "auto"))
 
 
+def _held(run_dir: Path | None):
+    """The run folder held against replacement for a block (eval, attack); nothing to hold for a bare model."""
+    from contextlib import nullcontext
+
+    from unlearn.locks import hold
+
+    if run_dir is None or not run_dir.resolve().parent.is_dir():
+        return nullcontext()  # a missing folder is reported by the subject check, with nothing created
+    return hold(run_dir.resolve())
+
+
 def _print_metrics(metrics: dict[str, float], task: Task | None = None) -> None:
     """One metric per line with its unit (benchmarks report on different scales: MUSE ×100, accuracies 0-1)."""
     for key, value in metrics.items():
@@ -318,19 +329,21 @@ def eval_(
     from unlearn.models import load_model
 
     samples_file = _samples_path(log_samples, samples_path, run_dir)
-    subject = _subject(run_dir, model, config, set_, benchmark, _benchmark_flags(data, engine, openqa, judge),
-                       trust_remote_code, device, dtype)
-    for note in subject.task.notes:
-        console.print(f"note: {note}")
-    _setup_torch()
-    started = time.perf_counter()
-    loaded = load_model(subject.model_spec, trust_remote_code=trust_remote_code, placement=subject.placement)
-    with collect_samples() if samples_file is not None else nullcontext([]) as samples:
-        metrics = subject.task.evaluate(loaded.model, loaded.tokenizer, subject.eval_settings, progress=not quiet)
-    if subject.run_dir is not None:
-        path = subject.run_dir / "metrics.json"
-        write_json_atomic(path, (read_json(path) if path.is_file() else {})
-                          | {"metrics": metrics, "declared": [m.to_dict() for m in subject.task.metrics]})
+    with _held(run_dir):  # read, evaluated and rewritten as one run: no overwrite can slip in between
+        subject = _subject(run_dir, model, config, set_, benchmark, _benchmark_flags(data, engine, openqa, judge),
+                           trust_remote_code, device, dtype)
+        for note in subject.task.notes:
+            console.print(f"note: {note}")
+        _setup_torch()
+        started = time.perf_counter()
+        loaded = load_model(subject.model_spec, trust_remote_code=trust_remote_code, placement=subject.placement)
+        with collect_samples() if samples_file is not None else nullcontext([]) as samples:
+            metrics = subject.task.evaluate(loaded.model, loaded.tokenizer, subject.eval_settings,
+                                            progress=not quiet)
+        if subject.run_dir is not None:
+            path = subject.run_dir / "metrics.json"
+            write_json_atomic(path, (read_json(path) if path.is_file() else {})
+                              | {"metrics": metrics, "declared": [m.to_dict() for m in subject.task.metrics]})
     _print_metrics(metrics, subject.task)
     if samples_file is not None:
         write_jsonl_atomic(samples_file, samples)
@@ -407,12 +420,13 @@ def attack(
     name, component, settings = attack_settings(name, flags, attack_sets)
     if run_dir is not None and other_sets:
         raise UserError("a run is attacked on its own benchmark: --set goes with --model (or use attack.KEY=VALUE)")
-    subject = _subject(run_dir, model, config, other_sets, benchmark, {"benchmark.data": _path_or_name(data)},
-                       trust_remote_code, device, dtype)
-    _setup_torch()
-    if subject.collapse:
-        console.print(f"warning: {run_dir} collapsed ({'; '.join(subject.collapse)}); {COLLAPSED_NOTE}")
-    record, folder = run_attack(subject, name, component, settings, progress=not quiet)
+    with _held(run_dir):  # the run attacked is the run the result is filed under
+        subject = _subject(run_dir, model, config, other_sets, benchmark, {"benchmark.data": _path_or_name(data)},
+                           trust_remote_code, device, dtype)
+        _setup_torch()
+        if subject.collapse:
+            console.print(f"warning: {run_dir} collapsed ({'; '.join(subject.collapse)}); {COLLAPSED_NOTE}")
+        record, folder = run_attack(subject, name, component, settings, progress=not quiet)
     if record.curve:
         keys = [k for k in record.curve[0] if k != "step"]
         for point in record.curve:
@@ -447,7 +461,10 @@ def report(
     """One Markdown row per run (printed, and saved as report.md) plus the same as CSV."""
     from unlearn.recipes.report import write_report
 
-    table, written = write_report(runs_dir, csv_path)
+    notes: list[str] = []
+    table, written = write_report(runs_dir, csv_path, notes)
+    for note in notes:
+        console.print(f"note: {note}")
     print(table)
     console.print("wrote " + ", ".join(str(p) for p in written))
 

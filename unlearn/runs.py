@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,10 @@ LEGACY_ENTRIES = {"config.yaml", "metrics.json", "log.jsonl", "model", "attacks"
 # A staging folder without a marker is being created right now, unless it is older than this.
 _UNMARKED_GRACE_S = 60.0
 MAX_NAME_LENGTH = 200
+
+
+def print_note(text: str) -> None:
+    print(f"note: {text}", flush=True)
 
 
 def check_name(name: Any, what: str = "run name") -> str:
@@ -83,28 +87,32 @@ def _size(path: Path) -> int:
     return total
 
 
-def _is_stale(staging: Path) -> bool:
+def _staging_state(staging: Path) -> str:
+    """"stale" (its writer is gone), "live", "young" (being created: no marker yet) or "foreign" (no marker and
+    old: nothing says this toolkit made it, so it is not ours to delete)."""
     marker = staging / MARKER
-    if not marker.exists():
-        try:
-            return time.time() - staging.stat().st_mtime > _UNMARKED_GRACE_S
-        except FileNotFoundError:
-            return False
-    lock = FileLock(marker, create=False)
-    if not lock.acquire():
-        return False  # its writer is alive
+    if marker.is_symlink() or not marker.is_file():
+        return "young" if not _older_than_grace(staging) else "foreign"
+    try:
+        lock = FileLock(marker, create=False)
+        if not lock.acquire():
+            return "live"
+    except UserError:
+        return "foreign"  # a marker that is a link is not one we wrote
     lock.release(unlink=False)
-    return True
+    return "stale"
 
 
 _LEFTOVER = re.compile(r"^\.(staging|trash)-(.+)-[0-9a-f]{8}$")
 _LOCK_FILE = re.compile(r"^\.(.+)\.lock$")
+_NOT_OURS = "has no toolkit marker, so it may be yours: left as it is"
 
 
 def clean_stale(parent: Path) -> list[str]:
     """Tidy what dead writers left in `parent`, one note each: their staging folders are removed, an old folder
-    moved aside for a replacement that never arrived is put back, and old unheld lock files go. Only names
-    this module makes are touched (`parent` may be any folder a config names)."""
+    moved aside for a replacement that never arrived is put back, and old unheld lock files go. Only what provably
+    came from this toolkit is touched (a name this module makes *and* its marker): `parent` may be any folder a
+    config names, and a user's `.notes.lock` or `.staging-thesis-0badcafe/` is left, with a note."""
     notes: list[str] = []
     if not parent.is_dir():
         return notes
@@ -112,25 +120,46 @@ def clean_stale(parent: Path) -> list[str]:
         leftover, lock_file = _LEFTOVER.match(entry.name), _LOCK_FILE.match(entry.name)
         if leftover and entry.is_dir() and not entry.is_symlink():
             kind, name = leftover.groups()
-            home = parent / name
-            if kind == "trash" and not (home.exists() or home.is_symlink()):
-                owner = FileLock(lock_path(home))
-                if owner.acquire():  # nobody is in the middle of replacing it
-                    with suppress(OSError):
-                        entry.rename(home)
-                        notes.append(f"restored {home} (its replacement was interrupted before it was in place)")
-                    owner.release(unlink=True)
-                continue
-            if kind == "staging" and not _is_stale(entry):
-                continue
+            if kind == "trash":
+                if not replaceable(entry):
+                    notes.append(f"{entry} {_NOT_OURS}")
+                    continue
+                home = parent / name
+                if not (home.exists() or home.is_symlink()):
+                    owner = FileLock(lock_path(home))
+                    if owner.acquire():  # nobody is in the middle of replacing it
+                        with suppress(OSError):
+                            entry.rename(home)
+                            notes.append(f"restored {home} (its replacement was interrupted before it was in place)")
+                        owner.release(unlink=True)
+                    continue
+            else:
+                state = _staging_state(entry)
+                if state == "foreign":
+                    notes.append(f"{entry} {_NOT_OURS}")
+                if state != "stale":
+                    continue
             size = _size(entry)
             shutil.rmtree(entry, ignore_errors=True)
             notes.append(f"removed {entry} ({size / 2**20:.1f} MiB), left by a writer that was interrupted or killed")
-        elif lock_file and entry.is_file() and not entry.is_symlink() and _older_than_grace(entry):
-            lock = FileLock(entry)
-            if lock.acquire():  # nobody holds it: a killed writer's; removing it under the lock is race-free
-                lock.release(unlink=True)
+        elif lock_file and not entry.is_symlink() and entry.is_file() and _older_than_grace(entry):
+            note = _remove_dead_lock(entry)
+            if note:
+                notes.append(note)
     return notes
+
+
+def _remove_dead_lock(path: Path) -> str:
+    """Remove a killed writer's lock file; "" when done or when it is held, a note when it is not ours."""
+    lock = FileLock(path, create=False)
+    try:
+        if not lock.marked():
+            return f"{path} {_NOT_OURS}"
+        if lock.acquire():  # nobody holds it: a killed writer's; removing it under the lock is race-free
+            lock.release(unlink=True)
+    except UserError:
+        return f"{path} {_NOT_OURS}"  # a link, not a lock file we made
+    return ""
 
 
 def _older_than_grace(path: Path) -> bool:
@@ -234,21 +263,27 @@ def _has_checkpoint(staging: Path) -> bool:
 
 @contextmanager
 def staged_dir(final: Path, overwrite: bool = False, claimed: bool = False, kind: str = "run",
-               resumable: bool = False, resume: bool = False) -> Iterator[Path]:
+               resumable: bool = False, resume: bool = False,
+               log: Callable[[str], None] = print_note) -> Iterator[Path]:
     """Yield a staging folder; on success it replaces `final` atomically. `claimed`: the caller already holds
-    `final`'s lock (open_run_dir). `resumable`: stage in `.partial-NAME`, kept with its checkpoints when the
+    `final`'s lock (open_run_dir). What the clean-up of `final`'s parent did or left goes to `log`. `resumable`: stage in `.partial-NAME`, kept with its checkpoints when the
     write fails or is interrupted (and removed without them); `resume`: continue in the one a killed or
     interrupted run left (the caller holds `final`'s lock, so its writer is gone)."""
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
     with nullcontext() if claimed else claim(final):
-        clean_stale(parent)
+        for note in clean_stale(parent):
+            log(note)
         if final.exists() or final.is_symlink():
             if not overwrite:
                 raise UserError(f"{final} already exists")
             _refuse_replacing(final)
         if overwrite and not resume and _taken(partial_dir(final)):
-            shutil.rmtree(partial_dir(final))  # --overwrite of an interrupted run: start it over
+            partial = partial_dir(final)
+            if partial.is_symlink() or not (partial.is_dir() and ((partial / MARKER).is_file()
+                                                                  or (partial / CHECKPOINTS).is_dir())):
+                raise UserError(f"{partial} {_NOT_OURS}; remove it yourself to reuse the name {final.name!r}")
+            shutil.rmtree(partial)  # --overwrite of an interrupted run: start it over
         if resumable:
             staging = partial_dir(final)
             if resume and not staging.is_dir():

@@ -350,7 +350,9 @@ def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrit
 
     requests = task.stages or [Stage("forget", task.forget)]
     resumable = cfg.train.save_every > 0
-    staging = staged_dir(final, overwrite=overwrite, claimed=True, resumable=resumable, resume=resume) if main \
+    # The output folder's clean-up notes were said when the name was claimed (open_run_dir).
+    staging = staged_dir(final, overwrite=overwrite, claimed=True, resumable=resumable, resume=resume,
+                         log=lambda _note: None) if main \
         else nullcontext(partial_dir(final))
     with staging as stage_dir:
         point = _resume_point(stage_dir) if resume else None

@@ -23,6 +23,7 @@ from typing import Any
 from unlearn.config import read_yaml
 from unlearn.errors import UserError
 from unlearn.files import write_atomic, write_text_atomic
+from unlearn.locks import Busy, hold
 from unlearn.results import AttackRecord, RunRecord, describe_lr, read_attack, read_run
 from unlearn.task import Metric, declaration
 
@@ -39,21 +40,45 @@ def _folders(parent: Path) -> list[Path]:
     return sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def find_runs(runs_dir: Path) -> list[Found]:
+def find_runs(runs_dir: Path, notes: list[str] | None = None) -> list[Found]:
+    """Every finished run under `runs_dir`, each read while held (so none is replaced half-read); a run another
+    process is writing right now is left out, with a note in `notes`."""
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise UserError(f"runs folder {runs_dir} is a file, not a folder")
     if not runs_dir.is_dir():
         raise UserError(f"runs folder {runs_dir} does not exist")
     found = []
     for folder in _folders(runs_dir):
-        if not (folder / "metrics.json").is_file():
+        try:
+            with hold(folder.resolve()):
+                run = _read_found(folder)
+        except Busy as err:
+            if notes is not None:
+                notes.append(f"left out {folder.name}: {err}")
             continue
-        attacks_dir = folder / "attacks"
-        attacks = [read_attack(a / "metrics.json", a.name) for a in _folders(attacks_dir)
-                   if (a / "metrics.json").is_file()] if attacks_dir.is_dir() else []
-        config = read_yaml(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
-        found.append(Found(folder.name, read_run(folder / "metrics.json"), attacks, config))
+        if run is not None:
+            found.append(run)
     if not found:
         raise UserError(f"no runs with metrics.json under {runs_dir}")
     return found
+
+
+def _read_found(folder: Path) -> Found | None:
+    if not (folder / "metrics.json").is_file():
+        return None
+    attacks_dir = folder / "attacks"
+    attacks = [read_attack(a / "metrics.json", a.name) for a in _folders(attacks_dir)
+               if (a / "metrics.json").is_file()] if attacks_dir.is_dir() else []
+    config = read_yaml(folder / "config.yaml") if (folder / "config.yaml").is_file() else {}
+    return Found(folder.name, read_run(folder / "metrics.json"), attacks, config)
+
+
+def check_csv_path(csv_path: Path) -> None:
+    """The --csv file can be written: checked before any work (a folder or a missing folder is one line)."""
+    if csv_path.is_dir():
+        raise UserError(f"--csv {csv_path} is a folder; give a file name (e.g. {csv_path / 'report.csv'})")
+    if not csv_path.parent.is_dir():
+        raise UserError(f"--csv: folder {csv_path.parent} does not exist")
 
 
 def _declared(record: RunRecord) -> list[Metric]:
@@ -250,9 +275,13 @@ def plot_curves(panels: dict[str, tuple[Metric | None, dict[str, list[tuple[int,
     plt.close(fig)
 
 
-def write_report(runs_dir: Path, csv_path: Path | None = None) -> tuple[str, list[Path]]:
-    """Both tables as Markdown (returned, and saved with the plot as report.md) and as CSV."""
-    found = find_runs(runs_dir)
+def write_report(runs_dir: Path, csv_path: Path | None = None,
+                 notes: list[str] | None = None) -> tuple[str, list[Path]]:
+    """Both tables as Markdown (returned, and saved with the plot as report.md) and as CSV; runs left out because
+    another process is writing them are named in `notes`."""
+    if csv_path is not None:
+        check_csv_path(csv_path)
+    found = find_runs(runs_dir, notes)
     runs, attacks = runs_table(found), attacks_table(found)
     text = markdown(runs)
     csv_file = csv_path or runs_dir / "report.csv"

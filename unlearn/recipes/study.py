@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unlearn.files import writable_dir, write_text_atomic
+from unlearn.locks import claim
 from unlearn.recipes.study_plan import STUDY_FILE, Study
 from unlearn.recipes.study_summary import csv_text, plots, summary_markdown
 from unlearn.recipes.study_workers import Job, JobAttack, JobOptions, prepare_targets, run_jobs
@@ -39,6 +40,13 @@ def run_study(study: Study, progress: bool = True, log: Callable[[str], None] = 
     """`workers` > 1 runs that many cells (or calibration trials) at once, each in its own process with its share
     of the CPU threads (unlearn/recipes/study_workers.py)."""
     writable_dir(study.folder.parent, "study output folder")
+    # One study process per folder: a second one would train the same cells again and leave duplicates.
+    with claim(study.folder):
+        return _run_study(study, progress, log, trust_remote_code, workers)
+
+
+def _run_study(study: Study, progress: bool, log: Callable[[str], None], trust_remote_code: bool,
+               workers: int) -> StudyOutcome:
     study.runs_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(study.folder / STUDY_FILE, study.path.read_text())  # what this study was run from
     options = JobOptions(progress, trust_remote_code)
