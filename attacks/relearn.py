@@ -26,7 +26,7 @@ from unlearn.objectives import LanguageModeling
 from unlearn.optim import build_optimizer
 from unlearn.optim.rounding import use_precision
 from unlearn.placement import CPU_FP32, Placement
-from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Limit, setting
+from unlearn.settings import AT_LEAST_ONE, POSITIVE, SEED, Limit, setting
 from unlearn.task import RelearnPlan
 from unlearn.train import train
 
@@ -43,7 +43,7 @@ class RelearnSettings:
     lora_rank: int = setting(16, limit=AT_LEAST_ONE)
     domain: str = setting("forget", limit=Limit(choices=DOMAINS))  # "retain" = out-of-domain: retain text
     checkpoints: list[int] = setting(default_factory=lambda: [0, 10, 25, 50, 100])
-    seed: int | None = setting(None, limit=NON_NEGATIVE)  # None: the attacked run's train.seed (0 for a model)
+    seed: int | None = setting(None, limit=SEED)  # None: the attacked run's train.seed (0 for a model)
 
     def __post_init__(self) -> None:
         if any(c < 0 for c in self.checkpoints):

@@ -14,7 +14,7 @@ from typing import Any
 
 from unlearn.data import MCQ
 from unlearn.errors import UserError
-from unlearn.files import read_text
+from unlearn.files import loads_json, read_text
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 
@@ -25,7 +25,7 @@ def _read_jsonl(path: Path) -> list[Any]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append(loads_json(line, f"{path}: line {number}"))
         except json.JSONDecodeError as err:
             raise UserError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
     return records
@@ -33,7 +33,7 @@ def _read_jsonl(path: Path) -> list[Any]:
 
 def _read_json(path: Path) -> list[Any]:
     try:
-        data = json.loads(read_text(path, "data file"))
+        data = loads_json(read_text(path, "data file"), str(path))
     except json.JSONDecodeError as err:
         raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     if not isinstance(data, list):
@@ -57,6 +57,8 @@ _READERS: dict[str, Callable[[Path], list[Any]]] = {
 def read_records(path: Path) -> list[Any]:
     """The records of a jsonl, json (a list) or parquet file; a one-line ``UserError`` otherwise."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path}: not a regular file")
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     reader = _READERS.get(path.suffix.lower())

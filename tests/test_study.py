@@ -305,3 +305,19 @@ def test_the_shipped_study_files_plan_and_check_every_cell(name: str) -> None:
         assert len(study.settings.seeds) >= 3 and {m.label for m in study.methods} == {"npo", "graddiff"}
         zo = study.configs[next(c.name for c in study.cells if c.optimizer.label == "zo")]
         assert zo.train.max_steps >= 5000 and zo.train.save_every > 0
+
+
+def test_a_second_study_on_the_same_folder_is_refused_before_it_trains(tmp_path, tiny_model_dir):
+    """Two `unlearn study` on one file: the second used to train a duplicate cell, fail, and leave a stray
+    `runs/npo-adamw-s0-2`. Now it is refused at once while the first holds the study folder."""
+    from unlearn.locks import claim
+
+    path = _study(tmp_path, tiny_model_dir, seeds=[0])
+    folder = tmp_path / "studies" / "tiny"
+    with claim(folder):  # what a live study holds for its whole length
+        result = cli("study", str(path), "-q", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {folder} is being written by another process (pid {os.getpid()}); wait for it to finish or "
+        "choose another name"]
+    assert not folder.exists()

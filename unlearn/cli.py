@@ -30,9 +30,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console(soft_wrap=True, markup=False, emoji=False, highlight=False)
 
 
+MAX_ERROR_CHARACTERS = 1000  # values inside are already cut (unlearn.errors.shown); this bounds the rest
+
+
 def _fail(message: str, code: int) -> None:
     # Plain print, not rich: errors must stay on one line whatever the terminal width.
-    print(f"error: {message}", file=sys.stderr)
+    line = " ".join(message.split()) or "error"
+    if len(line) > MAX_ERROR_CHARACTERS:
+        line = line[:MAX_ERROR_CHARACTERS] + f"... ({len(line) - MAX_ERROR_CHARACTERS} more characters)"
+    print(f"error: {line}", file=sys.stderr)
     sys.exit(code)
 
 

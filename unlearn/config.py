@@ -17,10 +17,11 @@ from typing import Any
 
 import yaml
 
-from unlearn.errors import UserError
-from unlearn.files import read_text
+from unlearn.errors import UserError, shown
+from unlearn.files import MAX_DEPTH, read_text
+from unlearn.registry import registry_of
 from unlearn.runs import check_name
-from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, Limit, from_mapping, key_list, setting, unknown_keys
+from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, SEED, Limit, from_mapping, key_list, setting, unknown_keys
 from unlearn.stopping import StopRule
 
 
@@ -35,9 +36,24 @@ def _config_dir() -> Path:
 CONFIG_DIR = _config_dir()
 
 
+# Values a YAML document may expand to once its aliases are followed: a config holds hundreds; a 400-byte "billion
+# laughs" file (aliases of aliases) holds 10^9 and exhausts memory when anything walks it.
+MAX_YAML_VALUES = 100_000
+MAX_KEY_PARTS = 16  # of a dotted --set key (settings nest 3 deep)
+
+
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads `1e-5` as a string (it wants `1.0e-5`); learning rates are written the
-    short way, so floats in scientific notation without a dot are resolved as floats too."""
+    short way, so floats in scientific notation without a dot are resolved as floats too.
+    Documents are checked before they become Python objects: aliases may not expand past MAX_YAML_VALUES values
+    nor refer to themselves, and nesting may not pass MAX_DEPTH."""
+
+    def get_single_data(self):  # noqa: ANN201 - PyYAML's signature
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return self.construct_document(node)
 
 
 _Loader.add_implicit_resolver(
@@ -47,8 +63,54 @@ _Loader.add_implicit_resolver(
 )
 
 
+class _TooBig(yaml.YAMLError):
+    pass
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Count the values `root` stands for with every alias followed, and its depth, without expanding anything
+    (each node is counted once and its total reused) and without recursion."""
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if done:
+            open_.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            depth[key] = 1 + max((depth[id(c)] for c in children), default=0)
+            if size[key] > MAX_YAML_VALUES:
+                raise _TooBig(f"its aliases expand to more than {MAX_YAML_VALUES:,} values")
+            if depth[key] > MAX_DEPTH:
+                raise _TooBig(f"it nests deeper than {MAX_DEPTH} levels")
+            continue
+        if key in size:
+            continue
+        if key in open_:
+            raise _TooBig("an alias refers to the value that contains it")
+        open_.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in size)
+    return None
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
 def parse_yaml(text: str):
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    """YAML text as Python values, bounded (see _Loader); raises yaml.YAMLError for anything refused."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise _TooBig(f"it nests deeper than {MAX_DEPTH} levels") from None
 
 
 EVAL_ENGINES = ("lm-eval", "native")
@@ -59,7 +121,7 @@ PARALLEL = ("data", "fsdp")
 class TrainConfig:
     max_steps: int = setting(60, limit=AT_LEAST_ONE)
     batch_size: int = setting(8, limit=AT_LEAST_ONE)
-    seed: int = setting(0, limit=NON_NEGATIVE)
+    seed: int = setting(0, limit=SEED)
     lora_rank: int = setting(0, limit=NON_NEGATIVE)  # > 0: train LoRA adapters of this rank, not the weights
     # Micro-batches per step: batch_size rows are split into grad_accum x processes equal shards, so the same
     # batch_size gives the same steps on one process or eight (see unlearn/train.py).
@@ -127,11 +189,13 @@ class RunConfig:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"config file {path} does not exist")
     text = read_text(path, "config file")
     try:
         data = parse_yaml(text)
+    except _TooBig as err:
+        raise UserError(f"config file {path} is refused: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -158,12 +222,17 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """`train.max_steps=100` -> raw["train"]["max_steps"] = 100 (value parsed as YAML)."""
     key, sep, text = assignment.partition("=")
     if not sep or not key.strip():
-        raise UserError(f"--set expects key.path=value, got '{assignment}'")
+        raise UserError(f"--set expects key.path=value, got {shown(assignment)}")
+    parts = key.strip().split(".")
+    if len(parts) > MAX_KEY_PARTS:
+        raise UserError(f"--set {shown(key)}: a key has at most {MAX_KEY_PARTS} parts, this one {len(parts)}")
     try:
         value = parse_yaml(text)
+    except _TooBig as err:
+        raise UserError(f"--set {shown(key)}: value refused: {err}") from None
     except yaml.YAMLError:
-        raise UserError(f"--set {key}: cannot parse value '{text}'") from None
-    set_path(raw, key.strip(), value, where=f"--set {key}")
+        raise UserError(f"--set {shown(key)}: cannot parse value {shown(text)}") from None
+    set_path(raw, key.strip(), value, where=f"--set {shown(key)}")
 
 
 def set_path(raw: dict[str, Any], key: str, value: Any, where: str | None = None) -> None:
@@ -198,10 +267,21 @@ def _chosen(kind: str, name: str | None, *layers: dict[str, Any]) -> str:
     return chosen
 
 
+def defaults_files(kind: str) -> dict[str, Path]:
+    """Component name -> its defaults file, from a listing of configs/<kind>/: a name is looked up here, never
+    joined into a path (`--method ../../x` would otherwise read any YAML file on disk)."""
+    folder = CONFIG_DIR / kind
+    return {p.stem: p for p in sorted(folder.glob("*.yaml")) if p.is_file()} if folder.is_dir() else {}
+
+
 def component_defaults(kind: str, name: str) -> dict[str, Any]:
-    """configs/<kind>/<name>.yaml (empty when the component has no defaults file)."""
-    path = CONFIG_DIR / kind / f"{name}.yaml"
-    return read_yaml(path) if path.is_file() else {}
+    """configs/<kind>/<name>.yaml for the component `name` names (an alias: its canonical name's), or {} when it
+    has none; an unknown name is the registry's to report."""
+    registry = registry_of(kind)
+    if registry is not None and name in registry:
+        name = registry.canonical(name)
+    path = defaults_files(kind).get(name) if isinstance(name, str) else None
+    return read_yaml(path) if path is not None else {}
 
 
 def _component(kind: str, name: str | None, *layers: dict[str, Any]) -> dict[str, Any]:

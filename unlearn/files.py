@@ -13,6 +13,44 @@ import yaml
 
 from unlearn.errors import UserError
 
+# Deepest nesting accepted in a JSON or YAML input: every file of this toolkit nests a few levels; a file nested
+# 100,000 deep (200 KB) would otherwise exhaust the stack of the parser or of whatever walks the result.
+MAX_DEPTH = 64
+
+
+def nesting_depth(data: Any, limit: int = MAX_DEPTH) -> int:
+    """How deep `data` nests (lists and mappings), counted without recursion; stops counting past `limit`."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children = list(node.values())
+        elif isinstance(node, list | tuple):
+            children = list(node)
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend((c, depth + 1) for c in children)
+    return deepest
+
+
+def check_depth(data: Any, where: str) -> Any:
+    if nesting_depth(data) > MAX_DEPTH:
+        raise UserError(f"{where} nests deeper than {MAX_DEPTH} levels")
+    return data
+
+
+def loads_json(text: str, where: str) -> Any:
+    """json.loads, with nesting bounded: a one-line UserError instead of a RecursionError (malformed JSON still
+    raises json.JSONDecodeError, for the caller's own message)."""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise UserError(f"{where} nests deeper than {MAX_DEPTH} levels") from None
+    return check_depth(data, where)
+
 
 def writable_dir(path: Path, what: str) -> Path:
     """Create `path` if needed and prove it takes files (a probe file, since root passes every access check)."""
@@ -29,7 +67,11 @@ def writable_dir(path: Path, what: str) -> Path:
 
 
 def read_text(path: Path, what: str = "file") -> str:
-    """A UTF-8 text file's contents; one-line UserError for a missing, unreadable or non-UTF-8 file."""
+    """A UTF-8 text file's contents; one-line UserError for a missing, unreadable or non-UTF-8 file, or for
+    something that is not a regular file (a FIFO would block the read forever)."""
+    path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise UserError(f"{what} {path} is not a regular file")
     try:
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -75,7 +117,7 @@ def write_yaml(path: Path, data: Any) -> None:
 def read_json(path: Path) -> dict[str, Any]:
     text = read_text(path)
     try:
-        data = json.loads(text)
+        data = loads_json(text, str(path))
     except json.JSONDecodeError as err:
         raise UserError(f"malformed JSON in {path} (line {err.lineno}): {err.msg}") from None
     if not isinstance(data, dict):

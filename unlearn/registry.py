@@ -20,6 +20,14 @@ class UnknownName(UserError, ValueError):
     builders that report every bad option as one (build_optimizer, build_objective)."""
 
 
+_BY_KIND: dict[str, Registry] = {}
+
+
+def registry_of(kind: str) -> Registry | None:
+    """The registry of one kind of component ("method", "optimizer", ...), once its module is imported."""
+    return _BY_KIND.get(kind)
+
+
 class Registry(Mapping[str, T], Generic[T]):
     """name -> component. Iterating gives the canonical names; lookups also accept aliases."""
 
@@ -28,6 +36,7 @@ class Registry(Mapping[str, T], Generic[T]):
         self._check = check  # what every member must declare (e.g. an optimizer's grade); raises TypeError
         self._members: dict[str, T] = {}
         self._aliases: dict[str, str] = {}
+        _BY_KIND[kind] = self
 
     def register(self, name: str, *aliases: str) -> Callable[[T], T]:
         def add(component: T) -> T:

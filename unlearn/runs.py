@@ -266,7 +266,8 @@ def staged_dir(final: Path, overwrite: bool = False, claimed: bool = False, kind
                resumable: bool = False, resume: bool = False,
                log: Callable[[str], None] = print_note) -> Iterator[Path]:
     """Yield a staging folder; on success it replaces `final` atomically. `claimed`: the caller already holds
-    `final`'s lock (open_run_dir). What the clean-up of `final`'s parent did or left goes to `log`. `resumable`: stage in `.partial-NAME`, kept with its checkpoints when the
+    `final`'s lock (open_run_dir). What the clean-up of `final`'s parent did or left goes to `log`.
+    `resumable`: stage in `.partial-NAME`, kept with its checkpoints when the
     write fails or is interrupted (and removed without them); `resume`: continue in the one a killed or
     interrupted run left (the caller holds `final`'s lock, so its writer is gone)."""
     parent = final.parent

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, TypeVar, Union
 
-from unlearn.errors import UserError
+from unlearn.errors import UserError, shown
 
 
 class SettingError(ValueError):
@@ -52,7 +52,8 @@ class Limit:
 def key_list(keys) -> str:
     """Keys from a config for a one-line message: plain names as they are, anything else (a key with a newline,
     a number, null) as its repr, so the message stays one line and never fails on a non-string key."""
-    return ", ".join(sorted(k if isinstance(k, str) and k.isidentifier() else repr(k) for k in keys))
+    names = sorted(k if isinstance(k, str) and k.isidentifier() and len(k) <= 60 else shown(k) for k in keys)
+    return ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
 
 
 def unknown_keys(data: Mapping[Any, Any], known) -> list[Any]:
@@ -65,6 +66,8 @@ def _num(value: float) -> str:
 
 POSITIVE = Limit(gt=0)
 NON_NEGATIVE = Limit(ge=0)
+# Seeds: the range every generator they reach takes (numpy's legacy seeding stops at 2**32 - 1).
+SEED = Limit(ge=0, le=2**32 - 1)
 AT_LEAST_ONE = Limit(ge=1)
 UNIT_OPEN = Limit(ge=0, lt=1)
 
@@ -73,7 +76,7 @@ def check_int(name: str, value: Any, minimum: int = 1) -> None:
     """One-line SettingError (a ValueError) unless ``value`` is an integer (not a bool) >= ``minimum``: counts,
     ranks, periods, limits."""
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise SettingError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise SettingError(f"{name} must be an integer >= {minimum}, got {shown(value)}")
 
 
 def setting(default: Any = MISSING, *, limit: Limit | None = None, default_factory: Any = MISSING) -> Any:
@@ -164,10 +167,10 @@ def check_value(key: str, value: Any, annotation: Any, limit: Limit | None = Non
         wanted = describe_type(annotation)
         if limit and limit.choices is None and limit.describe():
             wanted += " " + limit.describe()
-        raise SettingError(f"{key} must be {wanted}, got {value!r}")
+        raise SettingError(f"{key} must be {wanted}, got {shown(value)}")
     if limit is not None and not limit.ok(value):
         wanted = limit.describe() if limit.choices is not None else f"{describe_type(annotation)} {limit.describe()}"
-        raise SettingError(f"{key} must be {wanted}, got {value!r}")
+        raise SettingError(f"{key} must be {wanted}, got {shown(value)}")
     return value
 
 
@@ -184,7 +187,7 @@ def from_mapping(cls: type[Settings], data: Any, section: str, owner: str | None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise UserError(f"config section '{section}' must be a mapping, got {data!r}")
+        raise UserError(f"config section '{section}' must be a mapping, got {shown(data)}")
     data = {k: v for k, v in data.items() if k not in ignore}
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
     unknown = unknown_keys(data, known)

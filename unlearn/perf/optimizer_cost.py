@@ -33,9 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from unlearn.config import CONFIG_DIR
+from unlearn.config import component_defaults
 
 BATCH = 8
 # Schedules are timed over whole periods so the mean is the true cost per step.
@@ -138,7 +137,7 @@ def measure(name: str, steps: int, model_id: str, device: str, repeats: int) -> 
         return closure()
 
     def build() -> torch.optim.Optimizer:
-        options = yaml.safe_load((CONFIG_DIR / "optimizer" / f"{name}.yaml").read_text()) or {}
+        options = component_defaults("optimizer", name)
         options.update(OVERRIDES.get(name, {}))
         if "total_steps" in inspect.signature(OPTIMIZERS[name]).parameters:
             options.setdefault("total_steps", steps + 1)

@@ -209,8 +209,8 @@ def _truncate_log(path: Path, steps: int) -> None:
     for line in path.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by the kill
+        except (ValueError, RecursionError):
+            continue  # a line cut short by the kill (or one nobody could have logged)
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= steps:
             kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))

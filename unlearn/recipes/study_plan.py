@@ -10,12 +10,12 @@ from typing import Any
 
 from unlearn.attacks import Attack
 from unlearn.config import RunConfig, load_run_config, merge, read_yaml, set_path
-from unlearn.errors import UserError
+from unlearn.errors import UserError, shown
 from unlearn.recipes.attack import attack_settings, result_folder, with_run_seed
 from unlearn.recipes.pipeline import check_run_config, seeded
 from unlearn.results import is_number
 from unlearn.runs import check_name, child
-from unlearn.settings import NON_NEGATIVE, from_mapping, setting
+from unlearn.settings import SEED, from_mapping, setting
 
 STUDY_FILE = "study.yaml"
 
@@ -42,14 +42,14 @@ class StudySettings:
     calibrate_by: str | None = None
 
     def __post_init__(self) -> None:
-        bad = [s for s in self.seeds if not NON_NEGATIVE.ok(s)]
+        bad = [s for s in self.seeds if not SEED.ok(s)]
         if bad or not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise UserError(f"study seeds must be distinct integers >= 0, got {self.seeds}")
-        if self.calibration_seed is not None and (not NON_NEGATIVE.ok(self.calibration_seed)
+            raise UserError(f"study seeds must be distinct integers {SEED.describe()}, got {shown(self.seeds)}")
+        if self.calibration_seed is not None and (not SEED.ok(self.calibration_seed)
                                                   or self.calibration_seed in self.seeds):
-            raise UserError(f"study calibration_seed must be an integer >= 0 that is not one of the seeds "
-                            f"{self.seeds} (a value chosen on a run must not then be judged by it), "
-                            f"got {self.calibration_seed!r}")
+            raise UserError(f"study calibration_seed must be an integer {SEED.describe()} that is not one of the "
+                            f"seeds {shown(self.seeds)} (a value chosen on a run must not then be judged by it), "
+                            f"got {shown(self.calibration_seed)}")
 
     @property
     def trial_seed(self) -> int:
