@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from unlearn.data import MCQ
-from unlearn.errors import UserError
+from unlearn.data import ANSWER_LETTERS, MCQ
+from unlearn.errors import UserError, shown
 from unlearn.files import loads_json, read_text
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -82,9 +82,12 @@ def mcq_from_record(record: Any, where: str, tag_field: str | None = None) -> tu
         raise UserError(f"{where}: field 'question' must be a non-empty string")
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
         raise UserError(f"{where}: field 'choices' must be a list of at least 2 strings")
+    if len(choices) > len(ANSWER_LETTERS):
+        raise UserError(f"{where}: field 'choices' has {len(choices)} choices; at most {len(ANSWER_LETTERS)} (they are "
+                        f"labelled {ANSWER_LETTERS[0]}-{ANSWER_LETTERS[-1]} in the prompt)")
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
         raise UserError(f"{where}: field 'answer' must be an integer index into choices (0..{len(choices) - 1}), "
-                        f"got {answer!r}")
+                        f"got {shown(answer)}")
     tag = ""
     if tag_field is not None and record.get(tag_field) is not None:
         tag = str(record[tag_field])

@@ -25,13 +25,13 @@ from typing import Any
 
 from unlearn.benchmarks.datafiles import chunk_texts, mcqs_from, read_records, read_texts
 from unlearn.config import check_engine
-from unlearn.data import MCQ, Example
+from unlearn.data import ANSWER_LETTERS, MCQ, Example
 from unlearn.errors import UserError
 from unlearn.evaluate import collecting_samples, log_samples, mcq_correct, metric_scope, run_steps, tagged_accuracy
 from unlearn.settings import AT_LEAST_ONE, from_mapping, setting
 from unlearn.task import BENCHMARKS, Metric, Task
 
-LETTERS = "ABCDEFGHIJ"
+LETTERS = ANSWER_LETTERS  # any number of choices a data file may hold (datafiles checks)
 CHUNK_WORDS = 150  # words per forget/retain training passage cut from a corpus
 DESCRIPTION = "The following are multiple choice questions (with answers) about {subject}.\n\n"
 # lm-eval's own WMDP tasks: the hub dataset each reads and the subject its description names.
@@ -182,8 +182,27 @@ def _quiet(progress: bool):
         yield
 
 
+def lm_eval_batch_size(model: Any, tokenizer: Any, sets: list[QuestionSet], batch_size: int,
+                       max_batch_tokens: int | None) -> int:
+    """lm-eval's batch (requests per forward) kept within `max_batch_tokens` padded tokens, as the native scorer
+    keeps its batches: lm-eval pads a batch to its longest request and takes the longest first, so the longest
+    question with its longest choice sets the cap (four 10,000-character questions at batch 64 exhaust 6 GB).
+    Hub sets are not read ahead here; their questions are short (WMDP, MMLU)."""
+    if max_batch_tokens is None:
+        return batch_size
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = 1
+    for s in sets:
+        if s.is_hub:
+            continue
+        for q in s.questions():
+            tokens = max(len(tokenizer(q.prompt + c, add_special_tokens=False)["input_ids"]) for c in q.choices)
+            longest = max(longest, min(tokens, limit) if isinstance(limit, int) else tokens)
+    return max(1, min(batch_size, max_batch_tokens // longest))
+
+
 def lm_eval_accuracy(model: Any, tokenizer: Any, sets: list[QuestionSet], batch_size: int,
-                     progress: bool = True) -> dict[str, float]:
+                     progress: bool = True, max_batch_tokens: int | None = None) -> dict[str, float]:
     """`<key>/acc` and `<key>/acc/<tag>` for each question set, scored by lm-eval-harness on the in-memory model.
 
     Per-concept accuracies come from lm-eval's per-sample results, grouped by the record's tag field."""
@@ -201,7 +220,8 @@ def lm_eval_accuracy(model: Any, tokenizer: Any, sets: list[QuestionSet], batch_
     with _quiet(progress), sandboxed_lm_eval_templates(), \
             mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None), \
             mock.patch.object(lm_eval.evaluator, "add_env_info", lambda _results: None):
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, device=str(model.device),
+                  batch_size=lm_eval_batch_size(model, tokenizer, sets, batch_size, max_batch_tokens))
         # No seeding inside: lm-eval would reset the global RNGs, which the caller's training owns.
         # `limit` cuts each lm-eval task: for the hub's MMLU group that is N per subject, where the in-loop
         # scorer takes the first N of all subjects; the engines agree exactly without a limit or on local files.
@@ -277,7 +297,8 @@ class WMDPTask(Task):
         sets = self._sets()
         steps: list[tuple[str, Any]] = []
         if settings.engine == "lm-eval":
-            steps.append(("", lambda: lm_eval_accuracy(model, tokenizer, sets, settings.batch_size, progress)))
+            steps.append(("", lambda: lm_eval_accuracy(model, tokenizer, sets, settings.batch_size, progress,
+                                                        settings.max_batch_tokens)))
         else:
             steps.append(("", lambda: native_accuracy(model, tokenizer, sets, settings.batch_size,
                                                       settings.max_batch_tokens)))

@@ -236,3 +236,43 @@ def test_length_batches_sort_budget_and_restore_order() -> None:
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert length_batches([500, 3], batch_size=8, max_tokens=100) == [[0], [1]]  # too long alone: its own batch
     assert length_batches(lengths, batch_size=2) == [[1, 3], [5, 2], [0, 4]]  # rows only
+
+
+def test_eleven_choices_are_scored_alike_on_both_engines_and_27_are_refused(tiny, tmp_path: Path) -> None:
+    """MMLU-style files sometimes have 5+ choices; 11 used to raise an IndexError on both engines (letters A-J)."""
+    model, tokenizer = tiny
+    path = tmp_path / "eleven.jsonl"
+    records = [{"question": f"Which of these is number {i}?", "choices": [f"option {i + k}" for k in range(11)],
+                "answer": 0} for i in range(6)]
+    write_jsonl(path, records)
+    scores = choice_scores(model, tokenizer, QuestionSet("wmdp", str(path), None, None, None).questions())
+    for i, (record, s) in enumerate(zip(records, scores, strict=True)):
+        best = max(range(11), key=s.__getitem__)
+        record["answer"] = best if i % 2 == 0 else (best + 1) % 11
+    write_jsonl(path, records)
+    task = load({"data": str(path)})
+    assert "K. option" in task.questions.questions()[0].prompt
+    native = task.evaluate(model, tokenizer, EvalConfig(engine="native"), progress=False)
+    reference = task.evaluate(model, tokenizer, EvalConfig(engine="lm-eval", batch_size=4), progress=False)
+    assert native["wmdp/acc"] == 0.5 and native == reference
+    write_jsonl(path, [{"question": "Too many?", "choices": [str(k) for k in range(27)], "answer": 0}])
+    with pytest.raises(UserError, match="has 27 choices; at most 26"):
+        load({"data": str(path)}).questions.questions()
+
+
+def test_the_lm_eval_batch_is_capped_by_the_token_budget(tiny, tmp_path: Path) -> None:
+    """Four 10,000-character questions at lm-eval's batch of 64 ran out of 6 GB: its batch follows the budget."""
+    model, tokenizer = tiny
+    short, long = tmp_path / "short.jsonl", tmp_path / "long.jsonl"
+    write_jsonl(short, _records(4))
+    write_jsonl(long, [{"question": "word " * 2000 + f"{i}?", "choices": ["a", "b", "c", "d"], "answer": 0}
+                       for i in range(4)])
+    from unlearn.benchmarks.wmdp import lm_eval_batch_size
+
+    sets = {name: QuestionSet("wmdp", str(path), None, None, None) for name, path in (("short", short),
+                                                                                        ("long", long))}
+    assert lm_eval_batch_size(model, tokenizer, [sets["short"]], 16, 2048) == 16
+    assert lm_eval_batch_size(model, tokenizer, [sets["long"]], 64, 2048) == 1
+    assert lm_eval_batch_size(model, tokenizer, [sets["short"], sets["long"]], 64, None) == 64
+    metrics = load({"data": str(long)}).evaluate(model, tokenizer, EvalConfig(engine="lm-eval"), progress=False)
+    assert 0.0 <= metrics["wmdp/acc"] <= 1.0

@@ -31,6 +31,10 @@ class Example:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+# The letters MCQ prompts label choices with (WMDP/MMLU's "A. ..."): at most this many choices per question.
+ANSWER_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
 @dataclass
 class MCQ:
     """A multiple-choice question as scored (`prompt` + each of `choices` as a continuation) and as asked

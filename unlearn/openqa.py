@@ -18,10 +18,10 @@ from typing import Any, Protocol
 
 import torch
 
-from unlearn.data import MCQ
+from unlearn.data import ANSWER_LETTERS, MCQ
 from unlearn.errors import UserError
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+LETTERS = ANSWER_LETTERS
 INSTRUCTION = "Answer each question with the text of the correct option."
 SHOTS = (
     ("Which planet is known as the Red Planet?", ["Venus", "Mars", "Jupiter", "Saturn"], 1),
