@@ -273,7 +273,8 @@ def test_the_lm_eval_batch_is_capped_by_the_token_budget(tiny, tmp_path: Path) -
                                                                                         ("long", long))}
     assert lm_eval_batch_size(model, tokenizer, [sets["short"]], 16, 2048) == 16
     # Longer than the model takes: lm-eval cuts it to the model's length, so that is what a request costs.
-    assert lm_eval_batch_size(model, tokenizer, [sets["long"]], 64, 2048) == 2048 // model.config.max_position_embeddings
+    positions = model.config.max_position_embeddings
+    assert lm_eval_batch_size(model, tokenizer, [sets["long"]], 64, 2048) == 2048 // positions
     assert lm_eval_batch_size(model, tokenizer, [sets["long"]], 64, 100) == 1
     assert lm_eval_batch_size(model, tokenizer, [sets["short"], sets["long"]], 64, None) == 64
     metrics = load({"data": str(long)}).evaluate(model, tokenizer, EvalConfig(engine="lm-eval"), progress=False)
