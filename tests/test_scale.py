@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -268,3 +269,57 @@ def test_what_several_processes_cannot_do():
     small = load_run_config("npo", "zo", flags={"train.batch_size": 2, "train.grad_accum": 2})
     with pytest.raises(UserError, match="every micro-batch needs a row"):
         check_world(small, World(rank=0, size=2))
+
+
+class _Payload:
+    """Pickles to a call of os.system: what a planted state.pt would run if it were unpickled freely."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _corrupt(partial: Path, kind: str, pwned: Path) -> None:
+    checkpoint = next((partial / "checkpoints").glob("step-*"))
+    state, weights, progress = (checkpoint / n for n in ("state.pt", "model.safetensors", "progress.json"))
+    if kind == "pickle":
+        torch.save({"optimizer": {}, "rng": _Payload(pwned)}, state)
+    elif kind == "garbage":
+        state.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(4096)))
+    elif kind == "truncated-weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif kind == "progress-keys":
+        progress.write_text(json.dumps({"step": 1, "stage": 0, "done": {"stages": []}}))
+    elif kind == "rng":
+        saved = torch.load(state, weights_only=True)
+        torch.save(saved | {"rng": {"torch": "not a generator state"}}, state)
+
+
+def test_broken_resume_checkpoints_are_one_line_each_and_kept(tmp_path, tiny_model_dir):
+    """Corrupted `--resume` checkpoints used to end in internal errors (IndexError, SafetensorError, KeyError,
+    TypeError) or a multi-line message suggesting weights_only=False. Each is one line naming the file; the
+    interrupted run stays for a later resume, and a planted pickle runs nothing."""
+    _kill_during_training(_run_args("adamw", "cut", tiny_model_dir, "--steps", "400", "--save-every", "1"),
+                          tmp_path, 1)
+    runs, pwned = tmp_path / "runs", tmp_path / "PWNED"
+    kinds = {"pickle": "state.pt: not a checkpoint this toolkit wrote",
+             "garbage": "state.pt: not a checkpoint this toolkit wrote",
+             "truncated-weights": "model.safetensors: not the weights this run saved",
+             "progress-keys": "its progress.json is malformed ('done.seconds' is missing or not a number)",
+             "rng": "state.pt: it lacks the optimizer state or the random generator states"}
+    for kind, message in kinds.items():
+        partial = runs / f".partial-{kind}"
+        shutil.copytree(runs / ".partial-cut", partial)
+        _corrupt(partial, kind, pwned)
+        before = sorted(str(p.relative_to(partial)) for p in partial.rglob("*"))
+        result = cli("run", "--resume", kind, "-q", cwd=tmp_path, env=ONE_THREAD)
+        assert result.returncode == 2, (kind, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: cannot resume from") and message in lines[0], lines
+        assert "weights_only" not in lines[0]
+        assert sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.name != ".unlearn") == \
+            [n for n in before if not n.endswith(".unlearn")], kind  # nothing lost: it can be mended and resumed
+        assert not (runs / kind).exists()
+    assert not pwned.exists()

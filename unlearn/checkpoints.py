@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from unlearn.errors import UserError
+from unlearn.errors import SHOWN_CHARACTERS, UserError
 from unlearn.files import read_json, write_json_atomic
 from unlearn.runs import CHECKPOINT_PREFIXES, CHECKPOINTS
 
@@ -93,10 +93,41 @@ def _newest(run_dir: Path, prefix: str) -> Checkpoint | None:
         return None
     folder = max(found)[1]
     progress = read_json(folder / "progress.json")
-    if not isinstance(progress, dict) or not isinstance(progress.get("step"), int) \
-            or not isinstance(progress.get("stage", 0), int):
-        raise UserError(f"checkpoint {folder} has a malformed progress.json")
+    problem = _progress_problem(progress)
+    if problem:
+        raise UserError(f"cannot resume from {folder}: its progress.json is malformed ({problem})")
     return Checkpoint(folder, progress)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _progress_problem(progress: dict[str, Any]) -> str:
+    """What is wrong with a progress.json read back (it is data from a folder: checked before any use), or ""."""
+    for key in ("step", "stage"):
+        if (key in progress or key == "step") and not _count(progress.get(key)):
+            return f"'{key}' must be a count"
+    done = progress.get("done")
+    if done is None:
+        return ""
+    if not isinstance(done, dict):
+        return "'done' must be a mapping"
+    for key, ok in (("seconds", _number), ("forward_passes", _count), ("steps", _count), ("eval_seconds", _number)):
+        if not ok(done.get(key)):
+            return f"'done.{key}' is missing or not a number"
+    stages = done.get("stages")
+    if not isinstance(stages, list):
+        return "'done.stages' must be a list"
+    for stage in stages:
+        if not (isinstance(stage, dict) and isinstance(stage.get("metrics"), dict)
+                and _number(stage.get("final_loss"))):
+            return "each of 'done.stages' needs its metrics and final_loss"
+    return ""
 
 
 def latest(run_dir: Path) -> Checkpoint | None:
@@ -114,22 +145,45 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
     try:
         load_model(model, str(path), device=str(next(model.parameters()).device))
-    except (OSError, RuntimeError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot resume from {path}: {first}") from None
+    except Exception as err:  # noqa: BLE001 - a file from a folder: a truncated or foreign one may raise anything
+        raise UserError(f"cannot resume from {path}: not the weights this run saved ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line if len(line) <= SHOWN_CHARACTERS else line[:SHOWN_CHARACTERS] + "..."
 
 
 def restore(checkpoint: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Weights, optimizer state and RNG states as they were after step `checkpoint.step`."""
+    """Weights, optimizer state and RNG states as they were after step `checkpoint.step`; a checkpoint that is not
+    what this toolkit wrote is one line naming the file, and nothing of it is applied past the first bad part."""
     load_weights(model, checkpoint.folder / "model.safetensors")
+    path = checkpoint.folder / "state.pt"
     try:
-        # On the CPU: the optimizer moves its state to each parameter's device itself, and generator states
-        # (zeroth-order seed streams) must stay CPU tensors.
-        state = torch.load(checkpoint.folder / "state.pt", weights_only=True, map_location="cpu")
+        # weights_only: tensors and plain containers only, so a planted pickle runs nothing. On the CPU: the
+        # optimizer moves its state to each parameter's device itself, and generator states (zeroth-order seed
+        # streams) must stay CPU tensors.
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise UserError(f"cannot resume from {checkpoint.folder}: state.pt is missing") from None
+    except Exception as err:  # noqa: BLE001 - garbage, a truncated file or a refused pickle: all one answer
+        raise UserError(f"cannot resume from {path}: not a checkpoint this toolkit wrote "
+                        f"({type(err).__name__})") from None
+    rng = state.get("rng") if isinstance(state, dict) else None
+    if not (isinstance(state, dict) and isinstance(state.get("optimizer"), dict) and isinstance(rng, dict)
+            and _byte_tensor(rng.get("torch"))
+            and (rng.get("cuda") is None or (isinstance(rng["cuda"], list) and all(map(_byte_tensor, rng["cuda"]))))):
+        raise UserError(f"cannot resume from {path}: it lacks the optimizer state or the random generator states "
+                        "this toolkit writes")
+    try:
         optimizer.load_state_dict(state["optimizer"])
-    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot resume from {checkpoint.folder}: {first}") from None
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    except Exception as err:  # noqa: BLE001 - a state of another optimizer or model: whatever torch raises
+        raise UserError(f"cannot resume from {path}: its state does not fit this run ({_first_line(err)})") from None
+
+
+def _byte_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
