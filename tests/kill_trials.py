@@ -60,7 +60,7 @@ class Trial:
 
 
 def _command(args: list[str], cwd: Path) -> list[str]:
-    return [sys.executable, "-m", "unlearn.cli", *args]
+    return [sys.executable, "-m", "unlearn", *args]
 
 
 def _env(cwd: Path) -> dict[str, str]:

@@ -27,7 +27,7 @@ def cli(*args: str, cwd: Path, separate_process: bool = False,
     env = {**os.environ, "UNLEARN_CACHE": str(cwd / "cache"), "UNLEARN_THREADS": "2", **(env or {})}
     env.pop("UNLEARN_DEBUG", None)
     if separate_process:
-        return subprocess.run([sys.executable, "-m", "unlearn.cli", *args], cwd=cwd, env=env,
+        return subprocess.run([sys.executable, "-m", "unlearn", *args], cwd=cwd, env=env,
                               capture_output=True, text=True, timeout=600)
     return _in_process(list(args), cwd, env)
 

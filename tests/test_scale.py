@@ -56,7 +56,7 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "UNLEARN_CACHE": str(cwd / "cache"), **ONE_THREAD}
     env.pop("UNLEARN_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "unlearn.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+                           "-m", "unlearn", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("optimizer, exact", [("zo", True), ("adamw", False)])
@@ -113,7 +113,7 @@ def test_fsdp_shards_the_model_and_takes_the_same_steps(tmp_path, tiny_model_dir
 def _kill_during_training(args: list[str], cwd: Path, after_step: int) -> None:
     """Start the run in its own process and SIGKILL it once a checkpoint at or after `after_step` exists."""
     env = {**os.environ, "UNLEARN_CACHE": str(cwd / "cache"), **ONE_THREAD}
-    proc = subprocess.Popen([sys.executable, "-m", "unlearn.cli", *args], cwd=cwd, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "unlearn", *args], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     checkpoints = cwd / "runs" / ".partial-cut" / "checkpoints"
     deadline = time.monotonic() + 300

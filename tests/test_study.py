@@ -79,7 +79,7 @@ def test_a_study_runs_its_grid_and_summarizes_it(tmp_path, tiny_model_dir):
 def test_a_killed_study_continues_without_redoing_complete_cells(tmp_path, tiny_model_dir):
     path = _study(tmp_path, tiny_model_dir, seeds=[0, 1, 2])
     env = {**os.environ, "UNLEARN_CACHE": str(tmp_path / "cache"), "UNLEARN_THREADS": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "unlearn.cli", "study", str(path), "-q"], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "unlearn", "study", str(path), "-q"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     runs = tmp_path / "studies/tiny/runs"
     first = runs / "npo-adamw-s0"
@@ -130,7 +130,7 @@ def test_workers_run_cells_at_once_with_the_same_results(tmp_path, tiny_model_di
 def test_an_interrupted_study_with_workers_stops_them_and_fails(tmp_path, tiny_model_dir):
     path = _study(tmp_path, tiny_model_dir, seeds=[0, 1, 2])
     env = {**os.environ, "UNLEARN_CACHE": str(tmp_path / "cache"), "UNLEARN_THREADS": "2"}
-    proc = subprocess.Popen([sys.executable, "-m", "unlearn.cli", "study", str(path), "-q", "--workers", "2"],
+    proc = subprocess.Popen([sys.executable, "-m", "unlearn", "study", str(path), "-q", "--workers", "2"],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=sigint_as_in_a_terminal)
     runs = tmp_path / "studies/tiny/runs"

@@ -28,13 +28,13 @@ start=$(date +%s)
 # The quick start in bf16 (the GPU's default: fp32 master weights, bf16 compute) and in fp32, side by side.
 for dtype in bf16 fp32; do
   {
-    python3 -m unlearn.cli run --method npo --optimizer hybrid --name "quickstart-$dtype" --overwrite --device cuda --dtype "$dtype" \
+    python3 -m unlearn run --method npo --optimizer hybrid --name "quickstart-$dtype" --overwrite --device cuda --dtype "$dtype" \
       -q --output-dir "$OUT/runs"
-    python3 -m unlearn.cli attack --run "$OUT/runs/quickstart-$dtype" --quantize 4bit -q
-    python3 -m unlearn.cli attack --run "$OUT/runs/quickstart-$dtype" --relearn -q
+    python3 -m unlearn attack --run "$OUT/runs/quickstart-$dtype" --quantize 4bit -q
+    python3 -m unlearn attack --run "$OUT/runs/quickstart-$dtype" --relearn -q
   } 2>&1 | tee "$OUT/quickstart-$dtype.txt"
 done
-python3 -m unlearn.cli report "$OUT/runs" | tee "$OUT/report.txt"
+python3 -m unlearn report "$OUT/runs" | tee "$OUT/report.txt"
 echo "quick starts on the GPU: $(( $(date +%s) - start )) s" | tee -a "$OUT/report.txt"
 python3 -m unlearn.perf.precision_memory --device cuda 2>&1 | tee "$OUT/precision-memory.txt"
 for draw in pool parameter; do
@@ -45,5 +45,5 @@ done
 # The one-seed slice of the GPU study, in what is left of the box (resumable: run the script again to go on).
 sed 's/^seeds: \[0, 1, 2\]/seeds: [0]/; s/^name: downgrade-gpu/name: downgrade-gpu-slice/' configs/study/gpu.yaml \
   > "$OUT/gpu-slice.yaml"
-timeout "${SLICE_SECONDS:-240}" python3 -m unlearn.cli study "$OUT/gpu-slice.yaml" -q 2>&1 | tail -40 | tee "$OUT/gpu-slice.txt" || true
+timeout "${SLICE_SECONDS:-240}" python3 -m unlearn study "$OUT/gpu-slice.yaml" -q 2>&1 | tail -40 | tee "$OUT/gpu-slice.txt" || true
 cp -r studies/downgrade-gpu-slice "$OUT/" 2>/dev/null || true

@@ -9,7 +9,6 @@ every output is staged and renamed into place (unlearn/runs.py).
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import traceback
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
+from unlearn.entry import Interrupted, exit_interrupted, install_handlers
 from unlearn.errors import UserError
 
 if TYPE_CHECKING:  # imported for the annotation only: the CLI keeps its start-up light
@@ -42,21 +42,6 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-class Interrupted(BaseException):
-    """Raised in the main thread by SIGINT/SIGTERM. A BaseException of our own, not KeyboardInterrupt: typer
-    turns KeyboardInterrupt into a silent return (exit 0), and library code that catches Exception must not
-    swallow it. Unwinding runs every `finally`, so staging folders and locks are removed on the way out."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_interrupted(signum: int, _frame: object) -> None:
-    raise Interrupted(signum)
-
-
-SIGNAL_EXITS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated", 143)}
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-remote-code", help="Allow model folders and hub repos to run their own code (never read from configs).")]
 
@@ -631,9 +616,7 @@ def _usage_error(err: BaseException) -> tuple[str, int] | None:
 
 
 def main() -> None:
-    for signum in SIGNAL_EXITS:
-        if signal.getsignal(signum) is not signal.SIG_IGN:  # a job started to ignore Ctrl-C keeps ignoring it
-            signal.signal(signum, _raise_interrupted)
+    install_handlers()  # already done by unlearn.entry for the command; here for in-process callers
     try:
         code = app(standalone_mode=False)
         # Non-standalone typer *returns* the exit code of an explicit typer.Exit (and 130 for a
@@ -643,9 +626,7 @@ def main() -> None:
                 _fail("interrupted", 130)
             sys.exit(code)
     except Interrupted as err:
-        for signum in SIGNAL_EXITS:  # a second Ctrl-C while reporting the first must not print a traceback
-            signal.signal(signum, signal.SIG_IGN)
-        _fail(*SIGNAL_EXITS[signal.Signals(err.signum)])
+        exit_interrupted(err)
     except UserError as err:
         _fail(str(err), 2)
     except typer.Exit as exit_:

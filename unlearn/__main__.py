@@ -1,0 +1,5 @@
+"""`python -m unlearn`: the `unlearn` command."""
+
+from unlearn.entry import main
+
+main()
