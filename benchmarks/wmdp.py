@@ -26,7 +26,7 @@ from typing import Any
 from unlearn.benchmarks.datafiles import chunk_texts, mcqs_from, read_records, read_texts
 from unlearn.config import check_engine
 from unlearn.data import ANSWER_LETTERS, MCQ, Example
-from unlearn.errors import UserError
+from unlearn.errors import UserError, shown
 from unlearn.evaluate import collecting_samples, log_samples, mcq_correct, metric_scope, run_steps, tagged_accuracy
 from unlearn.settings import AT_LEAST_ONE, from_mapping, setting
 from unlearn.task import BENCHMARKS, Metric, Task
@@ -363,10 +363,12 @@ def _description_note(questions: QuestionSet, why: str) -> str:
 
 def _source(value: Any, what: str) -> str:
     if not isinstance(value, str | Path) or not str(value).strip():
-        raise UserError(f"{what} must be a file path or a hub task name, got {value!r}")
+        raise UserError(f"{what} must be a file path or a hub task name, got {shown(value)}")
     value = str(value)
     if value in HUB_TASKS or value == UTILITY_HUB:
         return value
+    if Path(value).exists() and not Path(value).is_file():
+        raise UserError(f"{value}: not a regular file")
     if not Path(value).is_file():
         hub = ", ".join([*HUB_TASKS, UTILITY_HUB])
         raise UserError(f"{value}: file not found (and not one of the hub tasks: {hub})")

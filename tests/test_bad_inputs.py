@@ -8,6 +8,8 @@ row (a few rows go through a real subprocess in test_safety.py).
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -63,8 +65,39 @@ def world(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
                        ("bad-json", "{")):
         (report / name).mkdir(parents=True)
         (report / name / "metrics.json").write_text(text)
+    # Hostile inputs (issue 30): an alias bomb, nesting 100,000 deep, names that are paths, FIFOs.
+    laughs = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        laughs.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    (root / "bomb.yaml").write_text("\n".join(laughs) + "\n")
+    (root / "bomb-subject.yaml").write_text("benchmark:\n  name: wmdp\n  subject:\n"
+                                            + "".join(f"    {line}\n" for line in laughs))
+    deep = "[" * 100_000 + "]" * 100_000
+    (root / "deep.jsonl").write_text(deep + "\n")
+    (root / "secret").mkdir()
+    (root / "secret" / "x.yaml").write_text("run:\n  train: {max_steps: hunter2}\n")
+    (root / "path-method.yaml").write_text(f"method: {{name: {root}/secret/x}}\n")
+    (root / "choices-27.jsonl").write_text(json.dumps({"question": "Q?", "choices": [str(i) for i in range(27)],
+                                                       "answer": 0}) + "\n")
+    (root / "big-seed.yaml").write_text("seeds: [99999999999999999999999]\nmethods: {npo: null}\n"
+                                        "optimizers: {adamw: {}}\n")
+    os.mkfifo(root / "fifo.yaml")
+    os.mkfifo(root / "fifo.jsonl")
+    (root / "a-folder").mkdir()
+    received = root / "received"
+    for name, files in (("bomb", {"config.yaml": "\n".join(laughs) + "\n"}),
+                        ("deep-metrics", {"config.yaml": "benchmark: {name: embedded}\n", "metrics.json": deep}),
+                        ("deep-items", {"config.yaml": "benchmark: {name: embedded}\n", "metrics.json": "{}",
+                                        "items.json": '{"a": ' * 50_000 + "1" + "}" * 50_000})):
+        (received / name / "model").mkdir(parents=True)
+        (received / name / "model" / "config.json").write_text("{}")
+        for file, text in files.items():
+            (received / name / file).write_text(text)
+    deep_report = root / "deep-report" / "run"
+    deep_report.mkdir(parents=True)
+    (deep_report / "metrics.json").write_text(deep)
     return {"root": root, "tiny": tiny_model_dir, "no_weights": no_weights, "truncated": truncated,
-            "bad_json": bad_json, "run": run, "report": report}
+            "bad_json": bad_json, "run": run, "report": report, "received": received}
 
 
 # (arguments, text the one error line must contain); "{root}" / "{tiny}" / ... are filled from `world`.
@@ -72,7 +105,7 @@ CASES: list[tuple[list[str], str]] = [
     # train.* and eval.*: types and ranges, all before any model is loaded
     ([*RUN, "--batch-size", "0"], "train.batch_size must be an integer >= 1, got 0"),
     ([*RUN, "--steps", "0"], "train.max_steps must be an integer >= 1, got 0"),
-    ([*RUN, "--seed=-1"], "train.seed must be an integer >= 0, got -1"),
+    ([*RUN, "--seed=-1"], "train.seed must be an integer >= 0 and <= 4294967295, got -1"),
     ([*RUN, "--lora-rank=-2"], "train.lora_rank must be an integer >= 0, got -2"),
     ([*RUN, "--set", "train.batch_size=1.5"], "train.batch_size must be an integer >= 1, got 1.5"),
     ([*RUN, "--set", "train.lora_rank=true"], "train.lora_rank must be an integer >= 0, got True"),
@@ -164,6 +197,37 @@ CASES: list[tuple[list[str], str]] = [
     (["attack", "--model", "{tiny}", "--relearn", "--checkpoints=-5"], "checkpoints must be steps >= 0"),
     (["report", "{report}/missing"], "does not exist"),
     (["report", "{report}"], "bad-json/metrics.json"),
+    # hostile input (issue 30): bounded YAML and JSON, names that are not paths, seeds in range, FIFOs
+    ([*RUN, "--config", "{root}/bomb.yaml"], "is refused: its aliases expand to more than 100,000 values"),
+    ([*RUN, "--config", "{root}/bomb-subject.yaml"], "is refused: its aliases expand to more than 100,000 values"),
+    (["eval", "--run", "{received}/bomb"], "is refused: its aliases expand to more than 100,000 values"),
+    ([*RUN, "--set", "benchmark.subject=[&a [l, l, l, l, l, l, l, l, l], &b [*a, *a, *a, *a, *a, *a, *a, *a, *a], "
+      "&c [*b, *b, *b, *b, *b, *b, *b, *b, *b], &d [*c, *c, *c, *c, *c, *c, *c, *c, *c], "
+      "&e [*d, *d, *d, *d, *d, *d, *d, *d, *d], [*e, *e, *e, *e, *e, *e, *e, *e, *e]]"],
+     "--set 'benchmark.subject': value refused: its aliases expand to more than 100,000 values"),
+    ([*RUN, "--set", "train.seed=&a [*a]"], "value refused: an alias refers to the value that contains it"),
+    ([*RUN, "--set", "x." * 5000 + "y=1"], "a key has at most 16 parts, this one 5001"),
+    ([*RUN, "--set", "train.seed=" + "[" * 3000 + "]" * 3000], "value refused: it nests deeper than 64 levels"),
+    (["run", "--method", "{root}/secret/x", "--optimizer", "adamw"], "unknown method '{root}/secret/x'"),
+    (["run", "--method", "npo", "--optimizer", "../../../../../../../../{root}/secret/x"], "unknown optimizer"),
+    (["run", "--optimizer", "adamw", "--config", "{root}/path-method.yaml"], "unknown method '{root}/secret/x'"),
+    (["report", "{root}/deep-report"], "metrics.json nests deeper than 64 levels"),
+    (["eval", "--run", "{received}/deep-metrics"], "metrics.json nests deeper than 64 levels"),
+    (["attack", "--run", "{received}/deep-metrics", "--quantize", "rtn4"], "metrics.json nests deeper than 64"),
+    (["attack", "--run", "{received}/deep-items", "--quantize", "rtn4"], "items.json nests deeper than 64 levels"),
+    ([*RUN, "--benchmark", "wmdp", "--data", "{root}/deep.jsonl"], "line 1 nests deeper than 64 levels"),
+    ([*RUN, "--benchmark", "wmdp", "--data", "{root}/choices-27.jsonl"], "has 27 choices; at most 26"),
+    ([*RUN, "--seed", "99999999999999999999999"],
+     "train.seed must be an integer >= 0 and <= 4294967295, got 99999999999999999999999"),
+    (["attack", "--model", "{tiny}", "--relearn", "--seed", "4294967296"], "attack.seed must be an integer"),
+    (["study", "{root}/big-seed.yaml"], "study seeds must be distinct integers >= 0 and <= 4294967295"),
+    (["report", "{report}", "--csv", "{root}/a-folder"], "--csv {root}/a-folder is a folder"),
+    (["report", "{report}", "--csv", "{root}/nodir/x.csv"], "--csv: folder {root}/nodir does not exist"),
+    (["report", "{root}/a-file"], "runs folder {root}/a-file is a file, not a folder"),
+    ([*RUN, "--config", "{root}/fifo.yaml"], "config file {root}/fifo.yaml is not a regular file"),
+    ([*RUN, "--benchmark", "wmdp", "--data", "{root}/fifo.jsonl"], "{root}/fifo.jsonl: not a regular file"),
+    ([*RUN, "--model", "someorg/not-cached", "--env", "HF_ENDPOINT=http://127.0.0.1:9"],
+     "the Hugging Face hub (http://127.0.0.1:9) cannot be reached and it is not in the local cache"),
 ]
 
 
@@ -191,6 +255,12 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(args, message, world, t
     assert "Traceback" not in out + err
     assert _tree(tmp_path) == before_here, "something was left in the working folder"
     assert _tree(world["root"]) == before_world, "a shared input folder was changed"
+    assert len(lines[0]) < 1200, "an error line quotes too much of its input"
+
+
+def test_a_long_value_is_quoted_in_about_200_characters(tmp_path):
+    code, _, err = call_main([*RUN, "--set", "method.beta=" + "x" * 100_000], tmp_path)
+    assert code == 2 and "method.beta must be a finite number > 0" in err and len(err) < 400, err[:500]
 
 
 def test_the_table_is_big_enough():

@@ -8,8 +8,11 @@ under $UNLEARN_CACHE (default ~/.cache/unlearn) so every later load is a plain H
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,8 +112,42 @@ def resolve(spec: str) -> str:
 
 
 def load_error(spec: str, err: Exception, what: str = "model") -> UserError:
+    if not Path(spec).exists() and spec not in EMBEDDED and not hub_reachable():
+        return UserError(f"cannot load {what} '{spec}': the Hugging Face hub ({hub_endpoint()}) cannot be reached "
+                         "and it is not in the local cache (HF_HOME); give a local model folder, or go online once")
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return UserError(f"cannot load {what} '{spec}': {first}")
+
+
+def hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers (a 3 s connection attempt, once per endpoint and process). Offline,
+    transformers retries every file it looks for: 44 warnings over 53 s before the same error."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    return _reachable(hub_endpoint())
+
+
+@functools.cache
+def _reachable(endpoint: str) -> bool:
+    url = urllib.parse.urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+def hub_access(source: str) -> dict[str, bool]:
+    """from_pretrained's arguments for `source`: a hub id is read from the local cache only when the hub cannot be
+    reached (a local folder needs nothing)."""
+    return {} if Path(source).exists() or hub_reachable() else {"local_files_only": True}
 
 
 def load_errors() -> tuple[type[Exception], ...]:
@@ -126,7 +163,7 @@ def from_pretrained(source: str, spec: str, what: str = "model", **kwargs) -> to
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **hub_access(source), **kwargs)
     except load_errors() as err:
         raise load_error(spec, err, what) from None
 
@@ -137,7 +174,7 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> tuple[object, 
 
     source = resolve(spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_access(source))
     except load_errors() as err:
         raise load_error(spec, err, "the tokenizer of") from None
     if tokenizer.pad_token_id is None:

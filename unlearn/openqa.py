@@ -104,16 +104,17 @@ class NLIJudge:
     def __init__(self, spec: str, batch_size: int = 32, trust_remote_code: bool = False) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from unlearn.models import load_error, load_errors, resolve
+        from unlearn.models import hub_access, load_error, load_errors, resolve
 
         try:
             source = resolve(spec)  # a local folder must hold config.json and safetensors weights
         except UserError as err:
             raise UserError(f"cannot load NLI judge: {err}") from None
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                           **hub_access(source))
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                source, use_safetensors=True, trust_remote_code=trust_remote_code).eval()
+                source, use_safetensors=True, trust_remote_code=trust_remote_code, **hub_access(source)).eval()
         except load_errors() as err:
             raise load_error(spec, err, "NLI judge") from None
         labels = {int(i): str(name).lower() for i, name in self.model.config.id2label.items()}
