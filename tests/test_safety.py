@@ -375,7 +375,7 @@ def test_an_overwrite_is_refused_while_eval_or_attack_holds_the_run(tmp_path, ti
 
 def test_the_command_takes_interrupts_before_its_heavy_imports():
     """The handlers are in place before typer, rich, numpy or torch start importing."""
-    script = ("import signal, sys\nimport unlearn.entry as e\ne.install_handlers()\n"
+    script = ("import signal, sys\nimport unlearn.interrupts as e\ne.install_handlers()\n"
               "print(sorted(m for m in ('numpy', 'torch', 'typer', 'rich') if m in sys.modules))\n"
               "print(signal.getsignal(signal.SIGINT) is e._raise_interrupted)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

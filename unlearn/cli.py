@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from unlearn.entry import Interrupted, exit_interrupted, install_handlers
 from unlearn.errors import UserError
+from unlearn.interrupts import Interrupted, exit_interrupted, install_handlers
 
 if TYPE_CHECKING:  # imported for the annotation only: the CLI keeps its start-up light
     from unlearn.task import Task

@@ -2,44 +2,12 @@
 130 / 143 from here on, even while the heavy libraries (typer, rich, numpy, torch) are still being imported.
 
 An interrupt that lands inside an import used to surface as whatever that half-imported library raised next (a
-RecursionError from numpy was seen). This module imports nothing heavy, installs the handlers, and only then
-imports the CLI."""
+RecursionError from numpy was seen). This module installs the handlers (unlearn/interrupts.py, which imports
+nothing heavy) and only then imports the CLI."""
 
 from __future__ import annotations
 
-import signal
-import sys
-
-
-class Interrupted(BaseException):
-    """Raised in the main thread by SIGINT/SIGTERM. A BaseException of our own, not KeyboardInterrupt: typer
-    turns KeyboardInterrupt into a silent return (exit 0), and library code that catches Exception must not
-    swallow it. Unwinding runs every `finally`, so staging folders and locks are removed on the way out."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-SIGNAL_EXITS = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated", 143)}
-
-
-def _raise_interrupted(signum: int, _frame: object) -> None:
-    raise Interrupted(signum)
-
-
-def install_handlers() -> None:
-    for signum in SIGNAL_EXITS:
-        if signal.getsignal(signum) is not signal.SIG_IGN:  # a job started to ignore Ctrl-C keeps ignoring it
-            signal.signal(signum, _raise_interrupted)
-
-
-def exit_interrupted(err: Interrupted) -> None:
-    for signum in SIGNAL_EXITS:  # a second Ctrl-C while reporting the first must not print a traceback
-        signal.signal(signum, signal.SIG_IGN)
-    word, code = SIGNAL_EXITS[signal.Signals(err.signum)]
-    print(f"error: {word}", file=sys.stderr)
-    sys.exit(code)
+from unlearn.interrupts import Interrupted, exit_interrupted, install_handlers
 
 
 def main() -> None:
