@@ -264,9 +264,13 @@ def _held(run_dir: Path | None):
 
     from unlearn.locks import hold
 
-    if run_dir is None or not run_dir.resolve().parent.is_dir():
+    if run_dir is None:
+        return nullcontext()
+    # The lock a writer of this folder takes: beside its name as given (a link's own name, not its target's).
+    named = Path(os.path.abspath(run_dir))
+    if not named.parent.is_dir():
         return nullcontext()  # a missing folder is reported by the subject check, with nothing created
-    return hold(run_dir.resolve())
+    return hold(named)
 
 
 def _print_metrics(metrics: dict[str, float], task: Task | None = None) -> None:

@@ -34,32 +34,34 @@ class FileLock:
 
     def _open(self) -> int | None:
         """The lock file's descriptor; never through a symlink (a received folder may plant one to make us
-        truncate another file) and only a regular file."""
+        truncate another file), only a regular file, and only one with no other hard link."""
         flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if self.create else 0)
-        for _ in range(3):
+        for _ in range(5):
             try:
                 fd = os.open(self.path, flags, 0o644)
-                break
             except FileNotFoundError:
                 if not self.create:
                     return None
                 self.path.parent.mkdir(parents=True, exist_ok=True)  # removed by a run that created it
+                continue
             except OSError as err:
                 if err.errno == errno.ELOOP:
                     raise UserError(f"{self.path} is a symbolic link; remove it (lock files are never followed)") \
                         from None
                 raise
-        else:
-            raise UserError(f"cannot create the lock file {self.path}")
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            os.close(fd)
-            raise UserError(f"{self.path} is not a regular file; remove it")
-        if info.st_nlink != 1:  # a hard link planted at the lock path: writing our pid would overwrite its target
-            os.close(fd)
-            raise UserError(f"{self.path} has {info.st_nlink} hard links, so it is another file too; remove it "
-                            "(lock files are never written through a link)")
-        return fd
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                os.close(fd)
+                raise UserError(f"{self.path} is not a regular file; remove it")
+            if info.st_nlink == 0:  # its holder removed it between our open and our look: open the new one
+                os.close(fd)
+                continue
+            if info.st_nlink > 1:  # a hard link planted at the lock path: writing our pid would overwrite its target
+                os.close(fd)
+                raise UserError(f"{self.path} has {info.st_nlink} hard links, so it is another file too; remove it "
+                                "(lock files are never written through a link)")
+            return fd
+        raise UserError(f"cannot create the lock file {self.path}")
 
     def acquire(self, wait: bool = False, shared: bool = False) -> bool:
         """Take the lock (`shared`: alongside other shared holders, never beside an exclusive one)."""

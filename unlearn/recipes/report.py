@@ -50,7 +50,7 @@ def find_runs(runs_dir: Path, notes: list[str] | None = None) -> list[Found]:
     found = []
     for folder in _folders(runs_dir):
         try:
-            with hold(folder.resolve()):
+            with hold(folder):
                 run = _read_found(folder)
         except Busy as err:
             if notes is not None:
