@@ -13,7 +13,8 @@ Trials alternate between `run` and `attack --quantize rtn4`.
 
     python -m tests.kill_trials --races 10
 
-Race trials pause (SIGSTOP) an `eval --run` or an `attack --run` of a run at a random point, give
+Race trials pause (SIGSTOP) an `eval --run` or an `attack --run` of a run at a random point of its length, or
+0-1.5 s after it takes the run's lock if that comes first (so most pauses land while it reads the run), give
 `run --overwrite` of that run meanwhile (with other steps and seed, so it is another model), then let the reader
 go on. Each passes when both commands end in 0 or a one-line refusal (exit 2), the run folder is complete, and what
 is on disk is one run's: an undisturbed eval (attack) of the run now there gives the metrics that metrics.json
@@ -172,13 +173,20 @@ def _same(a: dict[str, float] | None, b: dict[str, float] | None) -> bool:
         abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(a[k])) for k in a)
 
 
-def race(reader: str, delay: float, model: Path, cwd: Path, index: int) -> Race:
-    """Pause a reader of runs/base after `delay` s, overwrite runs/base with another model meanwhile, resume it."""
+def race(reader: str, delay: float, model: Path, cwd: Path, index: int, within: float) -> Race:
+    """Pause a reader of runs/base, overwrite runs/base with another model meanwhile, resume it. The pause comes
+    `within` s after the reader took the run's lock, or after `delay` s if it never takes one (as before readers
+    held runs), so most pauses land while it reads: the window the race is about."""
     base = cwd / "runs" / "base"
     args = EVAL_ARGS if reader == "eval" else ATTACK_ARGS
     proc = subprocess.Popen(_command(args, cwd), cwd=cwd, env=_env(cwd), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    time.sleep(delay)
+    started, lock = time.monotonic(), base.parent / ".base.lock"
+    while time.monotonic() - started < delay and proc.poll() is None and not lock.exists():
+        time.sleep(0.005)
+    if lock.exists():
+        time.sleep(within)
+    delay = time.monotonic() - started
     paused = proc.poll() is None
     if paused:
         proc.send_signal(signal.SIGSTOP)
@@ -254,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         races = []
         for i in range(args.races):
             reader = "eval" if i % 2 == 0 else "attack"
-            outcome = race(reader, rng.uniform(0.2, lengths[reader] * 1.05), model, cwd, i + 1)
+            outcome = race(reader, rng.uniform(0.2, lengths[reader] * 1.05), model, cwd, i + 1, rng.uniform(0.0, 1.5))
             races.append(outcome)
             print(f"race {i + 1:2d} {reader:6s} paused at {outcome.delay:5.2f} s: reader exit {outcome.reader_code}, "
                   f"overwrite exit {outcome.writer_code}; run {outcome.state}; one run's results: "
