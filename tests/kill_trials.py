@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import signal
@@ -173,6 +174,16 @@ def _same(a: dict[str, float] | None, b: dict[str, float] | None) -> bool:
         abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(a[k])) for k in a)
 
 
+def _difference(recorded: dict[str, float] | None, measured: dict[str, float] | None) -> str:
+    if recorded is None or measured is None:
+        return f"NO: recorded {'nothing' if recorded is None else 'metrics'}, measured " \
+               f"{'nothing' if measured is None else 'metrics'}"
+    keys = sorted(k for k in recorded.keys() | measured.keys() if not _same({k: recorded.get(k, math.nan)},
+                                                                             {k: measured.get(k, math.nan)}))
+    return (f"NO: {len(keys)} metrics differ from an undisturbed measurement, e.g. {keys[0]} "
+            f"{recorded.get(keys[0])} recorded, {measured.get(keys[0])} measured")
+
+
 def race(reader: str, delay: float, model: Path, cwd: Path, index: int, within: float) -> Race:
     """Pause a reader of runs/base, overwrite runs/base with another model meanwhile, resume it. The pause comes
     `within` s after the reader took the run's lock, or after `delay` s if it never takes one (as before readers
@@ -211,7 +222,7 @@ def race(reader: str, delay: float, model: Path, cwd: Path, index: int, within: 
         recorded = _metrics(result)
         again = _run(ATTACK_ARGS, cwd)
         measured = _metrics(result) if again.returncode == 0 else None
-    consistent = "yes" if _same(recorded, measured) else f"recorded {recorded} but measured {measured}"
+    consistent = "yes" if _same(recorded, measured) else _difference(recorded, measured)
     return Race(reader, round(delay, 2), proc.returncode, writer.returncode, state, consistent)
 
 
