@@ -134,7 +134,7 @@ def chunk_texts(texts: list[str], words: int) -> list[str]:
     """Training passages: each text cut into pieces of at most ``words`` whitespace-separated words
     (documents are never joined, so a passage never spans two of them)."""
     if isinstance(words, bool) or not isinstance(words, int) or words < 1:
-        raise UserError(f"chunk size must be an integer >= 1 (words), got {words!r}")
+        raise UserError(f"chunk size must be an integer >= 1 (words), got {shown(words)}")
     out = []
     for text in texts:
         tokens = text.split()

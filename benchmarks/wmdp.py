@@ -320,7 +320,7 @@ class WMDPTask(Task):
 
 def _field_name(value: Any, key: str) -> str | None:
     if value is not None and (not isinstance(value, str) or not value.strip()):
-        raise UserError(f"benchmark.{key} must name a record field, got {value!r}")
+        raise UserError(f"benchmark.{key} must name a record field, got {shown(value)}")
     return value
 
 
@@ -353,7 +353,7 @@ def _subject(source: str, config: dict[str, Any]) -> tuple[str | None, str]:
 def _description_note(questions: QuestionSet, why: str) -> str:
     if questions.subject:
         line = DESCRIPTION.format(subject=questions.subject).strip()
-        return f"{questions.key}: each question follows the description {line!r} ({why})"
+        return f"{questions.key}: each question follows the description {shown(line)} ({why})"
     if not questions.is_hub and questions.per_record_subject():
         return (f"{questions.key}: each question follows the description of its own 'subject' field "
                 "(MMLU style); set benchmark.subject for one line for all")

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from unlearn.errors import UserError
+from unlearn.errors import UserError, shown
 from unlearn.interrupts import Interrupted, exit_interrupted, install_handlers
 
 if TYPE_CHECKING:  # imported for the annotation only: the CLI keeps its start-up light
@@ -101,7 +101,7 @@ def threads_per_process(env: dict[str, str], cores: int) -> int:
         value = env.get(key, "").strip()
         if value:
             if not value.isdigit() or int(value) < 1:
-                raise UserError(f"{key} must be a positive integer (CPU threads), got {value!r}")
+                raise UserError(f"{key} must be a positive integer (CPU threads), got {shown(value)}")
             return int(value)
     local = env.get("LOCAL_WORLD_SIZE", "1").strip()
     share = int(local) if local.isdigit() and int(local) >= 1 else 1
@@ -228,7 +228,7 @@ def _resumed_config(name: str, output_dir: str | None):
     parent = Path(output_dir or "runs")
     saved = partial_dir(parent / name) / "config.yaml"
     if not saved.is_file():
-        raise UserError(f"nothing to resume: no interrupted run {name!r} under {parent} "
+        raise UserError(f"nothing to resume: no interrupted run {shown(name)} under {parent} "
                         "(a run leaves one when train.save_every > 0)")
     return load_run_config(None, None, saved, {"output_dir": str(parent), "name": name})
 

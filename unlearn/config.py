@@ -304,7 +304,7 @@ def _recipe(kind: str, name: str) -> dict[str, Any]:
 
 def check_engine(engine: str) -> None:
     if engine not in EVAL_ENGINES:
-        raise UserError(f"unknown eval.engine {engine!r}; choose from: {', '.join(EVAL_ENGINES)}")
+        raise UserError(f"unknown eval.engine {shown(engine)}; choose from: {', '.join(EVAL_ENGINES)}")
 
 
 def eval_config(data: Any) -> EvalConfig:
@@ -385,7 +385,7 @@ def load_run_config(method: str | None = None, optimizer: str | None = None,
             raise UserError(f"config has no '{key}'")
     for key in ("model", "output_dir"):
         if not isinstance(raw.get(key), str) or not raw[key].strip() or "\0" in raw[key]:
-            raise UserError(f"config '{key}' must be a non-empty string (a path or hub id), got {raw.get(key)!r}")
+            raise UserError(f"config '{key}' must be a non-empty string (a path or hub id), got {shown(raw.get(key))}")
     if raw.get("name") is not None:
         check_name(raw["name"])
     return RunConfig(**raw)

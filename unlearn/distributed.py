@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unlearn.errors import UserError
+from unlearn.errors import UserError, shown
 
 # Rank 0 alone evaluates and writes (minutes to hours on a large benchmark) while the others wait at a barrier.
 TIMEOUT = datetime.timedelta(hours=6)
@@ -38,7 +38,7 @@ def _env_int(env: dict[str, str], key: str, default: int) -> int:
     if not value:
         return default
     if not value.isdigit():
-        raise UserError(f"{key} must be a non-negative integer (set by the launcher), got {value!r}")
+        raise UserError(f"{key} must be a non-negative integer (set by the launcher), got {shown(value)}")
     return int(value)
 
 

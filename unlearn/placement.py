@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from unlearn.errors import UserError
+from unlearn.errors import UserError, shown
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -99,14 +99,14 @@ def _parse_device(spec: str, what: str = "device") -> tuple[str, int | None]:
         return text, None
     index = text.removeprefix("cuda").removeprefix(":")
     if not text.startswith("cuda") or (index and not index.isdigit()):
-        raise UserError(f"unknown {what} {spec!r}; choose from: {', '.join(DEVICES)}")
+        raise UserError(f"unknown {what} {shown(spec)}; choose from: {', '.join(DEVICES)}")
     return "cuda", int(index) if index else None
 
 
 def _parse_dtype(spec: str, what: str = "dtype", auto: bool = True) -> str:
     text = str(spec).strip().lower()
     if text not in (("auto", *DTYPES) if auto else DTYPES):
-        raise UserError(f"unknown {what} {spec!r}; choose from: {'auto, ' if auto else ''}{', '.join(DTYPES)}"
+        raise UserError(f"unknown {what} {shown(spec)}; choose from: {'auto, ' if auto else ''}{', '.join(DTYPES)}"
                         + ("" if auto else " (or null: the precision it trained in)"))
     return text
 
@@ -119,10 +119,10 @@ def resolve_device(spec: str) -> torch.device:
     if kind == "cpu":
         return torch.device("cpu")
     if not cuda:
-        raise UserError(f"device {spec!r}: no CUDA GPU is visible to this process (use --device cpu or auto)")
+        raise UserError(f"device {shown(spec)}: no CUDA GPU is visible to this process (use --device cpu or auto)")
     index = given if given is not None else _local_rank()  # one GPU per process under a launcher
     if index >= torch.cuda.device_count():
-        raise UserError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        raise UserError(f"device {shown(spec)}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return torch.device("cuda", index)
 
 
@@ -138,7 +138,7 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 def _parse_precision(spec: str, what: str = "precision") -> str:
     text = str(spec).strip().lower()
     if text not in PRECISIONS:
-        raise UserError(f"unknown {what} {spec!r}; choose from: {', '.join(PRECISIONS)}")
+        raise UserError(f"unknown {what} {shown(spec)}; choose from: {', '.join(PRECISIONS)}")
     return text
 
 

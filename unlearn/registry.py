@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, TypeVar
 
-from unlearn.errors import UserError
+from unlearn.errors import UserError, shown
 
 T = TypeVar("T")
 
@@ -57,7 +57,7 @@ class Registry(Mapping[str, T], Generic[T]):
             return name
         if isinstance(name, str) and name in self._aliases:
             return self._aliases[name]
-        raise UnknownName(f"unknown {self.kind} {name!r}; choose from: {', '.join(self.choices())}")
+        raise UnknownName(f"unknown {self.kind} {shown(name)}; choose from: {', '.join(self.choices())}")
 
     def lookup(self, name: str) -> T:
         return self._members[self.canonical(name)]

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unlearn.errors import UserError
+from unlearn.errors import UserError, shown
 from unlearn.files import read_json
 from unlearn.task import Metric
 
@@ -143,7 +143,7 @@ def _numbers(path: Path, record: dict[str, Any], key: str) -> dict[str, float]:
     values = _mapping(path, record, key)
     bad = next((k for k, v in values.items() if v is not None and not is_number(v)), None)
     if bad is not None:
-        raise UserError(f"{path}: metric '{bad}' must be a number, got {values[bad]!r}")
+        raise UserError(f"{path}: metric '{bad}' must be a number, got {shown(values[bad])}")
     return values
 
 
@@ -170,9 +170,9 @@ def _declarations(path: Path, value: Any, key: str) -> list[Metric]:
             out.append(Metric(**{k: item[k] for k in ("key", "title", "better", "role")}, unit=item.get("unit", ""),
                               chance=chance))
         except (TypeError, KeyError, ValueError):
-            raise UserError(f"{path}: '{key}' holds a malformed metric declaration: {item!r}") from None
+            raise UserError(f"{path}: '{key}' holds a malformed metric declaration: {shown(item)}") from None
         if not all(isinstance(getattr(out[-1], f), str) for f in ("key", "title", "unit")):
-            raise UserError(f"{path}: '{key}' holds a malformed metric declaration: {item!r}")
+            raise UserError(f"{path}: '{key}' holds a malformed metric declaration: {shown(item)}")
     return out
 
 
@@ -205,7 +205,7 @@ def collapse_of(path: Path, data: dict[str, Any]) -> list[str]:
 def _number(path: Path, data: dict[str, Any], key: str, legacy: str | None = None) -> float | None:
     value = data.get(key, data.get(legacy) if legacy else None)
     if value is not None and not is_number(value):
-        raise UserError(f"{path}: recovery '{key}' must be a number or null, got {value!r}")
+        raise UserError(f"{path}: recovery '{key}' must be a number or null, got {shown(value)}")
     return value
 
 
@@ -222,7 +222,7 @@ def _curve(path: Path, value: Any, metric: str) -> list[dict[str, float]] | None
 def _recovery(path: Path, recovery: dict[str, Any]) -> Recovery:
     n = recovery.get("n")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-        raise UserError(f"{path}: recovery 'n' must be a count of items, got {n!r}")
+        raise UserError(f"{path}: recovery 'n' must be a count of items, got {shown(n)}")
     return Recovery(metric=str(recovery.get("metric") or recovery.get("measured_on") or ""),
                     measured_on=str(recovery.get("measured_on", "")), ratio=_number(path, recovery, "ratio"),
                     note=str(recovery.get("note", "")),

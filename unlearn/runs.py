@@ -27,7 +27,7 @@ from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
-from unlearn.errors import UserError
+from unlearn.errors import UserError, shown
 from unlearn.files import writable_dir
 from unlearn.locks import FileLock, busy, claim, lock_path
 
@@ -53,18 +53,18 @@ def print_note(text: str) -> None:
 def check_name(name: Any, what: str = "run name") -> str:
     """`name` if it names one folder inside its parent; a one-line UserError otherwise."""
     if not isinstance(name, str) or not name.strip():
-        raise UserError(f"{what} must be a non-empty string, got {name!r}")
+        raise UserError(f"{what} must be a non-empty string, got {shown(name)}")
     bad = [c for c in name if ord(c) < 32 or ord(c) == 127]
     if bad:
-        raise UserError(f"{what} {name!r} contains a control character ({bad[0]!r})")
+        raise UserError(f"{what} {shown(name)} contains a control character ({shown(bad[0])})")
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        raise UserError(f"{what} {name!r} is not valid Unicode text") from None
+        raise UserError(f"{what} {shown(name)} is not valid Unicode text") from None
     if name in (".", "..") or "/" in name or "\\" in name or (os.altsep and os.altsep in name):
-        raise UserError(f"{what} {name!r} must be a plain folder name (no '/', '\\', '.' or '..')")
+        raise UserError(f"{what} {shown(name)} must be a plain folder name (no '/', '\\', '.' or '..')")
     if name.startswith("."):
-        raise UserError(f"{what} {name!r} must not start with '.' (hidden names are the toolkit's own)")
+        raise UserError(f"{what} {shown(name)} must not start with '.' (hidden names are the toolkit's own)")
     if len(name.encode("utf-8")) > MAX_NAME_LENGTH:
         raise UserError(f"{what} is {len(name.encode('utf-8'))} bytes long (UTF-8); at most {MAX_NAME_LENGTH}")
     return name
@@ -74,7 +74,7 @@ def child(parent: Path, name: str, what: str = "run name") -> Path:
     """parent/name, checked to be a direct child of parent once both are resolved (no escape via links)."""
     path = parent / check_name(name, what)
     if path.resolve().parent != parent.resolve():
-        raise UserError(f"{what} {name!r} resolves outside {parent}")
+        raise UserError(f"{what} {shown(name)} resolves outside {parent}")
     return path
 
 
@@ -201,7 +201,7 @@ def open_run_dir(output_dir: Path, name: str, overwrite: bool = False,
         if _taken(final):
             raise UserError(f"{final} is a finished run: there is nothing to resume")
         if not partial_dir(final).is_dir():
-            raise UserError(f"nothing to resume: no interrupted run {name!r} under {output_dir} "
+            raise UserError(f"nothing to resume: no interrupted run {shown(name)} under {output_dir} "
                             f"(a run leaves one when train.save_every > 0)")
         with claim(final):
             yield final, []
@@ -283,7 +283,7 @@ def staged_dir(final: Path, overwrite: bool = False, claimed: bool = False, kind
             partial = partial_dir(final)
             if partial.is_symlink() or not (partial.is_dir() and ((partial / MARKER).is_file()
                                                                   or (partial / CHECKPOINTS).is_dir())):
-                raise UserError(f"{partial} {_NOT_OURS}; remove it yourself to reuse the name {final.name!r}")
+                raise UserError(f"{partial} {_NOT_OURS}; remove it yourself to reuse the name {shown(final.name)}")
             shutil.rmtree(partial)  # --overwrite of an interrupted run: start it over
         if resumable:
             staging = partial_dir(final)

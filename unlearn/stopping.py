@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from unlearn.errors import UserError
+from unlearn.errors import UserError, shown
 
 _OPERATORS: dict[str, Callable[[float, float], bool]] = {"<=": operator.le, "<": operator.lt, ">=": operator.ge,
                                                          ">": operator.gt}
@@ -31,10 +31,10 @@ class StopRule:
         match = _RULE.match(text) if isinstance(text, str) else None
         if match is None:
             raise UserError(f"train.stop_at must read 'METRIC OP NUMBER' with OP one of <=, <, >=, > "
-                            f"(e.g. 'forget/mcq_acc <= 0.30'), got {text!r}")
+                            f"(e.g. 'forget/mcq_acc <= 0.30'), got {shown(text)}")
         level = float(match.group(3))
         if not math.isfinite(level):
-            raise UserError(f"train.stop_at needs a finite level, got {text!r}")
+            raise UserError(f"train.stop_at needs a finite level, got {shown(text)}")
         return cls(match.group(1), match.group(2), level)
 
     def reached(self, metrics: dict[str, float]) -> bool:

@@ -22,7 +22,7 @@ from unlearn.benchmarks.muse.settings import (
 from unlearn.benchmarks.muse.sources import HubSource, LocalSource, Source, record_pairs, record_texts, split_spec
 from unlearn.benchmarks.muse.task import MuseTask
 from unlearn.data import Example
-from unlearn.errors import UserError
+from unlearn.errors import UserError, shown
 from unlearn.settings import from_mapping
 from unlearn.task import BENCHMARKS, Stage
 
@@ -34,7 +34,7 @@ def settings_from(config: dict[str, Any]) -> MuseSettings:
         raise UserError("benchmark.forget and benchmark.sequential conflict: a sequential run unlearns "
                         "sust/forget_1, sust/forget_2, ... in turn")
     if s.retrain_model is not None and not s.retrain_model.strip():
-        raise UserError(f"benchmark.retrain_model must be a model name or folder, got {s.retrain_model!r}")
+        raise UserError(f"benchmark.retrain_model must be a model name or folder, got {shown(s.retrain_model)}")
     split_spec(s.forget, "forget")
     split_spec(s.retain, "retain")
     return replace(s, k_percent=float(s.k_percent), auc_retrain=None if s.auc_retrain is None else float(s.auc_retrain))
@@ -44,7 +44,7 @@ def _source(data: Any, digest: Any) -> Source:
     if data is None or (isinstance(data, str) and not data.strip()):
         raise UserError("benchmark 'muse' needs data: pass --data DIR (MUSE layout) or news/books")
     if not isinstance(data, str | Path):
-        raise UserError(f"benchmark.data must be a folder or a hub name (news, books), got {data!r}")
+        raise UserError(f"benchmark.data must be a folder or a hub name (news, books), got {shown(data)}")
     text = str(data)
     if Path(text).is_dir():
         return LocalSource(Path(text), digest)

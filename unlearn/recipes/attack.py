@@ -19,7 +19,7 @@ from typing import Any
 from unlearn.attacks import ATTACKS, Attack, AttackResult, Subject
 from unlearn.collapse import COLLAPSED_NOTE
 from unlearn.config import apply_override, component_defaults, eval_config, merge, read_yaml
-from unlearn.errors import UserError
+from unlearn.errors import UserError, shown
 from unlearn.evaluate import collect_samples, item_values
 from unlearn.files import read_json, write_json_atomic
 from unlearn.optim import OPTIMIZERS
@@ -228,6 +228,6 @@ def _run_placement(saved: dict[str, Any], train: dict[str, Any], device: str | N
 
 def _target_model(value: Any) -> str | None:
     if value is not None and (not isinstance(value, str) or not value.strip()):
-        raise UserError(f"the run's config.yaml has a malformed target_model: {value!r}")
+        raise UserError(f"the run's config.yaml has a malformed target_model: {shown(value)}")
     return value
 

@@ -163,7 +163,7 @@ def _entries(kind: str, section: dict[str, Any]) -> list[Entry]:
         check_name(label, f"{kind} label")
         options = {} if options is None else options
         if not isinstance(options, dict):
-            raise UserError(f"study {kind} '{label}' must be a mapping of options (or empty), got {options!r}")
+            raise UserError(f"study {kind} '{label}' must be a mapping of options (or empty), got {shown(options)}")
         run = options.get("run") or {}
         if not isinstance(run, dict):
             raise UserError(f"study {kind} '{label}': 'run' must be a mapping of run settings")
@@ -185,14 +185,15 @@ def _calibration(where: str, raw: Any) -> Calibration:
     (option, values), = raw.items()
     parts = option.split(".") if isinstance(option, str) else []
     if not parts or not all(p.strip() and p.replace("_", "").isalnum() for p in parts):
-        raise UserError(f"{where}: calibrate option {option!r} must be an option name or a dotted path (fo.lr)")
+        raise UserError(f"{where}: calibrate option {shown(option)} must be an option name or a dotted path (fo.lr)")
     numbers = values if isinstance(values, list) else []
     if (len(numbers) < 2 or len(set(numbers)) != len(numbers)
             or not all(is_number(v) and v > 0 for v in numbers)):
-        raise UserError(f"{where}: calibrate {option} needs at least two distinct positive numbers, got {values!r}")
+        raise UserError(f"{where}: calibrate {option} needs at least two distinct positive numbers, "
+                        f"got {shown(values)}")
     calibration = Calibration(option, tuple(float(v) for v in numbers))
     if len({calibration.describe(v) for v in calibration.values}) != len(numbers):
-        raise UserError(f"{where}: calibrate {option} values {values!r} are too close to name their trials apart")
+        raise UserError(f"{where}: calibrate {option} values {shown(values)} are too close to name their trials apart")
     return calibration
 
 
