@@ -404,3 +404,20 @@ def test_ctrl_c_during_start_up_is_130_and_one_line(tmp_path):
         assert proc.returncode == 130, (0.1 + 0.12 * i, err)
         assert err.strip().splitlines() == ["error: interrupted"], err
     assert interrupted >= 6
+
+
+def test_a_report_leaves_out_a_run_being_written_and_says_so(tmp_path):
+    from unlearn.locks import claim
+
+    runs = tmp_path / "runs"
+    for name, acc in (("done", 0.25), ("busy", 0.5)):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.json").write_text(json.dumps({"method": "npo", "optimizer": "adamw",
+                                                              "metrics": {"forget/mcq_acc": acc}}))
+    with claim(runs / "busy"):  # what an `--overwrite` of it holds while it trains
+        code, out, err = call_main(["report", str(runs)], tmp_path)
+    assert code == 0, err
+    assert f"note: left out busy: run {runs / 'busy'} is being written by another process (pid {os.getpid()})" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert any("| done |" in row for row in rows) and not any("| busy |" in row for row in rows)
+    assert sorted(p.name for p in runs.iterdir()) == ["busy", "done", "report.csv", "report.md"]
