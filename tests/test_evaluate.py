@@ -58,3 +58,28 @@ def test_choices_scored_from_a_shared_prompt_equal_whole_sequences(tiny) -> None
             item = _scoring_item(tok, q.prompt, " " + choice, None)
             want = sequence_logprobs(model, collate([item], tok.pad_token_id))[0][0].item()
             assert score == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+def test_eval_of_a_run_rewrites_its_record_collapse_and_items(tmp_path, tiny_model_dir):
+    """`unlearn eval --run` used to write metrics.json as a raw dict: the run's collapse verdict and items.json kept
+    the values of before. Now the record goes through RunRecord: a stale verdict and stale per-item values are
+    replaced by the new evaluation's (of the same model here, so they equal what the run itself wrote)."""
+    import json
+
+    from tests.test_cli import TINY_BENCH, cli
+
+    made = cli("run", "--method", "npo", "--optimizer", "adamw", "--model", str(tiny_model_dir), "--steps", "2",
+               "--batch-size", "2", "--name", "r", "-q", *TINY_BENCH, cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    run = tmp_path / "runs" / "r"
+    record, items = (json.loads((run / n).read_text()) for n in ("metrics.json", "items.json"))
+    stale = record | {"collapse": ["a stale verdict"], "collapsed": True}
+    (run / "metrics.json").write_text(json.dumps(stale))
+    (run / "items.json").write_text(json.dumps(items | {"unlearned": {k: [0.0] * len(v)
+                                                                      for k, v in items["unlearned"].items()}}))
+    evaluated = cli("eval", "--run", str(run), "-q", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    after, items_after = (json.loads((run / n).read_text()) for n in ("metrics.json", "items.json"))
+    assert after["collapse"] == record["collapse"] and after["collapsed"] == record["collapsed"]
+    assert after["metrics"] == record["metrics"] and after["train"] == record["train"]
+    assert items_after == items

@@ -315,13 +315,9 @@ def eval_(
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Evaluate a run's model (rewrites its metrics.json) or any model (prints metrics)."""
-    import time
-    from contextlib import nullcontext
-
-    from unlearn.evaluate import collect_samples
-    from unlearn.files import read_json, write_json_atomic, write_jsonl_atomic
-    from unlearn.models import load_model
+    """Evaluate a run's model (rewrites its metrics.json and items.json) or any model (prints metrics)."""
+    from unlearn.files import write_jsonl_atomic
+    from unlearn.recipes.evaluate import evaluate
 
     samples_file = _samples_path(log_samples, samples_path, run_dir)
     with _held(run_dir):  # read, evaluated and rewritten as one run: no overwrite can slip in between
@@ -330,20 +326,12 @@ def eval_(
         for note in subject.task.notes:
             console.print(f"note: {note}")
         _setup_torch()
-        started = time.perf_counter()
-        loaded = load_model(subject.model_spec, trust_remote_code=trust_remote_code, placement=subject.placement)
-        with collect_samples() if samples_file is not None else nullcontext([]) as samples:
-            metrics = subject.task.evaluate(loaded.model, loaded.tokenizer, subject.eval_settings,
-                                            progress=not quiet)
-        if subject.run_dir is not None:
-            path = subject.run_dir / "metrics.json"
-            write_json_atomic(path, (read_json(path) if path.is_file() else {})
-                              | {"metrics": metrics, "declared": [m.to_dict() for m in subject.task.metrics]})
-    _print_metrics(metrics, subject.task)
+        result = evaluate(subject, progress=not quiet)
+    _print_metrics(result.metrics, subject.task)
     if samples_file is not None:
-        write_jsonl_atomic(samples_file, samples)
-        console.print(f"wrote {samples_file} ({len(samples)} samples)")
-    console.print(f"{subject.task.name}: {len(metrics)} metrics in {time.perf_counter() - started:.1f} s "
+        write_jsonl_atomic(samples_file, result.samples)
+        console.print(f"wrote {samples_file} ({len(result.samples)} samples)")
+    console.print(f"{subject.task.name}: {len(result.metrics)} metrics in {result.seconds:.1f} s "
                   f"(model load included)")
 
 
