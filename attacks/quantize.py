@@ -306,6 +306,17 @@ class Quantize(Attack):
     Settings = QuantSpec
     summary = "bitsandbytes 4-bit (NF4/FP4) or 8-bit, or round-to-nearest 2/3/4/8-bit; the benchmark's metrics"
     named_by = ("method", "bits", "quant_type", "group_size")
+    # The short forms users know (`unlearn attack --quantize 4bit`), as (method, bits) settings of this attack.
+    SHORT_FORMS = {"4bit": ("bnb", 4), "8bit": ("bnb", 8), "rtn2": ("rtn", 2), "rtn3": ("rtn", 3),
+                   "rtn4": ("rtn", 4), "rtn8": ("rtn", 8)}
+
+    @classmethod
+    def short_form(cls, text: str) -> dict[str, Any]:
+        """The settings `--quantize TEXT` stands for; a one-line error naming the choices otherwise."""
+        if text not in cls.SHORT_FORMS:
+            raise UserError(f"unsupported --quantize '{text}'; choose from: {', '.join(cls.SHORT_FORMS)}")
+        method, bits = cls.SHORT_FORMS[text]
+        return {"method": method, "bits": bits}
 
     def folder(self, settings: QuantSpec) -> str:
         return settings.name

@@ -127,6 +127,7 @@ def _markdown_table(table) -> None:
 
 @app.command()
 def run(
+    ctx: typer.Context,
     method: Annotated[str | None, typer.Option(help="Objective (see `unlearn methods`).")] = None,
     optimizer: Annotated[str | None, typer.Option(help="Optimizer grade (see `unlearn optimizers`).")] = None,
     model: Annotated[str | None, typer.Option(help="Hub id, local HF folder, or smollm2-135m.")] = None,
@@ -192,16 +193,7 @@ def run(
              "benchmark.forget_corpus": _path_or_name(forget_corpus),
              "benchmark.retain_corpus": _path_or_name(retain_corpus)} | _benchmark_flags(data, engine, openqa, judge)
     if resume is not None:
-        named = {"--method": method, "--optimizer": optimizer, "--model": model, "--benchmark": benchmark,
-                 "--data": data, "--forget-corpus": forget_corpus, "--retain-corpus": retain_corpus,
-                 "--engine": engine, "--openqa": openqa, "--judge": judge, "--steps": steps, "--lr": lr,
-                 "--batch-size": batch_size, "--seed": seed, "--lora-rank": lora_rank, "--device": device,
-                 "--dtype": dtype, "--precision": precision, "--save-dtype": save_dtype, "--grad-accum": grad_accum,
-                 "--gradient-checkpointing": gradient_checkpointing, "--max-length": max_length,
-                 "--save-every": save_every, "--parallel": parallel, "--name": name, "--overwrite": overwrite,
-                 "--config": config,
-                 "--set": set_}
-        given = [flag for flag, value in named.items() if value not in (None, False, [])]
+        given = _flags_given(ctx, keep=RESUME_KEEPS)
         if given:
             raise UserError(f"--resume continues a run with its saved settings; {given[0]} cannot change them")
         cfg = _resumed_config(resume, output_dir)
@@ -217,6 +209,22 @@ def run(
     logs = "log-<n>-<request>.jsonl" if outcome.record.stages else "log.jsonl"
     logs += ", samples.jsonl" if log_samples else ""
     console.print(f"run saved to {outcome.run_dir}/ (model/, metrics.json, config.yaml, {logs})")
+
+
+# What --resume may be given with: where to find the run and how to show it, never a setting it saved.
+RESUME_KEEPS = ("resume", "output_dir", "trust_remote_code", "log_samples", "quiet")
+
+
+def _flags_given(ctx: typer.Context, keep: tuple[str, ...]) -> list[str]:
+    """The options typed on the command line (as typed: --steps), other than those in `keep`."""
+    given = []
+    for param in ctx.command.params:
+        # typer may carry its own copy of click: the source is compared by name, not by class
+        source = ctx.get_parameter_source(param.name) if param.name else None
+        if param.name in keep or getattr(source, "name", None) != "COMMANDLINE":
+            continue
+        given.append(next((o for o in param.opts if o.startswith("--")), param.opts[0]))
+    return given
 
 
 def _resumed_config(name: str, output_dir: str | None):
@@ -335,11 +343,6 @@ def eval_(
                   f"(model load included)")
 
 
-# The short forms users know, as settings of the quantize attack.
-QUANTIZE_CHOICES = {"4bit": ("bnb", 4), "8bit": ("bnb", 8), "rtn2": ("rtn", 2), "rtn3": ("rtn", 3),
-                    "rtn4": ("rtn", 4), "rtn8": ("rtn", 8)}
-
-
 @app.command()
 def attack(
     run_dir: Annotated[Path | None, typer.Option("--run", help="Run folder to attack.")] = None,
@@ -394,9 +397,9 @@ def attack(
             raise UserError(f"--checkpoints expects comma-separated integers, got '{checkpoints}'") from None
     name = attack_name or ("relearn" if relearn else "quantize")
     if quantize is not None:
-        if quantize not in QUANTIZE_CHOICES:
-            raise UserError(f"unsupported --quantize '{quantize}'; choose from: {', '.join(QUANTIZE_CHOICES)}")
-        flags["method"], flags["bits"] = QUANTIZE_CHOICES[quantize]
+        from unlearn.attacks.quantize import Quantize
+
+        flags |= Quantize.short_form(quantize)
     attack_sets = [a for a in set_ or [] if a.strip().startswith("attack.")]
     other_sets = [a for a in set_ or [] if a not in attack_sets]
     # Settings first, so a bad value fails before the model or the benchmark is loaded.
