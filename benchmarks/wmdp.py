@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,6 +183,17 @@ def _quiet(progress: bool):
         yield
 
 
+@contextmanager
+def replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """`owner.name` set to `value` for the block, then put back (lm-eval's reporting hooks, silenced)."""
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
+
+
 def lm_eval_batch_size(model: Any, tokenizer: Any, sets: list[QuestionSet], batch_size: int,
                        max_batch_tokens: int | None) -> int:
     """lm-eval's batch (requests per forward) kept within `max_batch_tokens` padded tokens, as the native scorer
@@ -207,7 +219,6 @@ def lm_eval_accuracy(model: Any, tokenizer: Any, sets: list[QuestionSet], batch_
 
     Per-concept accuracies come from lm-eval's per-sample results, grouped by the record's tag field."""
     import logging
-    from unittest import mock
 
     import lm_eval.evaluator
     from lm_eval import simple_evaluate
@@ -218,8 +229,8 @@ def lm_eval_accuracy(model: Any, tokenizer: Any, sets: list[QuestionSet], batch_
     # lm-eval stamps its results with the git hash of the working folder (printing "fatal: not a git repository"
     # outside one) and torch's environment report (seconds of subprocesses); only the scores are used here.
     with _quiet(progress), sandboxed_lm_eval_templates(), \
-            mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None), \
-            mock.patch.object(lm_eval.evaluator, "add_env_info", lambda _results: None):
+            replaced(lm_eval.evaluator, "get_git_commit_hash", lambda: None), \
+            replaced(lm_eval.evaluator, "add_env_info", lambda _results: None):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, device=str(model.device),
                   batch_size=lm_eval_batch_size(model, tokenizer, sets, batch_size, max_batch_tokens))
         # No seeding inside: lm-eval would reset the global RNGs, which the caller's training owns.

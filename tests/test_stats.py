@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from unlearn.stats import bootstrap, over_seeds, recovery_interval, recovery_ratio, removal_beyond_noise
+from unlearn.stats import bootstrap, over_seeds, recovery_interval, recovery_of_means, removal_beyond_noise
 
 
 def test_mean_interval_matches_the_normal_theory_width_and_covers_the_truth() -> None:
@@ -42,7 +42,7 @@ def test_recovery_ratio_resamples_items_jointly() -> None:
     unlearned = np.r_[np.ones(100), np.zeros(100)]
     attacked = np.r_[np.ones(100), np.ones(25), np.zeros(75)]
     rows = np.c_[target, unlearned, attacked]
-    interval = bootstrap(rows, recovery_ratio, resamples=3000, seed=0)
+    interval = bootstrap(rows, recovery_of_means, resamples=3000, seed=0)
     assert interval.value == pytest.approx(0.25)
     # Binomial theory for 25 of the ~100 forgotten items: 1.96·√(0.25·0.75/100) ≈ 0.085.
     assert interval.half_width == pytest.approx(0.085, rel=0.2)
@@ -50,7 +50,7 @@ def test_recovery_ratio_resamples_items_jointly() -> None:
 
 def test_undefined_statistics_give_nan_not_a_fake_interval() -> None:
     nothing_forgotten = np.c_[np.ones(30), np.ones(30), np.ones(30)]
-    interval = bootstrap(nothing_forgotten, recovery_ratio, resamples=200)
+    interval = bootstrap(nothing_forgotten, recovery_of_means, resamples=200)
     assert math.isnan(interval.value) and math.isnan(interval.low) and math.isnan(interval.high)
     assert math.isnan(bootstrap([0.4]).low)  # one row: no spread to resample
     with pytest.raises(ValueError, match="no rows"):

@@ -65,7 +65,7 @@ def bootstrap(rows: Sequence[Sequence[float]] | Sequence[float], statistic: Call
     return Interval(value, float(low), float(high), n, level)
 
 
-def recovery_ratio(data: Rows, better: str = "lower") -> float:
+def recovery_of_means(data: Rows, better: str = "lower") -> float:
     """Columns: per item, correct (1/0 or a probability) for the target, the unlearned and the attacked model.
     The ratio of their means by the attack reports' own rule (results.recovery_ratio), nan where it is undefined."""
     target, unlearned, attacked = (float(data[:, k].mean()) for k in range(3))
@@ -91,7 +91,7 @@ def recovery_interval(target: Sequence[float], unlearned: Sequence[float], attac
     if not len(target) == len(unlearned) == len(attacked):
         raise ValueError(f"per-item values of unequal length: {len(target)}, {len(unlearned)}, {len(attacked)}")
     rows = np.column_stack([target, unlearned, attacked]).astype(float)
-    return bootstrap(rows, lambda d: recovery_ratio(d, better), level, resamples, seed)
+    return bootstrap(rows, lambda d: recovery_of_means(d, better), level, resamples, seed)
 
 
 def over_seeds(groups: Sequence[Sequence[Sequence[float]] | Sequence[float]], statistic: Callable[[Rows], float] | None

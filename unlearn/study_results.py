@@ -19,7 +19,7 @@ import numpy as np
 
 from unlearn.config import read_yaml
 from unlearn.results import ITEMS_FILE, AttackRecord, RunRecord, describe_lr, read_attack, read_items, read_run
-from unlearn.stats import Interval, bootstrap, over_seeds, recovery_ratio
+from unlearn.stats import Interval, bootstrap, over_seeds, recovery_of_means
 from unlearn.task import Metric
 
 NO_ATTACK = "none"
@@ -144,7 +144,7 @@ def recovery_aggregate(cells: list[CellResult], label: str, metric: str) -> Aggr
         return None
     better = parts[0][2]
     if all(rows is not None for rows, _, _ in parts):
-        return _aggregate([rows for rows, _, _ in parts], lambda d: recovery_ratio(d, better), True)
+        return _aggregate([rows for rows, _, _ in parts], lambda d: recovery_of_means(d, better), True)
     return _aggregate([np.asarray([[ratio]]) for _, ratio, _ in parts], lambda d: float(d[0, 0]), False)
 
 
@@ -217,4 +217,4 @@ def mean_of(d: np.ndarray) -> float:
 
 
 def ratio_of(better: str) -> Callable[[np.ndarray], float]:
-    return lambda d: recovery_ratio(d, better)
+    return lambda d: recovery_of_means(d, better)
