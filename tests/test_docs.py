@@ -27,3 +27,15 @@ def test_the_findings_quote_their_study_run_unchanged():
     assert quoted.strip() == ("### Forget level" + tables).replace("\n## ", "\n### ").strip()
     assert (ROOT / "docs" / "findings" / "study.yaml").read_text() == \
         (ROOT / "configs" / "study" / "downgrade.yaml").read_text(), "the shipped study changed: run it again"
+
+
+def test_the_readme_layout_names_every_module():
+    """The README's Layout block names every module of the package, so it cannot silently fall behind the tree."""
+    readme = (ROOT / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", layout))
+    folders = [ROOT / "unlearn", ROOT / "unlearn" / "recipes", ROOT / "unlearn" / "perf", ROOT / "unlearn" / "optim",
+               ROOT / "benchmarks", ROOT / "benchmarks" / "muse", ROOT / "attacks"]
+    missing = sorted(f"{folder.relative_to(ROOT)}/{path.name}" for folder in folders for path in folder.glob("*.py")
+                     if path.stem != "__init__" and path.stem not in words)
+    assert missing == [], f"modules the README's Layout does not name: {missing}"
