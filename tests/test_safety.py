@@ -421,3 +421,19 @@ def test_a_report_leaves_out_a_run_being_written_and_says_so(tmp_path):
     rows = [line for line in out.splitlines() if line.startswith("| ")]
     assert any("| done |" in row for row in rows) and not any("| busy |" in row for row in rows)
     assert sorted(p.name for p in runs.iterdir()) == ["busy", "done", "report.csv", "report.md"]
+
+
+def test_an_interrupt_during_an_import_is_raised_after_it(tmp_path):
+    """Raised inside an import, the interrupt could land in native code called back from Python (torch's import
+    via pybind11) and abort the process (exit -6, seen once in 12 start-up tries). It is delivered again until it
+    lands outside every import: the module imports whole, then the interrupt is raised."""
+    (tmp_path / "interrupted_module.py").write_text(
+        "import signal\nsignal.raise_signal(signal.SIGINT)\nCOMPLETE = True\n")
+    script = ("import sys, time\nfrom unlearn.interrupts import Interrupted, install_handlers\ninstall_handlers()\n"
+              f"sys.path.insert(0, {str(tmp_path)!r})\n"
+              "try:\n    import interrupted_module\n    print('imported', interrupted_module.COMPLETE)\n"
+              "    time.sleep(5)\n    print('not interrupted')\n"
+              "except Interrupted:\n    print('interrupted after the import', 'interrupted_module' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            preexec_fn=sigint_as_in_a_terminal)
+    assert result.stdout.splitlines() == ["imported True", "interrupted after the import True"], result.stderr

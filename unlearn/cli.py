@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 
 from unlearn.errors import UserError, shown
-from unlearn.interrupts import Interrupted, exit_interrupted, install_handlers
+from unlearn.interrupts import Interrupted, exit_interrupted, install_handlers, raise_pending
 
 if TYPE_CHECKING:  # imported for the annotation only: the CLI keeps its start-up light
     from unlearn.task import Task
@@ -614,6 +614,7 @@ def main() -> None:
     install_handlers()  # already done by unlearn.entry for the command; here for in-process callers
     try:
         code = app(standalone_mode=False)
+        raise_pending()  # a Ctrl-C during the command's imports that was not yet delivered
         # Non-standalone typer *returns* the exit code of an explicit typer.Exit (and 130 for a
         # KeyboardInterrupt raised outside our handler): it must still reach the shell.
         if isinstance(code, int) and code != 0:
