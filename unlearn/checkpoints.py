@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from unlearn.errors import SHOWN_CHARACTERS, UserError
+from unlearn.errors import SHOWN_CHARACTERS, UserError, first_line
 from unlearn.files import read_json, write_json_atomic
+from unlearn.results import is_number
 from unlearn.runs import CHECKPOINT_PREFIXES, CHECKPOINTS
 
 STEP_PREFIX, STAGE_PREFIX = CHECKPOINT_PREFIXES
@@ -103,10 +104,6 @@ def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _progress_problem(progress: dict[str, Any]) -> str:
     """What is wrong with a progress.json read back (it is data from a folder: checked before any use), or ""."""
     for key in ("step", "stage"):
@@ -117,7 +114,7 @@ def _progress_problem(progress: dict[str, Any]) -> str:
         return ""
     if not isinstance(done, dict):
         return "'done' must be a mapping"
-    for key, ok in (("seconds", _number), ("forward_passes", _count), ("steps", _count), ("eval_seconds", _number)):
+    for key, ok in (("seconds", is_number), ("forward_passes", _count), ("steps", _count), ("eval_seconds", is_number)):
         if not ok(done.get(key)):
             return f"'done.{key}' is missing or not a number"
     stages = done.get("stages")
@@ -125,7 +122,7 @@ def _progress_problem(progress: dict[str, Any]) -> str:
         return "'done.stages' must be a list"
     for stage in stages:
         if not (isinstance(stage, dict) and isinstance(stage.get("metrics"), dict)
-                and _number(stage.get("final_loss"))):
+                and is_number(stage.get("final_loss"))):
             return "each of 'done.stages' needs its metrics and final_loss"
     return ""
 
@@ -150,8 +147,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    line = text.splitlines()[0] if text else type(err).__name__
+    line = first_line(err)
     return line if len(line) <= SHOWN_CHARACTERS else line[:SHOWN_CHARACTERS] + "..."
 
 

@@ -23,3 +23,9 @@ def shown(value: Any) -> str:
     whole repr of a huge or deeply nested value)."""
     text = _REPR.repr(value)
     return text if len(text) <= SHOWN_CHARACTERS else text[:SHOWN_CHARACTERS] + "..."
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (libraries' messages run to many lines), or its type's name."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -73,7 +73,7 @@ def read_text(path: Path, what: str = "file") -> str:
     if path.exists() and not path.is_file() and not path.is_dir():
         raise UserError(f"{what} {path} is not a regular file")
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{what} {path} does not exist") from None
     except IsADirectoryError:

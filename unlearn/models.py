@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from unlearn.errors import UserError
+from unlearn.errors import UserError, first_line
 from unlearn.placement import CPU_FP32, Placement, autocast_forward
 
 EMBEDDED = {
@@ -115,8 +115,7 @@ def load_error(spec: str, err: Exception, what: str = "model") -> UserError:
     if not Path(spec).exists() and spec not in EMBEDDED and not hub_reachable():
         return UserError(f"cannot load {what} '{spec}': the Hugging Face hub ({hub_endpoint()}) cannot be reached "
                          "and it is not in the local cache (HF_HOME); give a local model folder, or go online once")
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return UserError(f"cannot load {what} '{spec}': {first}")
+    return UserError(f"cannot load {what} '{spec}': {first_line(err)}")
 
 
 def hub_endpoint() -> str:
