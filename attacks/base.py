@@ -12,10 +12,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from unlearn.config import EvalConfig
-from unlearn.placement import CPU_FP32, Placement
-from unlearn.registry import Registry
-from unlearn.task import ItemSubset, Metric, Task
+from unlearn.compute.placement import CPU_FP32, Placement
+from unlearn.core.registry import Registry
+from unlearn.storage.metrics import Metric
+from unlearn.tasks.task import ItemSubset, Task
+from unlearn.training.config import EvalConfig
 
 
 @dataclass

@@ -32,10 +32,10 @@ import torch
 from torch import nn
 
 from unlearn.attacks.base import ATTACKS, Attack, AttackResult, Subject
-from unlearn.errors import UserError
-from unlearn.models import from_pretrained, load_tokenizer, resolve
-from unlearn.placement import Placement, autocast_forward
-from unlearn.settings import AT_LEAST_ONE, Limit, setting
+from unlearn.compute.models import from_pretrained, load_tokenizer, resolve
+from unlearn.compute.placement import Placement, autocast_forward
+from unlearn.core.errors import UserError
+from unlearn.core.settings import AT_LEAST_ONE, Limit, setting
 
 METHODS = ("bnb", "rtn")
 BITS = {"bnb": (4, 8), "rtn": (2, 3, 4, 8)}
@@ -277,7 +277,7 @@ def load_quantized(model_dir: str | Path, spec: QuantSpec, trust_remote_code: bo
 
     bnb goes through transformers' own quantizing loader (on `device` if it is a GPU, else on the GPU when there
     is one, as bnb is meant to run); rtn loads the float model, rounds it in float32 and moves it to `device`.
-    Evaluation then follows the model to wherever it is (`unlearn.data.on_device`). `compute` other than fp32:
+    Evaluation then follows the model to wherever it is (`unlearn.tasks.data.on_device`). `compute` other than fp32:
     the model runs in that precision, as the run it attacks was measured (4-bit layers multiply in it, and every
     forward runs under autocast), so the attack's effect is not mixed with a change of compute precision.
     """

@@ -17,18 +17,18 @@ from typing import Any
 
 import torch
 
-from unlearn.adapters import add_lora, merge_lora
 from unlearn.attacks.base import ATTACKS, Attack, AttackResult, Subject
-from unlearn.data import encode
-from unlearn.errors import UserError
-from unlearn.models import load_model
-from unlearn.objectives import LanguageModeling
+from unlearn.compute.models import load_model
+from unlearn.compute.placement import CPU_FP32, Placement
+from unlearn.core.errors import UserError
+from unlearn.core.settings import AT_LEAST_ONE, POSITIVE, SEED, Limit, setting
 from unlearn.optim import build_optimizer
 from unlearn.optim.rounding import use_precision
-from unlearn.placement import CPU_FP32, Placement
-from unlearn.settings import AT_LEAST_ONE, POSITIVE, SEED, Limit, setting
-from unlearn.task import RelearnPlan
-from unlearn.train import train
+from unlearn.tasks.data import encode
+from unlearn.tasks.task import RelearnPlan
+from unlearn.training.adapters import add_lora, merge_lora
+from unlearn.training.loop import train
+from unlearn.training.methods import LanguageModeling
 
 DOMAINS = ("forget", "retain")
 

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from unlearn.data import ANSWER_LETTERS, MCQ
-from unlearn.errors import UserError, shown
-from unlearn.files import loads_json, read_text
+from unlearn.core.errors import UserError, shown
+from unlearn.core.files import loads_json, read_text
+from unlearn.tasks.data import ANSWER_LETTERS, MCQ
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 

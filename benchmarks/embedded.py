@@ -11,16 +11,17 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from unlearn.benchmarks.synthetic import SPLITS, Benchmark, SyntheticSettings, generate
-from unlearn.data import MCQ, Example, qa_prompt
-from unlearn.errors import UserError
-from unlearn.evaluate import mcq_accuracy, perplexity, rouge_l, run_steps
-from unlearn.settings import (
+from unlearn.core.errors import UserError
+from unlearn.core.settings import (
     AT_LEAST_ONE,
     POSITIVE,
     from_mapping,
     setting,
 )
-from unlearn.task import BENCHMARKS, ItemSubset, Metric, RelearnPlan, Task, split_items
+from unlearn.evaluation.measures import mcq_accuracy, perplexity, rouge_l, run_steps
+from unlearn.storage.metrics import Metric
+from unlearn.tasks.data import MCQ, Example, qa_prompt
+from unlearn.tasks.task import BENCHMARKS, ItemSubset, RelearnPlan, Task, split_items
 
 ACC, ROUGE, PROB = "fraction correct", "ROUGE-L F1 (0-1)", "normalized answer probability (0-1)"
 METRICS = (
@@ -53,7 +54,7 @@ class TaskData(Task):
 
     def evaluate(self, model: Any, tokenizer: Any, settings: Any, progress: bool = True) -> dict[str, float]:
         """All metrics for one model, as a flat dict (what metrics.json holds)."""
-        from unlearn.openqa import make_judge, openqa_accuracy
+        from unlearn.evaluation.judge import make_judge, openqa_accuracy
 
         size, budget, max_new_tokens = settings.batch_size, settings.max_batch_tokens, settings.max_new_tokens
         model.eval()

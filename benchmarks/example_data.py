@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearn.benchmarks.synthetic import Benchmark, Fact, SyntheticSettings, generate
-from unlearn.runs import staged_dir
+from unlearn.storage.runs import staged_dir
 
 
 def mcq_record(fact: Fact, tag_field: str = "concept") -> dict[str, Any]:

@@ -15,7 +15,7 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 
-from unlearn.settings import NON_NEGATIVE, setting
+from unlearn.core.settings import NON_NEGATIVE, setting
 
 SPLITS = ("forget", "retain", "holdout")
 

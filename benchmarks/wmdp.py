@@ -9,7 +9,7 @@ toolkit's in-loop scorer, which a test shows gives the same accuracy.
 Unlearning text: a forget corpus of ``{text}`` records (WMDP's bio/cyber forget corpora have this form) and a
 retain corpus, wikitext from the hub or a local ``{text}`` file.
 
-The `openqa` benchmark is the same questions asked open-ended (unlearn/openqa.py), beside their MCQ accuracy.
+The `openqa` benchmark is the same questions asked open-ended (unlearn/evaluation/judge.py), beside their MCQ accuracy.
 """
 
 from __future__ import annotations
@@ -25,12 +25,20 @@ from pathlib import Path
 from typing import Any
 
 from unlearn.benchmarks.datafiles import chunk_texts, mcqs_from, read_records, read_texts
-from unlearn.config import check_engine
-from unlearn.data import ANSWER_LETTERS, MCQ, Example
-from unlearn.errors import UserError, shown
-from unlearn.evaluate import collecting_samples, log_samples, mcq_correct, metric_scope, run_steps, tagged_accuracy
-from unlearn.settings import AT_LEAST_ONE, from_mapping, setting
-from unlearn.task import BENCHMARKS, Metric, Task
+from unlearn.core.errors import UserError, shown
+from unlearn.core.settings import AT_LEAST_ONE, from_mapping, setting
+from unlearn.evaluation.measures import (
+    collecting_samples,
+    log_samples,
+    mcq_correct,
+    metric_scope,
+    run_steps,
+    tagged_accuracy,
+)
+from unlearn.storage.metrics import Metric
+from unlearn.tasks.data import ANSWER_LETTERS, MCQ, Example
+from unlearn.tasks.task import BENCHMARKS, Task
+from unlearn.training.config import check_engine
 
 LETTERS = ANSWER_LETTERS  # any number of choices a data file may hold (datafiles checks)
 CHUNK_WORDS = 150  # words per forget/retain training passage cut from a corpus
@@ -297,7 +305,7 @@ class WMDPTask(Task):
         return [self.questions] + ([self.utility] if self.utility else [])
 
     def _open_ended(self, model: Any, tokenizer: Any, settings: Any) -> dict[str, float]:
-        from unlearn.openqa import make_judge, openqa_accuracy
+        from unlearn.evaluation.judge import make_judge, openqa_accuracy
 
         return openqa_accuracy(model, tokenizer, self._sets()[0].questions(), make_judge(settings.judge),
                                batch_size=settings.batch_size, max_batch_tokens=settings.max_batch_tokens)

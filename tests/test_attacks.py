@@ -11,9 +11,9 @@ import pytest
 
 from tests.conftest import make_model
 from tests.test_cli import TINY_BENCH, cli
-from unlearn.errors import UserError
+from unlearn.core.errors import UserError
 from unlearn.recipes.attack import recovery_ratio
-from unlearn.task import split_items
+from unlearn.tasks.task import split_items
 
 
 @pytest.fixture(scope="module")

@@ -182,7 +182,7 @@ def test_optimizers_lists_every_grade(tmp_path):
 
 def test_threads_per_process_share_the_cores():
     from unlearn.cli import threads_per_process
-    from unlearn.errors import UserError
+    from unlearn.core.errors import UserError
 
     assert threads_per_process({}, 8) == 8
     assert threads_per_process({"LOCAL_WORLD_SIZE": "4"}, 16) == 4  # torchrun / accelerate: 4 ranks per machine

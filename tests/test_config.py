@@ -1,7 +1,7 @@
 import pytest
 
-from unlearn.config import load_run_config
-from unlearn.errors import UserError
+from unlearn.core.errors import UserError
+from unlearn.training.config import load_run_config
 
 
 def test_precedence_defaults_then_component_yaml_then_flags_then_set(tmp_path):

@@ -5,8 +5,15 @@ import math
 import pytest
 import torch
 
-from unlearn.data import MCQ
-from unlearn.evaluate import answer_probability, collect_samples, item_values, mcq_accuracy, perplexity, run_steps
+from unlearn.evaluation.measures import (
+    answer_probability,
+    collect_samples,
+    item_values,
+    mcq_accuracy,
+    perplexity,
+    run_steps,
+)
+from unlearn.tasks.data import MCQ
 
 
 def test_perplexity_of_a_wrecked_model_is_inf_not_a_crash(tiny):
@@ -42,9 +49,9 @@ def test_mcq_prob_and_accuracy_come_from_one_scoring_and_items_match_the_means(t
 def test_choices_scored_from_a_shared_prompt_equal_whole_sequences(tiny) -> None:
     """Multi-token choices continue their question's cached prompt (left-padded, batched across questions of
     different lengths and choice counts): each summed log-likelihood equals scoring prompt + choice in one piece."""
-    from unlearn.data import collate
-    from unlearn.evaluate import _scoring_item, choice_scores
-    from unlearn.scoring import sequence_logprobs
+    from unlearn.evaluation.measures import _scoring_item, choice_scores
+    from unlearn.tasks.data import collate
+    from unlearn.tasks.scoring import sequence_logprobs
 
     model, tok = tiny
     questions = [MCQ("Where was Bo Tranth born? A:", ["Kraizo", "Pl", "Drouvaelnd", "Sty"], 0, ""),

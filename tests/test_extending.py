@@ -17,15 +17,16 @@ from typer.testing import CliRunner
 
 from unlearn.attacks import ATTACKS
 from unlearn.cli import app
-from unlearn.task import BENCHMARKS
+from unlearn.tasks.task import BENCHMARKS
 
 TOY_BENCHMARK = '''
 from dataclasses import dataclass
 from typing import Any
 
-from unlearn.data import Example
-from unlearn.evaluate import perplexity
-from unlearn.task import BENCHMARKS, Metric, Task
+from unlearn.tasks.data import Example
+from unlearn.evaluation.measures import perplexity
+from unlearn.tasks.task import BENCHMARKS, Task
+from unlearn.storage.metrics import Metric
 
 FORGET = ["The vault code is 4417.", "The courier leaves at dawn.", "The key is under the third stone.",
           "The password is marble falcon."]
@@ -54,8 +55,8 @@ from dataclasses import dataclass
 import torch
 
 from unlearn.attacks.base import ATTACKS, Attack, AttackResult, Subject
-from unlearn.models import load_model
-from unlearn.settings import POSITIVE, setting
+from unlearn.compute.models import load_model
+from unlearn.core.settings import POSITIVE, setting
 
 
 @dataclass

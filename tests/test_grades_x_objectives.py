@@ -14,11 +14,11 @@ import torch
 import yaml
 
 from tests.test_objectives import FORGET, RETAIN
-from unlearn.config import CONFIG_DIR
-from unlearn.data import encode
-from unlearn.objectives import OBJECTIVES, RMU, build_objective
 from unlearn.optim import OPTIMIZERS, build_optimizer
-from unlearn.train import train
+from unlearn.tasks.data import encode
+from unlearn.training.config import CONFIG_DIR
+from unlearn.training.loop import train
+from unlearn.training.methods import OBJECTIVES, RMU, build_objective
 
 METHODS = ["gradascent", "graddiff", "npo", "simnpo", "rmu"]
 LR = {"first-order": 1e-2, "sign": 1e-3, "second-order": 1e-2, "spectral": 2e-2, "zeroth-order": 1e-3}

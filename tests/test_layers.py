@@ -2,11 +2,12 @@
 
     entry                     unlearn/entry.py, unlearn/__main__.py (the command: interrupts first, then the CLI)
     cli                       unlearn/cli.py
-    recipes, perf             unlearn/recipes/, unlearn/perf/
+    recipes, perf             unlearn/recipes/ (study/ included), unlearn/perf/
     benchmarks/  attacks/     unlearn.benchmarks, unlearn.attacks (the suites and the attacks)
-    library                   every other module of unlearn/
+    library, bottom to top:   core, storage, compute, tasks, evaluation, optim, training (unlearn/<name>/)
 
-Imports only point down, the two suite packages do not import each other, and there is no import cycle.
+Imports only point down (a library package imports only the packages below it), the two suite packages do not
+import each other, there is no import cycle, and no folder holds more than 12 modules at one level.
 Imports inside functions count (they hid a cycle once); imports under `if TYPE_CHECKING:` do not run.
 """
 
@@ -64,6 +65,9 @@ def imports(known: dict[str, Path]) -> dict[str, set[str]]:
     return graph
 
 
+LIBRARY = ("core", "storage", "compute", "tasks", "evaluation", "optim", "training")  # bottom to top
+
+
 def layer(module: str) -> str:
     if module in ("unlearn.entry", "unlearn.__main__"):
         return "entry"
@@ -75,13 +79,17 @@ def layer(module: str) -> str:
         return "benchmarks"
     if module.startswith("unlearn.attacks"):
         return "attacks"
-    return "library"
+    parts = module.split(".")
+    if len(parts) > 1 and parts[1] in LIBRARY:
+        return parts[1]
+    return "package"  # unlearn/__init__.py: the package's docstring, importing nothing
 
 
-ALLOWED = {"entry": {"entry", "cli", "recipes", "benchmarks", "attacks", "library"},
-           "cli": {"cli", "recipes", "benchmarks", "attacks", "library"},
-           "recipes": {"recipes", "benchmarks", "attacks", "library"},
-           "benchmarks": {"benchmarks", "library"}, "attacks": {"attacks", "library"}, "library": {"library"}}
+_BELOW = {name: set(LIBRARY[: i + 1]) for i, name in enumerate(LIBRARY)}
+ALLOWED = {"entry": {"entry", "cli", "recipes", "benchmarks", "attacks", *LIBRARY},
+           "cli": {"cli", "recipes", "benchmarks", "attacks", *LIBRARY},
+           "recipes": {"recipes", "benchmarks", "attacks", *LIBRARY},
+           "benchmarks": {"benchmarks", *LIBRARY}, "attacks": {"attacks", *LIBRARY}, "package": set(), **_BELOW}
 
 
 def violations(graph: dict[str, set[str]]) -> list[str]:
@@ -126,19 +134,32 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_checks_catch_what_they_guard():
     """A planted back-import and a planted cycle are found (so a pass below means something)."""
-    planted = {"unlearn.data": {"unlearn.benchmarks.wmdp"}, "unlearn.benchmarks.wmdp": {"unlearn.data"},
-               "unlearn.attacks.relearn": {"unlearn.benchmarks.embedded"}}
+    planted = {"unlearn.tasks.data": {"unlearn.benchmarks.wmdp"}, "unlearn.benchmarks.wmdp": {"unlearn.tasks.data"},
+               "unlearn.attacks.relearn": {"unlearn.benchmarks.embedded"},
+               "unlearn.storage.records": {"unlearn.tasks.task"}}
     assert violations(planted) == [
         "unlearn.attacks.relearn (attacks) imports unlearn.benchmarks.embedded (benchmarks)",
-        "unlearn.data (library) imports unlearn.benchmarks.wmdp (benchmarks)"]
-    assert cycles(planted) == [["unlearn.benchmarks.wmdp", "unlearn.data"]]
+        "unlearn.storage.records (storage) imports unlearn.tasks.task (tasks)",
+        "unlearn.tasks.data (tasks) imports unlearn.benchmarks.wmdp (benchmarks)"]
+    assert cycles(planted) == [["unlearn.benchmarks.wmdp", "unlearn.tasks.data"]]
 
 
 def test_imports_point_down_and_never_circle():
     known = modules()
     graph = imports(known)
-    assert {"unlearn.evaluate", "unlearn.benchmarks.muse", "unlearn.attacks.relearn",
+    assert {"unlearn.evaluation.measures", "unlearn.benchmarks.muse", "unlearn.attacks.relearn",
             "unlearn.recipes.report"} <= set(known)
-    assert "unlearn.task" in graph["unlearn.benchmarks.wmdp"]  # the reader sees real edges
+    assert "unlearn.tasks.task" in graph["unlearn.benchmarks.wmdp"]  # the reader sees real edges
     assert violations(graph) == []
     assert cycles(graph) == []
+    assert {layer(m) for m in known} == {"entry", "cli", "recipes", "benchmarks", "attacks", "package", *LIBRARY}
+
+
+def test_no_folder_holds_more_than_twelve_modules():
+    crowded = {}
+    for folder in PACKAGES.values():
+        for directory in [folder, *(p for p in folder.rglob("*") if p.is_dir() and p.name != "__pycache__")]:
+            count = len([p for p in directory.glob("*.py") if p.name != "__init__.py"])
+            if count > 12:
+                crowded[str(directory.relative_to(ROOT))] = count
+    assert crowded == {}

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.test_cli import TINY_BENCH, cli
-from unlearn.errors import UserError
-from unlearn.stopping import StopRule
+from unlearn.core.errors import UserError
+from unlearn.training.stopping import StopRule
 
 
 def _run(tmp_path: Path, model: Path, *extra: str, name: str = "r"):

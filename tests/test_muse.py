@@ -21,8 +21,8 @@ from unlearn.benchmarks.muse import (
     verbmem_reference,
     write_muse_layout,
 )
-from unlearn.config import EvalConfig
-from unlearn.errors import UserError
+from unlearn.core.errors import UserError
+from unlearn.training.config import EvalConfig
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu",
          "xi", "omicron", "pi", "rho", "sigma", "tau"]
@@ -328,16 +328,16 @@ def test_privleak_absent_without_a_retrained_reference(tiny, data: Path) -> None
 
 
 def test_privleak_with_retrain_model(tiny, data: Path, tiny_model_dir: Path, monkeypatch) -> None:
-    import unlearn.models
+    import unlearn.compute.models
 
     calls: list[str] = []
-    real = unlearn.models.load_model
+    real = unlearn.compute.models.load_model
 
     def counting(spec: str, *args: Any, **kwargs: Any) -> Any:
         calls.append(spec)
         return real(spec, *args, **kwargs)
 
-    monkeypatch.setattr(unlearn.models, "load_model", counting)
+    monkeypatch.setattr(unlearn.compute.models, "load_model", counting)
     model, tok = tiny  # the same weights as tiny_model_dir: the "retrained" model is this model
     task = load(data, retrain_model=str(tiny_model_dir), **FAST)
     first = task.evaluate(model, tok, SETTINGS, progress=False)

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unlearn.data import Encoded, Example, collate, encode, endless_rows, rows_used
-from unlearn.objectives import NPO, RMU, GradAscent, GradDiff, SimNPO, build_objective, layer_activations
-from unlearn.scoring import mean_token_nll, sequence_logprobs
+from unlearn.tasks.data import Encoded, Example, collate, encode, endless_rows, rows_used
+from unlearn.tasks.scoring import mean_token_nll, sequence_logprobs
+from unlearn.training.methods import NPO, RMU, GradAscent, GradDiff, SimNPO, build_objective, layer_activations
 
 FORGET = [Example("Question: Where was Ada born?\nAnswer:", " Zorbu"),
           Example("Question: What does Ada play?\nAnswer:", " the oboe")]
@@ -165,7 +165,7 @@ def test_unknown_method_and_option():
 
 
 def test_lora_adapters_go_where_the_objective_trains(tiny):
-    from unlearn.adapters import add_lora
+    from unlearn.training.adapters import add_lora
 
     model, _ = tiny
     RMU(layer=2).trainable(model)

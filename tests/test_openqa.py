@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from unlearn.data import MCQ
-from unlearn.errors import UserError
-from unlearn.evaluate import generate_answers
-from unlearn.openqa import SHOTS, MatchJudge, NLIJudge, match_judge, normalize, openqa_accuracy, openqa_prompt
+from unlearn.core.errors import UserError
+from unlearn.evaluation.judge import SHOTS, MatchJudge, NLIJudge, match_judge, normalize, openqa_accuracy, openqa_prompt
+from unlearn.evaluation.measures import generate_answers
+from unlearn.tasks.data import MCQ
 
 OPTIONS = ["Mars", "Venus", "the Red Sea", "Red"]
 
@@ -47,7 +47,7 @@ def _questions() -> list[MCQ]:
 
 def _teach(model, tokenizer, prompts: list[str], answer: str, steps: int = 40) -> None:
     """A few steps of fine-tuning so the tiny model writes `answer` after these prompts."""
-    from unlearn.data import Example, collate, encode
+    from unlearn.tasks.data import Example, collate, encode
 
     batch = collate([encode(tokenizer, Example(p, answer), max_length=2048) for p in prompts], tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

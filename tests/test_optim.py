@@ -10,8 +10,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from unlearn.loss import Loss
 from unlearn.optim import OPTIMIZERS, Hybrid, ZerothOrder, build_optimizer
+from unlearn.optim.loss import Loss
 from unlearn.optim.zo import ZerothOrderBase
 
 GRADES = {

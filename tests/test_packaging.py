@@ -54,7 +54,7 @@ def test_installed_wheel_runs_from_another_folder(wheel, tmp_path, tiny_model_di
     zipfile.ZipFile(wheel).extractall(site)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    script = ("import sys, unlearn, unlearn.config as c, unlearn.attacks as a\n"
+    script = ("import sys, unlearn, unlearn.training.config as c, unlearn.attacks as a\n"
               "print(unlearn.__file__, c.CONFIG_DIR, a.__file__, sep='\\n')\n"
               "from unlearn.cli import main\n"
               f"sys.argv = ['unlearn', 'run', '--model', {str(tiny_model_dir)!r}, '--steps', '1', '--batch-size', '2',"

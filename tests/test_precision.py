@@ -10,16 +10,17 @@ import torch
 
 from tests.conftest import make_model
 from unlearn.attacks.relearn import RelearnSettings, relearn
-from unlearn.data import Example, collate, encode
-from unlearn.errors import UserError
-from unlearn.models import load_model
-from unlearn.objectives import LanguageModeling
+from unlearn.compute.models import load_model
+from unlearn.compute.placement import Placement, autocast_forward, resolve
+from unlearn.core.errors import UserError
 from unlearn.optim import build_optimizer
 from unlearn.optim.rounding import noise_generator, stochastic_round_
-from unlearn.placement import Placement, autocast_forward, resolve
-from unlearn.scoring import mean_token_nll, sequence_logprobs
-from unlearn.task import Metric, RelearnPlan
-from unlearn.train import train
+from unlearn.storage.metrics import Metric
+from unlearn.tasks.data import Example, collate, encode
+from unlearn.tasks.scoring import mean_token_nll, sequence_logprobs
+from unlearn.tasks.task import RelearnPlan
+from unlearn.training.loop import train
+from unlearn.training.methods import LanguageModeling
 
 CPU = torch.device("cpu")
 FACTS = [Example(prompt=f"Q{i}: what is {i}?", target=f" It is {i * 7}.") for i in range(16)]
@@ -251,8 +252,8 @@ def test_data_order_and_relearning_split_do_not_depend_on_torch_streams_or_devic
     """The data order and the relearning split come from Python's own seeded generator (integer arithmetic, the
     same on every machine), never from torch's CPU or CUDA generators: a CPU and a GPU run of one seed train on the
     same rows. Pinned values catch a change to a device-dependent stream."""
-    from unlearn.data import epoch_order
-    from unlearn.task import split_items
+    from unlearn.tasks.data import epoch_order
+    from unlearn.tasks.task import split_items
 
     torch.manual_seed(123)  # torch's global streams are irrelevant to both
     assert epoch_order(10, seed=0, epoch=0) == [7, 8, 1, 5, 3, 4, 2, 0, 9, 6]
@@ -291,7 +292,7 @@ def test_lean_rounding_noise_resumes_from_the_optimizer_state() -> None:
 
 def test_a_lora_update_merged_into_bf16_weights_is_kept_in_expectation(tokenizer) -> None:
     """Under `lean` the base stays bf16: merging an adapter's small update rounded to nearest would lose it."""
-    from unlearn.adapters import add_lora, merge_lora
+    from unlearn.training.adapters import add_lora, merge_lora
 
     def merged(seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         model = make_model(len(tokenizer)).bfloat16()

@@ -21,7 +21,7 @@ from unlearn.attacks.quantize import (
     quantize_in_memory,
     rtn_quantize_,
 )
-from unlearn.errors import UserError
+from unlearn.core.errors import UserError
 
 VOCAB = 128
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

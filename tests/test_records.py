@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from unlearn.benchmarks.datafiles import read_mcqs, read_records, read_texts
-from unlearn.errors import UserError
+from unlearn.core.errors import UserError
 
 RECORDS = [{"question": "What is 2 + 2?", "choices": ["3", "4", "5", "22"], "answer": 1, "subject": "math"},
            {"question": "Which is a gas?", "choices": ["iron", "neon"], "answer": 1, "subject": "chem"}]

@@ -133,7 +133,7 @@ def test_overwrite_only_replaces_toolkit_folders(tmp_path):
 
 
 def test_a_second_writer_on_the_same_run_is_refused(tmp_path):
-    from unlearn.runs import open_run_dir
+    from unlearn.storage.runs import open_run_dir
 
     runs = tmp_path / "runs"
     with open_run_dir(runs, "same") as (final, notes):
@@ -151,9 +151,9 @@ def _age(path: Path) -> None:
 
 
 def test_stale_staging_of_dead_writers_is_removed_and_live_ones_kept(tmp_path):
-    from unlearn.locks import FileLock
-    from unlearn.runs import MARKER as RUN_MARKER
-    from unlearn.runs import clean_stale
+    from unlearn.storage.locks import FileLock
+    from unlearn.storage.runs import MARKER as RUN_MARKER
+    from unlearn.storage.runs import clean_stale
 
     runs = tmp_path / "runs"
     dead = runs / ".staging-dead-0000aaaa"
@@ -222,7 +222,7 @@ def test_a_hard_link_at_a_lock_path_is_refused_and_its_target_kept(tmp_path):
     assert code == 2 and "hard links" in err and ".victim.lock" in err, err
     assert precious.read_text() == "keep me"
     _age(runs / ".victim.lock")
-    from unlearn.runs import clean_stale
+    from unlearn.storage.runs import clean_stale
 
     notes = clean_stale(runs)  # a clean-up leaves it too
     assert precious.read_text() == "keep me" and (runs / ".victim.lock").exists() and "no toolkit marker" in notes[0]
@@ -230,8 +230,8 @@ def test_a_hard_link_at_a_lock_path_is_refused_and_its_target_kept(tmp_path):
 
 def test_lock_files_are_never_followed_through_a_symlink(tmp_path):
     """A received run folder plants `attacks/.NAME.lock` -> some file: taking the lock must not truncate it."""
-    from unlearn.errors import UserError
-    from unlearn.runs import staged_dir
+    from unlearn.core.errors import UserError
+    from unlearn.storage.runs import staged_dir
 
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
@@ -245,8 +245,8 @@ def test_lock_files_are_never_followed_through_a_symlink(tmp_path):
 
 
 def test_names_must_stay_inside_the_output_folder(tmp_path):
-    from unlearn.errors import UserError
-    from unlearn.runs import check_name, child
+    from unlearn.core.errors import UserError
+    from unlearn.storage.runs import check_name, child
 
     for good in ("npo-hybrid", "seed 3", "zo_q4+lora", "αβ"):
         assert check_name(good) == good
@@ -375,7 +375,7 @@ def test_an_overwrite_is_refused_while_eval_or_attack_holds_the_run(tmp_path, ti
 
 def test_the_command_takes_interrupts_before_its_heavy_imports():
     """The handlers are in place before typer, rich, numpy or torch start importing."""
-    script = ("import signal, sys\nimport unlearn.interrupts as e\ne.install_handlers()\n"
+    script = ("import signal, sys\nimport unlearn.core.interrupts as e\ne.install_handlers()\n"
               "print(sorted(m for m in ('numpy', 'torch', 'typer', 'rich') if m in sys.modules))\n"
               "print(signal.getsignal(signal.SIGINT) is e._raise_interrupted)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -407,7 +407,7 @@ def test_ctrl_c_during_start_up_is_130_and_one_line(tmp_path):
 
 
 def test_a_report_leaves_out_a_run_being_written_and_says_so(tmp_path):
-    from unlearn.locks import claim
+    from unlearn.storage.locks import claim
 
     runs = tmp_path / "runs"
     for name, acc in (("done", 0.25), ("busy", 0.5)):
@@ -429,7 +429,8 @@ def test_an_interrupt_during_an_import_is_raised_after_it(tmp_path):
     lands outside every import: the module imports whole, then the interrupt is raised."""
     (tmp_path / "interrupted_module.py").write_text(
         "import signal\nsignal.raise_signal(signal.SIGINT)\nCOMPLETE = True\n")
-    script = ("import sys, time\nfrom unlearn.interrupts import Interrupted, install_handlers\ninstall_handlers()\n"
+    script = ("import sys, time\nfrom unlearn.core.interrupts import Interrupted, install_handlers\n"
+              "install_handlers()\n"
               f"sys.path.insert(0, {str(tmp_path)!r})\n"
               "try:\n    import interrupted_module\n    print('imported', interrupted_module.COMPLETE)\n"
               "    time.sleep(5)\n    print('not interrupted')\n"

@@ -25,16 +25,16 @@ from safetensors.torch import load_file
 
 from tests.conftest import make_model
 from tests.test_cli import TINY_BENCH, assert_user_error, cli
-from unlearn.config import load_run_config, read_yaml
-from unlearn.data import Encoded, split_rows
-from unlearn.distributed import World
-from unlearn.errors import UserError
-from unlearn.models import enable_gradient_checkpointing
-from unlearn.objectives import GradAscent, build_objective
+from unlearn.compute.distributed import World
+from unlearn.compute.models import enable_gradient_checkpointing
+from unlearn.compute.placement import CPU_FP32, resolve
+from unlearn.core.errors import UserError
 from unlearn.optim import build_optimizer
-from unlearn.placement import CPU_FP32, resolve
 from unlearn.recipes.pipeline import check_world
-from unlearn.train import train
+from unlearn.tasks.data import Encoded, split_rows
+from unlearn.training.config import load_run_config, read_yaml
+from unlearn.training.loop import train
+from unlearn.training.methods import GradAscent, build_objective
 
 ONE_THREAD = {"UNLEARN_THREADS": "1"}
 

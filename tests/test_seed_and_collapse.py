@@ -7,10 +7,10 @@ import json
 import yaml
 
 from tests.test_cli import TINY_BENCH, cli
-from unlearn.collapse import collapse_reasons
-from unlearn.config import load_run_config
+from unlearn.evaluation.collapse import collapse_reasons
 from unlearn.recipes.pipeline import seeded
-from unlearn.task import Metric
+from unlearn.storage.metrics import Metric
+from unlearn.training.config import load_run_config
 
 
 def test_seed_reaches_the_optimizer_and_method_streams_unless_given() -> None:

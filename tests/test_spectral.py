@@ -11,8 +11,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from unlearn.loss import Loss, LossValue
 from unlearn.optim import SIFT, Muon, build_optimizer, newton_schulz
+from unlearn.optim.loss import Loss, LossValue
 from unlearn.optim.spectral import top_singular
 
 NAME = "layers.0.mlp.down_proj.weight"

@@ -1,4 +1,4 @@
-"""Bootstrap intervals (unlearn/stats.py) on distributions whose answer is known."""
+"""Bootstrap intervals (unlearn/evaluation/stats.py) on distributions whose answer is known."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from unlearn.stats import bootstrap, over_seeds, recovery_interval, recovery_of_means, removal_beyond_noise
+from unlearn.evaluation.stats import bootstrap, over_seeds, recovery_interval, recovery_of_means, removal_beyond_noise
 
 
 def test_mean_interval_matches_the_normal_theory_width_and_covers_the_truth() -> None:

@@ -17,12 +17,9 @@ import yaml
 
 from tests.conftest import sigint_as_in_a_terminal
 from tests.test_cli import cli
-from unlearn.config import read_yaml
-from unlearn.errors import UserError
-from unlearn.results import AttackRecord, Recovery, RunRecord, read_run
-from unlearn.runs import MARKER
-from unlearn.study_calibration import Trial, choose
-from unlearn.study_results import (
+from unlearn.core.errors import UserError
+from unlearn.recipes.study.calibration import Trial, choose
+from unlearn.recipes.study.results import (
     CellResult,
     mean_of,
     metric_aggregate,
@@ -33,7 +30,10 @@ from unlearn.study_results import (
     recovery_rows,
     results_rows,
 )
-from unlearn.task import Metric
+from unlearn.storage.metrics import Metric
+from unlearn.storage.records import AttackRecord, Recovery, RunRecord, read_run
+from unlearn.storage.runs import MARKER
+from unlearn.training.config import read_yaml
 
 BENCH = {"name": "embedded", "people": [2, 2, 4], "cities": [1, 1, 2], "organizations": [1, 1, 2],
          "prepare": {"epochs": 1}}
@@ -98,7 +98,7 @@ def test_a_killed_study_continues_without_redoing_complete_cells(tmp_path, tiny_
     assert all(p.stat().st_mtime_ns == t for p, t in done.items())  # not redone
     assert len([p for p in runs.iterdir() if (p / "metrics.json").is_file()]) == 6
     # The killed run's staging folder is gone, unless the kill came before its marker was written: such a folder
-    # may be a live writer's for a minute (unlearn/runs.py) and is cleaned by a later run.
+    # may be a live writer's for a minute (unlearn/storage/runs.py) and is cleaned by a later run.
     assert not [p for p in runs.iterdir() if p.name.startswith(".staging") and (p / MARKER).exists()]
 
 
@@ -297,7 +297,7 @@ def test_a_calibrated_optimizer_runs_its_trials_on_their_own_seed_and_its_cells_
 def test_the_shipped_study_files_plan_and_check_every_cell(name: str) -> None:
     """Every cell's settings are checked when the plan is made (no model loads): a shipped file that names an
     unknown option or an impossible precision fails here, not after an hour on a GPU."""
-    from unlearn.recipes.study_plan import load_study
+    from unlearn.recipes.study.plan import load_study
 
     study = load_study(Path(__file__).resolve().parents[1] / "configs" / "study" / f"{name}.yaml")
     assert len(study.cells) == len(study.methods) * len(study.optimizers) * len(study.settings.seeds)
@@ -310,7 +310,7 @@ def test_the_shipped_study_files_plan_and_check_every_cell(name: str) -> None:
 def test_a_second_study_on_the_same_folder_is_refused_before_it_trains(tmp_path, tiny_model_dir):
     """Two `unlearn study` on one file: the second used to train a duplicate cell, fail, and leave a stray
     `runs/npo-adamw-s0-2`. Now it is refused at once while the first holds the study folder."""
-    from unlearn.locks import claim
+    from unlearn.storage.locks import claim
 
     path = _study(tmp_path, tiny_model_dir, seeds=[0])
     folder = tmp_path / "studies" / "tiny"

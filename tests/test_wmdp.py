@@ -11,9 +11,9 @@ import torch
 from tests.test_cli import cli
 from unlearn.benchmarks.example_data import write_jsonl
 from unlearn.benchmarks.wmdp import QuestionSet, lm_eval_accuracy, load, render
-from unlearn.config import EvalConfig
-from unlearn.errors import UserError
-from unlearn.evaluate import choice_scores
+from unlearn.core.errors import UserError
+from unlearn.evaluation.measures import choice_scores
+from unlearn.training.config import EvalConfig
 
 CONCEPTS = ("virology", "toxins", "genetics")
 
@@ -166,9 +166,9 @@ def test_one_forward_per_question_gives_the_per_choice_scores(monkeypatch) -> No
     from transformers import PreTrainedTokenizerFast
 
     from tests.conftest import make_model
-    from unlearn import evaluate
-    from unlearn.data import MCQ, Example, encode, fixed_batches
-    from unlearn.scoring import sequence_logprobs
+    from unlearn.evaluation import measures as evaluate
+    from unlearn.tasks.data import MCQ, Example, encode, fixed_batches
+    from unlearn.tasks.scoring import sequence_logprobs
 
     # A tokenizer where " A" ... " D" are single tokens, as in BPE vocabularies (the fixture's is per character).
     vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{f" {c}": 3 + i for i, c in enumerate("ABCD")}}
@@ -203,7 +203,7 @@ def test_one_forward_per_question_gives_the_per_choice_scores(monkeypatch) -> No
 def test_long_questions_are_scored_whole_and_cut_from_the_left(tiny) -> None:
     """A WMDP question can be a long code listing: the native scorer scores it whole (no fixed-length cut), and
     only past the model's context drops tokens from the left, as lm-eval does."""
-    from unlearn.data import MCQ
+    from unlearn.tasks.data import MCQ
 
     model, tokenizer = tiny
     question = MCQ("int f(char *p) { return p[3]; }\n" * 12 + "Answer:", ["A", "B", "C", "D"], 0, "")
@@ -228,7 +228,7 @@ def test_long_questions_are_scored_whole_and_cut_from_the_left(tiny) -> None:
 
 
 def test_length_batches_sort_budget_and_restore_order() -> None:
-    from unlearn.evaluate import length_batches
+    from unlearn.evaluation.measures import length_batches
 
     lengths = [5, 50, 7, 50, 1, 30]
     batches = length_batches(lengths, batch_size=3, max_tokens=100)

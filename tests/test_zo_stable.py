@@ -92,7 +92,7 @@ def test_rollback_keeps_a_step_that_does_not_jump() -> None:
 
 def test_rollback_on_the_retain_part_catches_what_the_total_lets_through() -> None:
     """A step can lower the total (forgetting) while it raises the retain term: watched on retain, it is undone."""
-    from unlearn.loss import Loss
+    from unlearn.optim.loss import Loss
 
     v = torch.ones(DIM) / DIM**0.5
 
@@ -110,7 +110,7 @@ def test_rollback_on_the_retain_part_catches_what_the_total_lets_through() -> No
 
 def test_rollback_on_a_list_watches_the_first_part_the_loss_has() -> None:
     """[retain, total]: the retain part where the objective has one, else the total (GradAscent has none)."""
-    from unlearn.loss import Loss
+    from unlearn.optim.loss import Loss
 
     v = torch.ones(DIM) / DIM**0.5
 

@@ -3,7 +3,7 @@ optimizers | benchmarks | attacks`.
 
 User mistakes (UserError) end in one line on stderr and exit code 2; an interrupt (Ctrl-C, SIGTERM) ends in
 `error: interrupted` / `error: terminated` and exit code 130 / 143. Nothing half-written stays on disk because
-every output is staged and renamed into place (unlearn/runs.py).
+every output is staged and renamed into place (unlearn/storage/runs.py).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-from unlearn.errors import UserError, shown
-from unlearn.interrupts import Interrupted, exit_interrupted, install_handlers, raise_pending
+from unlearn.core.errors import UserError, shown
+from unlearn.core.interrupts import Interrupted, exit_interrupted, install_handlers, raise_pending
 
 if TYPE_CHECKING:  # imported for the annotation only: the CLI keeps its start-up light
-    from unlearn.task import Task
+    from unlearn.tasks.task import Task
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="LLM unlearning robustness toolkit: unlearn, attack, evaluate, report.")
@@ -30,7 +30,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console(soft_wrap=True, markup=False, emoji=False, highlight=False)
 
 
-MAX_ERROR_CHARACTERS = 1000  # values inside are already cut (unlearn.errors.shown); this bounds the rest
+MAX_ERROR_CHARACTERS = 1000  # values inside are already cut (unlearn.core.errors.shown); this bounds the rest
 
 
 def _fail(message: str, code: int) -> None:
@@ -87,8 +87,8 @@ def _benchmark_flags(data: str | None, engine: str | None, openqa: bool, judge: 
 
 def _preflight() -> None:
     """Checks every model-loading command makes before loading anything: the cache folder takes files."""
-    from unlearn.files import writable_dir
-    from unlearn.models import cache_dir
+    from unlearn.compute.models import cache_dir
+    from unlearn.core.files import writable_dir
 
     writable_dir(cache_dir(), "cache folder (UNLEARN_CACHE)")
 
@@ -114,7 +114,7 @@ def _setup_torch() -> None:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(threads_per_process(dict(os.environ), cores))
-    from unlearn.models import quiet_transformers
+    from unlearn.compute.models import quiet_transformers
 
     quiet_transformers()
 
@@ -180,9 +180,9 @@ def run(
 ) -> None:
     """Unlearn the forget set from the target model, save it, evaluate it, print the table. The same command runs
     under `torchrun` / `accelerate launch` on several GPUs or CPU processes (README: one GPU to eight)."""
-    from unlearn.config import load_run_config
     from unlearn.recipes.pipeline import run as run_pipeline
     from unlearn.recipes.report import run_summary
+    from unlearn.training.config import load_run_config
 
     flags = {"model": _path_or_name(model), "train.max_steps": steps, "optimizer.lr": lr,
              "train.batch_size": batch_size, "train.seed": seed, "train.lora_rank": lora_rank, "name": name,
@@ -229,8 +229,8 @@ def _flags_given(ctx: typer.Context, keep: tuple[str, ...]) -> list[str]:
 
 def _resumed_config(name: str, output_dir: str | None):
     """The settings an interrupted run saved in its partial folder (its output folder: the one it is found in)."""
-    from unlearn.config import load_run_config
-    from unlearn.runs import check_name, partial_dir
+    from unlearn.storage.runs import check_name, partial_dir
+    from unlearn.training.config import load_run_config
 
     check_name(name)
     parent = Path(output_dir or "runs")
@@ -247,10 +247,10 @@ def _subject(run_dir: Path | None, model: str | None, config: Path | None, set_:
     """The model under evaluation or attack: a run folder (on its own benchmark, with flags applied on top, in
     the precision it trained in unless --dtype says otherwise), or any model on the configured benchmark."""
     from unlearn.attacks import Subject
-    from unlearn.config import load_run_config
-    from unlearn.placement import resolve
+    from unlearn.compute.placement import resolve
     from unlearn.recipes.attack import subject_from_run
     from unlearn.recipes.pipeline import load_task
+    from unlearn.training.config import load_run_config
 
     if (run_dir is None) == (model is None):
         raise UserError("give exactly one of --run RUN_DIR or --model MODEL")
@@ -270,7 +270,7 @@ def _held(run_dir: Path | None):
     """The run folder held against replacement for a block (eval, attack); nothing to hold for a bare model."""
     from contextlib import nullcontext
 
-    from unlearn.locks import hold
+    from unlearn.storage.locks import hold
 
     if run_dir is None:
         return nullcontext()
@@ -324,7 +324,7 @@ def eval_(
     quiet: QuietOpt = False,
 ) -> None:
     """Evaluate a run's model (rewrites its metrics.json and items.json) or any model (prints metrics)."""
-    from unlearn.files import write_jsonl_atomic
+    from unlearn.core.files import write_jsonl_atomic
     from unlearn.recipes.evaluate import evaluate
 
     samples_file = _samples_path(log_samples, samples_path, run_dir)
@@ -380,7 +380,7 @@ def attack(
 ) -> None:
     """Attack an unlearned model (quantization, relearning, ...) and score it like `unlearn eval`. Every setting's
     default: `unlearn attacks`."""
-    from unlearn.collapse import COLLAPSED_NOTE
+    from unlearn.evaluation.collapse import COLLAPSED_NOTE
     from unlearn.recipes.attack import attack_settings, run_attack
 
     chosen = [n for n, given in (("--attack", attack_name), ("--quantize", quantize), ("--relearn", relearn)) if given]
@@ -433,7 +433,7 @@ def attack(
 
 
 def _title(metrics, key: str) -> str:
-    from unlearn.task import declaration
+    from unlearn.storage.metrics import declaration
 
     spec = declaration(metrics, key)
     return spec.title if spec is not None else key
@@ -461,14 +461,14 @@ def study(
     trust_remote_code: TrustOpt = False,
     quiet: QuietOpt = False,
     workers: Annotated[int, typer.Option(min=1, help=(
-        "Cells run at once, each in its own process with its share of the CPU threads (2 on 2 cores: about "
-        "1.1x the throughput, python -m unlearn.perf.study_workers). Runs then print lines, not progress bars."))] = 1,
+        "Cells run at once, each in its own process with its share of the CPU threads (2 on 2 cores: about 1.1x "
+        "the throughput, python -m unlearn.perf.study_parallelism). Runs then print lines, not progress bars."))] = 1,
 ) -> None:
     """Run a study: methods × optimizers × seeds, each run attacked by every attack, into one folder with
     results.csv, summary.md (means with 95 % intervals, paired comparisons) and plots. Run it again after an
     interruption: complete runs and attacks are skipped."""
-    from unlearn.recipes.study import run_study
-    from unlearn.recipes.study_plan import load_study
+    from unlearn.recipes.study.plan import load_study
+    from unlearn.recipes.study.recipe import run_study
 
     plan = load_study(config)  # every cell's settings checked before any model loads
     trials = f", after {len(plan.trials)} calibration trials" if plan.trials else ""
@@ -494,10 +494,10 @@ def prepare(
     quiet: QuietOpt = False,
 ) -> None:
     """Build (or find cached) the target model that knows the benchmark's forget and retain facts."""
-    from unlearn.config import load_run_config
-    from unlearn.placement import resolve
+    from unlearn.compute.placement import resolve
     from unlearn.recipes.pipeline import load_task
     from unlearn.recipes.prepare import prepare_record, target_model
+    from unlearn.training.config import load_run_config
 
     cfg = load_run_config("npo", "adamw", config, {"model": _path_or_name(model), "train.device": device,
                                                     "train.dtype": dtype, "train.precision": precision}, set_)
@@ -535,7 +535,7 @@ def example_data(
 @app.command()
 def models() -> None:
     """List the embedded model aliases and where converted models are cached."""
-    from unlearn.models import EMBEDDED, cache_dir
+    from unlearn.compute.models import EMBEDDED, cache_dir
 
     for alias, (_, filename, dist) in EMBEDDED.items():
         converted = cache_dir() / "models" / alias
@@ -544,7 +544,7 @@ def models() -> None:
 
 
 def _defaults(kind: str, name: str) -> str:
-    from unlearn.config import component_defaults
+    from unlearn.training.config import component_defaults
 
     return ", ".join(f"{k}={v}" for k, v in component_defaults(kind, name).items())
 
@@ -565,7 +565,7 @@ def optimizers() -> None:
 @app.command()
 def methods() -> None:
     """List every unlearning objective with its default options (configs/method/<name>.yaml)."""
-    from unlearn.objectives import OBJECTIVES
+    from unlearn.training.methods import OBJECTIVES
 
     for name in sorted(OBJECTIVES):
         aliases = OBJECTIVES.aliases(name)

@@ -21,10 +21,10 @@ from unlearn.benchmarks.muse.settings import (
 )
 from unlearn.benchmarks.muse.sources import HubSource, LocalSource, Source, record_pairs, record_texts, split_spec
 from unlearn.benchmarks.muse.task import MuseTask
-from unlearn.data import Example
-from unlearn.errors import UserError, shown
-from unlearn.settings import from_mapping
-from unlearn.task import BENCHMARKS, Stage
+from unlearn.core.errors import UserError, shown
+from unlearn.core.settings import from_mapping
+from unlearn.tasks.data import Example
+from unlearn.tasks.task import BENCHMARKS, Stage
 
 
 def settings_from(config: dict[str, Any]) -> MuseSettings:

@@ -8,13 +8,13 @@ from typing import Any
 import torch
 
 from unlearn.benchmarks.muse.metrics import min_k_count, min_k_score
-from unlearn.data import Encoded
-from unlearn.errors import UserError
-from unlearn.evaluate import (
+from unlearn.core.errors import UserError
+from unlearn.evaluation.measures import (
     model_context,
     run_batches,
 )
-from unlearn.scoring import shifted_logprobs
+from unlearn.tasks.data import Encoded
+from unlearn.tasks.scoring import shifted_logprobs
 
 
 @dataclass
@@ -43,7 +43,7 @@ def token_logprobs(model: Any, tokenizer: Any, texts: list[str], max_tokens: int
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def score(batch: dict[str, torch.Tensor], indices: list[int]) -> list[torch.Tensor]:
-        # Right padding needs no attention mask in a causal model (see unlearn/scoring.py: _logits_at).
+        # Right padding needs no attention mask in a causal model (see unlearn/tasks/scoring.py: _logits_at).
         lp = shifted_logprobs(model, batch["input_ids"].to(model.device))
         return [lp[row, :len(ids[i]) - 1].cpu() for row, i in enumerate(indices)]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from unlearn.settings import AT_LEAST_ONE, Limit, setting
-from unlearn.task import Metric
+from unlearn.core.settings import AT_LEAST_ONE, Limit, setting
+from unlearn.storage.metrics import Metric
 
 # Hub layout, read from the dataset cards of muse-bench/MUSE-News and MUSE-Books: subsets raw (forget, retain1,
 # retain2, holdout; text), knowmem (forget_qa, retain_qa, forget_qa_icl, retain_qa_icl; question, answer),

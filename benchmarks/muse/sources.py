@@ -9,8 +9,8 @@ from typing import Any, Protocol
 
 from unlearn.benchmarks.datafiles import read_records, string_field
 from unlearn.benchmarks.muse.settings import RECORD_SUFFIXES, STAGE_SPLIT, TEXT_SUFFIXES
-from unlearn.errors import UserError
-from unlearn.files import read_text
+from unlearn.core.errors import UserError
+from unlearn.core.files import read_text
 
 
 class Source(Protocol):

@@ -11,7 +11,7 @@ import torch
 from unlearn.benchmarks.muse.metrics import knowmem_answer, knowmem_prompt, privleak, privleak_auc, verbmem_reference
 from unlearn.benchmarks.muse.passes import min_k_scores
 from unlearn.benchmarks.muse.settings import SCALE, MuseSettings
-from unlearn.evaluate import (
+from unlearn.evaluation.measures import (
     collecting_samples,
     generate_texts,
     log_generations,
@@ -20,7 +20,7 @@ from unlearn.evaluate import (
     rouge_l_scores,
     run_steps,
 )
-from unlearn.task import Task
+from unlearn.tasks.task import Task
 
 
 @dataclass
@@ -60,7 +60,7 @@ class MuseTask(Task):
         if self.settings.retrain_model is None:
             return None
         if self._auc_retrain is None:
-            from unlearn.models import load_model
+            from unlearn.compute.models import load_model
 
             loaded = load_model(self.settings.retrain_model, dtype=dtype)
             retrained = loaded.model.to(device)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from unlearn.core.settings import check_int
 from unlearn.optim.protocol import (
     OPTIMIZERS,
     Closure,
@@ -18,7 +19,6 @@ from unlearn.optim.protocol import (
     require_closure,
     rounds_updates,
 )
-from unlearn.settings import check_int
 
 
 def _sub_spec(role: str, spec: Any, gradients: bool) -> tuple[str, dict[str, Any]]:

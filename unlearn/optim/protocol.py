@@ -27,10 +27,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from unlearn.loss import LossValue, loss_parts, total_loss
+from unlearn.core.registry import Registry
+from unlearn.core.settings import SettingError, check_call_options
+from unlearn.optim.loss import LossValue, loss_parts, total_loss
 from unlearn.optim.rounding import LeanStep
-from unlearn.registry import Registry
-from unlearn.settings import SettingError, check_call_options
 
 Closure = Callable[[], LossValue]
 Params = Iterable[torch.Tensor] | Iterable[tuple[str, torch.Tensor]]

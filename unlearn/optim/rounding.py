@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
+from unlearn.compute.placement import Placement
 from unlearn.optim.zo_directions import mix
-from unlearn.placement import Placement
 
 _LOW = 1 << 16
 _MASK = -_LOW  # 0xFFFF0000 as a signed 32-bit integer

@@ -16,8 +16,8 @@ import pytorch_optimizer
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from unlearn.core.settings import check_int
 from unlearn.optim.protocol import Closure, backward, register, require_closure
-from unlearn.settings import check_int
 
 
 @register("sophia")

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from unlearn.loss import loss_parts, total_loss
+from unlearn.core.settings import check_int
+from unlearn.optim.loss import loss_parts, total_loss
 from unlearn.optim.protocol import (
     BackwardStep,
     Closure,
@@ -31,7 +32,6 @@ from unlearn.optim.protocol import (
     require_closure,
     sharded,
 )
-from unlearn.settings import check_int
 
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # Keller Jordan's quintic: maximal slope at 0 in 5 steps
 

@@ -49,7 +49,8 @@ from typing import Any
 
 import torch
 
-from unlearn.errors import UserError
+from unlearn.core.errors import UserError
+from unlearn.core.settings import check_int
 from unlearn.optim.protocol import (
     Closure,
     ModelDependent,
@@ -69,7 +70,6 @@ from unlearn.optim.zo_directions import (
     SubspaceDirections,
 )
 from unlearn.optim.zo_stable import Coefficients, Stabilizers
-from unlearn.settings import check_int
 
 _SEED_RANGE = 2**62
 FLAT_STEPS = 5  # consecutive steps of probes that all saw the same loss before a member stops (_check_visible)

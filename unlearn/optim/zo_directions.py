@@ -28,7 +28,7 @@ from typing import Protocol
 
 import torch
 
-from unlearn.settings import check_int
+from unlearn.core.settings import check_int
 
 POOL_SIZE = 1 << 22
 CHUNK = 1 << 18  # elements (or about that many, as whole rows) per chunk: large enough to amortize the

@@ -38,8 +38,17 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from unlearn.errors import UserError
-from unlearn.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT_OPEN, Limit, SettingError, from_mapping, setting
+from unlearn.core.errors import UserError
+from unlearn.core.settings import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT_OPEN,
+    Limit,
+    SettingError,
+    from_mapping,
+    setting,
+)
 
 SCHEDULES = ("constant", "linear", "cosine")
 

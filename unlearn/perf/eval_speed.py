@@ -96,8 +96,8 @@ def harness(model_dir: str, question_set: Any, batch: int) -> tuple[float, list[
 
 def toolkit(model: Any, tokenizer: Any, task: Any, engine: str, batch: int,
             budget: int | None) -> tuple[float, list[bool]]:
-    from unlearn.config import EvalConfig
-    from unlearn.evaluate import collect_samples
+    from unlearn.evaluation.measures import collect_samples
+    from unlearn.training.config import EvalConfig
 
     settings = EvalConfig(engine=engine, batch_size=batch, max_batch_tokens=budget)
     with collect_samples() as samples:
@@ -124,7 +124,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from unlearn.benchmarks.wmdp import load
-    from unlearn.models import load_model, resolve
+    from unlearn.compute.models import load_model, resolve
 
     model_dir = resolve(args.model)
     loaded = load_model(model_dir)

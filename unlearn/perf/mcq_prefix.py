@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
 
-    from unlearn.evaluate import scored_choices
-    from unlearn.models import load_model
+    from unlearn.compute.models import load_model
+    from unlearn.evaluation.measures import scored_choices
     from unlearn.recipes.pipeline import load_task
     from unlearn.recipes.prepare import target_model
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from unlearn.config import component_defaults
+from unlearn.training.config import component_defaults
 
 BATCH = 8
 # Schedules are timed over whole periods so the mean is the true cost per step.
@@ -109,10 +109,10 @@ def side_by_side(closure: Callable[[], Any], build: Callable[[], torch.optim.Opt
 
 def measure(name: str, steps: int, model_id: str, device: str, repeats: int) -> dict[str, Any]:
     from unlearn.benchmarks import BENCHMARKS
-    from unlearn.data import collate, encode
-    from unlearn.models import load_model
-    from unlearn.objectives import build_objective
+    from unlearn.compute.models import load_model
     from unlearn.optim import OPTIMIZERS, build_optimizer
+    from unlearn.tasks.data import collate, encode
+    from unlearn.training.methods import build_objective
 
     torch.manual_seed(0)
     loaded = load_model(model_id)

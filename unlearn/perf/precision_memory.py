@@ -15,9 +15,9 @@ import argparse
 
 import torch
 
+from unlearn.compute.placement import Placement, autocast_forward
 from unlearn.optim import build_optimizer
 from unlearn.optim.rounding import use_precision
-from unlearn.placement import Placement, autocast_forward
 
 MODES = ("fp32", "master", "lean", "pure")
 

@@ -33,9 +33,9 @@ WIDTHS = (128, 256, 512, 1024)
 
 
 def _placement(grade: str, args: argparse.Namespace):
-    """The placement a run of this grade takes with --dtype and --precision (unlearn.placement)."""
+    """The placement a run of this grade takes with --dtype and --precision (unlearn.compute.placement)."""
+    from unlearn.compute.placement import DTYPES, Placement
     from unlearn.optim import OPTIMIZERS
-    from unlearn.placement import DTYPES, Placement
 
     gradients = bool(OPTIMIZERS[grade].uses_gradients)  # type: ignore[attr-defined]
     return Placement(torch.device(args.device), DTYPES[args.dtype], args.precision, gradients)
@@ -54,12 +54,12 @@ def _model(width: int, args: argparse.Namespace, weights: torch.dtype) -> torch.
 
 
 def measure(grade: str, width: int, checkpointing: bool, args: argparse.Namespace) -> dict[str, Any]:
-    from unlearn.data import Encoded, collate
-    from unlearn.models import enable_gradient_checkpointing
-    from unlearn.objectives import build_objective
+    from unlearn.compute.models import enable_gradient_checkpointing
+    from unlearn.compute.placement import autocast_forward
     from unlearn.optim import OPTIMIZERS, build_optimizer
     from unlearn.optim.rounding import use_precision
-    from unlearn.placement import autocast_forward
+    from unlearn.tasks.data import Encoded, collate
+    from unlearn.training.methods import build_objective
 
     device = torch.device(args.device)
     where = _placement(grade, args)

@@ -17,11 +17,11 @@ import argparse
 
 import torch
 
-from unlearn.data import Example, collate, encode
-from unlearn.models import load_model
+from unlearn.compute.models import load_model
+from unlearn.compute.placement import Placement
 from unlearn.optim import build_optimizer
-from unlearn.placement import Placement
-from unlearn.scoring import mean_token_nll
+from unlearn.tasks.data import Example, collate, encode
+from unlearn.tasks.scoring import mean_token_nll
 
 TEXTS = [Example(prompt=f"Question: what is fact number {i}?\nAnswer:", target=f" Fact {i} is about {w}.")
          for i, w in enumerate(["rivers", "stars", "music", "cities", "bridges", "trees", "ships", "birds"])]

@@ -17,19 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from unlearn.attacks import ATTACKS, Attack, AttackResult, Subject
-from unlearn.collapse import COLLAPSED_NOTE
-from unlearn.config import apply_override, component_defaults, eval_config, merge, read_yaml
-from unlearn.errors import UserError, shown
-from unlearn.evaluate import collect_samples, item_values
-from unlearn.files import read_json, write_json_atomic
+from unlearn.compute.placement import Placement
+from unlearn.compute.placement import resolve as resolve_placement
+from unlearn.core.errors import UserError, shown
+from unlearn.core.files import read_json, write_json_atomic
+from unlearn.core.settings import from_mapping
+from unlearn.evaluation.collapse import COLLAPSED_NOTE
+from unlearn.evaluation.measures import collect_samples, item_values
+from unlearn.evaluation.stats import UNRELIABLE_NOTE, recovery_interval, removal_beyond_noise
 from unlearn.optim import OPTIMIZERS
-from unlearn.placement import Placement
-from unlearn.placement import resolve as resolve_placement
-from unlearn.results import ITEMS_FILE, AttackRecord, Recovery, collapse_of, read_items, recovery_ratio
-from unlearn.runs import staged_dir
-from unlearn.settings import from_mapping
-from unlearn.stats import UNRELIABLE_NOTE, recovery_interval, removal_beyond_noise
-from unlearn.task import Task
+from unlearn.storage.records import ITEMS_FILE, AttackRecord, Recovery, collapse_of, read_items, recovery_ratio
+from unlearn.storage.runs import staged_dir
+from unlearn.tasks.task import Task
+from unlearn.training.config import apply_override, component_defaults, eval_config, merge, read_yaml
 
 
 def attack_settings(name: str, flags: dict[str, Any] | None = None,

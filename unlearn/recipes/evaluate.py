@@ -2,8 +2,8 @@
 
 A run's record is rewritten through `RunRecord`, never as a raw dict: its metrics, their declarations and its
 collapse verdict are those of the new evaluation (judged against the run's own starting model), and items.json gets
-the new per-item values of the unlearned model beside the target's. The caller holds the run (unlearn.locks.hold),
-so the record and the config it sits beside belong to one run.
+the new per-item values of the unlearned model beside the target's. The caller holds the run
+(unlearn.storage.locks.hold), so the record and the config it sits beside belong to one run.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from unlearn.attacks import Subject
-from unlearn.collapse import collapse_reasons
-from unlearn.evaluate import evaluate_items
-from unlearn.files import write_json_atomic
-from unlearn.models import load_model
-from unlearn.results import ITEMS_FILE, read_items, read_run
+from unlearn.compute.models import load_model
+from unlearn.core.files import write_json_atomic
+from unlearn.evaluation.collapse import collapse_reasons
+from unlearn.evaluation.measures import evaluate_items
+from unlearn.storage.records import ITEMS_FILE, read_items, read_run
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The flow in one page: benchmark -> starting model -> unlearn (one or more requests) -> save -> evaluate.
 
 Each stage writes into the run folder, which is staged and renamed into place only at the end
-(unlearn/runs.py), so any failure leaves nothing behind that looks like a finished run.
+(unlearn/storage/runs.py), so any failure leaves nothing behind that looks like a finished run.
 """
 
 from __future__ import annotations
@@ -17,30 +17,30 @@ from typing import Any
 
 import torch
 
-from unlearn import checkpoints
-from unlearn.adapters import add_lora, merge_lora
 from unlearn.benchmarks import BENCHMARKS
-from unlearn.checkpoints import Checkpoint
-from unlearn.collapse import collapse_reasons, collapse_warning
-from unlearn.config import RunConfig
-from unlearn.data import encode, rows_used
-from unlearn.distributed import World, gathered_model, shard_model
-from unlearn.errors import UserError
-from unlearn.evaluate import evaluate_items
-from unlearn.files import write_json_atomic, write_jsonl_atomic, write_yaml
-from unlearn.models import enable_gradient_checkpointing, load_model, save_model
-from unlearn.objectives import OBJECTIVES, Objective, build_objective
+from unlearn.compute.distributed import World, gathered_model, shard_model
+from unlearn.compute.models import enable_gradient_checkpointing, load_model, save_model
+from unlearn.compute.placement import CPU_FP32, Placement, parse_dtype
+from unlearn.compute.placement import resolve as resolve_placement
+from unlearn.core.errors import UserError
+from unlearn.core.files import write_json_atomic, write_jsonl_atomic, write_yaml
+from unlearn.evaluation.collapse import collapse_reasons, collapse_warning
+from unlearn.evaluation.measures import evaluate_items
 from unlearn.optim import OPTIMIZERS, build_optimizer, dry_build
 from unlearn.optim.protocol import accepts, rounds_updates
 from unlearn.optim.rounding import use_precision
-from unlearn.placement import CPU_FP32, Placement, parse_dtype
-from unlearn.placement import resolve as resolve_placement
 from unlearn.recipes.prepare import baseline_cached, baseline_metrics, target_model
-from unlearn.results import ITEMS_FILE, RunRecord
-from unlearn.runs import open_run_dir, partial_dir, staged_dir
-from unlearn.stopping import StopRule
-from unlearn.task import Stage, Task
-from unlearn.train import Monitor, Progress, check_batching, retain_seed, train
+from unlearn.storage import checkpoints
+from unlearn.storage.checkpoints import Checkpoint
+from unlearn.storage.records import ITEMS_FILE, RunRecord
+from unlearn.storage.runs import open_run_dir, partial_dir, staged_dir
+from unlearn.tasks.data import encode, rows_used
+from unlearn.tasks.task import Stage, Task
+from unlearn.training.adapters import add_lora, merge_lora
+from unlearn.training.config import RunConfig
+from unlearn.training.loop import Monitor, Progress, check_batching, retain_seed, train
+from unlearn.training.methods import OBJECTIVES, Objective, build_objective
+from unlearn.training.stopping import StopRule
 
 
 @dataclass
@@ -145,7 +145,7 @@ def _optimizer_names(cfg: RunConfig) -> list[str]:
 
 
 def training_placement(cfg: RunConfig) -> Placement:
-    """Device, compute dtype and precision for this run's optimizer (unlearn.placement): `auto` precision is
+    """Device, compute dtype and precision for this run's optimizer (unlearn.compute.placement): `auto` precision is
     fp32 master weights for gradient grades, stochastically rounded bf16 weights for zeroth-order ones. A
     precision the optimizer cannot do is refused here, before any model loads."""
     gradients = bool(getattr(OPTIMIZERS.lookup(cfg.optimizer["name"]), "uses_gradients", True))

@@ -16,20 +16,20 @@ from typing import Any
 
 import torch
 
-from unlearn.config import EvalConfig
-from unlearn.data import encode
-from unlearn.evaluate import evaluate_items
-from unlearn.files import read_json, read_text, write_json_atomic
-from unlearn.locks import claim
-from unlearn.models import EMBEDDED, cache_dir, load_model, resolve, save_model
-from unlearn.objectives import LanguageModeling
+from unlearn.compute.models import EMBEDDED, cache_dir, load_model, resolve, save_model
+from unlearn.compute.placement import CPU_FP32, Placement
+from unlearn.core.files import read_json, read_text, write_json_atomic
+from unlearn.core.settings import from_mapping
+from unlearn.evaluation.measures import evaluate_items
 from unlearn.optim import build_optimizer
 from unlearn.optim.rounding import use_precision
-from unlearn.placement import CPU_FP32, Placement
-from unlearn.runs import staged_dir
-from unlearn.settings import from_mapping
-from unlearn.task import Task
-from unlearn.train import train
+from unlearn.storage.locks import claim
+from unlearn.storage.runs import staged_dir
+from unlearn.tasks.data import encode
+from unlearn.tasks.task import Task
+from unlearn.training.config import EvalConfig
+from unlearn.training.loop import train
+from unlearn.training.methods import LanguageModeling
 
 PREPARE_VERSION = 1  # bump when the preparation recipe changes, to invalidate caches
 

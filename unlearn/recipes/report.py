@@ -1,6 +1,6 @@
 """Report tables: one row per run folder, one row per attack result, as Markdown (printed) and CSV (written).
 
-Everything is read from the records (unlearn/results.py) and their metric declarations, so the report names
+Everything is read from the records (unlearn/storage/records.py) and their metric declarations, so the report names
 no benchmark and no attack:
 - runs table: the run's declared metrics (a column appears once some run has a value in it), and for every
   attack folder found under any run's attacks/, the run's headline metric after that attack;
@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unlearn.config import read_yaml
-from unlearn.errors import UserError
-from unlearn.files import write_atomic, write_text_atomic
-from unlearn.locks import Busy, hold
-from unlearn.results import AttackRecord, RunRecord, describe_lr, read_attack, read_run
-from unlearn.task import Metric, declaration
+from unlearn.core.errors import UserError
+from unlearn.core.files import write_atomic, write_text_atomic
+from unlearn.storage.locks import Busy, hold
+from unlearn.storage.metrics import Metric, declaration
+from unlearn.storage.records import AttackRecord, RunRecord, describe_lr, read_attack, read_run
+from unlearn.training.config import read_yaml
 
 
 @dataclass

@@ -1,0 +1,120 @@
+"""Intervals for the numbers a study compares: percentile bootstrap over items (or seeds), seeded.
+
+A recovery ratio (acc_attacked − acc_unlearned) / (acc_target − acc_unlearned) is a ratio of means over the
+same items, so its interval comes from resampling *items* and recomputing the whole statistic on each resample
+(the three accuracies move together), not from combining three separate intervals.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from unlearn.storage import records
+
+Rows = np.ndarray  # one row per item (or seed), one column per measured quantity
+
+
+@dataclass(frozen=True)
+class Interval:
+    value: float  # the statistic on the data itself
+    low: float
+    high: float
+    n: int  # rows it was computed from
+    level: float = 0.95
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+    def contains(self, x: float) -> bool:
+        return self.low <= x <= self.high
+
+    def __str__(self) -> str:
+        return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}] (n={self.n})"
+
+
+def bootstrap(rows: Sequence[Sequence[float]] | Sequence[float], statistic: Callable[[Rows], float] | None = None,
+              level: float = 0.95, resamples: int = 2000, seed: int = 0) -> Interval:
+    """Percentile bootstrap interval of `statistic` (default: the mean of a single column) over `rows`.
+
+    Resamples whose statistic is undefined (nan: a recovery ratio whose denominator vanished) are dropped; if
+    more than half are, the interval is reported as nan rather than built from a biased remainder."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    data = np.asarray(rows, dtype=float)
+    if data.ndim == 1:
+        data = data[:, None]
+    n = len(data)
+    if n == 0:
+        raise ValueError("no rows to bootstrap")
+    stat = statistic or (lambda d: float(d[:, 0].mean()))
+    value = float(stat(data))
+    rng = np.random.default_rng(seed)
+    draws = np.array([stat(data[rng.integers(0, n, n)]) for _ in range(resamples)], dtype=float)
+    finite = draws[np.isfinite(draws)]
+    if n == 1 or len(finite) < resamples / 2:
+        return Interval(value, math.nan, math.nan, n, level)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return Interval(value, float(low), float(high), n, level)
+
+
+def recovery_of_means(data: Rows, better: str = "lower") -> float:
+    """Columns: per item, correct (1/0 or a probability) for the target, the unlearned and the attacked model.
+    The ratio of their means by the attack reports' own rule (records.recovery_ratio), nan where it is undefined."""
+    target, unlearned, attacked = (float(data[:, k].mean()) for k in range(3))
+    ratio, _ = records.recovery_ratio(attacked, unlearned, target, better)
+    return math.nan if ratio is None else ratio
+
+
+UNRELIABLE_NOTE = "unreliable: what unlearning removed on this metric is within its item noise"
+
+
+def removal_beyond_noise(target: Sequence[float], unlearned: Sequence[float], level: float = 0.95,
+                         resamples: int = 2000, seed: int = 0) -> bool:
+    """Whether the recovery ratio's denominator, target − unlearned over the same items, is told apart from 0 by its
+    bootstrap interval (either sign: the ratio's own rule says which direction counts)."""
+    rows = np.column_stack([target, unlearned]).astype(float)
+    gap = bootstrap(rows, lambda d: float(d[:, 0].mean() - d[:, 1].mean()), level, resamples, seed)
+    return math.isfinite(gap.low) and (gap.low > 0 or gap.high < 0)
+
+
+def recovery_interval(target: Sequence[float], unlearned: Sequence[float], attacked: Sequence[float],
+                      better: str = "lower", level: float = 0.95, resamples: int = 2000, seed: int = 0) -> Interval:
+    """The recovery ratio over items with its bootstrap interval: the three models' values on the same items."""
+    if not len(target) == len(unlearned) == len(attacked):
+        raise ValueError(f"per-item values of unequal length: {len(target)}, {len(unlearned)}, {len(attacked)}")
+    rows = np.column_stack([target, unlearned, attacked]).astype(float)
+    return bootstrap(rows, lambda d: recovery_of_means(d, better), level, resamples, seed)
+
+
+def over_seeds(groups: Sequence[Sequence[Sequence[float]] | Sequence[float]], statistic: Callable[[Rows], float] | None
+               = None, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> Interval:
+    """The mean over seeds of a per-seed statistic of that seed's items, with a two-level percentile bootstrap
+    interval: each resample draws seeds with replacement, then items with replacement within every drawn seed, so the
+    interval holds both the seed-to-seed spread and each seed's item sampling. `n` is the number of seeds; with one
+    seed only its items are resampled. Resamples with an undefined (nan) statistic count as in `bootstrap`."""
+    data = [np.asarray(g, dtype=float) for g in groups]
+    data = [g[:, None] if g.ndim == 1 else g for g in data]
+    if not data or any(len(g) == 0 for g in data):
+        raise ValueError("every seed needs at least one item")
+    stat = statistic or (lambda d: float(d[:, 0].mean()))
+    value = float(np.mean([stat(g) for g in data]))
+    rng = np.random.default_rng(seed)
+    k = len(data)
+    draws = np.empty(resamples)
+    for r in range(resamples):
+        picked = rng.integers(0, k, k) if k > 1 else [0]
+        draws[r] = np.mean([stat(data[j][rng.integers(0, len(data[j]), len(data[j]))]) for j in picked])
+    finite = draws[np.isfinite(draws)]
+    if len(finite) < resamples / 2 or (k == 1 and len(data[0]) == 1):
+        return Interval(value, math.nan, math.nan, k, level)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return Interval(value, float(low), float(high), k, level)

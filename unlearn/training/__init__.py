@@ -1,0 +1,1 @@
+"""Training: the run configuration, the unlearning methods and their registry, the loop, stopping rules, adapters."""

@@ -1,0 +1,258 @@
+"""Unlearning objectives. Each one is a small loss function of (model, forget batch, retain batch).
+
+Objectives never call backward: the optimizer decides whether to differentiate (first-order) or
+only evaluate (zeroth-order). Anything that depends on the model *before* unlearning (NPO's
+reference log-probs, RMU's frozen retain activations) is computed once in `prepare`, so no
+second copy of the model is ever held in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Collection, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from unlearn.core.registry import Registry
+from unlearn.core.settings import NON_NEGATIVE, POSITIVE, Limit, SettingError, check_call_options
+from unlearn.optim.loss import Loss
+from unlearn.tasks.data import Encoded, fixed_batches, on_device
+from unlearn.tasks.scoring import mean_token_nll, sequence_logprobs
+
+Batch = dict[str, torch.Tensor]
+OBJECTIVES: Registry[type[Objective]] = Registry("method")
+register = OBJECTIVES.register
+
+
+# Loss weights scale a part of the objective; a negative one would turn forgetting into learning.
+WEIGHT = NON_NEGATIVE
+
+
+class Objective:
+    """Base: all parameters train and nothing is precomputed. The constructor's annotated keyword arguments
+    are the method's settings; `limits` gives their ranges (checked by `build_objective`)."""
+
+    limits: dict[str, Limit] = {}
+
+    def trainable(self, model: torch.nn.Module) -> None:
+        """Set requires_grad on the parameters this objective updates (default: leave as is)."""
+
+    def prepare(self, model: torch.nn.Module, forget: list[Encoded], retain: list[Encoded],
+                pad_id: int, batch_size: int, retain_used: Collection[int] | None = None) -> None:
+        """Precompute whatever depends on the model before unlearning (stored in `Encoded.extra`).
+        `retain_used`: the indices of the retain items training will draw (None: any of them)."""
+
+    def __call__(self, model: torch.nn.Module, forget: Batch, retain: Batch) -> Loss:
+        """The loss as named, weighted parts (``forget``, ``retain``) summing to the optimized loss."""
+        raise NotImplementedError
+
+
+@register("gradascent", "ga")
+class GradAscent(Objective):
+    """L = -NLL(forget): push the forget answers' likelihood down, nothing else."""
+
+
+    def __call__(self, model, forget, retain):
+        return Loss({"forget": -mean_token_nll(model, forget)})
+
+
+@register("graddiff")
+class GradDiff(Objective):
+    """L = gamma * (-NLL(forget)) + alpha * NLL(retain)."""
+
+    limits = {"gamma": WEIGHT, "alpha": WEIGHT}
+
+    def __init__(self, gamma: float = 1.0, alpha: float = 1.0) -> None:
+        self.gamma, self.alpha = gamma, alpha
+
+    def __call__(self, model, forget, retain):
+        return Loss({"forget": -self.gamma * mean_token_nll(model, forget),
+                     "retain": self.alpha * mean_token_nll(model, retain)})
+
+
+@torch.no_grad()
+def _precompute_logprobs(model, items: list[Encoded], pad_id: int, batch_size: int) -> list[float]:
+    out: list[float] = []
+    for batch in fixed_batches(items, batch_size, pad_id):
+        out.extend(sequence_logprobs(model, on_device(model, batch))[0].tolist())
+    return out
+
+
+@register("npo")
+class NPO(Objective):
+    """Negative preference optimization with summed sequence log-probs:
+    L_f = -(2/beta) * E_f[log sigmoid(-beta * (log pi(y|x) - log pi_ref(y|x)))];
+    total = gamma * L_f + alpha * NLL(retain)."""
+
+    limits = {"beta": POSITIVE, "gamma": WEIGHT, "alpha": WEIGHT}  # L_f divides by beta
+
+    def __init__(self, beta: float = 0.1, gamma: float = 1.0, alpha: float = 2.0) -> None:
+        self.beta, self.gamma, self.alpha = beta, gamma, alpha
+
+    def prepare(self, model, forget, retain, pad_id, batch_size, retain_used=None):
+        for item, logp in zip(forget, _precompute_logprobs(model, forget, pad_id, batch_size), strict=True):
+            item.extra["ref_logp"] = logp
+
+    def forget_loss(self, model, forget: Batch) -> torch.Tensor:
+        if "ref_logp" not in forget:
+            raise RuntimeError("NPO.prepare() must run before training (reference log-probs missing)")
+        logp, _ = sequence_logprobs(model, forget)
+        ratio = logp - forget["ref_logp"].to(logp.device)
+        return -(2.0 / self.beta) * F.logsigmoid(-self.beta * ratio).mean()
+
+    def __call__(self, model, forget, retain):
+        return Loss({"forget": self.gamma * self.forget_loss(model, forget),
+                     "retain": self.alpha * mean_token_nll(model, retain)})
+
+
+@register("simnpo")
+class SimNPO(Objective):
+    """Reference-free NPO with length normalization:
+    L_f = -(2/beta) * E_f[log sigmoid(-(beta/|y|) * log pi(y|x) - delta)]; total adds alpha * NLL(retain)."""
+
+    limits = {"beta": POSITIVE, "gamma": WEIGHT, "alpha": WEIGHT}
+
+    def __init__(self, beta: float = 2.5, delta: float = 0.0, gamma: float = 1.0, alpha: float = 1.0) -> None:
+        self.beta, self.delta, self.gamma, self.alpha = beta, delta, gamma, alpha
+
+    def __call__(self, model, forget, retain):
+        logp, n_tokens = sequence_logprobs(model, forget)
+        margin = -(self.beta / n_tokens.clamp(min=1)) * logp - self.delta
+        forget_loss = -(2.0 / self.beta) * F.logsigmoid(margin).mean()
+        return Loss({"forget": self.gamma * forget_loss, "retain": self.alpha * mean_token_nll(model, retain)})
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the probed layer has run: later layers would be wasted compute."""
+
+
+def _decoder_layers(model) -> Sequence[torch.nn.Module]:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError("RMU needs a decoder with a `.layers` list (Llama/Mistral/Qwen-style models)")
+    return layers
+
+
+def layer_activations(model, batch: Batch, layer: int) -> torch.Tensor:
+    """Output hidden states of decoder layer `layer` (0-based), stopping the forward right there."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _StopForward
+
+    handle = _decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+@register("rmu")
+class RMU(Objective):
+    """Representation misdirection: steer forget activations at layer l toward a fixed random
+    vector c*u, keep retain activations where the frozen model had them. Only mlp.down_proj of
+    layers l-2..l train (as published).
+
+    `layer` defaults to the published layer 7 of 32, rescaled to the model's depth. `steering`
+    (c) defaults to `steering_scale` times the mean activation norm at that layer on the forget
+    set: the published c = 6.5..20 was tuned for a 7B model whose activation norms differ.
+
+    The retain term needs the frozen model's activations at layer l. They are cached for the retain items the
+    run will draw (not the whole corpus: at 7B and 512 tokens that is 8 MB per item), in the model's dtype and
+    in CPU memory; `frozen_copy: true` instead keeps a frozen copy of the model (its weights again, on its
+    device) and computes them on the fly, for runs that draw more retain text than memory can cache."""
+
+    limits = {"layer": NON_NEGATIVE, "steering": POSITIVE, "steering_scale": POSITIVE, "alpha": WEIGHT,
+              "seed": NON_NEGATIVE}
+
+    def __init__(self, layer: int | None = None, steering: float | None = None,
+                 steering_scale: float = 4.0, alpha: float = 100.0, seed: int = 0, frozen_copy: bool = False) -> None:
+        self.layer, self.steering, self.steering_scale = layer, steering, steering_scale
+        self.alpha, self.seed, self.frozen_copy = alpha, seed, frozen_copy
+        self.control: torch.Tensor | None = None
+        self.frozen: dict[int, torch.Tensor] = {}
+        self.frozen_model: torch.nn.Module | None = None
+
+    def _layer(self, model) -> int:
+        depth = len(_decoder_layers(model))
+        layer = round(7 * depth / 32) if self.layer is None else self.layer
+        if not 2 <= layer < depth:
+            raise ValueError(f"rmu layer must be in [2, {depth - 1}] for this model, got {layer}")
+        return layer
+
+    def trainable(self, model):
+        layer = self._layer(model)
+        wanted = {id(p) for i in range(layer - 2, layer + 1)
+                  for p in _decoder_layers(model)[i].mlp.down_proj.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in wanted)
+
+    @torch.no_grad()
+    def prepare(self, model, forget, retain, pad_id, batch_size, retain_used=None):
+        layer = self._layer(model)
+        hidden = model.config.hidden_size
+        gen = torch.Generator().manual_seed(self.seed)
+        direction = torch.rand(hidden, generator=gen)
+        direction = direction / direction.norm()
+        if self.steering is None:
+            batches = [on_device(model, b) for b in fixed_batches(forget, batch_size, pad_id)]
+            norms = [(layer_activations(model, b, layer).norm(dim=-1) * b["attention_mask"]).sum()
+                     / b["attention_mask"].sum() for b in batches]
+            self.steering = self.steering_scale * float(torch.stack(norms).mean())
+        self.control = self.steering * direction
+        self.frozen, self.frozen_model = {}, None
+        if self.frozen_copy:
+            self.frozen_model = copy.deepcopy(model).requires_grad_(False).eval()
+            return
+        for index, item in enumerate(retain):
+            item.extra["index"] = float(index)
+        used = sorted(range(len(retain)) if retain_used is None else set(retain_used))
+        for start in range(0, len(used), batch_size):
+            indices = used[start:start + batch_size]
+            batch = on_device(model, fixed_batches([retain[i] for i in indices], batch_size, pad_id)[0])
+            acts = layer_activations(model, batch, layer)
+            for i, a, m in zip(indices, acts, batch["attention_mask"], strict=True):
+                self.frozen[i] = a[m.bool()].to("cpu", copy=True)
+
+    def __call__(self, model, forget, retain):
+        if self.control is None:
+            raise RuntimeError("RMU.prepare() must run before training")
+        layer = self._layer(model)
+        f_act = layer_activations(model, forget, layer)
+        f_mask = forget["attention_mask"].bool()
+        forget_loss = ((f_act[f_mask] - self.control.to(f_act)) ** 2).mean()
+        r_act = layer_activations(model, retain, layer)
+        r_mask = retain["attention_mask"].bool()
+        if self.frozen_model is not None:
+            with torch.no_grad():
+                target = layer_activations(self.frozen_model, retain, layer)[r_mask].to(r_act)
+        else:
+            target = torch.cat([self.frozen[int(i)] for i in retain["index"].tolist()]).to(r_act)
+        retain_loss = ((r_act[r_mask] - target) ** 2).mean()
+        return Loss({"forget": forget_loss, "retain": self.alpha * retain_loss})
+
+
+def build_objective(name: str, **options) -> Objective:
+    """The objective registered as `name`; a one-line ValueError for an unknown name, option, type or range."""
+    cls = OBJECTIVES.lookup(name)
+    try:
+        options = check_call_options(cls.__init__, options, "method", cls.limits, skip=("self",),
+                                     owner=f"method '{name}'")
+    except SettingError as err:
+        raise ValueError(str(err)) from None
+    return cls(**options)
+
+
+class LanguageModeling(Objective):
+    """Plain fine-tuning on the first stream (NLL of its targets). Not an unlearning method, so
+    it is not registered: benchmark preparation and relearning attacks use it directly."""
+
+
+    def __call__(self, model, forget, retain):
+        return Loss({"finetune": mean_token_nll(model, forget)})
