@@ -1,7 +1,2 @@
-"""Attacks on an unlearned model. Each module registers an `Attack` class in `ATTACKS` (attacks/base.py);
-importing this package registers them all. See docs/EXTENDING.md."""
-
-from unlearn.attacks import quantize, relearn  # noqa: F401 - imported for their registrations
-from unlearn.attacks.base import ATTACKS, Attack, AttackResult, Subject
-
-__all__ = ["ATTACKS", "Attack", "AttackResult", "Subject"]
+"""Attacks on an unlearned model. Each module registers an `Attack` class with `@ATTACKS.register("name")`
+(attacks/base.py); the registry imports every module of this package when it is first read. See docs/EXTENDING.md."""

@@ -77,4 +77,4 @@ def _declares_settings(name: str, cls: type) -> None:
         raise TypeError(f"attack '{name}' must declare its Settings as a dataclass")
 
 
-ATTACKS: Registry[type[Attack]] = Registry("attack", check=_declares_settings)
+ATTACKS: Registry[type[Attack]] = Registry("attack", check=_declares_settings, members="unlearn.attacks")

@@ -22,7 +22,7 @@ from unlearn.compute.models import load_model
 from unlearn.compute.placement import CPU_FP32, Placement
 from unlearn.core.errors import UserError
 from unlearn.core.settings import AT_LEAST_ONE, POSITIVE, SEED, Limit, setting
-from unlearn.optim import build_optimizer
+from unlearn.optim.protocol import build_optimizer
 from unlearn.optim.rounding import use_precision
 from unlearn.tasks.data import encode
 from unlearn.tasks.task import RelearnPlan

@@ -9,7 +9,7 @@ toolkit's in-loop scorer, which a test shows gives the same accuracy.
 Unlearning text: a forget corpus of ``{text}`` records (WMDP's bio/cyber forget corpora have this form) and a
 retain corpus, wikitext from the hub or a local ``{text}`` file.
 
-The `openqa` benchmark is the same questions asked open-ended (unlearn/evaluation/judge.py), beside their MCQ accuracy.
+The `openqa` benchmark (benchmarks/openqa.py) asks the same questions open-ended, beside their MCQ accuracy.
 """
 
 from __future__ import annotations
@@ -474,8 +474,3 @@ def load(config: dict[str, Any], name: str = "wmdp", openqa: bool = False) -> WM
                     train_max_length=512,  # RMU's published WMDP recipe
                     utility=utility, openqa=openqa)
 
-
-@BENCHMARKS.register("openqa")
-def load_openqa(config: dict[str, Any]) -> WMDPTask:
-    """The same questions asked open-ended (no choices shown), judged by normalized match or an NLI model."""
-    return load(config, name="openqa", openqa=True)

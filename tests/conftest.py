@@ -6,8 +6,11 @@ Everything here is seeded, so tests are deterministic and run in seconds on 2 CP
 from __future__ import annotations
 
 import importlib.util
+import os
 import signal
 import string
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -15,6 +18,9 @@ import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from unlearn.benchmarks.synthetic import SyntheticSettings
+from unlearn.tasks.data import Example
 
 
 def sigint_as_in_a_terminal() -> None:
@@ -72,3 +78,79 @@ def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     make_model(len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# Helpers the test files share (imported from here, never from another test file).
+
+TINY_BENCH = ["--set", "benchmark.people=[2,2,4]", "--set", "benchmark.cities=[1,1,2]",
+              "--set", "benchmark.organizations=[1,1,2]", "--set", "benchmark.prepare.epochs=1",
+              "--set", "eval.max_new_tokens=4"]
+
+
+def cli(*args: str, cwd: Path, separate_process: bool = False,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`unlearn ARGS` in `cwd`, its cache in cwd/cache (`env` adds or overrides variables). In-process by
+    default: the same `main()` the `unlearn` script runs, without a Python start-up (seconds) per call;
+    `separate_process` for what needs a real one."""
+    env = {**os.environ, "UNLEARN_CACHE": str(cwd / "cache"), "UNLEARN_THREADS": "2", **(env or {})}
+    env.pop("UNLEARN_DEBUG", None)
+    if separate_process:
+        return subprocess.run([sys.executable, "-m", "unlearn", *args], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=600)
+    return _in_process(list(args), cwd, env)
+
+
+def _in_process(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+    import signal
+
+    from unlearn.cli import main
+
+    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    sys.argv = ["unlearn", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return subprocess.CompletedProcess(["unlearn", *args], code, out.getvalue(), err.getvalue())
+
+
+def assert_user_error(result: subprocess.CompletedProcess, message: str, cwd: Path) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    runs = cwd / "runs"
+    assert not runs.exists() or not any(runs.iterdir()), list(runs.iterdir())
+
+
+def call_main(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `unlearn ARGS` run in-process in `cwd`."""
+    result = cli(*args, cwd=cwd, env=env)
+    return result.returncode, result.stdout, result.stderr
+
+
+# The embedded world at its smallest (tiny model tests).
+SMALL = SyntheticSettings(people=(2, 2, 4), cities=(1, 1, 2), organizations=(1, 1, 2))
+
+# Two forget and two retain rows for the methods' hand-computed checks.
+FORGET = [Example("Question: Where was Ada born?\nAnswer:", " Zorbu"),
+          Example("Question: What does Ada play?\nAnswer:", " the oboe")]
+RETAIN = [Example("Question: Where was Bo born?\nAnswer:", " Quell"),
+          Example("Question: What pet does Bo keep?\nAnswer:", " a ferret")]

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_model
-from tests.test_cli import TINY_BENCH, cli
+from tests.conftest import TINY_BENCH, cli, make_model
 from unlearn.core.errors import UserError
 from unlearn.recipes.attack import recovery_ratio
 from unlearn.tasks.task import split_items

@@ -14,19 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import TINY_BENCH, cli
+from tests.conftest import TINY_BENCH, call_main
 
 RUN = ["run", "--method", "npo", "--optimizer", "adamw"]
 
 
 def _tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if "cache" not in p.relative_to(root).parts}
-
-
-def call_main(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `unlearn ARGS` run in-process in `cwd`."""
-    result = cli(*args, cwd=cwd, env=env)
-    return result.returncode, result.stdout, result.stderr
 
 
 @pytest.fixture(scope="module")

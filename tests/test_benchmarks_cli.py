@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import cli
+from tests.conftest import SMALL, cli
 from unlearn.benchmarks.example_data import write_example_data
-from unlearn.benchmarks.synthetic import SyntheticSettings
 
-SMALL = SyntheticSettings(people=(2, 2, 4), cities=(1, 1, 2), organizations=(1, 1, 2))
 FAST = ["--steps", "2", "--batch-size", "2", "-q", "--set", "eval.max_new_tokens=4"]
 
 

@@ -6,70 +6,11 @@ Bad input must give one line on stderr, exit code 2, no traceback and no run fol
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM
 
-TINY_BENCH = ["--set", "benchmark.people=[2,2,4]", "--set", "benchmark.cities=[1,1,2]",
-              "--set", "benchmark.organizations=[1,1,2]", "--set", "benchmark.prepare.epochs=1",
-              "--set", "eval.max_new_tokens=4"]
-
-
-def cli(*args: str, cwd: Path, separate_process: bool = False,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`unlearn ARGS` in `cwd`, its cache in cwd/cache (`env` adds or overrides variables). In-process by
-    default: the same `main()` the `unlearn` script runs, without a Python start-up (seconds) per call;
-    `separate_process` for what needs a real one."""
-    env = {**os.environ, "UNLEARN_CACHE": str(cwd / "cache"), "UNLEARN_THREADS": "2", **(env or {})}
-    env.pop("UNLEARN_DEBUG", None)
-    if separate_process:
-        return subprocess.run([sys.executable, "-m", "unlearn", *args], cwd=cwd, env=env,
-                              capture_output=True, text=True, timeout=600)
-    return _in_process(list(args), cwd, env)
-
-
-def _in_process(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    import contextlib
-    import io
-    import signal
-
-    from unlearn.cli import main
-
-    saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    os.environ.clear()
-    os.environ.update(env)
-    os.chdir(cwd)
-    sys.argv = ["unlearn", *args]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        os.environ.clear()
-        os.environ.update(saved_env)
-        os.chdir(saved_cwd)
-        sys.argv = saved_argv
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-    return subprocess.CompletedProcess(["unlearn", *args], code, out.getvalue(), err.getvalue())
-
-
-def assert_user_error(result: subprocess.CompletedProcess, message: str, cwd: Path) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
-    runs = cwd / "runs"
-    assert not runs.exists() or not any(runs.iterdir()), list(runs.iterdir())
+from tests.conftest import TINY_BENCH, assert_user_error, cli
 
 
 def test_full_run_eval_and_report(tmp_path, tiny_model_dir):
@@ -172,7 +113,7 @@ def test_bad_lora_rank(tmp_path, tiny_model_dir):
 
 
 def test_optimizers_lists_every_grade(tmp_path):
-    from unlearn.optim import OPTIMIZERS
+    from unlearn.optim.protocol import OPTIMIZERS
 
     result = cli("optimizers", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

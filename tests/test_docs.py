@@ -29,13 +29,65 @@ def test_the_findings_quote_their_study_run_unchanged():
         (ROOT / "configs" / "study" / "downgrade.yaml").read_text(), "the shipped study changed: run it again"
 
 
-def test_the_readme_layout_names_every_module():
-    """The README's Layout block names every module of the package, so it cannot silently fall behind the tree."""
+def _layout() -> dict[str, str]:
+    """The README's Layout block as {folder: its text}: an entry starts at column 0 with a folder, and indented
+    lines continue it."""
     readme = (ROOT / "README.md").read_text()
-    layout = readme.split("## Layout", 1)[1].split("```", 2)[1]
-    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", layout))
-    folders = [ROOT / "unlearn", ROOT / "unlearn" / "recipes", ROOT / "unlearn" / "perf", ROOT / "unlearn" / "optim",
-               ROOT / "benchmarks", ROOT / "benchmarks" / "muse", ROOT / "attacks"]
-    missing = sorted(f"{folder.relative_to(ROOT)}/{path.name}" for folder in folders for path in folder.glob("*.py")
-                     if path.stem != "__init__" and path.stem not in words)
-    assert missing == [], f"modules the README's Layout does not name: {missing}"
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    entries: dict[str, str] = {}
+    folder = None
+    for line in block.strip("\n").splitlines():
+        if line and not line[0].isspace():
+            folder, _, text = line.partition(" ")
+            entries[folder] = text
+        elif folder is not None:
+            entries[folder] += " " + line.strip()
+    return entries
+
+
+def _package_folders() -> list[Path]:
+    """Every folder of the installed package: unlearn/ and its subpackages, benchmarks/, attacks/ and theirs."""
+    roots = [ROOT / "unlearn", ROOT / "benchmarks", ROOT / "attacks"]
+    return [f for root in roots for f in [root, *sorted(root.rglob("*"))]
+            if f.is_dir() and (f / "__init__.py").is_file()]
+
+
+def layout_problems(entries: dict[str, str]) -> list[str]:
+    """What the Layout gets wrong against the tree: a package folder without an entry, an entry that is not a
+    folder, a module or subpackage its folder's entry does not name."""
+    folders = {f"{f.relative_to(ROOT)}/": f for f in _package_folders()}
+    problems = [f"no entry for {name}" for name in sorted(set(folders) - set(entries))]
+    problems += [f"{e} is not a folder" for e in sorted(entries) if not (ROOT / e).is_dir()]
+    for name, folder in folders.items():
+        text = entries.get(name, "")
+        words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text))
+        problems += [f"{name}{p.name} not named" for p in sorted(folder.glob("*.py"))
+                     if p.stem not in ("__init__", "__main__") and p.stem not in words]
+        problems += [f"{name}{p.name}/ not named" for p in sorted(folder.iterdir()) if (p / "__init__.py").is_file()
+                     and f"{p.name}/" not in text and f"{name}{p.name}/" not in entries]
+    return problems
+
+
+def test_the_readme_layout_matches_the_tree():
+    """Every package folder has its entry naming each of its modules, and every entry is a folder that exists, so
+    the Layout cannot fall behind a move, an added module or a removed folder."""
+    assert layout_problems(_layout()) == []
+
+
+def test_the_layout_check_catches_a_moved_module_and_a_missing_folder():
+    entries = _layout()
+    moved = {**entries, "unlearn/storage/": entries["unlearn/storage/"].replace("records", "recs"),
+             "unlearn/gone/": "x"}
+    del moved["unlearn/core/"]
+    assert {"no entry for unlearn/core/", "unlearn/gone/ is not a folder", "unlearn/storage/records.py not named",
+            "unlearn/core/errors.py not named"} <= set(layout_problems(moved))
+
+
+def test_every_experiment_file_is_a_valid_study():
+    """docs/experiments/ holds study files that `unlearn study` runs: each is checked as the command checks it."""
+    from unlearn.recipes.study.plan import load_study
+
+    files = sorted((ROOT / "docs" / "experiments").glob("*.yaml"))
+    assert files
+    for path in files:
+        assert load_study(path).cells, path

@@ -73,7 +73,7 @@ def test_eval_of_a_run_rewrites_its_record_collapse_and_items(tmp_path, tiny_mod
     replaced by the new evaluation's (of the same model here, so they equal what the run itself wrote)."""
     import json
 
-    from tests.test_cli import TINY_BENCH, cli
+    from tests.conftest import TINY_BENCH, cli
 
     made = cli("run", "--method", "npo", "--optimizer", "adamw", "--model", str(tiny_model_dir), "--steps", "2",
                "--batch-size", "2", "--name", "r", "-q", *TINY_BENCH, cwd=tmp_path)

@@ -1,126 +1,106 @@
-"""Extending the toolkit touches only new files plus a registry entry (docs/EXTENDING.md).
+"""A user's own components, with no file of the package edited (docs/EXTENDING.md).
 
-The test writes a toy benchmark and a toy attack as two new modules outside the package, imports them (their
-decorators are the registry entries), and runs `unlearn run`, `unlearn attack` and `unlearn report` with them:
-nothing in the toolkit names them, and yet the report shows the toy attack with its settings and recovery.
+examples/unlearn-toy is a separate distribution holding a toy method, optimizer, benchmark and attack. Installed
+into a folder of its own, its entry points make all four appear in `unlearn methods|optimizers|benchmarks|attacks`
+and run end to end (run, attack, report); given to a command with `--include`, the same file does the same
+without installing.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
+import os
+import shutil
+import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from unlearn.attacks import ATTACKS
-from unlearn.cli import app
+from tests.conftest import cli
+from unlearn.attacks.base import ATTACKS
+from unlearn.core import registry
+from unlearn.optim.protocol import OPTIMIZERS
 from unlearn.tasks.task import BENCHMARKS
+from unlearn.training.methods import METHODS
 
-TOY_BENCHMARK = '''
-from dataclasses import dataclass
-from typing import Any
-
-from unlearn.tasks.data import Example
-from unlearn.evaluation.measures import perplexity
-from unlearn.tasks.task import BENCHMARKS, Task
-from unlearn.storage.metrics import Metric
-
-FORGET = ["The vault code is 4417.", "The courier leaves at dawn.", "The key is under the third stone.",
-          "The password is marble falcon."]
-RETAIN = ["Water boils at one hundred degrees.", "Paris is the capital of France."]
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "unlearn-toy"
+REGISTRIES = (METHODS, OPTIMIZERS, BENCHMARKS, ATTACKS)
+TOYS = {"methods": "toy-ascent", "optimizers": "toy-sgd", "benchmarks": "toy", "attacks": "toy-noise"}
+RUN = ["--benchmark", "toy", "--method", "toy-ascent", "--optimizer", "toy-sgd", "--steps", "2", "--batch-size",
+       "2", "--name", "toy", "-q"]
 
 
-@dataclass
-class ToyTask(Task):
-    def evaluate(self, model: Any, tokenizer: Any, settings: Any, progress: bool = True) -> dict[str, float]:
-        return {"toy/forget_ppl": perplexity(model, tokenizer, FORGET),
-                "toy/retain_ppl": perplexity(model, tokenizer, RETAIN)}
-
-
-@BENCHMARKS.register("toy")
-def load(config: dict[str, Any]) -> ToyTask:
-    """A toy benchmark: forget four sentences, keep two."""
-    return ToyTask(name="toy", fingerprint="toy-1", forget=[Example("", " " + t) for t in FORGET],
-                   retain=[Example("", " " + t) for t in RETAIN],
-                   metrics=(Metric("toy/forget_ppl", "toy forget perplexity", "higher", "forget"),
-                            Metric("toy/retain_ppl", "toy retain perplexity", "lower", "utility")))
-'''
-
-TOY_ATTACK = '''
-from dataclasses import dataclass
-
-import torch
-
-from unlearn.attacks.base import ATTACKS, Attack, AttackResult, Subject
-from unlearn.compute.models import load_model
-from unlearn.core.settings import POSITIVE, setting
-
-
-@dataclass
-class NoiseSettings:
-    scale: float = setting(1e-3, limit=POSITIVE)
-    seed: int = 0
-
-
-@ATTACKS.register("toy-noise")
-class Noise(Attack):
-    Settings = NoiseSettings
-    summary = "add Gaussian noise to every weight"
-    named_by = ("scale",)  # folder() spells it: the recipe adds only the other non-default settings
-
-    def folder(self, settings: NoiseSettings) -> str:
-        return f"noise-{settings.scale:g}"
-
-    def run(self, subject: Subject, settings: NoiseSettings, progress: bool = True) -> AttackResult:
-        loaded = load_model(subject.model_spec)
-        generator = torch.Generator().manual_seed(settings.seed)
-        with torch.no_grad():
-            for p in loaded.model.parameters():
-                p.add_(torch.randn(p.shape, generator=generator) * settings.scale)
-        return AttackResult(metrics=subject.task.evaluate(loaded.model, loaded.tokenizer, subject.eval_settings))
-'''
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The example distribution installed with pip into a folder of its own (built from a copy: the build
+    leaves its files beside the sources)."""
+    root = tmp_path_factory.mktemp("plugin")
+    source = root / "unlearn-toy"
+    shutil.copytree(EXAMPLE, source)
+    target = root / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)
+    assert (target / "unlearn_toy.py").is_file()
+    return target
 
 
 @pytest.fixture()
-def plugins(tmp_path, monkeypatch):
-    folder = tmp_path / "plugins"
-    folder.mkdir()
-    (folder / "toy_benchmark.py").write_text(textwrap.dedent(TOY_BENCHMARK))
-    (folder / "toy_attack.py").write_text(textwrap.dedent(TOY_ATTACK))
-    monkeypatch.syspath_prepend(str(folder))
-    saved = [(registry, dict(registry._members), dict(registry._aliases)) for registry in (BENCHMARKS, ATTACKS)]
-    importlib.import_module("toy_benchmark")
-    importlib.import_module("toy_attack")
+def restored_registries():
+    """--include registers in this process: the toy entries must not leak into other tests."""
+    saved = [(r, dict(r._members), dict(r._aliases)) for r in REGISTRIES]
+    included = list(registry.INCLUDED)
+    names = set(sys.modules)
     yield
-    for registry, members, aliases in saved:  # the toy entries do not leak into other tests
-        registry._members, registry._aliases = members, aliases
-    for name in ("toy_benchmark", "toy_attack"):
-        sys.modules.pop(name, None)
+    for r, members, aliases in saved:
+        r._members, r._aliases = members, aliases
+    registry.INCLUDED[:] = included
+    for name in set(sys.modules) - names:
+        if name.startswith("unlearn_include_"):
+            del sys.modules[name]
 
 
-def invoke(*args: str):
-    result = CliRunner().invoke(app, list(args), catch_exceptions=True)
-    assert result.exit_code == 0, (result.output, repr(result.exception))
-    return result
+def _end_to_end(tmp_path: Path, tiny_model_dir: Path, extra: list[str], separate_process: bool,
+                env: dict[str, str] | None = None) -> None:
+    def ok(*args: str) -> str:
+        result = cli(*args, *extra, cwd=tmp_path, separate_process=separate_process, env=env)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
 
-
-def test_toy_benchmark_and_toy_attack_run_and_report(plugins, tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("UNLEARN_CACHE", str(tmp_path / "cache"))
-    listed = invoke("benchmarks").output + invoke("attacks").output
-    assert "toy " in listed and "A toy benchmark" in listed and "toy-noise" in listed
-    invoke("run", "--benchmark", "toy", "--method", "gradascent", "--optimizer", "adamw", "--model",
-           str(tiny_model_dir), "--steps", "2", "--batch-size", "2", "--name", "toy", "-q")
+    for listing, name in TOYS.items():
+        assert any(line.split()[:1] == [name] for line in ok(listing).splitlines()), listing
+    ok("run", *RUN, "--model", str(tiny_model_dir))
     record = json.loads((tmp_path / "runs/toy/metrics.json").read_text())
+    assert record["method"] == "toy-ascent" and record["optimizer"] == "toy-sgd"
     assert record["headline"] == "toy/forget_ppl" and record["declared"][0]["better"] == "higher"
-    invoke("attack", "--run", "runs/toy", "--attack", "toy-noise", "--set", "attack.scale=0.01", "-q")
+    ok("attack", "--run", "runs/toy", "--attack", "toy-noise", "--set", "attack.scale=0.01", "-q")
     attacked = json.loads((tmp_path / "runs/toy/attacks/noise-0.01/metrics.json").read_text())
     assert attacked["kind"] == "toy-noise" and attacked["settings"] == {"scale": 0.01, "seed": 0}
     assert attacked["recovery"]["metric"] == "toy/forget_ppl"
-    report = invoke("report", "runs").output
+    report = ok("report", "runs")
     assert "toy forget perplexity ↑" in report and "after noise-0.01" in report
     row = next(line for line in report.splitlines() if "| noise-0.01 |" in line)
     assert "toy-noise" in row and "scale=0.01" in row
+
+
+def test_an_installed_distribution_adds_all_four_kinds(site, tmp_path, tiny_model_dir):
+    """Entry points: nothing names the plug-in but its own pyproject.toml."""
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    _end_to_end(tmp_path, tiny_model_dir, [], separate_process=True, env={"PYTHONPATH": path})
+
+
+def test_include_adds_all_four_kinds_to_one_command(restored_registries, tmp_path, tiny_model_dir):
+    _end_to_end(tmp_path, tiny_model_dir, ["--include", str(EXAMPLE / "unlearn_toy.py")], separate_process=False)
+
+
+def test_without_the_plugin_the_names_are_unknown_and_a_broken_include_is_one_line(restored_registries, tmp_path,
+                                                                                   tiny_model_dir):
+    """The toy names are not built in (so the tests above prove the plug-in paths), and a file that fails to
+    import is one line naming it."""
+    assert not any(name in r for name, r in zip(TOYS.values(), REGISTRIES, strict=True))
+    result = cli("methods", "--include", str(tmp_path / "missing.py"), cwd=tmp_path)
+    assert result.returncode == 2 and "--include" in result.stderr and "missing.py" in result.stderr
+    (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
+    result = cli("methods", "--include", str(tmp_path / "broken.py"), cwd=tmp_path)
+    assert result.returncode == 2 and "broken.py' failed to import: RuntimeError: boom" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_benchmarks_cli import SMALL
-from tests.test_cli import TINY_BENCH, cli
+from tests.conftest import SMALL, TINY_BENCH, cli
 from unlearn.benchmarks.example_data import write_example_data
 
 MUSE_FAST = ["--set", "benchmark.verbmem_tokens=4", "--set", "benchmark.knowmem_tokens=4"]

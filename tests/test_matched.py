@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import TINY_BENCH, cli
+from tests.conftest import TINY_BENCH, cli
 from unlearn.core.errors import UserError
 from unlearn.training.stopping import StopRule
 

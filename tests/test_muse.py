@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from unlearn.benchmarks import BENCHMARKS, muse
+from unlearn.benchmarks import muse
 from unlearn.benchmarks.datafiles import chunk_texts
 from unlearn.benchmarks.muse import (
     MuseTask,
@@ -22,6 +22,7 @@ from unlearn.benchmarks.muse import (
     write_muse_layout,
 )
 from unlearn.core.errors import UserError
+from unlearn.tasks.task import BENCHMARKS
 from unlearn.training.config import EvalConfig
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu",

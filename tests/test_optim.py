@@ -10,9 +10,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from unlearn.optim import OPTIMIZERS, Hybrid, ZerothOrder, build_optimizer
+from unlearn.optim.hybrid import Hybrid
 from unlearn.optim.loss import Loss
-from unlearn.optim.zo import ZerothOrderBase
+from unlearn.optim.protocol import OPTIMIZERS, build_optimizer
+from unlearn.optim.zo import ZerothOrder, ZerothOrderBase
 
 GRADES = {
     "adamw": "first-order",
@@ -65,7 +66,7 @@ QUADRATIC_RUNS: dict[str, tuple[dict[str, Any], int, float]] = {
 
 def quadratic(shape: tuple[int, int] = (6, 5)) -> tuple[torch.nn.Parameter, Callable[[], Loss]]:
     """f(Θ) = ½‖A₁Θ − B₁‖² + ½‖A₂Θ − B₂‖², as forget and retain parts with one common minimum of 0 (so
-    SIFT sees two objectives), over a matrix (so Muon and SIFT apply), started from Θ = 0."""
+    SIFT sees two methods), over a matrix (so Muon and SIFT apply), started from Θ = 0."""
     rows, cols = shape
     gen = torch.Generator().manual_seed(0)
     solution = torch.randn(rows, cols, generator=gen)
@@ -268,7 +269,7 @@ LLAMA_OPTIONS: dict[str, dict[str, Any]] = {
 
 
 def parts_closure(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], Loss]:
-    """Like an unlearning objective: a forget part (ascent on one half) and a retain part (the other)."""
+    """Like an unlearning method: a forget part (ascent on one half) and a retain part (the other)."""
     forget = {k: v[:1] for k, v in batch.items()}
     retain = {k: v[1:] for k, v in batch.items()}
     return lambda: Loss({"forget": -model(**forget).loss, "retain": model(**retain).loss})
@@ -296,7 +297,7 @@ def test_lora_only_adapters_change(name: str) -> None:
     named = dict(model.named_parameters())
     before = {n: p.detach().clone() for n, p in named.items()}
     opt = build_optimizer(name, model.named_parameters(), **LLAMA_OPTIONS[name])
-    closure = parts_closure(model, batch)  # named loss parts, as the objectives return them
+    closure = parts_closure(model, batch)  # named loss parts, as the methods return them
     for _ in range(2):
         assert torch.isfinite(opt.step(closure))
     changed = {n for n, p in named.items() if not torch.equal(p, before[n])}

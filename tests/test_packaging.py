@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import TINY_BENCH
+from tests.conftest import TINY_BENCH
 
 ROOT = Path(__file__).resolve().parent.parent
 

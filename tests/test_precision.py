@@ -13,7 +13,7 @@ from unlearn.attacks.relearn import RelearnSettings, relearn
 from unlearn.compute.models import load_model
 from unlearn.compute.placement import Placement, autocast_forward, resolve
 from unlearn.core.errors import UserError
-from unlearn.optim import build_optimizer
+from unlearn.optim.protocol import build_optimizer
 from unlearn.optim.rounding import noise_generator, stochastic_round_
 from unlearn.storage.metrics import Metric
 from unlearn.tasks.data import Example, collate, encode

@@ -9,7 +9,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from tests.test_cli import TINY_BENCH, cli
+from tests.conftest import TINY_BENCH, cli
 
 
 @pytest.mark.slow

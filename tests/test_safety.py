@@ -21,9 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import sigint_as_in_a_terminal
-from tests.test_bad_inputs import call_main
-from tests.test_cli import TINY_BENCH
+from tests.conftest import TINY_BENCH, call_main, sigint_as_in_a_terminal
 
 MARKER = "PWNED"
 

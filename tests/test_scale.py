@@ -23,18 +23,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import make_model
-from tests.test_cli import TINY_BENCH, assert_user_error, cli
+from tests.conftest import TINY_BENCH, assert_user_error, cli, make_model
 from unlearn.compute.distributed import World
 from unlearn.compute.models import enable_gradient_checkpointing
 from unlearn.compute.placement import CPU_FP32, resolve
 from unlearn.core.errors import UserError
-from unlearn.optim import build_optimizer
+from unlearn.optim.protocol import build_optimizer
 from unlearn.recipes.pipeline import check_world
 from unlearn.tasks.data import Encoded, split_rows
 from unlearn.training.config import load_run_config, read_yaml
 from unlearn.training.loop import train
-from unlearn.training.methods import GradAscent, build_objective
+from unlearn.training.methods import GradAscent, build_method
 
 ONE_THREAD = {"UNLEARN_THREADS": "1"}
 
@@ -190,7 +189,7 @@ def test_short_retain_batches_still_feed_every_shard(tokenizer):
     short one) leave shards without retain rows, which then take the whole retain batch."""
     model = make_model(len(tokenizer))
     optimizer = build_optimizer("adamw", model.named_parameters(), lr=1e-3)
-    result = train(model, build_objective("graddiff"), optimizer, _rows(10), _rows(3), pad_id=0, batch_size=4,
+    result = train(model, build_method("graddiff"), optimizer, _rows(10), _rows(3), pad_id=0, batch_size=4,
                    max_steps=3, seed=0, progress=False, grad_accum=4)
     assert math.isfinite(result.final_loss)
 

@@ -6,7 +6,7 @@ import json
 
 import yaml
 
-from tests.test_cli import TINY_BENCH, cli
+from tests.conftest import TINY_BENCH, cli
 from unlearn.evaluation.collapse import collapse_reasons
 from unlearn.recipes.pipeline import seeded
 from unlearn.storage.metrics import Metric

@@ -11,9 +11,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from unlearn.optim import SIFT, Muon, build_optimizer, newton_schulz
 from unlearn.optim.loss import Loss, LossValue
-from unlearn.optim.spectral import top_singular
+from unlearn.optim.protocol import build_optimizer
+from unlearn.optim.spectral import SIFT, Muon, newton_schulz, top_singular
 
 NAME = "layers.0.mlp.down_proj.weight"
 ROWS, COLS, K = 24, 16, 3

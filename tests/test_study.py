@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import sigint_as_in_a_terminal
-from tests.test_cli import cli
+from tests.conftest import cli, sigint_as_in_a_terminal
 from unlearn.core.errors import UserError
 from unlearn.recipes.study.calibration import Trial, choose
 from unlearn.recipes.study.results import (

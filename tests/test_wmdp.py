@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_cli import cli
+from tests.conftest import cli
 from unlearn.benchmarks.example_data import write_jsonl
 from unlearn.benchmarks.wmdp import QuestionSet, lm_eval_accuracy, load, render
 from unlearn.core.errors import UserError

@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from unlearn.optim import build_optimizer
-from unlearn.optim.protocol import OPTIMIZERS, check_options
+from unlearn.optim.protocol import OPTIMIZERS, build_optimizer, check_options
 from unlearn.optim.zo import ZerothOrderBase, centered_ranks
 from unlearn.optim.zo_stable import Stabilizers
 
@@ -109,7 +108,7 @@ def test_rollback_on_the_retain_part_catches_what_the_total_lets_through() -> No
 
 
 def test_rollback_on_a_list_watches_the_first_part_the_loss_has() -> None:
-    """[retain, total]: the retain part where the objective has one, else the total (GradAscent has none)."""
+    """[retain, total]: the retain part where the method has one, else the total (GradAscent has none)."""
     from unlearn.optim.loss import Loss
 
     v = torch.ones(DIM) / DIM**0.5
@@ -192,7 +191,7 @@ def test_hybrid_zo_rate_follows_the_first_order_rate_and_its_schedule_spans_the_
 def test_a_hybrid_run_logs_fixed_row_probes_at_its_block_boundaries(tmp_path, tiny_model_dir) -> None:
     import json
 
-    from tests.test_cli import TINY_BENCH, cli
+    from tests.conftest import TINY_BENCH, cli
 
     result = cli("run", "--method", "npo", "--optimizer", "hybrid", "--model", str(tiny_model_dir), "--steps", "6",
                  "--batch-size", "2", "--set", "optimizer.block=2", "--set", "optimizer.zo.rollback=0.0",

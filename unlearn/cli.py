@@ -45,6 +45,20 @@ def _fail(message: str, code: int) -> None:
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-remote-code", help="Allow model folders and hub repos to run their own code (never read from configs).")]
 
+def _include(paths: list[Path] | None) -> list[Path] | None:
+    """Register the user's own components before anything else is parsed or looked up."""
+    from unlearn.core.registry import include
+
+    for path in paths or []:
+        include(path)
+    return paths
+
+
+IncludeOpt = Annotated[list[Path] | None, typer.Option(
+    "--include", is_eager=True, callback=_include, metavar="PATH",
+    help="Your own components: a Python file, or a folder of them, imported first so that its registered "
+         "methods, optimizers, benchmarks and attacks can be named. Code you choose to run; a config never names "
+         "one. Repeatable.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML file merged over configs/run.yaml.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override any config key: train.max_steps=100.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
@@ -128,7 +142,7 @@ def _markdown_table(table) -> None:
 @app.command()
 def run(
     ctx: typer.Context,
-    method: Annotated[str | None, typer.Option(help="Objective (see `unlearn methods`).")] = None,
+    method: Annotated[str | None, typer.Option(help="Method (see `unlearn methods`).")] = None,
     optimizer: Annotated[str | None, typer.Option(help="Optimizer grade (see `unlearn optimizers`).")] = None,
     model: Annotated[str | None, typer.Option(help="Hub id, local HF folder, or smollm2-135m.")] = None,
     benchmark: BenchmarkOpt = None,
@@ -177,6 +191,7 @@ def run(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    include: IncludeOpt = None,
 ) -> None:
     """Unlearn the forget set from the target model, save it, evaluate it, print the table. The same command runs
     under `torchrun` / `accelerate launch` on several GPUs or CPU processes (README: one GPU to eight)."""
@@ -212,7 +227,7 @@ def run(
 
 
 # What --resume may be given with: where to find the run and how to show it, never a setting it saved.
-RESUME_KEEPS = ("resume", "output_dir", "trust_remote_code", "log_samples", "quiet")
+RESUME_KEEPS = ("resume", "output_dir", "trust_remote_code", "log_samples", "quiet", "include")
 
 
 def _flags_given(ctx: typer.Context, keep: tuple[str, ...]) -> list[str]:
@@ -246,7 +261,7 @@ def _subject(run_dir: Path | None, model: str | None, config: Path | None, set_:
              device: str | None = None, dtype: str | None = None):
     """The model under evaluation or attack: a run folder (on its own benchmark, with flags applied on top, in
     the precision it trained in unless --dtype says otherwise), or any model on the configured benchmark."""
-    from unlearn.attacks import Subject
+    from unlearn.attacks.base import Subject
     from unlearn.compute.placement import resolve
     from unlearn.recipes.attack import subject_from_run
     from unlearn.recipes.pipeline import load_task
@@ -322,6 +337,7 @@ def eval_(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    include: IncludeOpt = None,
 ) -> None:
     """Evaluate a run's model (rewrites its metrics.json and items.json) or any model (prints metrics)."""
     from unlearn.core.files import write_jsonl_atomic
@@ -377,6 +393,7 @@ def attack(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    include: IncludeOpt = None,
 ) -> None:
     """Attack an unlearned model (quantization, relearning, ...) and score it like `unlearn eval`. Every setting's
     default: `unlearn attacks`."""
@@ -443,6 +460,7 @@ def _title(metrics, key: str) -> str:
 def report(
     runs_dir: Annotated[Path, typer.Argument(help="Folder holding run folders.")] = Path("runs"),
     csv_path: Annotated[Path | None, typer.Option("--csv", help="CSV output (default RUNS_DIR/report.csv).")] = None,
+    include: IncludeOpt = None,
 ) -> None:
     """One Markdown row per run (printed, and saved as report.md) plus the same as CSV."""
     from unlearn.recipes.report import write_report
@@ -463,6 +481,7 @@ def study(
     workers: Annotated[int, typer.Option(min=1, help=(
         "Cells run at once, each in its own process with its share of the CPU threads (2 on 2 cores: about 1.1x "
         "the throughput, python -m unlearn.perf.study_parallelism). Runs then print lines, not progress bars."))] = 1,
+    include: IncludeOpt = None,
 ) -> None:
     """Run a study: methods × optimizers × seeds, each run attacked by every attack, into one folder with
     results.csv, summary.md (means with 95 % intervals, paired comparisons) and plots. Run it again after an
@@ -492,6 +511,7 @@ def prepare(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    include: IncludeOpt = None,
 ) -> None:
     """Build (or find cached) the target model that knows the benchmark's forget and retain facts."""
     from unlearn.compute.placement import resolve
@@ -516,6 +536,7 @@ def prepare(
 def example_data(
     folder: Annotated[Path, typer.Argument(help="Where to write wmdp/ and muse/.")] = Path("example-data"),
     overwrite: Annotated[bool, typer.Option(help="Replace the folder if it exists.")] = False,
+    include: IncludeOpt = None,
 ) -> None:
     """Write small WMDP-format and MUSE-layout files about the embedded world (for offline use and tests)."""
     from unlearn.benchmarks.example_data import write_example_data
@@ -533,7 +554,7 @@ def example_data(
 
 
 @app.command()
-def models() -> None:
+def models(include: IncludeOpt = None) -> None:
     """List the embedded model aliases and where converted models are cached."""
     from unlearn.compute.models import EMBEDDED, cache_dir
 
@@ -554,33 +575,33 @@ def _first_line(text: str | None) -> str:
 
 
 @app.command()
-def optimizers() -> None:
+def optimizers(include: IncludeOpt = None) -> None:
     """List every optimizer grade with its default options (configs/optimizer/<name>.yaml)."""
-    from unlearn.optim import OPTIMIZERS
+    from unlearn.optim.protocol import OPTIMIZERS
 
     for name in sorted(OPTIMIZERS, key=lambda n: (OPTIMIZERS[n].grade, n)):  # type: ignore[attr-defined]
         console.print(f"{name:11s} {OPTIMIZERS[name].grade:13s} {_defaults('optimizer', name)}")  # type: ignore[attr-defined]
 
 
 @app.command()
-def methods() -> None:
-    """List every unlearning objective with its default options (configs/method/<name>.yaml)."""
-    from unlearn.training.methods import OBJECTIVES
+def methods(include: IncludeOpt = None) -> None:
+    """List every unlearning method with its default options (configs/method/<name>.yaml)."""
+    from unlearn.training.methods import METHODS
 
-    for name in sorted(OBJECTIVES):
-        aliases = OBJECTIVES.aliases(name)
+    for name in sorted(METHODS):
+        aliases = METHODS.aliases(name)
         label = name + (f" ({', '.join(aliases)})" if aliases else "")
-        console.print(f"{label:16s} {_first_line(OBJECTIVES[name].__doc__)}")
+        console.print(f"{label:16s} {_first_line(METHODS[name].__doc__)}")
         if _defaults("method", name):
             console.print(f"{'':16s} {_defaults('method', name)}")
 
 
 @app.command()
-def benchmarks() -> None:
+def benchmarks(include: IncludeOpt = None) -> None:
     """List every benchmark (options in configs/benchmark/<name>.yaml)."""
     import sys
 
-    from unlearn.benchmarks import BENCHMARKS
+    from unlearn.tasks.task import BENCHMARKS
 
     for name in sorted(BENCHMARKS):
         loader = BENCHMARKS[name]
@@ -589,9 +610,9 @@ def benchmarks() -> None:
 
 
 @app.command()
-def attacks() -> None:
+def attacks(include: IncludeOpt = None) -> None:
     """List every attack with its default settings (configs/attack/<name>.yaml)."""
-    from unlearn.attacks import ATTACKS
+    from unlearn.attacks.base import ATTACKS
 
     for name in sorted(ATTACKS):
         console.print(f"{name:10s} {ATTACKS[name].summary}")

@@ -209,7 +209,7 @@ def check_call_options(target: Callable[..., Any], options: Mapping[str, Any], s
                        owner: str | None = None, extra: type | None = None) -> dict[str, Any]:
     """Check `options` against `target`'s keyword parameters: unknown names, annotated types, declared ranges.
 
-    For components configured through their constructor (objectives, optimizers): the signature *is* the
+    For components configured through their constructor (methods, optimizers): the signature *is* the
     settings declaration, so it cannot drift from what the code accepts. `extra`: a settings dataclass that the
     constructor takes through its `**options` (shared by a family, e.g. the zeroth-order stabilizers)."""
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)

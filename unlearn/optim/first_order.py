@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from unlearn.optim.protocol import BackwardStep, register
+from unlearn.optim.protocol import OPTIMIZERS, BackwardStep
 
 
-@register("adamw")
+@OPTIMIZERS.register("adamw")
 class AdamW(BackwardStep, torch.optim.AdamW):
     grade = "first-order"
     sharded_parameters = True  # torch's update runs on FSDP's parameter shards (DTensors) as they are
 
 
-@register("sgd")
+@OPTIMIZERS.register("sgd")
 class SGD(BackwardStep, torch.optim.SGD):
     grade = "first-order"
     sharded_parameters = True

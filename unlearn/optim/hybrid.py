@@ -15,7 +15,6 @@ from unlearn.optim.protocol import (
     accepts,
     build_optimizer,
     moving_params,
-    register,
     require_closure,
     rounds_updates,
 )
@@ -37,7 +36,7 @@ def _sub_spec(role: str, spec: Any, gradients: bool) -> tuple[str, dict[str, Any
     return name, options
 
 
-@register("hybrid")
+@OPTIMIZERS.register("hybrid")
 class Hybrid(torch.optim.Optimizer):
     """Delegates each step to ``self.fo`` or ``self.zo``, which own the real state and learning rates.
 

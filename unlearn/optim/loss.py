@@ -1,6 +1,6 @@
-"""A loss split into named parts, the value every objective returns and every closure may return.
+"""A loss split into named parts, the value every method returns and every closure may return.
 
-Objectives report their forget and retain terms separately (already weighted) so that conflict-aware
+Methods report their forget and retain terms separately (already weighted) so that conflict-aware
 optimizers (SIFT) can differentiate them one by one and the training log can show both; everything else
 optimizes their sum, ``total``.
 """

@@ -5,7 +5,7 @@ The training loop calls ``opt.step(closure)`` whatever the grade: the closure on
 differentiate it. That is what lets first-order, sign, second-order, spectral, zeroth-order and hybrid
 optimizers share one loop.
 
-The closure returns either a scalar tensor or a ``Loss``: the objective's named, already weighted parts
+The closure returns either a scalar tensor or a ``Loss``: the method's named, already weighted parts
 (``forget``, ``retain``) whose sum is the optimized loss. Most optimizers only read ``total_loss(...)``;
 conflict-aware ones (SIFT) differentiate the parts separately. Parameters may be given as tensors or as
 ``(name, tensor)`` pairs (``model.named_parameters()``), as torch.optim accepts; name-aware optimizers
@@ -162,8 +162,8 @@ def _declares_grade(name: str, cls: type) -> None:
                         f"(got {grade!r}, {gradients!r})")
 
 
-OPTIMIZERS: Registry[type[torch.optim.Optimizer]] = Registry("optimizer", check=_declares_grade)
-register = OPTIMIZERS.register  # class decorator: make the optimizer buildable by name
+OPTIMIZERS: Registry[type[torch.optim.Optimizer]] = Registry("optimizer", check=_declares_grade,
+                                                              members="unlearn.optim")
 
 
 def accepts(cls: type, option: str) -> bool:

@@ -17,10 +17,10 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from unlearn.core.settings import check_int
-from unlearn.optim.protocol import Closure, backward, register, require_closure
+from unlearn.optim.protocol import OPTIMIZERS, Closure, backward, require_closure
 
 
-@register("sophia")
+@OPTIMIZERS.register("sophia")
 class Sophia(pytorch_optimizer.SophiaH):
     grade = "second-order"
     uses_gradients = True

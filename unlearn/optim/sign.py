@@ -15,7 +15,7 @@ from typing import Any
 
 import pytorch_optimizer
 
-from unlearn.optim.protocol import BackwardStep, register
+from unlearn.optim.protocol import OPTIMIZERS, BackwardStep
 
 
 class _Sign(BackwardStep, pytorch_optimizer.SignSGD):
@@ -32,21 +32,21 @@ class _Sign(BackwardStep, pytorch_optimizer.SignSGD):
 
 
 # Explicit signatures (no **kwargs) so misspelled options are rejected, not swallowed.
-@register("signsgd")
+@OPTIMIZERS.register("signsgd")
 class SignSGD(_Sign):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.0, weight_decay: float = 0.0,
                  weight_decouple: bool = True, maximize: bool = False) -> None:
         self._build(params, lr, momentum, weight_decay, weight_decouple, maximize)
 
 
-@register("signum")
+@OPTIMIZERS.register("signum")
 class Signum(_Sign):
     def __init__(self, params: Iterable[Any], lr: float = 1e-5, momentum: float = 0.9, weight_decay: float = 0.0,
                  weight_decouple: bool = True, maximize: bool = False) -> None:
         self._build(params, lr, momentum, weight_decay, weight_decouple, maximize)
 
 
-@register("signadam")
+@OPTIMIZERS.register("signadam")
 class SignAdam(_Sign):
     def __init__(self, params: Iterable[Any], lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999),
                  weight_decay: float = 0.0, maximize: bool = False) -> None:

@@ -24,11 +24,11 @@ import torch
 from unlearn.core.settings import check_int
 from unlearn.optim.loss import loss_parts, total_loss
 from unlearn.optim.protocol import (
+    OPTIMIZERS,
     BackwardStep,
     Closure,
     ModelDependent,
     compile_pattern,
-    register,
     require_closure,
     sharded,
 )
@@ -174,7 +174,7 @@ def _adamw(items: list[Any], lr: float, betas: Iterable[float], weight_decay: fl
     return torch.optim.AdamW(items, lr=lr, betas=tuple(betas), weight_decay=weight_decay)  # type: ignore[arg-type]
 
 
-@register("muon")
+@OPTIMIZERS.register("muon")
 class Muon(BackwardStep, _Composite):
     """torch.optim.Muon on the hidden matrices, torch.optim.AdamW on every other parameter.
 
@@ -283,7 +283,7 @@ class _ConflictSpectral(torch.optim.Optimizer):
         return m
 
 
-@register("sift")
+@OPTIMIZERS.register("sift")
 class SIFT(_Composite):
     """SIFT-style conflict control: per-side momenta, and a joint orthogonal update where they conflict.
 

@@ -52,12 +52,12 @@ import torch
 from unlearn.core.errors import UserError
 from unlearn.core.settings import check_int
 from unlearn.optim.protocol import (
+    OPTIMIZERS,
     Closure,
     ModelDependent,
     compile_pattern,
     evaluate,
     evaluate_parts,
-    register,
     require_closure,
 )
 from unlearn.optim.rounding import noise_generator, stochastic_round_
@@ -519,7 +519,7 @@ class ZerothOrderBase(torch.optim.Optimizer):
         return -pending[1] if pending is not None and pending[0] == seed else 0.0
 
 
-@register("zo")
+@OPTIMIZERS.register("zo")
 class ZerothOrder(ZerothOrderBase):
     """ZO-SGD (MeZO-style SPSA). ``momentum`` > 0 keeps one buffer: m = β·m + ĝ, θ −= lr·m."""
 
@@ -539,7 +539,7 @@ class ZerothOrder(ZerothOrderBase):
         chunk.add_(buf, alpha=-lr)
 
 
-@register("zo-sign")
+@OPTIMIZERS.register("zo-sign")
 class ZerothOrderSign(ZerothOrderBase):
     """ZO-signSGD: θ −= lr·sign(ĝ), i.e. every weight moves by exactly lr."""
 
@@ -555,7 +555,7 @@ class ZerothOrderSign(ZerothOrderBase):
         chunk.add_(estimate.sign_(), alpha=-lr)
 
 
-@register("zo-adam")
+@OPTIMIZERS.register("zo-adam")
 class ZerothOrderAdam(ZerothOrderBase):
     """ZO-Adam: Adam's bias-corrected moments on the SPSA estimate (two buffers, as Adam)."""
 
@@ -582,7 +582,7 @@ class ZerothOrderAdam(ZerothOrderBase):
         chunk.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
 
 
-@register("fzoo")
+@OPTIMIZERS.register("fzoo")
 class FZOO(ZerothOrderBase):
     """FZOO: q one-sided Rademacher probes around L_0 = L(θ); the step is normalized by σ, the standard
     deviation of the q probe losses: θ −= lr·Σ_j (L_j − L_0)/(q·σ)·u_j. σ ≈ μ‖∇L‖, so the step is a
@@ -622,7 +622,7 @@ def centered_ranks(values: list[float]) -> list[float]:
     return [r / (n - 1) - 0.5 for r in ranks]
 
 
-@register("zo-rank")
+@OPTIMIZERS.register("zo-rank")
 class RankZO(ZerothOrderBase):
     """Rank-based ZO (ordinal feedback): q mirrored probe pairs θ ± μz_j; the 2q losses are only *ranked*.
     With u the centered rank weight of each probe (lowest loss −1/2, highest +1/2), c_j = (u(+z_j) − u(−z_j))/q
@@ -641,7 +641,7 @@ class RankZO(ZerothOrderBase):
         return [(weights[j] - weights[self.q + j]) / self.q for j in range(self.q)]
 
 
-@register("hizoo")
+@OPTIMIZERS.register("hizoo")
 class HiZOO(ZerothOrderBase):
     """HiZOO: probes along d = μ·H^{-1/2}·u with a diagonal Hessian estimate H (one buffer, starts at 1).
 
@@ -710,7 +710,7 @@ class _HessianScaled:
         return d.mul_(self.owner.hessian(p, a, b).rsqrt()), m
 
 
-@register("zo-lowrank")
+@OPTIMIZERS.register("zo-lowrank")
 class LowRankZO(ZerothOrderBase):
     """Low-rank subspace ZO: each matrix is perturbed by U·Z·Vᵀ (rank ``rank``; U, V refreshed every
     ``refresh`` steps, Z fresh per query); vectors and small tensors by a full Gaussian z. ZO-SGD update."""
@@ -726,7 +726,7 @@ class LowRankZO(ZerothOrderBase):
         return LowRankDirections(self.params, self.mu, self.rank, self.refresh, self.seed)
 
 
-@register("zo-muon")
+@OPTIMIZERS.register("zo-muon")
 class ZOMuon(ZerothOrderBase):
     """ZO-Muon: each matrix W (m × n) is probed only inside a random rank-r subspace, d = μ·√(m/r)·P·Z with
     P Haar-orthonormal (m × r, refreshed every ``refresh`` steps) and Z (r × n) fresh per query. The

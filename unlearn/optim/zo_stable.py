@@ -6,7 +6,7 @@ step θ −= lr·c·z blows the model up (retain perplexity 6.7e9) and it never 
 
 * ``normalize``: c_j ← c_j / RMS, RMS the bias-corrected running root-mean-square of past coefficients
   (β = ``normalize_beta``). The step's size no longer follows the loss scale: each weight moves by about
-  lr·|z_i| per step, as with a sign or Adam step, so lr means the same thing across objectives.
+  lr·|z_i| per step, as with a sign or Adam step, so lr means the same thing across methods.
 * ``clip``: |c_j| ≤ clip after normalizing. With it, no probe can move θ by more than lr·clip·Σ_j ‖z_j‖.
 * ``warmup`` / ``schedule``: linear warm-up over ``warmup`` steps, then constant, linear or cosine decay to 0
   at ``total_steps`` (the run's steps, filled in by the run).
@@ -14,7 +14,7 @@ step θ −= lr·c·z blows the model up (retain perplexity 6.7e9) and it never 
   ``rollback`` above the step's starting loss (the probes' mean: L(θ) up to O(μ²)), or is not finite, the
   weights and the member's buffers are put back bit-exactly from a copy kept during the step (one copy of the
   trainable parameters — negligible with LoRA or ``include``, 2x for full fine-tuning). ``rollback_on:
-  retain`` watches the objective's retain part instead of the total: measured, a ZO step can lower the total
+  retain`` watches the method's retain part instead of the total: measured, a ZO step can lower the total
   (forgetting) while it wrecks the retain term, which a rollback on the total then lets through.
   ``rollback_on`` may be a list (``[retain, total]``): the first part the loss has is watched.
 * ``include``: a regular expression on parameter names; only matching parameters are probed and updated (as
@@ -62,8 +62,8 @@ class Stabilizers:
     schedule: str = setting("constant", limit=Limit(choices=SCHEDULES))
     total_steps: int | None = setting(None, limit=AT_LEAST_ONE)
     rollback: float | None = setting(None, limit=NON_NEGATIVE)
-    # The loss part the rollback watches: total, or a part the objective names (retain); or a list of them, the
-    # first the loss has is used (so one config serves objectives with and without a retain term).
+    # The loss part the rollback watches: total, or a part the method names (retain); or a list of them, the
+    # first the loss has is used (so one config serves methods with and without a retain term).
     rollback_on: str | list[str] = "total"
     # A name pattern, or a list of them tried in order: the first that selects a trainable parameter is used (so
     # one config serves full weights, LoRA adapters and RMU's few trainable layers).

@@ -5,9 +5,9 @@
     python -m unlearn.perf.optimizer_cost --markdown docs/PERFORMANCE.md
 
 For each grade a fresh child process loads the model, builds the fixed batch (8 forget + 8 retain
-questions of the embedded benchmark under the NPO objective) and measures, in this order:
+questions of the embedded benchmark under the NPO method) and measures, in this order:
 
-* inference: the mean seconds of one closure evaluation (the objective's forward on the batch, no autograd)
+* inference: the mean seconds of one closure evaluation (the method's forward on the batch, no autograd)
   and the process's peak memory while doing it;
 * the optimizer: one warm-up step, then the mean seconds of ``--steps`` steps (for schedules, whole periods:
   hybrid runs blocks of 2 here, Sophia one Hessian period), and the peak memory over all of them.
@@ -108,11 +108,11 @@ def side_by_side(closure: Callable[[], Any], build: Callable[[], torch.optim.Opt
 
 
 def measure(name: str, steps: int, model_id: str, device: str, repeats: int) -> dict[str, Any]:
-    from unlearn.benchmarks import BENCHMARKS
     from unlearn.compute.models import load_model
-    from unlearn.optim import OPTIMIZERS, build_optimizer
+    from unlearn.optim.protocol import OPTIMIZERS, build_optimizer
     from unlearn.tasks.data import collate, encode
-    from unlearn.training.methods import build_objective
+    from unlearn.tasks.task import BENCHMARKS
+    from unlearn.training.methods import build_method
 
     torch.manual_seed(0)
     loaded = load_model(model_id)
@@ -120,14 +120,14 @@ def measure(name: str, steps: int, model_id: str, device: str, repeats: int) -> 
     task = BENCHMARKS["embedded"]({})
     forget = [encode(tok, ex) for ex in task.forget[:BATCH]]
     retain = [encode(tok, ex) for ex in task.retain[:BATCH]]
-    objective = build_objective("npo")
-    objective.trainable(model)
-    objective.prepare(model, forget, retain, tok.pad_token_id, BATCH)
+    method = build_method("npo")
+    method.trainable(model)
+    method.prepare(model, forget, retain, tok.pad_token_id, BATCH)
     fb = {k: v.to(device) for k, v in collate(forget, tok.pad_token_id).items()}
     rb = {k: v.to(device) for k, v in collate(retain, tok.pad_token_id).items()}
 
     def closure():
-        return objective(model, fb, rb)
+        return method(model, fb, rb)
 
     forwards = 0
 
@@ -163,7 +163,7 @@ def in_child(module: str, args: list[str], what: str) -> dict[str, Any]:
 
 
 def check_grades(grades: list[str]) -> None:
-    from unlearn.optim import OPTIMIZERS
+    from unlearn.optim.protocol import OPTIMIZERS
 
     unknown = [g for g in grades if g not in OPTIMIZERS]
     if unknown:
@@ -188,7 +188,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    from unlearn.optim import OPTIMIZERS
+    from unlearn.optim.protocol import OPTIMIZERS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--grades", nargs="*", default=None, help="optimizer names (default: all registered)")

@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from unlearn.compute.placement import Placement, autocast_forward
-from unlearn.optim import build_optimizer
+from unlearn.optim.protocol import build_optimizer
 from unlearn.optim.rounding import use_precision
 
 MODES = ("fp32", "master", "lean", "pure")

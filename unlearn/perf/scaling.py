@@ -9,7 +9,7 @@ checkpointing: a random Llama-style model at several widths, one fixed batch, me
 Each (width, grade, checkpointing) cell is one child process, as in ``unlearn.perf.optimizer_cost`` (whose
 meter it uses: peak resident set on CPU, ``torch.cuda.max_memory_allocated`` on CUDA): it builds the model
 (``--layers`` decoder layers, MLP ``--mlp`` × width, ``--vocab`` tokens, ``--dtype``), a batch of ``--batch`` random
-rows of ``--length`` tokens under the NPO objective (forget and retain batches alike), times ``--repeats`` plain
+rows of ``--length`` tokens under the NPO method (forget and retain batches alike), times ``--repeats`` plain
 forwards and then ``--steps`` optimizer steps after one warm-up step, interleaved. Ratios (step ÷ forward,
 peak ÷ inference) are taken within one process; seconds and megabytes are printed too, so the growth with
 width shows. Zeroth-order grades never run a backward pass, so checkpointing cannot change them: they are
@@ -35,7 +35,7 @@ WIDTHS = (128, 256, 512, 1024)
 def _placement(grade: str, args: argparse.Namespace):
     """The placement a run of this grade takes with --dtype and --precision (unlearn.compute.placement)."""
     from unlearn.compute.placement import DTYPES, Placement
-    from unlearn.optim import OPTIMIZERS
+    from unlearn.optim.protocol import OPTIMIZERS
 
     gradients = bool(OPTIMIZERS[grade].uses_gradients)  # type: ignore[attr-defined]
     return Placement(torch.device(args.device), DTYPES[args.dtype], args.precision, gradients)
@@ -56,10 +56,10 @@ def _model(width: int, args: argparse.Namespace, weights: torch.dtype) -> torch.
 def measure(grade: str, width: int, checkpointing: bool, args: argparse.Namespace) -> dict[str, Any]:
     from unlearn.compute.models import enable_gradient_checkpointing
     from unlearn.compute.placement import autocast_forward
-    from unlearn.optim import OPTIMIZERS, build_optimizer
+    from unlearn.optim.protocol import OPTIMIZERS, build_optimizer
     from unlearn.optim.rounding import use_precision
     from unlearn.tasks.data import Encoded, collate
-    from unlearn.training.methods import build_objective
+    from unlearn.training.methods import build_method
 
     device = torch.device(args.device)
     where = _placement(grade, args)
@@ -73,13 +73,13 @@ def measure(grade: str, width: int, checkpointing: bool, args: argparse.Namespac
         return [Encoded(r.tolist(), n_prompt=args.length // 4) for r in ids]
 
     forget, retain = rows(), rows()
-    objective = build_objective("npo")
-    objective.prepare(model, forget, retain, 0, args.batch)
+    method = build_method("npo")
+    method.prepare(model, forget, retain, 0, args.batch)
     fb = {k: v.to(device) for k, v in collate(forget, 0).items()}
     rb = {k: v.to(device) for k, v in collate(retain, 0).items()}
 
     def closure():
-        return objective(model, fb, rb)
+        return method(model, fb, rb)
 
     options: dict[str, Any] = {"block": 1, "total_steps": args.steps + 1} if grade == "hybrid" else {}
     if args.draw != "pool" and OPTIMIZERS[grade].grade == "zeroth-order":  # type: ignore[attr-defined]
@@ -136,7 +136,7 @@ def target_lines(rows: list[dict[str, Any]], device: str) -> list[str]:
 
 
 def main() -> None:
-    from unlearn.optim import OPTIMIZERS
+    from unlearn.optim.protocol import OPTIMIZERS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--grades", nargs="*", default=list(GRADES))

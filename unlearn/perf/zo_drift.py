@@ -19,7 +19,7 @@ import torch
 
 from unlearn.compute.models import load_model
 from unlearn.compute.placement import Placement
-from unlearn.optim import build_optimizer
+from unlearn.optim.protocol import build_optimizer
 from unlearn.tasks.data import Example, collate, encode
 from unlearn.tasks.scoring import mean_token_nll
 

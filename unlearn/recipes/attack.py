@@ -16,7 +16,7 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
-from unlearn.attacks import ATTACKS, Attack, AttackResult, Subject
+from unlearn.attacks.base import ATTACKS, Attack, AttackResult, Subject
 from unlearn.compute.placement import Placement
 from unlearn.compute.placement import resolve as resolve_placement
 from unlearn.core.errors import UserError, shown
@@ -25,7 +25,7 @@ from unlearn.core.settings import from_mapping
 from unlearn.evaluation.collapse import COLLAPSED_NOTE
 from unlearn.evaluation.measures import collect_samples, item_values
 from unlearn.evaluation.stats import UNRELIABLE_NOTE, recovery_interval, removal_beyond_noise
-from unlearn.optim import OPTIMIZERS
+from unlearn.optim.protocol import OPTIMIZERS
 from unlearn.storage.records import ITEMS_FILE, AttackRecord, Recovery, collapse_of, read_items, recovery_ratio
 from unlearn.storage.runs import staged_dir
 from unlearn.tasks.task import Task

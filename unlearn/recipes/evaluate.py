@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from unlearn.attacks import Subject
+from unlearn.attacks.base import Subject
 from unlearn.compute.models import load_model
 from unlearn.core.files import write_json_atomic
 from unlearn.evaluation.collapse import collapse_reasons

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from unlearn.benchmarks import BENCHMARKS
 from unlearn.compute.distributed import World, gathered_model, shard_model
 from unlearn.compute.models import enable_gradient_checkpointing, load_model, save_model
 from unlearn.compute.placement import CPU_FP32, Placement, parse_dtype
@@ -26,8 +25,7 @@ from unlearn.core.errors import UserError
 from unlearn.core.files import write_json_atomic, write_jsonl_atomic, write_yaml
 from unlearn.evaluation.collapse import collapse_reasons, collapse_warning
 from unlearn.evaluation.measures import evaluate_items
-from unlearn.optim import OPTIMIZERS, build_optimizer, dry_build
-from unlearn.optim.protocol import accepts, rounds_updates
+from unlearn.optim.protocol import OPTIMIZERS, accepts, build_optimizer, dry_build, rounds_updates
 from unlearn.optim.rounding import use_precision
 from unlearn.recipes.prepare import baseline_cached, baseline_metrics, target_model
 from unlearn.storage import checkpoints
@@ -35,11 +33,11 @@ from unlearn.storage.checkpoints import Checkpoint
 from unlearn.storage.records import ITEMS_FILE, RunRecord
 from unlearn.storage.runs import open_run_dir, partial_dir, staged_dir
 from unlearn.tasks.data import encode, rows_used
-from unlearn.tasks.task import Stage, Task
+from unlearn.tasks.task import BENCHMARKS, Stage, Task
 from unlearn.training.adapters import add_lora, merge_lora
 from unlearn.training.config import RunConfig
 from unlearn.training.loop import Monitor, Progress, check_batching, retain_seed, train
-from unlearn.training.methods import OBJECTIVES, Objective, build_objective
+from unlearn.training.methods import METHODS, Method, build_method
 from unlearn.training.stopping import StopRule
 
 
@@ -113,7 +111,7 @@ def seeded(cfg: RunConfig) -> RunConfig:
         return cls is not None and accepts(cls, "seed")
 
     def method_takes(name: str) -> bool:
-        cls = OBJECTIVES.get(name)
+        cls = METHODS.get(name)
         return cls is not None and "seed" in inspect.signature(cls).parameters
 
     optimizer = _seeded_spec(cfg.optimizer, seed, optimizer_takes)
@@ -125,17 +123,17 @@ def _optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     return _build(build_optimizer, cfg.optimizer["name"], model.named_parameters(), **_optimizer_options(cfg))
 
 
-def check_run_config(cfg: RunConfig) -> tuple[Task, Objective]:
+def check_run_config(cfg: RunConfig) -> tuple[Task, Method]:
     """Everything a run's settings can get wrong, found in seconds, before any model is loaded: the method and
     its options, the optimizer and its options (built on stand-in tensors), the benchmark and its data.
-    Returns the task and the objective, both ready for the run."""
-    objective = _build(build_objective, cfg.method["name"], **cfg.method_options)
+    Returns the task and the method, both ready for the run."""
+    method = _build(build_method, cfg.method["name"], **cfg.method_options)
     _build(dry_build, cfg.optimizer["name"], _optimizer_options(cfg))
     task = load_task(cfg.benchmark)
     if not task.forget:
         raise UserError(f"benchmark '{task.name}' gives no forget text to unlearn"
                         + (f": {task.training_hint}" if task.training_hint else ""))
-    return task, objective
+    return task, method
 
 
 def _optimizer_names(cfg: RunConfig) -> list[str]:
@@ -216,20 +214,20 @@ def _truncate_log(path: Path, steps: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def _unlearn_request(cfg: RunConfig, objective, model: torch.nn.Module, tok, forget_examples, retain,
+def _unlearn_request(cfg: RunConfig, method, model: torch.nn.Module, tok, forget_examples, retain,
                      log_path: Path | None, desc: str, progress: bool, world: World, max_length: int,
                      save: Callable[[torch.nn.Module, torch.optim.Optimizer, Progress], None] | None,
                      resume_from: Checkpoint | None,
                      probe: Callable[..., dict[str, float]], placement: Placement) -> tuple[torch.nn.Module, Any]:
-    """One unlearning request: objective set-up on the current model, optional LoRA (merged at the end, so
+    """One unlearning request: method set-up on the current model, optional LoRA (merged at the end, so
     a following request starts from plain weights), a fresh optimizer, training (from a checkpoint when
     resuming), measuring `probe(model, tokenizer, eval settings)` every train.eval_every steps."""
-    objective.trainable(model)
+    method.trainable(model)
     forget = [encode(tok, ex, max_length=max_length) for ex in forget_examples]
     # The training loop's own retain stream: what it will draw, and nothing more.
     used = rows_used(len(retain), cfg.train.batch_size, retain_seed(cfg.train.seed), cfg.train.max_steps) \
         if retain else None
-    objective.prepare(model, forget, retain, tok.pad_token_id, cfg.eval.batch_size, retain_used=used)
+    method.prepare(model, forget, retain, tok.pad_token_id, cfg.eval.batch_size, retain_used=used)
     if cfg.train.lora_rank:
         try:
             model = add_lora(model, cfg.train.lora_rank)
@@ -262,7 +260,7 @@ def _unlearn_request(cfg: RunConfig, objective, model: torch.nn.Module, tok, for
         monitor = Monitor(cfg.train.eval_every, measure,
                           StopRule.parse(cfg.train.stop_at) if cfg.train.stop_at is not None else None,
                           cfg.train.eval_delay)
-    result = train(model, objective, optimizer, forget, retain, pad_id=tok.pad_token_id,
+    result = train(model, method, optimizer, forget, retain, pad_id=tok.pad_token_id,
                    batch_size=cfg.train.batch_size, max_steps=cfg.train.max_steps, seed=cfg.train.seed,
                    log_path=log_path, desc=desc, progress=progress and world.is_main,
                    grad_accum=cfg.train.grad_accum, world=world, start=start,
@@ -279,23 +277,23 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
     Under a launcher every process trains; only rank 0 claims the folder, evaluates and writes, and only it
     returns the outcome (the others return None). `resume`: continue the interrupted run `cfg.name`."""
     cfg = seeded(cfg)
-    task, objective = check_run_config(cfg)
+    task, method = check_run_config(cfg)
     placement = training_placement(cfg)
     world = World.from_env(placement.device)
     try:
-        return _claim_and_run(cfg, task, objective, overwrite, progress, log, trust_remote_code, log_samples,
+        return _claim_and_run(cfg, task, method, overwrite, progress, log, trust_remote_code, log_samples,
                               placement, world, resume)
     finally:
         world.close()  # leaves the launcher's process group (a local call: safe after an error too)
 
 
-def _claim_and_run(cfg: RunConfig, task: Task, objective: Objective, overwrite: bool, progress: bool, log,
+def _claim_and_run(cfg: RunConfig, task: Task, method: Method, overwrite: bool, progress: bool, log,
                    trust_remote_code: bool, log_samples: bool, placement: Placement, world: World,
                    resume: bool) -> RunOutcome | None:
     check_world(cfg, world)
     if not world.is_main:
         final = Path(str(world.broadcast_object(None)))
-        _run(cfg, task, objective, final, overwrite, False, lambda *_: None, trust_remote_code, log_samples,
+        _run(cfg, task, method, final, overwrite, False, lambda *_: None, trust_remote_code, log_samples,
              placement, world, resume)
         return None
     for note in task.notes:
@@ -313,11 +311,11 @@ def _claim_and_run(cfg: RunConfig, task: Task, objective: Objective, overwrite: 
         if world.distributed:
             log(f"{world.size} processes, {placement.describe()} each; batch {cfg.train.batch_size} in "
                 f"{cfg.train.grad_accum * world.size} shards per step")
-        return _run(cfg, task, objective, final, overwrite, progress, log, trust_remote_code, log_samples,
+        return _run(cfg, task, method, final, overwrite, progress, log, trust_remote_code, log_samples,
                     placement, world, resume)
 
 
-def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrite: bool, progress: bool, log,
+def _run(cfg: RunConfig, task: Task, method: Method, final: Path, overwrite: bool, progress: bool, log,
          trust_remote_code: bool, log_samples: bool, placement: Placement, world: World,
          resume: bool) -> RunOutcome | None:
     torch.manual_seed(cfg.train.seed)
@@ -395,7 +393,7 @@ def _run(cfg: RunConfig, task: Task, objective: Objective, final: Path, overwrit
                               "final_loss": so_far.final_loss}})
 
             model, result = _unlearn_request(
-                cfg, objective, model, tok, request.forget, retain, log_path if main else None, desc, progress,
+                cfg, method, model, tok, request.forget, retain, log_path if main else None, desc, progress,
                 world, max_length, save if resumable and main else None,
                 point.checkpoint if resumed_here and point is not None else None, task.probe, placement)
             seconds, forwards, steps = seconds + result.seconds, forwards + result.forward_passes, steps + result.steps

@@ -21,7 +21,7 @@ from unlearn.compute.placement import CPU_FP32, Placement
 from unlearn.core.files import read_json, read_text, write_json_atomic
 from unlearn.core.settings import from_mapping
 from unlearn.evaluation.measures import evaluate_items
-from unlearn.optim import build_optimizer
+from unlearn.optim.protocol import build_optimizer
 from unlearn.optim.rounding import use_precision
 from unlearn.storage.locks import claim
 from unlearn.storage.runs import staged_dir

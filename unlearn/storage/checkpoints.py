@@ -5,7 +5,7 @@ LoRA wrapper included), the optimizer's state and the RNG states (`state.pt`: te
 only, read back with `weights_only=True`, so no pickled code runs), and the run's own progress
 (`progress.json`: request, step, seconds, finished requests). The data stream needs no state of its own: it is
 a function of (seed, step). A sequential run (several unlearning requests) also keeps `stage-K/`, the model
-request K started from: its objective is prepared on that model (NPO's reference log-probs), not on the
+request K started from: its method is prepared on that model (NPO's reference log-probs), not on the
 checkpoint's. Each checkpoint is written under a temporary name and renamed into place, and the older ones go
 only after that, so a kill at any moment leaves a complete checkpoint once the first exists.
 """

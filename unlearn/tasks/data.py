@@ -24,7 +24,7 @@ def qa_prompt(question: str) -> str:
 @dataclass
 class Example:
     """A prompt and the target text whose tokens carry the loss. `extra` holds per-example
-    tensors that objectives precompute (e.g. NPO's reference log-prob)."""
+    tensors that methods precompute (e.g. NPO's reference log-prob)."""
 
     prompt: str
     target: str

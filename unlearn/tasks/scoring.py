@@ -1,4 +1,4 @@
-"""Log-probabilities of target tokens, the quantity every objective and metric is built on.
+"""Log-probabilities of target tokens, the quantity every method and metric is built on.
 
 Only the positions that predict a target token go through the output head: with a 49k vocabulary
 the head is a large share of a small model's compute, and prompts are most of each sequence.

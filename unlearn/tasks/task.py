@@ -1,7 +1,7 @@
 """What every benchmark hands the toolkit: training text, declared metrics, and a way to score a model.
 
 A benchmark module registers a `load(config) -> Task` function in `BENCHMARKS`. The Task carries the
-forget/retain training pairs every objective consumes, `metrics` (what each metric means, which way is better,
+forget/retain training pairs every method consumes, `metrics` (what each metric means, which way is better,
 its role), and `evaluate`, which returns a flat dict of metric values (what metrics.json holds). The report,
 the recovery ratio and the attacks read the declarations, so none of them names a benchmark.
 """
@@ -135,4 +135,4 @@ class Task(ABC):
                            details={"used_indices": used})
 
 
-BENCHMARKS: Registry[Callable[[dict[str, Any]], Task]] = Registry("benchmark")
+BENCHMARKS: Registry[Callable[[dict[str, Any]], Task]] = Registry("benchmark", members="unlearn.benchmarks")

@@ -1,6 +1,6 @@
-"""LoRA adapters (peft) over exactly the linear layers the objective trains.
+"""LoRA adapters (peft) over exactly the linear layers the method trains.
 
-Objectives decide what trains (RMU: three MLP down-projections; the others: everything) by setting
+Methods decide what trains (RMU: three MLP down-projections; the others: everything) by setting
 ``requires_grad``; wrapping then puts adapters on those linear layers only, so "unlearn through LoRA"
 means the same subset as full fine-tuning would touch. The output head is never adapted (it is tied to the
 input embeddings in most small models, and no unlearning method here needs it).

@@ -30,7 +30,7 @@ from unlearn.core.errors import UserError
 from unlearn.optim.loss import Loss, LossValue, loss_parts
 from unlearn.optim.protocol import Closure, Diagnosing, Graded, Scheduled, evaluate_parts, moving_params
 from unlearn.tasks.data import Encoded, collate, endless_rows, on_device, split_rows
-from unlearn.training.methods import Objective
+from unlearn.training.methods import Method
 from unlearn.training.stopping import StopRule
 
 
@@ -95,9 +95,9 @@ class StepClosure:
     evaluate or differentiate through `unlearn.optim.protocol`. It also sums the loss parts it computed, for the
     log, and counts evaluations (rounds over the shards) as forward passes."""
 
-    def __init__(self, model: torch.nn.Module, objective: Objective, forget: list[Encoded],
+    def __init__(self, model: torch.nn.Module, method: Method, forget: list[Encoded],
                  retain: list[Encoded] | None, pad_id: int, grad_accum: int, world: World) -> None:
-        self.model, self.objective, self.world, self.grad_accum = model, objective, world, grad_accum
+        self.model, self.method, self.world, self.grad_accum = model, method, world, grad_accum
         self.processes = world.size
         total = grad_accum * world.size
         mine = slice(world.rank * grad_accum, (world.rank + 1) * grad_accum)
@@ -119,7 +119,7 @@ class StepClosure:
 
     def _shard(self, weight: float, fb: dict, rb: dict | None) -> Closure:
         def closure() -> LossValue:
-            loss = _scaled(self.objective(self.model, fb, rb), weight)
+            loss = _scaled(self.method(self.model, fb, rb), weight)
             for key, value in loss_parts(loss).items():
                 self.part_values.setdefault(key, []).append(value.detach())
             return loss
@@ -177,7 +177,7 @@ class StepClosure:
 
 
 def retain_seed(seed: int) -> int:
-    """The retain stream's seed (the forget stream uses `seed`): objectives that cache per retain item ask which
+    """The retain stream's seed (the forget stream uses `seed`): methods that cache per retain item ask which
     items training will draw (`unlearn.tasks.data.rows_used`) with it."""
     return seed + 1
 
@@ -187,7 +187,7 @@ PROBE_ROWS = 32  # fixed forget and retain rows a scheduled (hybrid) run is meas
 
 def _first_rows(items: list[Encoded], batch_size: int, seed: int, max_steps: int) -> list[Encoded]:
     """Up to PROBE_ROWS items, in the order the training stream of `seed` draws them in its first steps: rows training
-    uses anyway (objectives that cache per retain item, RMU, have them cached)."""
+    uses anyway (methods that cache per retain item, RMU, have them cached)."""
     stream = endless_rows(items, batch_size, seed)
     rows: list[Encoded] = []
     for _ in range(min(max_steps, -(-PROBE_ROWS // batch_size))):
@@ -196,13 +196,13 @@ def _first_rows(items: list[Encoded], batch_size: int, seed: int, max_steps: int
 
 
 class BlockProbe:
-    """The objective's parts on fixed rows (those the first steps draw), measured before the first step of every
+    """The method's parts on fixed rows (those the first steps draw), measured before the first step of every
     block of a scheduled optimizer and after the last step: each step's own parts come from that step's random
     batch, too noisy to tell what one block did; these are comparable from block to block."""
 
-    def __init__(self, optimizer: Scheduled, model: torch.nn.Module, objective: Objective,
+    def __init__(self, optimizer: Scheduled, model: torch.nn.Module, method: Method,
                  rows: tuple[list[Encoded], list[Encoded] | None], pad_id: int, grad_accum: int, world: World) -> None:
-        self.optimizer, self.model, self.objective, self.rows = optimizer, model, objective, rows
+        self.optimizer, self.model, self.method, self.rows = optimizer, model, method, rows
         self.pad_id, self.grad_accum, self.world = pad_id, grad_accum, world
 
     def starts_block(self, step: int) -> bool:
@@ -210,7 +210,7 @@ class BlockProbe:
         return step == 1 or self.optimizer.current_grade(step - 1) != self.optimizer.current_grade(step - 2)
 
     def measure(self) -> dict[str, float]:
-        closure = StepClosure(self.model, self.objective, *self.rows, self.pad_id,
+        closure = StepClosure(self.model, self.method, *self.rows, self.pad_id,
                               min(self.grad_accum, len(self.rows[0])), self.world)
         with torch.no_grad():
             return evaluate_parts(closure)
@@ -285,7 +285,7 @@ def check_batching(batch_size: int, grad_accum: int, world: World) -> None:
                         f"{world.size} processes = {shards}): every micro-batch needs a row")
 
 
-def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.Optimizer,
+def train(model: torch.nn.Module, method: Method, optimizer: torch.optim.Optimizer,
           forget: list[Encoded], retain: list[Encoded] | None, *, pad_id: int, batch_size: int,
           max_steps: int, seed: int, log_path: Path | None = None, desc: str = "unlearning",
           progress: bool = True, after_step: Callable[[int], None] | None = None, grad_accum: int = 1,
@@ -307,7 +307,7 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
     begun = time.perf_counter() - start.seconds
     log: TextIO | None = log_path.open("a" if start.steps else "w") if log_path else None
     # On every process (its forwards are collectives under a launcher); only rank 0 logs what it measured.
-    probe = BlockProbe(optimizer, model, objective, (
+    probe = BlockProbe(optimizer, model, method, (
         _first_rows(forget, batch_size, seed, max_steps),
         _first_rows(retain, batch_size, retain_seed(seed), max_steps) if retain else None),
         pad_id, grad_accum, world) if isinstance(optimizer, Scheduled) else None
@@ -326,7 +326,7 @@ def train(model: torch.nn.Module, objective: Objective, optimizer: torch.optim.O
         bar = tqdm(range(start.steps + 1, last + 1), desc=desc, disable=not progress, dynamic_ncols=True,
                    initial=start.steps, total=max_steps)
         for step in bar:
-            closure = StepClosure(model, objective, next(forget_stream),
+            closure = StepClosure(model, method, next(forget_stream),
                                   next(retain_stream) if retain_stream else None, pad_id, grad_accum, world)
             block_start = None
             if probe is not None and probe.starts_block(step):

@@ -1,6 +1,6 @@
-"""Unlearning objectives. Each one is a small loss function of (model, forget batch, retain batch).
+"""Unlearning methods. Each one is a small loss function of (model, forget batch, retain batch).
 
-Objectives never call backward: the optimizer decides whether to differentiate (first-order) or
+Methods never call backward: the optimizer decides whether to differentiate (first-order) or
 only evaluate (zeroth-order). Anything that depends on the model *before* unlearning (NPO's
 reference log-probs, RMU's frozen retain activations) is computed once in `prepare`, so no
 second copy of the model is ever held in memory.
@@ -21,22 +21,21 @@ from unlearn.tasks.data import Encoded, fixed_batches, on_device
 from unlearn.tasks.scoring import mean_token_nll, sequence_logprobs
 
 Batch = dict[str, torch.Tensor]
-OBJECTIVES: Registry[type[Objective]] = Registry("method")
-register = OBJECTIVES.register
+METHODS: Registry[type[Method]] = Registry("method", members="unlearn.training.methods")
 
 
-# Loss weights scale a part of the objective; a negative one would turn forgetting into learning.
+# Loss weights scale a part of the method; a negative one would turn forgetting into learning.
 WEIGHT = NON_NEGATIVE
 
 
-class Objective:
+class Method:
     """Base: all parameters train and nothing is precomputed. The constructor's annotated keyword arguments
-    are the method's settings; `limits` gives their ranges (checked by `build_objective`)."""
+    are the method's settings; `limits` gives their ranges (checked by `build_method`)."""
 
     limits: dict[str, Limit] = {}
 
     def trainable(self, model: torch.nn.Module) -> None:
-        """Set requires_grad on the parameters this objective updates (default: leave as is)."""
+        """Set requires_grad on the parameters this method updates (default: leave as is)."""
 
     def prepare(self, model: torch.nn.Module, forget: list[Encoded], retain: list[Encoded],
                 pad_id: int, batch_size: int, retain_used: Collection[int] | None = None) -> None:
@@ -48,8 +47,8 @@ class Objective:
         raise NotImplementedError
 
 
-@register("gradascent", "ga")
-class GradAscent(Objective):
+@METHODS.register("gradascent", "ga")
+class GradAscent(Method):
     """L = -NLL(forget): push the forget answers' likelihood down, nothing else."""
 
 
@@ -57,8 +56,8 @@ class GradAscent(Objective):
         return Loss({"forget": -mean_token_nll(model, forget)})
 
 
-@register("graddiff")
-class GradDiff(Objective):
+@METHODS.register("graddiff")
+class GradDiff(Method):
     """L = gamma * (-NLL(forget)) + alpha * NLL(retain)."""
 
     limits = {"gamma": WEIGHT, "alpha": WEIGHT}
@@ -79,8 +78,8 @@ def _precompute_logprobs(model, items: list[Encoded], pad_id: int, batch_size: i
     return out
 
 
-@register("npo")
-class NPO(Objective):
+@METHODS.register("npo")
+class NPO(Method):
     """Negative preference optimization with summed sequence log-probs:
     L_f = -(2/beta) * E_f[log sigmoid(-beta * (log pi(y|x) - log pi_ref(y|x)))];
     total = gamma * L_f + alpha * NLL(retain)."""
@@ -106,8 +105,8 @@ class NPO(Objective):
                      "retain": self.alpha * mean_token_nll(model, retain)})
 
 
-@register("simnpo")
-class SimNPO(Objective):
+@METHODS.register("simnpo")
+class SimNPO(Method):
     """Reference-free NPO with length normalization:
     L_f = -(2/beta) * E_f[log sigmoid(-(beta/|y|) * log pi(y|x) - delta)]; total adds alpha * NLL(retain)."""
 
@@ -153,8 +152,8 @@ def layer_activations(model, batch: Batch, layer: int) -> torch.Tensor:
     return captured[0]
 
 
-@register("rmu")
-class RMU(Objective):
+@METHODS.register("rmu")
+class RMU(Method):
     """Representation misdirection: steer forget activations at layer l toward a fixed random
     vector c*u, keep retain activations where the frozen model had them. Only mlp.down_proj of
     layers l-2..l train (as published).
@@ -238,9 +237,9 @@ class RMU(Objective):
         return Loss({"forget": forget_loss, "retain": self.alpha * retain_loss})
 
 
-def build_objective(name: str, **options) -> Objective:
-    """The objective registered as `name`; a one-line ValueError for an unknown name, option, type or range."""
-    cls = OBJECTIVES.lookup(name)
+def build_method(name: str, **options) -> Method:
+    """The method registered as `name`; a one-line ValueError for an unknown name, option, type or range."""
+    cls = METHODS.lookup(name)
     try:
         options = check_call_options(cls.__init__, options, "method", cls.limits, skip=("self",),
                                      owner=f"method '{name}'")
@@ -249,7 +248,7 @@ def build_objective(name: str, **options) -> Objective:
     return cls(**options)
 
 
-class LanguageModeling(Objective):
+class LanguageModeling(Method):
     """Plain fine-tuning on the first stream (NLL of its targets). Not an unlearning method, so
     it is not registered: benchmark preparation and relearning attacks use it directly."""
 

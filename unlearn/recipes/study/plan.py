@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unlearn.attacks import Attack
+from unlearn.attacks.base import Attack
 from unlearn.core.errors import UserError, shown
 from unlearn.core.settings import SEED, from_mapping, setting
 from unlearn.recipes.attack import attack_settings, result_folder, with_run_seed

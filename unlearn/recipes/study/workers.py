@@ -20,8 +20,9 @@ from typing import Any
 
 import yaml
 
-from unlearn.attacks import Attack
+from unlearn.attacks.base import Attack
 from unlearn.core.errors import UserError
+from unlearn.core.registry import INCLUDED, include
 from unlearn.recipes.attack import run_attack, subject_from_run
 from unlearn.recipes.pipeline import load_task, starting_model
 from unlearn.recipes.pipeline import run as run_pipeline
@@ -147,7 +148,7 @@ def run_jobs(jobs: list[Job], options: JobOptions, log: Callable[[str], None], w
     log(f"{min(workers, len(jobs))} workers, {threads} CPU thread(s) each; progress bars off (lines only)")
     quiet = replace(options, progress=False)  # several processes' bars would overwrite each other
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_start_worker, initargs=(threads,)) as pool:
+                             initializer=_start_worker, initargs=(threads, list(INCLUDED))) as pool:
         futures = [pool.submit(run_job, job, quiet, _print) for job in jobs]
         try:
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
@@ -168,10 +169,13 @@ def _interrupted(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # unwinds the job, so its staging folders and locks are removed on the way out
 
 
-def _start_worker(threads: int) -> None:
-    """A worker's setup: the parent alone answers Ctrl-C (and then stops the workers); its share of the threads."""
+def _start_worker(threads: int, included: list[Path]) -> None:
+    """A worker's setup: the parent alone answers Ctrl-C (and then stops the workers); its share of the threads;
+    the components the parent's command line included (--include), so a cell may use them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _interrupted)
+    for path in included:
+        include(path)
     import torch
 
     from unlearn.compute.models import quiet_transformers

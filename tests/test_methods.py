@@ -1,4 +1,4 @@
-"""Each objective against a value computed independently (full logits, explicit formulas)."""
+"""Each method against a value computed independently (full logits, explicit formulas)."""
 
 import math
 
@@ -6,14 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unlearn.tasks.data import Encoded, Example, collate, encode, endless_rows, rows_used
+from tests.conftest import FORGET, RETAIN
+from unlearn.tasks.data import Encoded, collate, encode, endless_rows, rows_used
 from unlearn.tasks.scoring import mean_token_nll, sequence_logprobs
-from unlearn.training.methods import NPO, RMU, GradAscent, GradDiff, SimNPO, build_objective, layer_activations
-
-FORGET = [Example("Question: Where was Ada born?\nAnswer:", " Zorbu"),
-          Example("Question: What does Ada play?\nAnswer:", " the oboe")]
-RETAIN = [Example("Question: Where was Bo born?\nAnswer:", " Quell"),
-          Example("Question: What pet does Bo keep?\nAnswer:", " a ferret")]
+from unlearn.training.methods import NPO, RMU, GradAscent, GradDiff, SimNPO, build_method, layer_activations
 
 
 def batches(tok):
@@ -159,12 +155,12 @@ def test_rmu_default_layer_scales_with_depth(tiny):
 
 def test_unknown_method_and_option():
     with pytest.raises(ValueError, match="unknown method 'bogus'; choose from: ga, gradascent"):
-        build_objective("bogus")
+        build_method("bogus")
     with pytest.raises(ValueError, match="unknown option 'betta' for method 'npo'"):
-        build_objective("npo", betta=0.1)
+        build_method("npo", betta=0.1)
 
 
-def test_lora_adapters_go_where_the_objective_trains(tiny):
+def test_lora_adapters_go_where_the_method_trains(tiny):
     from unlearn.training.adapters import add_lora
 
     model, _ = tiny
