@@ -91,3 +91,14 @@ def test_every_experiment_file_is_a_valid_study():
     assert files
     for path in files:
         assert load_study(path).cells, path
+
+
+def test_the_extending_guide_shows_the_tested_example_whole():
+    """docs/EXTENDING.md's example is the plug-in tests/test_extending.py installs and runs, not a copy that drifts."""
+    guide = (ROOT / "docs" / "EXTENDING.md").read_text()
+    example = (ROOT / "examples" / "unlearn-toy" / "unlearn_toy.py").read_text()
+    shown = guide.split("```python\n", 1)[1].split("\n```", 1)[0]
+    assert shown + "\n" == example
+    pyproject = (ROOT / "examples" / "unlearn-toy" / "pyproject.toml").read_text()
+    toml = guide.split("```toml\n", 1)[1].split("\n   ```", 1)[0]
+    assert "\n".join(line.removeprefix("   ") for line in toml.splitlines()) in pyproject

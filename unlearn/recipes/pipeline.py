@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from unlearn.storage import checkpoints
 from unlearn.storage.checkpoints import Checkpoint
 from unlearn.storage.records import ITEMS_FILE, RunRecord
 from unlearn.storage.runs import open_run_dir, partial_dir, staged_dir
-from unlearn.tasks.data import encode, rows_used
+from unlearn.tasks.data import Encoded, Example, encode, rows_used
 from unlearn.tasks.task import BENCHMARKS, Stage, Task
 from unlearn.training.adapters import add_lora, merge_lora
 from unlearn.training.config import RunConfig
@@ -179,12 +179,65 @@ def check_world(cfg: RunConfig, world: World) -> None:
 
 
 @dataclass
+class RunContext:
+    """One run as its steps see it: the checked settings, the benchmark and the method, the claimed folder, where
+    it runs, and how it reports. `trust_remote_code` comes from the command-line flag only, never a config."""
+
+    cfg: RunConfig
+    task: Task
+    method: Method
+    final: Path  # the run folder's final name (claimed; written only by the rename at the end)
+    placement: Placement
+    world: World
+    overwrite: bool = False
+    resume: bool = False
+    progress: bool = True
+    log: Callable[[str], None] = print
+    trust_remote_code: bool = False
+    log_samples: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.world.is_main
+
+    @property
+    def sharded(self) -> bool:
+        """A sharded model's every forward is a collective: then all ranks evaluate, in lockstep (rank 0 writes)."""
+        return self.cfg.train.parallel == "fsdp" and self.world.distributed
+
+    @property
+    def requests(self) -> list[Stage]:
+        return self.task.stages or [Stage("forget", self.task.forget)]
+
+
+@dataclass
+class Done:
+    """What the finished requests took: the checkpoints' `done` record, typed (its JSON form is unchanged)."""
+
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    forward_passes: int = 0
+    steps: int = 0
+    eval_seconds: float = 0.0
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Done:
+        return cls(list(data["stages"]), float(data["seconds"]), int(data["forward_passes"]), int(data["steps"]),
+                   float(data["eval_seconds"]))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stages": list(self.stages), "seconds": self.seconds, "forward_passes": self.forward_passes,
+                "steps": self.steps, "eval_seconds": self.eval_seconds}
+
+
+@dataclass
 class _Resume:
     """Where an interrupted run continues: request `stage` (its start model in `stage_start` when > 0), after
-    step `checkpoint.step` when a step checkpoint of that request exists."""
+    step `checkpoint.step` when a step checkpoint of that request exists; `done` is what the requests before it
+    took."""
 
     stage: int
-    progress: dict[str, Any]
+    done: Done
     checkpoint: Checkpoint | None
     stage_start: Checkpoint | None
 
@@ -192,11 +245,16 @@ class _Resume:
 def _resume_point(stage_dir: Path) -> _Resume | None:
     step, stage = checkpoints.latest(stage_dir), checkpoints.stage_start(stage_dir)
     if stage is not None and (step is None or stage.stage > step.stage):
-        return _Resume(stage.stage, stage.progress, None, stage)
+        return _Resume(stage.stage, _done_of(stage), None, stage)
     if step is None:
         return None
     start = stage if stage is not None and stage.stage == step.stage else None
-    return _Resume(step.stage, step.progress, step, start)
+    return _Resume(step.stage, _done_of(step), step, start)
+
+
+def _done_of(point: Checkpoint) -> Done:
+    done = point.progress.get("done")
+    return Done.from_json(done) if done is not None else Done()
 
 
 def _truncate_log(path: Path, steps: int) -> None:
@@ -214,16 +272,25 @@ def _truncate_log(path: Path, steps: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def _unlearn_request(cfg: RunConfig, method, model: torch.nn.Module, tok, forget_examples, retain,
-                     log_path: Path | None, desc: str, progress: bool, world: World, max_length: int,
-                     save: Callable[[torch.nn.Module, torch.optim.Optimizer, Progress], None] | None,
-                     resume_from: Checkpoint | None,
-                     probe: Callable[..., dict[str, float]], placement: Placement) -> tuple[torch.nn.Module, Any]:
+@dataclass
+class _Request:
+    """One unlearning request's training inputs, beyond the run's own."""
+
+    forget: list[Example]
+    log_path: Path | None
+    desc: str
+    save: Callable[[torch.nn.Module, torch.optim.Optimizer, Progress], None] | None
+    resume_from: Checkpoint | None
+
+
+def _unlearn_request(ctx: RunContext, model: torch.nn.Module, tok, retain: list[Encoded], max_length: int,
+                     request: _Request) -> tuple[torch.nn.Module, Any]:
     """One unlearning request: method set-up on the current model, optional LoRA (merged at the end, so
     a following request starts from plain weights), a fresh optimizer, training (from a checkpoint when
-    resuming), measuring `probe(model, tokenizer, eval settings)` every train.eval_every steps."""
+    resuming), measuring the benchmark's probe every train.eval_every steps."""
+    cfg, method, placement = ctx.cfg, ctx.method, ctx.placement
     method.trainable(model)
-    forget = [encode(tok, ex, max_length=max_length) for ex in forget_examples]
+    forget = [encode(tok, ex, max_length=max_length) for ex in request.forget]
     # The training loop's own retain stream: what it will draw, and nothing more.
     used = rows_used(len(retain), cfg.train.batch_size, retain_seed(cfg.train.seed), cfg.train.max_steps) \
         if retain else None
@@ -241,34 +308,40 @@ def _unlearn_request(cfg: RunConfig, method, model: torch.nn.Module, tok, forget
     except ValueError as err:
         raise UserError(f"train.precision lean: {err}") from None
     start = Progress()
-    if resume_from is not None:
-        checkpoints.restore(resume_from, model, optimizer)
-        done = resume_from.progress["train"]
-        start = Progress(resume_from.step, float(done["seconds"]), int(done["forward_passes"]),
+    if request.resume_from is not None:
+        checkpoints.restore(request.resume_from, model, optimizer)
+        done = request.resume_from.progress["train"]
+        start = Progress(request.resume_from.step, float(done["seconds"]), int(done["forward_passes"]),
                          float(done["final_loss"]))
-        if log_path is not None:
-            _truncate_log(log_path, start.steps)
-    monitor = None
-    if cfg.train.eval_every:
-        def measure() -> dict[str, float]:
-            training = model.training
-            try:
-                return probe(model, tok, cfg.eval)
-            finally:
-                model.train(training)
-
-        monitor = Monitor(cfg.train.eval_every, measure,
-                          StopRule.parse(cfg.train.stop_at) if cfg.train.stop_at is not None else None,
-                          cfg.train.eval_delay)
+        if request.log_path is not None:
+            _truncate_log(request.log_path, start.steps)
+    save = request.save
     result = train(model, method, optimizer, forget, retain, pad_id=tok.pad_token_id,
                    batch_size=cfg.train.batch_size, max_steps=cfg.train.max_steps, seed=cfg.train.seed,
-                   log_path=log_path, desc=desc, progress=progress and world.is_main,
-                   grad_accum=cfg.train.grad_accum, world=world, start=start,
+                   log_path=request.log_path, desc=request.desc, progress=ctx.progress and ctx.main,
+                   grad_accum=cfg.train.grad_accum, world=ctx.world, start=start,
                    checkpoint=(lambda done: save(model, optimizer, done)) if save else None,
-                   checkpoint_every=cfg.train.save_every, monitor=monitor, max_unchanged=cfg.train.max_unchanged,
-                   rounded=placement.stochastic)
+                   checkpoint_every=cfg.train.save_every, monitor=_monitor(ctx, model, tok),
+                   max_unchanged=cfg.train.max_unchanged, rounded=placement.stochastic)
     model = merge_lora(model, cfg.train.seed if placement.stochastic else None)
     return model, result
+
+
+def _monitor(ctx: RunContext, model: torch.nn.Module, tok) -> Monitor | None:
+    """The benchmark's quick probe every train.eval_every steps (and train.stop_at checked on it), if asked for."""
+    cfg = ctx.cfg
+    if not cfg.train.eval_every:
+        return None
+
+    def measure() -> dict[str, float]:
+        training = model.training
+        try:
+            return ctx.task.probe(model, tok, cfg.eval)
+        finally:
+            model.train(training)
+
+    return Monitor(cfg.train.eval_every, measure,
+                   StopRule.parse(cfg.train.stop_at) if cfg.train.stop_at is not None else None, cfg.train.eval_delay)
 
 
 def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=print,
@@ -280,164 +353,196 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
     task, method = check_run_config(cfg)
     placement = training_placement(cfg)
     world = World.from_env(placement.device)
+    ctx = RunContext(cfg, task, method, Path(), placement, world, overwrite, resume, progress, log, trust_remote_code,
+                     log_samples)
     try:
-        return _claim_and_run(cfg, task, method, overwrite, progress, log, trust_remote_code, log_samples,
-                              placement, world, resume)
+        return _claim_and_run(ctx)
     finally:
         world.close()  # leaves the launcher's process group (a local call: safe after an error too)
 
 
-def _claim_and_run(cfg: RunConfig, task: Task, method: Method, overwrite: bool, progress: bool, log,
-                   trust_remote_code: bool, log_samples: bool, placement: Placement, world: World,
-                   resume: bool) -> RunOutcome | None:
+def _claim_and_run(ctx: RunContext) -> RunOutcome | None:
+    cfg, world, log = ctx.cfg, ctx.world, ctx.log
     check_world(cfg, world)
     if not world.is_main:
         final = Path(str(world.broadcast_object(None)))
-        _run(cfg, task, method, final, overwrite, False, lambda *_: None, trust_remote_code, log_samples,
-             placement, world, resume)
+        _run(replace(ctx, final=final, progress=False, log=lambda *_: None))
         return None
-    for note in task.notes:
+    for note in ctx.task.notes:
         log(f"note: {note}")
     name = cfg.name or f"{cfg.method['name']}-{cfg.optimizer['name']}"
     # The run folder is claimed before minutes of model loading: a second run on the same name is refused now.
-    with open_run_dir(Path(cfg.output_dir), name, overwrite, resume=resume) as (final, notes):
+    with open_run_dir(Path(cfg.output_dir), name, ctx.overwrite, resume=ctx.resume) as (final, notes):
         world.broadcast_object(str(final))
         for note in notes:
             log(f"note: {note}")
-        if cfg.train.save_every and not resume:
+        if cfg.train.save_every and not ctx.resume:
             log(f"note: checkpoints every {cfg.train.save_every} steps; if this run stops, `unlearn run --resume "
                 f"{final.name}" + (f" --output-dir {cfg.output_dir}" if cfg.output_dir != "runs" else "")
                 + "` continues it")
         if world.distributed:
-            log(f"{world.size} processes, {placement.describe()} each; batch {cfg.train.batch_size} in "
+            log(f"{world.size} processes, {ctx.placement.describe()} each; batch {cfg.train.batch_size} in "
                 f"{cfg.train.grad_accum * world.size} shards per step")
-        return _run(cfg, task, method, final, overwrite, progress, log, trust_remote_code, log_samples,
-                    placement, world, resume)
+        return _run(replace(ctx, final=final))
 
 
-def _run(cfg: RunConfig, task: Task, method: Method, final: Path, overwrite: bool, progress: bool, log,
-         trust_remote_code: bool, log_samples: bool, placement: Placement, world: World,
-         resume: bool) -> RunOutcome | None:
-    torch.manual_seed(cfg.train.seed)
-    main = world.is_main
+@dataclass
+class _Start:
+    """The loaded starting model and what was measured on it (and on the base model) before unlearning."""
+
+    spec: str
+    model: torch.nn.Module
+    tokenizer: Any
+    metrics: dict[str, float]
+    items: dict[str, list[float]]
+    base_metrics: dict[str, float] | None
+
+
+def _load_start(ctx: RunContext) -> _Start:
+    """The starting model, loaded where the run trains, with its baseline metrics (measured once and cached)."""
+    cfg, task, placement, world, main = ctx.cfg, ctx.task, ctx.placement, ctx.world, ctx.main
     if main:  # rank 0 prepares (and caches) the starting model; the others then find it in the cache
-        start_spec = starting_model(cfg, task, progress, trust_remote_code, placement)
-    base_metrics = base_model_metrics(cfg, task, progress, trust_remote_code, placement, log) if main else None
+        spec = starting_model(cfg, task, ctx.progress, ctx.trust_remote_code, placement)
+    base_metrics = base_model_metrics(cfg, task, ctx.progress, ctx.trust_remote_code, placement, ctx.log) \
+        if main else None
     world.barrier()
     if not main:
-        start_spec = starting_model(cfg, task, False, trust_remote_code, placement)
-    # A sharded model's every forward is a collective: then all ranks evaluate, in lockstep (rank 0 still writes).
-    sharded = cfg.train.parallel == "fsdp" and world.distributed
-    evaluates = main or sharded
+        spec = starting_model(cfg, task, False, ctx.trust_remote_code, placement)
     # Sharded: each rank reads the weights into CPU memory, and FSDP moves only its slices to the device.
-    loaded = load_model(start_spec, trust_remote_code=trust_remote_code,
-                        placement=Placement(torch.device("cpu"), placement.dtype) if sharded else placement)
-    if sharded:
+    loaded = load_model(spec, trust_remote_code=ctx.trust_remote_code,
+                        placement=Placement(torch.device("cpu"), placement.dtype) if ctx.sharded else placement)
+    if ctx.sharded:
         loaded.model = shard_model(loaded.model, placement.device)
-    target_metrics: dict[str, float] = {}
-    target_items: dict[str, list[float]] = {}
-    cached = world.broadcast_object(baseline_cached(start_spec, task, cfg.eval, placement)) if sharded else False
-    if main or (sharded and not cached):
-        target_metrics, target_items = baseline_metrics(start_spec, task, cfg.eval, progress=progress and main,
-                                                        loaded=loaded, placement=placement, store=main)
-        log(f"starting model: {start_spec}  ({_describe(target_metrics, task.forget_metrics)}; "
-            f"{placement.describe()}{', sharded over ' + str(world.size) + ' processes' if sharded else ''})")
-    model, tok = loaded.model, loaded.tokenizer
+    metrics: dict[str, float] = {}
+    items: dict[str, list[float]] = {}
+    cached = world.broadcast_object(baseline_cached(spec, task, cfg.eval, placement)) if ctx.sharded else False
+    if main or (ctx.sharded and not cached):
+        metrics, items = baseline_metrics(spec, task, cfg.eval, progress=ctx.progress and main, loaded=loaded,
+                                          placement=placement, store=main)
+        ctx.log(f"starting model: {spec}  ({_describe(metrics, task.forget_metrics)}; {placement.describe()}"
+                f"{', sharded over ' + str(world.size) + ' processes' if ctx.sharded else ''})")
+    return _Start(spec, loaded.model, loaded.tokenizer, metrics, items, base_metrics)
+
+
+@dataclass
+class _Unlearned:
+    """The model after every request, what they took, and the last evaluation (with its per-item values)."""
+
+    model: torch.nn.Module
+    done: Done
+    final_loss: float
+    metrics: dict[str, float]
+    items: dict[str, list[float]]
+    samples: list[dict[str, Any]]
+
+
+def _unlearn_all(ctx: RunContext, stage_dir: Path, point: _Resume | None, start: _Start) -> _Unlearned:
+    """Every unlearning request in turn, each evaluated after it; resumable at a request's start or a step."""
+    cfg, task, main, requests = ctx.cfg, ctx.task, ctx.main, ctx.requests
+    model, tok = start.model, start.tokenizer
     max_length = cfg.train.max_length or task.train_max_length
     retain = [encode(tok, ex, max_length=max_length) for ex in task.retain]
-
-    requests = task.stages or [Stage("forget", task.forget)]
     resumable = cfg.train.save_every > 0
+    done = point.done if point is not None else Done()
+    metrics: dict[str, float] = done.stages[-1]["metrics"] if done.stages else {}
+    items: dict[str, list[float]] = {}
+    samples: list[dict[str, Any]] = []
+    final_loss = done.stages[-1]["final_loss"] if done.stages else float("nan")
+    first = point.stage if point else 0
+    if point is not None and point.stage_start is not None:
+        checkpoints.load_weights(model, point.stage_start.folder / "model.safetensors")
+    for index, request in enumerate(requests):
+        if index < first:
+            continue
+        sequential = len(requests) > 1
+        log_path = stage_dir / (f"log-{index + 1}-{request.name}.jsonl" if sequential else "log.jsonl")
+        before = replace(done, stages=list(done.stages))  # what the requests before this one took
+        resumed_here = point is not None and index == point.stage
+        if main:  # watchable while it runs: one line per step, flushed, with the forget and retain parts
+            ctx.log(f"training log (live): {log_path} (moves to {ctx.final}/ when the run completes)")
+        if resumable and main and index > 0 and not resumed_here:
+            checkpoints.save_stage_start(stage_dir, model, {"stage": index, "done": before.to_json()})
+
+        def save(trained, optimizer, so_far: Progress, index=index, before=before) -> None:
+            checkpoints.save(stage_dir, trained, optimizer, {
+                "stage": index, "step": so_far.steps, "done": before.to_json(),
+                "train": {"seconds": so_far.seconds, "forward_passes": so_far.forward_passes,
+                          "final_loss": so_far.final_loss}})
+
+        model, result = _unlearn_request(ctx, model, tok, retain, max_length, _Request(
+            request.forget, log_path if main else None,
+            f"unlearning {request.name} ({index + 1}/{len(requests)})" if sequential else "unlearning",
+            save if resumable and main else None,
+            point.checkpoint if resumed_here and point is not None else None))
+        done = replace(done, seconds=done.seconds + result.seconds,
+                       forward_passes=done.forward_passes + result.forward_passes, steps=done.steps + result.steps)
+        final_loss = result.final_loss
+        if not (main or ctx.sharded):
+            continue  # rank 0 evaluates; the next request's training waits for it in its first collective
+        started = time.perf_counter()
+        metrics, items, samples = evaluate_items(lambda m=model: task.evaluate(m, tok, cfg.eval,
+                                                                               progress=ctx.progress and main))
+        done = replace(done, eval_seconds=done.eval_seconds + time.perf_counter() - started,
+                       stages=[*done.stages, {"stage": request.name, "steps": result.steps,
+                                              "final_loss": result.final_loss, "stopped_at": result.stopped_at,
+                                              "metrics": metrics}])
+        if sequential:
+            ctx.log(f"after request {index + 1}/{len(requests)} ({request.name}): "
+                    f"{_describe(metrics, task.forget_metrics)}")
+    return _Unlearned(model, done, final_loss, metrics, items, samples)
+
+
+def _record(ctx: RunContext, start: _Start, unlearned: _Unlearned) -> RunRecord:
+    """What metrics.json says: the final metrics beside the starting model's, the training figures, collapse."""
+    cfg, task, done = ctx.cfg, ctx.task, unlearned.done
+    train_info = {"steps": done.steps, "seconds": round(done.seconds, 1), "forward_passes": done.forward_passes,
+                  "final_loss": unlearned.final_loss, "eval_seconds": round(done.eval_seconds, 1),
+                  "precision": ctx.placement.describe()}
+    if cfg.train.stop_at is not None:
+        # Whether the run reached the level it was to stop at (each request, for a sequential run): a run that
+        # never did is reported as such, not compared as if it had.
+        stops = [s.get("stopped_at") for s in done.stages]
+        train_info |= {"stop_at": str(StopRule.parse(cfg.train.stop_at)), "stopped_at": stops[-1],
+                       "reached": all(s is not None for s in stops)}
+        if not train_info["reached"]:
+            ctx.log(f"note: the run never met train.stop_at ({cfg.train.stop_at}) within {cfg.train.max_steps} steps")
+    return RunRecord(method=cfg.method["name"], optimizer=cfg.optimizer["name"], benchmark=task.name,
+                     headline=task.headline, metrics=unlearned.metrics, declared=list(task.metrics), train=train_info,
+                     target=start.metrics, notes=task.notes, stages=done.stages if len(ctx.requests) > 1 else None,
+                     collapse=collapse_reasons(unlearned.metrics, start.metrics, task.metrics,
+                                               cfg.eval.collapse_ratio),
+                     base=start.base_metrics)
+
+
+def _run(ctx: RunContext) -> RunOutcome | None:
+    """The run once its folder is claimed: load, unlearn every request, then (rank 0) write the run folder."""
+    cfg, main = ctx.cfg, ctx.main
+    torch.manual_seed(cfg.train.seed)
+    start = _load_start(ctx)
     # The output folder's clean-up notes were said when the name was claimed (open_run_dir).
-    staging = staged_dir(final, overwrite=overwrite, claimed=True, resumable=resumable, resume=resume,
-                         log=lambda _note: None) if main \
-        else nullcontext(partial_dir(final))
+    staging = staged_dir(ctx.final, overwrite=ctx.overwrite, claimed=True, resumable=cfg.train.save_every > 0,
+                         resume=ctx.resume, log=lambda _note: None) if main else nullcontext(partial_dir(ctx.final))
     with staging as stage_dir:
-        point = _resume_point(stage_dir) if resume else None
+        point = _resume_point(stage_dir) if ctx.resume else None
         if main:
             if point is not None:
-                log(f"resuming {final.name}: request {point.stage + 1}/{len(requests)}, after step "
-                    f"{point.checkpoint.step if point.checkpoint else 0}")
-            config = cfg.to_dict() | {"name": final.name, "target_model": start_spec}
-            write_yaml(stage_dir / "config.yaml", config)
-        done = (point.progress if point else {}).get("done", {"stages": [], "seconds": 0.0, "forward_passes": 0,
-                                                                "steps": 0, "eval_seconds": 0.0})
-        stages: list[dict[str, Any]] = list(done["stages"])
-        seconds, forwards, steps = float(done["seconds"]), int(done["forward_passes"]), int(done["steps"])
-        eval_seconds = float(done["eval_seconds"])
-        metrics: dict[str, float] = stages[-1]["metrics"] if stages else {}
-        items: dict[str, list[float]] = {}
-        samples: list[dict[str, Any]] = []
-        final_loss = stages[-1]["final_loss"] if stages else float("nan")
-        first = point.stage if point else 0
-        if point is not None and point.stage_start is not None:
-            checkpoints.load_weights(model, point.stage_start.folder / "model.safetensors")
-        for index, request in enumerate(requests):
-            if index < first:
-                continue
-            sequential = len(requests) > 1
-            log_path = stage_dir / (f"log-{index + 1}-{request.name}.jsonl" if sequential else "log.jsonl")
-            desc = f"unlearning {request.name} ({index + 1}/{len(requests)})" if sequential else "unlearning"
-            before = {"stages": stages, "seconds": seconds, "forward_passes": forwards, "steps": steps,
-                      "eval_seconds": eval_seconds}  # what the requests before this one took
-            resumed_here = point is not None and index == point.stage
-            if main:  # watchable while it runs: one line per step, flushed, with the forget and retain parts
-                log(f"training log (live): {log_path} (moves to {final}/ when the run completes)")
-            if resumable and main and index > 0 and not resumed_here:
-                checkpoints.save_stage_start(stage_dir, model, {"stage": index, "done": before})
-
-            def save(trained, optimizer, so_far: Progress, index=index, before=before) -> None:
-                checkpoints.save(stage_dir, trained, optimizer, {
-                    "stage": index, "step": so_far.steps, "done": before,
-                    "train": {"seconds": so_far.seconds, "forward_passes": so_far.forward_passes,
-                              "final_loss": so_far.final_loss}})
-
-            model, result = _unlearn_request(
-                cfg, method, model, tok, request.forget, retain, log_path if main else None, desc, progress,
-                world, max_length, save if resumable and main else None,
-                point.checkpoint if resumed_here and point is not None else None, task.probe, placement)
-            seconds, forwards, steps = seconds + result.seconds, forwards + result.forward_passes, steps + result.steps
-            final_loss = result.final_loss
-            if not evaluates:
-                continue  # rank 0 evaluates; the next request's training waits for it in its first collective
-            started = time.perf_counter()
-            metrics, items, samples = evaluate_items(lambda m=model: task.evaluate(m, tok, cfg.eval,
-                                                                                   progress=progress and main))
-            eval_seconds += time.perf_counter() - started
-            stages.append({"stage": request.name, "steps": result.steps, "final_loss": result.final_loss,
-                           "stopped_at": result.stopped_at, "metrics": metrics})
-            if sequential:
-                log(f"after request {index + 1}/{len(requests)} ({request.name}): "
-                    f"{_describe(metrics, task.forget_metrics)}")
-        if sharded:
-            model = gathered_model(model, world)  # every rank sends its slices; rank 0 gets the whole model
+                ctx.log(f"resuming {ctx.final.name}: request {point.stage + 1}/{len(ctx.requests)}, after step "
+                        f"{point.checkpoint.step if point.checkpoint else 0}")
+            write_yaml(stage_dir / "config.yaml", cfg.to_dict() | {"name": ctx.final.name, "target_model": start.spec})
+        unlearned = _unlearn_all(ctx, stage_dir, point, start)
+        model = gathered_model(unlearned.model, ctx.world) if ctx.sharded else unlearned.model  # rank 0: the whole
         if not main:
-            world.barrier()  # rank 0 has saved the run
+            ctx.world.barrier()  # rank 0 has saved the run
             return None
         assert model is not None
-        if log_samples:  # the final evaluation's items: what metrics.json summarizes
-            write_jsonl_atomic(stage_dir / "samples.jsonl", samples)
+        if ctx.log_samples:  # the final evaluation's items: what metrics.json summarizes
+            write_jsonl_atomic(stage_dir / "samples.jsonl", unlearned.samples)
         # Per-item values of the final and the starting model: what attack intervals and study statistics resample.
-        write_json_atomic(stage_dir / ITEMS_FILE, {"unlearned": items, "target": target_items})
-        save_model(model, tok, stage_dir / "model", dtype=parse_dtype(cfg.train.save_dtype))
-        train_info = {"steps": steps, "seconds": round(seconds, 1), "forward_passes": forwards,
-                      "final_loss": final_loss, "eval_seconds": round(eval_seconds, 1),
-                      "precision": placement.describe()}
-        if cfg.train.stop_at is not None:
-            # Whether the run reached the level it was to stop at (each request, for a sequential run): a run that
-            # never did is reported as such, not compared as if it had.
-            stops = [s.get("stopped_at") for s in stages]
-            train_info |= {"stop_at": str(StopRule.parse(cfg.train.stop_at)), "stopped_at": stops[-1],
-                           "reached": all(s is not None for s in stops)}
-            if not train_info["reached"]:
-                log(f"note: the run never met train.stop_at ({cfg.train.stop_at}) within {cfg.train.max_steps} steps")
-        record = RunRecord(method=cfg.method["name"], optimizer=cfg.optimizer["name"], benchmark=task.name,
-                           headline=task.headline, metrics=metrics, declared=list(task.metrics), train=train_info,
-                           target=target_metrics, notes=task.notes, stages=stages if len(requests) > 1 else None,
-                           collapse=collapse_reasons(metrics, target_metrics, task.metrics, cfg.eval.collapse_ratio),
-                           base=base_metrics)
+        write_json_atomic(stage_dir / ITEMS_FILE, {"unlearned": unlearned.items, "target": start.items})
+        save_model(model, start.tokenizer, stage_dir / "model", dtype=parse_dtype(cfg.train.save_dtype))
+        record = _record(ctx, start, unlearned)
         if record.collapsed:
-            log(collapse_warning(record.collapse))
+            ctx.log(collapse_warning(record.collapse))
         write_json_atomic(stage_dir / "metrics.json", record.to_json())
-    world.barrier()
-    return RunOutcome(run_dir=final, record=record)
+    ctx.world.barrier()
+    return RunOutcome(run_dir=ctx.final, record=record)

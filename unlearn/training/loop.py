@@ -17,7 +17,8 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -278,6 +279,29 @@ def _rolled_back(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, Diagnosing) and bool(optimizer.diagnostics().get("rolled_back"))
 
 
+class TrainingClock:
+    """Training seconds: wall time since the start (plus what an interrupted run had already trained), less the
+    time spent inside `paused()`: probes, evaluations, checkpoints and callbacks are not training time."""
+
+    def __init__(self, already: float = 0.0) -> None:
+        self._begun = time.perf_counter() - already
+        self._paused_at: float | None = None
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        self._paused_at = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._begun += time.perf_counter() - self._paused_at
+            self._paused_at = None
+
+    def seconds(self) -> float:
+        """Training seconds so far (inside a pause: up to the pause)."""
+        now = self._paused_at if self._paused_at is not None else time.perf_counter()
+        return now - self._begun
+
+
 def check_batching(batch_size: int, grad_accum: int, world: World) -> None:
     shards = grad_accum * world.size
     if batch_size < shards:
@@ -304,7 +328,7 @@ def train(model: torch.nn.Module, method: Method, optimizer: torch.optim.Optimiz
     retain_stream = endless_rows(retain, batch_size, retain_seed(seed), start.steps) if retain else None
     forwards = start.forward_passes
     loss_value = start.final_loss
-    begun = time.perf_counter() - start.seconds
+    clock = TrainingClock(start.seconds)
     log: TextIO | None = log_path.open("a" if start.steps else "w") if log_path else None
     # On every process (its forwards are collectives under a launcher); only rank 0 logs what it measured.
     probe = BlockProbe(optimizer, model, method, (
@@ -317,10 +341,9 @@ def train(model: torch.nn.Module, method: Method, optimizer: torch.optim.Optimiz
     if monitor is not None and monitor.rule is not None and start.steps and monitor.due(start.steps):
         # A checkpoint taken at the step that met the rule (the run was then killed during its final evaluation):
         # that step's measurement is repeated rather than training past it.
-        measured = time.perf_counter()
-        if monitor.rule.reached(monitor.measure()):
-            stopped_at = start.steps
-        begun += time.perf_counter() - measured
+        with clock.paused():
+            if monitor.rule.reached(monitor.measure()):
+                stopped_at = start.steps
     try:
         last = max_steps if stopped_at is None else start.steps
         bar = tqdm(range(start.steps + 1, last + 1), desc=desc, disable=not progress, dynamic_ncols=True,
@@ -330,9 +353,8 @@ def train(model: torch.nn.Module, method: Method, optimizer: torch.optim.Optimiz
                                   next(retain_stream) if retain_stream else None, pad_id, grad_accum, world)
             block_start = None
             if probe is not None and probe.starts_block(step):
-                measured = time.perf_counter()
-                block_start = probe.measure()
-                begun += time.perf_counter() - measured  # probes are not training time
+                with clock.paused():
+                    block_start = probe.measure()
             taken = guard.before(optimizer)
             t0 = time.perf_counter()
             loss_value = float(optimizer.step(closure))
@@ -346,16 +368,14 @@ def train(model: torch.nn.Module, method: Method, optimizer: torch.optim.Optimiz
             bar.set_postfix(loss=f"{loss_value:.4f}", **{k: f"{v:.4f}" for k, v in parts.items() if k != "total"})
             evaluation = None
             if monitor is not None and monitor.due(step):
-                measured = time.perf_counter()
-                evaluation = monitor.measure()
+                with clock.paused():
+                    evaluation = monitor.measure()
                 if monitor.rule is not None and monitor.rule.reached(evaluation):
                     stopped_at = step
-                begun += time.perf_counter() - measured
             block_end = None
             if probe is not None and (step == max_steps or stopped_at is not None):
-                measured = time.perf_counter()
-                block_end = probe.measure()  # the same rows after the last step
-                begun += time.perf_counter() - measured
+                with clock.paused():
+                    block_end = probe.measure()  # the same rows after the last step
             if log:
                 record = {"step": step, "loss": loss_value, "lr": _lr(optimizer),
                           "grade": _grade(optimizer), "forwards": closure.rounds, "seconds": round(seconds, 4),
@@ -372,17 +392,16 @@ def train(model: torch.nn.Module, method: Method, optimizer: torch.optim.Optimiz
                     record["eval"] = evaluation  # the benchmark's probe after this step
                 log.write(json.dumps(record) + "\n")
                 log.flush()  # a checkpoint taken next must find every line of the steps it covers
-            paused = time.perf_counter()
-            if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
-                checkpoint(Progress(step, paused - begun, forwards, loss_value))
-            if after_step is not None:
-                after_step(step)
-            begun += time.perf_counter() - paused  # checkpoints and evaluations are not training time
+            with clock.paused():
+                if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
+                    checkpoint(Progress(step, clock.seconds(), forwards, loss_value))
+                if after_step is not None:
+                    after_step(step)
             if stopped_at is not None:
                 bar.close()
                 break
     finally:
         if log:
             log.close()
-    return TrainResult(steps=step, seconds=time.perf_counter() - begun, forward_passes=forwards,
+    return TrainResult(steps=step, seconds=clock.seconds(), forward_passes=forwards,
                        final_loss=loss_value, stopped_at=stopped_at)
