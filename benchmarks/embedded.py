@@ -138,7 +138,7 @@ def task_from(bench: Benchmark) -> TaskData:
         raise UserError("the retain split is empty: utility cannot be measured")
     return TaskData(
         name="embedded", fingerprint=bench.fingerprint(), forget=forget, retain=retain,
-        metrics=METRICS, needs_target=True,
+        metrics=METRICS, needs_target=True, prepared_metrics=("forget/mcq_acc", "retain/mcq_acc", "holdout/mcq_acc"),
         mcq={s: [MCQ(qa_prompt(f.question), f.choices, f.answer_index, f.attribute, f.question, list(f.choices))
                  for f in bench.facts[s]]
              for s in SPLITS},

@@ -227,7 +227,6 @@ def test_saved_models_probes_are_measured_once_per_process_and_reused_unchanged(
     holds out the same facts), and records the same values; another split does not share them."""
     import unlearn.attacks.relearn as relearn_module
     from unlearn.recipes.attack import attack_settings, run_attack, subject_from_run
-    from unlearn.recipes.pipeline import load_task
 
     monkeypatch.setenv("UNLEARN_CACHE", str(workdir / "cache"))
     monkeypatch.setattr(relearn_module, "_PROBES", {})
@@ -244,7 +243,7 @@ def test_saved_models_probes_are_measured_once_per_process_and_reused_unchanged(
     for overrides in (["attack.steps=2", "attack.batch_size=2"], ["attack.steps=3", "attack.batch_size=2"],
                       ["attack.steps=2", "attack.batch_size=2", "attack.domain=retain"],
                       ["attack.steps=2", "attack.batch_size=2", "attack.seed=7"]):
-        subject = subject_from_run(workdir / "runs/tiny", load_task)
+        subject = subject_from_run(workdir / "runs/tiny")
         assert subject.target_model  # the run records its target, so there is a target probe to share
         real_plan = subject.task.relearn_plan
 

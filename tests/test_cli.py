@@ -6,6 +6,7 @@ Bad input must give one line on stderr, exit code 2, no traceback and no run fol
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -132,3 +133,17 @@ def test_threads_per_process_share_the_cores():
     assert threads_per_process({"UNLEARN_THREADS": "5", "OMP_NUM_THREADS": "3"}, 16) == 5
     with pytest.raises(UserError, match="UNLEARN_THREADS must be a positive integer"):
         threads_per_process({"UNLEARN_THREADS": "many"}, 8)
+
+
+def test_prepare_prints_what_the_benchmark_says_shows_the_target_knows(tmp_path, tiny_model_dir):
+    """`unlearn prepare` asks the benchmark which metrics show preparation worked (embedded: MCQ accuracy on forget,
+    retain and holdout), and a second call finds the cached target."""
+    result = cli("prepare", "--model", str(tiny_model_dir), "-q", *TINY_BENCH, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:3]] == ["forget/mcq_acc", "retain/mcq_acc", "holdout/mcq_acc"]
+    assert all(0.0 <= float(line.split()[1]) <= 1.0 for line in lines[:3])
+    folder = Path(lines[3].removeprefix("target model: ").split("  (")[0])
+    assert (folder / "config.json").is_file() and (folder.parent / "prepare.json").is_file()
+    again = cli("prepare", "--model", str(tiny_model_dir), "-q", *TINY_BENCH, cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout == result.stdout

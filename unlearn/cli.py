@@ -256,46 +256,6 @@ def _resumed_config(name: str, output_dir: str | None):
     return load_run_config(None, None, saved, {"output_dir": str(parent), "name": name})
 
 
-def _subject(run_dir: Path | None, model: str | None, config: Path | None, set_: list[str] | None,
-             benchmark: str | None = None, flags: dict[str, object] | None = None, trust_remote_code: bool = False,
-             device: str | None = None, dtype: str | None = None):
-    """The model under evaluation or attack: a run folder (on its own benchmark, with flags applied on top, in
-    the precision it trained in unless --dtype says otherwise), or any model on the configured benchmark."""
-    from unlearn.attacks.base import Subject
-    from unlearn.compute.placement import resolve
-    from unlearn.recipes.attack import subject_from_run
-    from unlearn.recipes.pipeline import load_task
-    from unlearn.training.config import load_run_config
-
-    if (run_dir is None) == (model is None):
-        raise UserError("give exactly one of --run RUN_DIR or --model MODEL")
-    if run_dir is not None:
-        if benchmark is not None or any(v is not None for k, v in (flags or {}).items() if k.startswith("bench")):
-            raise UserError("a run is evaluated on its own benchmark: --benchmark/--data go with --model")
-        return subject_from_run(run_dir, load_task, {k: v for k, v in (flags or {}).items() if v is not None},
-                                trust_remote_code, device, dtype)
-    # Only the benchmark and eval sections matter here.
-    cfg = load_run_config(None, None, config, flags or {}, set_, benchmark=benchmark)
-    return Subject(model_spec=model, task=load_task(cfg.benchmark), run_dir=None, unlearned=None, target=None,
-                   target_model=None, eval_settings=cfg.eval, trust_remote_code=trust_remote_code,
-                   placement=resolve(device or "auto", dtype or "auto"))
-
-
-def _held(run_dir: Path | None):
-    """The run folder held against replacement for a block (eval, attack); nothing to hold for a bare model."""
-    from contextlib import nullcontext
-
-    from unlearn.storage.locks import hold
-
-    if run_dir is None:
-        return nullcontext()
-    # The lock a writer of this folder takes: beside its name as given (a link's own name, not its target's).
-    named = Path(os.path.abspath(run_dir))
-    if not named.parent.is_dir():
-        return nullcontext()  # a missing folder is reported by the subject check, with nothing created
-    return hold(named)
-
-
 def _print_metrics(metrics: dict[str, float], task: Task | None = None) -> None:
     """One metric per line with its unit (benchmarks report on different scales: MUSE ×100, accuracies 0-1)."""
     for key, value in metrics.items():
@@ -342,10 +302,11 @@ def eval_(
     """Evaluate a run's model (rewrites its metrics.json and items.json) or any model (prints metrics)."""
     from unlearn.core.files import write_jsonl_atomic
     from unlearn.recipes.evaluate import evaluate
+    from unlearn.recipes.subject import held, subject_for
 
     samples_file = _samples_path(log_samples, samples_path, run_dir)
-    with _held(run_dir):  # read, evaluated and rewritten as one run: no overwrite can slip in between
-        subject = _subject(run_dir, model, config, set_, benchmark, _benchmark_flags(data, engine, openqa, judge),
+    with held(run_dir):  # read, evaluated and rewritten as one run: no overwrite can slip in between
+        subject = subject_for(run_dir, model, config, set_, benchmark, _benchmark_flags(data, engine, openqa, judge),
                            trust_remote_code, device, dtype)
         for note in subject.task.notes:
             console.print(f"note: {note}")
@@ -399,6 +360,7 @@ def attack(
     default: `unlearn attacks`."""
     from unlearn.evaluation.collapse import COLLAPSED_NOTE
     from unlearn.recipes.attack import attack_settings, run_attack
+    from unlearn.recipes.subject import held, subject_for
 
     chosen = [n for n, given in (("--attack", attack_name), ("--quantize", quantize), ("--relearn", relearn)) if given]
     if len(chosen) != 1:
@@ -423,8 +385,8 @@ def attack(
     name, component, settings = attack_settings(name, flags, attack_sets)
     if run_dir is not None and other_sets:
         raise UserError("a run is attacked on its own benchmark: --set goes with --model (or use attack.KEY=VALUE)")
-    with _held(run_dir):  # the run attacked is the run the result is filed under
-        subject = _subject(run_dir, model, config, other_sets, benchmark, {"benchmark.data": _path_or_name(data)},
+    with held(run_dir):  # the run attacked is the run the result is filed under
+        subject = subject_for(run_dir, model, config, other_sets, benchmark, {"benchmark.data": _path_or_name(data)},
                            trust_remote_code, device, dtype)
         _setup_torch()
         if subject.collapse:
@@ -514,22 +476,15 @@ def prepare(
     include: IncludeOpt = None,
 ) -> None:
     """Build (or find cached) the target model that knows the benchmark's forget and retain facts."""
-    from unlearn.compute.placement import resolve
-    from unlearn.recipes.pipeline import load_task
-    from unlearn.recipes.prepare import prepare_record, target_model
-    from unlearn.training.config import load_run_config
+    from unlearn.recipes.prepare import prepare_target
 
-    cfg = load_run_config("npo", "adamw", config, {"model": _path_or_name(model), "train.device": device,
-                                                    "train.dtype": dtype, "train.precision": precision}, set_)
-    task = load_task(cfg.benchmark)
     _setup_torch()
-    folder = target_model(cfg.model, task, cfg.benchmark.get("prepare", {}), trust_remote_code,
-                          progress=not quiet, placement=resolve(cfg.train.device, cfg.train.dtype,
-                                                                cfg.train.precision).for_training(True))
-    record = prepare_record(folder)
-    for split in ("forget", "retain", "holdout"):
-        console.print(f"{split:8s} MCQ accuracy {record['metrics'][f'{split}/mcq_acc']:.3f}")
-    console.print(f"target model: {folder / 'model'}  (prepared in {record['seconds']} s)")
+    prepared = prepare_target(_path_or_name(model), {"train.device": device, "train.dtype": dtype,
+                                                     "train.precision": precision}, config, set_,
+                              trust_remote_code, progress=not quiet)
+    for key, value in prepared.summary.items():
+        console.print(f"{key:18s} {value:.3f}")
+    console.print(f"target model: {prepared.folder / 'model'}  (prepared in {prepared.record['seconds']} s)")
 
 
 @app.command("example-data")

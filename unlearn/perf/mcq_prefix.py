@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from unlearn.compute.models import load_model
     from unlearn.evaluation.measures import scored_choices
-    from unlearn.recipes.pipeline import load_task
     from unlearn.recipes.prepare import target_model
+    from unlearn.tasks.task import load_task
 
     people, places = ([int(x) for x in text.split(",")] for text in (args.people, args.places))
     benchmark = {"name": "embedded", "people": people, "cities": places, "organizations": places}

@@ -28,7 +28,7 @@ from unlearn.evaluation.stats import UNRELIABLE_NOTE, recovery_interval, removal
 from unlearn.optim.protocol import OPTIMIZERS
 from unlearn.storage.records import ITEMS_FILE, AttackRecord, Recovery, collapse_of, read_items, recovery_ratio
 from unlearn.storage.runs import staged_dir
-from unlearn.tasks.task import Task
+from unlearn.tasks.task import Task, load_task
 from unlearn.training.config import apply_override, component_defaults, eval_config, merge, read_yaml
 
 
@@ -188,7 +188,7 @@ def attacks_dir(run_dir: Path) -> Path:
     return attacks
 
 
-def subject_from_run(run_dir: Path, load_task, eval_overrides: dict[str, Any] | None = None,
+def subject_from_run(run_dir: Path, eval_overrides: dict[str, Any] | None = None,
                      trust_remote_code: bool = False, device: str | None = None, dtype: str | None = None) -> Subject:
     """The run's model on the run's own benchmark; `eval_overrides` ({"eval.engine": ...}) change how it is
     scored, never what it is scored on."""

@@ -33,7 +33,7 @@ from unlearn.storage.checkpoints import Checkpoint
 from unlearn.storage.records import ITEMS_FILE, RunRecord
 from unlearn.storage.runs import open_run_dir, partial_dir, staged_dir
 from unlearn.tasks.data import Encoded, Example, encode, rows_used
-from unlearn.tasks.task import BENCHMARKS, Stage, Task
+from unlearn.tasks.task import Stage, Task, load_task
 from unlearn.training.adapters import add_lora, merge_lora
 from unlearn.training.config import RunConfig
 from unlearn.training.loop import Monitor, Progress, check_batching, retain_seed, train
@@ -45,10 +45,6 @@ from unlearn.training.stopping import StopRule
 class RunOutcome:
     run_dir: Path
     record: RunRecord  # what metrics.json holds
-
-
-def load_task(benchmark: dict[str, Any]) -> Task:
-    return BENCHMARKS.lookup(benchmark.get("name", "embedded"))(benchmark)
 
 
 def _build(builder, name: str, *args, **options):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 
 from unlearn.compute.models import EMBEDDED, cache_dir, load_model, resolve, save_model
 from unlearn.compute.placement import CPU_FP32, Placement
+from unlearn.compute.placement import resolve as resolve_placement
 from unlearn.core.files import read_json, read_text, write_json_atomic
 from unlearn.core.settings import from_mapping
 from unlearn.evaluation.measures import evaluate_items
@@ -26,8 +28,8 @@ from unlearn.optim.rounding import use_precision
 from unlearn.storage.locks import claim
 from unlearn.storage.runs import staged_dir
 from unlearn.tasks.data import encode
-from unlearn.tasks.task import Task
-from unlearn.training.config import EvalConfig
+from unlearn.tasks.task import Task, load_task
+from unlearn.training.config import EvalConfig, load_run_config
 from unlearn.training.loop import train
 from unlearn.training.methods import LanguageModeling
 
@@ -149,3 +151,23 @@ def _store_baseline(spec: str, task: Task, settings: EvalConfig, metrics: dict[s
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, {"model": spec, "task": task.name, "task_fingerprint": task.fingerprint,
                              "eval": settings.__dict__, "metrics": metrics, "items": items})
+
+
+@dataclass
+class Prepared:
+    folder: Path  # the cached target: model/ and prepare.json
+    record: dict[str, Any]  # prepare.json
+    summary: dict[str, float]  # the benchmark's prepared_metrics, measured on the target
+
+
+def prepare_target(model: str | None, flags: dict[str, Any], config_file: Path | None, overrides: list[str] | None,
+                   trust_remote_code: bool = False, progress: bool = True) -> Prepared:
+    """`unlearn prepare`: the configured benchmark's target model, built or found in the cache. Only the model, the
+    benchmark and the training placement of the run settings matter here."""
+    cfg = load_run_config(None, None, config_file, {"model": model, **flags}, overrides)
+    task = load_task(cfg.benchmark)
+    placement = resolve_placement(cfg.train.device, cfg.train.dtype, cfg.train.precision).for_training(True)
+    folder = target_model(cfg.model, task, cfg.benchmark.get("prepare", {}), trust_remote_code, progress=progress,
+                          placement=placement)
+    record = prepare_record(folder)
+    return Prepared(folder, record, {k: record["metrics"][k] for k in task.prepared_metrics if k in record["metrics"]})

@@ -88,6 +88,8 @@ class Task(ABC):
     training_hint: str = ""
     # Tokens per training text unless train.max_length says otherwise: what the benchmark's authors trained at.
     train_max_length: int = 256
+    # The metrics that show a prepared target knows the data (`unlearn prepare` prints them; needs_target only).
+    prepared_metrics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.forget_metrics:
@@ -136,3 +138,8 @@ class Task(ABC):
 
 
 BENCHMARKS: Registry[Callable[[dict[str, Any]], Task]] = Registry("benchmark", members="unlearn.benchmarks")
+
+
+def load_task(benchmark: dict[str, Any]) -> Task:
+    """The benchmark a config's `benchmark` section names (default: embedded), loaded from that section."""
+    return BENCHMARKS.lookup(benchmark.get("name", "embedded"))(benchmark)

@@ -24,10 +24,11 @@ from unlearn.attacks.base import Attack
 from unlearn.core.errors import UserError
 from unlearn.core.registry import INCLUDED, include
 from unlearn.recipes.attack import run_attack, subject_from_run
-from unlearn.recipes.pipeline import load_task, starting_model
 from unlearn.recipes.pipeline import run as run_pipeline
+from unlearn.recipes.pipeline import starting_model
 from unlearn.recipes.prepare import baseline_metrics
 from unlearn.storage.records import read_run
+from unlearn.tasks.task import load_task
 from unlearn.training.config import RunConfig, read_yaml
 
 
@@ -102,7 +103,7 @@ def run_job(job: Job, options: JobOptions, log: Callable[[str], None]) -> dict[s
             log(f"{job.where}: {attack.label} complete, skipped")
             continue
         log(f"{job.where}: attack {attack.label} ({attack.folder})")
-        subject = subject_from_run(job.run_dir, load_task, trust_remote_code=options.trust_remote_code)
+        subject = subject_from_run(job.run_dir, trust_remote_code=options.trust_remote_code)
         try:
             run_attack(subject, attack.name, attack.attack, attack.settings, progress=options.progress)
         except UserError as err:
