@@ -39,7 +39,7 @@ echo "quick starts on the GPU: $(( $(date +%s) - start )) s" | tee -a "$OUT/repo
 python3 -m unlearn.perf.precision_memory --device cuda 2>&1 | tee "$OUT/precision-memory.txt"
 for draw in pool parameter; do
   python3 -m unlearn.perf.scaling --device cuda --dtype bf16 --widths 2048 --layers 24 --vocab 49152 --mlp 4 --tied \
-    --length 512 --batch 4 --grades adamw zo --draw "$draw" --markdown "$OUT/smollm2-1.7b-shape-$draw.md" 2>&1 \
+    --length 512 --batch 4 --optimizers adamw zo --draw "$draw" --markdown "$OUT/smollm2-1.7b-shape-$draw.md" 2>&1 \
     | tee "$OUT/scaling-$draw.txt"
 done
 # The one-seed slice of the GPU study, in what is left of the box (resumable: run the script again to go on).

@@ -143,7 +143,7 @@ def _markdown_table(table) -> None:
 def run(
     ctx: typer.Context,
     method: Annotated[str | None, typer.Option(help="Method (see `unlearn methods`).")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="Optimizer grade (see `unlearn optimizers`).")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="Optimizer (see `unlearn optimizers`, with its grade).")] = None,
     model: Annotated[str | None, typer.Option(help="Hub id, local HF folder, or smollm2-135m.")] = None,
     benchmark: BenchmarkOpt = None,
     data: DataOpt = None,
@@ -531,7 +531,7 @@ def _first_line(text: str | None) -> str:
 
 @app.command()
 def optimizers(include: IncludeOpt = None) -> None:
-    """List every optimizer grade with its default options (configs/optimizer/<name>.yaml)."""
+    """List every optimizer with its grade and default options (configs/optimizer/<name>.yaml)."""
     from unlearn.optim.protocol import OPTIMIZERS
 
     for name in sorted(OPTIMIZERS, key=lambda n: (OPTIMIZERS[n].grade, n)):  # type: ignore[attr-defined]

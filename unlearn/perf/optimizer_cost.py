@@ -1,7 +1,7 @@
 """Cost of every optimizer grade against plain inference, measured side by side on one fixed batch.
 
-    python -m unlearn.perf.optimizer_cost                      # every registered grade, embedded model
-    python -m unlearn.perf.optimizer_cost --grades zo adamw    # a subset
+    python -m unlearn.perf.optimizer_cost                      # every registered optimizer, embedded model
+    python -m unlearn.perf.optimizer_cost --optimizers zo adamw    # a subset
     python -m unlearn.perf.optimizer_cost --markdown docs/PERFORMANCE.md
 
 For each grade a fresh child process loads the model, builds the fixed batch (8 forget + 8 retain
@@ -145,7 +145,7 @@ def measure(name: str, steps: int, model_id: str, device: str, repeats: int) -> 
 
     timing = side_by_side(closure, build, steps, repeats, Meter(torch.device(device)), step_closure=counted)
     step_s, forward_s, inference_mb, peak_mb = (timing[k] for k in ("step_s", "forward_s", "inference_mb", "peak_mb"))
-    return {"grade": name, "kind": OPTIMIZERS[name].grade,  # type: ignore[attr-defined]
+    return {"optimizer": name, "grade": OPTIMIZERS[name].grade,  # type: ignore[attr-defined]
             "forward_s": forward_s, "step_s": step_s, "step_over_forward": step_s / forward_s,
             "forwards_per_step": forwards / steps, "inference_mb": inference_mb, "peak_mb": peak_mb,
             "peak_over_inference": peak_mb / inference_mb, "steps": steps,
@@ -162,10 +162,10 @@ def in_child(module: str, args: list[str], what: str) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def check_grades(grades: list[str]) -> None:
+def check_optimizers(names: list[str]) -> None:
     from unlearn.optim.protocol import OPTIMIZERS
 
-    unknown = [g for g in grades if g not in OPTIMIZERS]
+    unknown = [n for n in names if n not in OPTIMIZERS]
     if unknown:
         sys.exit(f"error: unknown optimizer(s) {', '.join(unknown)}; choose from {', '.join(sorted(OPTIMIZERS))}")
 
@@ -181,7 +181,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| optimizer | grade | forwards/step | s/step | s/forward | step ÷ forward | peak MB | "
              "inference MB | peak ÷ inference |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['grade']} | {r['kind']} | {r['forwards_per_step']:.1f} | {r['step_s']:.3f} | "
+        lines.append(f"| {r['optimizer']} | {r['grade']} | {r['forwards_per_step']:.1f} | {r['step_s']:.3f} | "
                      f"{r['forward_s']:.3f} | **{r['step_over_forward']:.2f}×** | {r['peak_mb']:.0f} | "
                      f"{r['inference_mb']:.0f} | **{r['peak_over_inference']:.3f}×** |")
     return "\n".join(lines)
@@ -191,8 +191,8 @@ def main() -> None:
     from unlearn.optim.protocol import OPTIMIZERS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--grades", nargs="*", default=None, help="optimizer names (default: all registered)")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per grade, after one warm-up step")
+    parser.add_argument("--optimizers", nargs="*", default=None, help="optimizer names (default: all registered)")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per optimizer, after one warm-up step")
     parser.add_argument("--repeats", type=int, default=5, help="timed inference forwards")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -203,16 +203,16 @@ def main() -> None:
         steps = STEPS.get(args.child, args.steps)
         print(json.dumps(measure(args.child, steps, args.model, args.device, args.repeats)))
         return
-    grades = args.grades or sorted(OPTIMIZERS)
-    check_grades(grades)
+    names = args.optimizers or sorted(OPTIMIZERS)
+    check_optimizers(names)
     rows = []
-    for grade in grades:
-        # One process per grade: peak memory is per process, and no grade inherits another's allocations.
-        rows.append(in_child("unlearn.perf.optimizer_cost", ["--child", grade, "--steps", str(args.steps),
+    for name in names:
+        # One process per optimizer: peak memory is per process, and none inherits another's allocations.
+        rows.append(in_child("unlearn.perf.optimizer_cost", ["--child", name, "--steps", str(args.steps),
                                                              "--repeats", str(args.repeats), "--model", args.model,
-                                                             "--device", args.device], grade))
+                                                             "--device", args.device], name))
         r = rows[-1]
-        print(f"{grade:12s} step/forward {r['step_over_forward']:.2f}x  peak/inference {r['peak_over_inference']:.3f}x",
+        print(f"{name:12s} step/forward {r['step_over_forward']:.2f}x  peak/inference {r['peak_over_inference']:.3f}x",
               file=sys.stderr, flush=True)
     publish(table(rows), args.markdown)
 

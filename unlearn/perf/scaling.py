@@ -1,12 +1,12 @@
 """How step time and peak memory grow with model size, per optimizer grade, with and without gradient
 checkpointing: a random Llama-style model at several widths, one fixed batch, measured side by side.
 
-    python -m unlearn.perf.scaling                                   # widths 128 256 512 1024, default grades
-    python -m unlearn.perf.scaling --widths 256 512 --grades zo adamw --markdown /tmp/scaling.md
+    python -m unlearn.perf.scaling                                   # widths 128 256 512 1024, default optimizers
+    python -m unlearn.perf.scaling --widths 256 512 --optimizers zo adamw --markdown /tmp/scaling.md
     python -m unlearn.perf.scaling --device cuda --dtype bf16 --widths 2048 --layers 24 --vocab 49152 --mlp 4 \
-        --tied --grades adamw zo                                     # SmolLM2-1.7B's shape, random weights
+        --tied --optimizers adamw zo                                     # SmolLM2-1.7B's shape, random weights
 
-Each (width, grade, checkpointing) cell is one child process, as in ``unlearn.perf.optimizer_cost`` (whose
+Each (width, optimizer, checkpointing) cell is one child process, as in ``unlearn.perf.optimizer_cost`` (whose
 meter it uses: peak resident set on CPU, ``torch.cuda.max_memory_allocated`` on CUDA): it builds the model
 (``--layers`` decoder layers, MLP ``--mlp`` × width, ``--vocab`` tokens, ``--dtype``), a batch of ``--batch`` random
 rows of ``--length`` tokens under the NPO method (forget and retain batches alike), times ``--repeats`` plain
@@ -26,18 +26,18 @@ from typing import Any
 
 import torch
 
-from unlearn.perf.optimizer_cost import Meter, check_grades, in_child, publish, side_by_side
+from unlearn.perf.optimizer_cost import Meter, check_optimizers, in_child, publish, side_by_side
 
-GRADES = ("zo", "signsgd", "adamw", "sophia", "muon", "hybrid")
+OPTIMIZER_NAMES = ("zo", "signsgd", "adamw", "sophia", "muon", "hybrid")
 WIDTHS = (128, 256, 512, 1024)
 
 
-def _placement(grade: str, args: argparse.Namespace):
-    """The placement a run of this grade takes with --dtype and --precision (unlearn.compute.placement)."""
+def _placement(name: str, args: argparse.Namespace):
+    """The placement a run of this optimizer takes with --dtype and --precision (unlearn.compute.placement)."""
     from unlearn.compute.placement import DTYPES, Placement
     from unlearn.optim.protocol import OPTIMIZERS
 
-    gradients = bool(OPTIMIZERS[grade].uses_gradients)  # type: ignore[attr-defined]
+    gradients = bool(OPTIMIZERS[name].uses_gradients)  # type: ignore[attr-defined]
     return Placement(torch.device(args.device), DTYPES[args.dtype], args.precision, gradients)
 
 
@@ -53,7 +53,7 @@ def _model(width: int, args: argparse.Namespace, weights: torch.dtype) -> torch.
     return LlamaForCausalLM(config).to(weights).eval()
 
 
-def measure(grade: str, width: int, checkpointing: bool, args: argparse.Namespace) -> dict[str, Any]:
+def measure(name: str, width: int, checkpointing: bool, args: argparse.Namespace) -> dict[str, Any]:
     from unlearn.compute.models import enable_gradient_checkpointing
     from unlearn.compute.placement import autocast_forward
     from unlearn.optim.protocol import OPTIMIZERS, build_optimizer
@@ -62,7 +62,7 @@ def measure(grade: str, width: int, checkpointing: bool, args: argparse.Namespac
     from unlearn.training.methods import build_method
 
     device = torch.device(args.device)
-    where = _placement(grade, args)
+    where = _placement(name, args)
     model = _model(width, args, where.weights).to(device)
     if where.autocast:
         autocast_forward(model, where)
@@ -81,12 +81,12 @@ def measure(grade: str, width: int, checkpointing: bool, args: argparse.Namespac
     def closure():
         return method(model, fb, rb)
 
-    options: dict[str, Any] = {"block": 1, "total_steps": args.steps + 1} if grade == "hybrid" else {}
-    if args.draw != "pool" and OPTIMIZERS[grade].grade == "zeroth-order":  # type: ignore[attr-defined]
+    options: dict[str, Any] = {"block": 1, "total_steps": args.steps + 1} if name == "hybrid" else {}
+    if args.draw != "pool" and OPTIMIZERS[name].grade == "zeroth-order":  # type: ignore[attr-defined]
         options["draw"] = args.draw
 
     def build() -> torch.optim.Optimizer:
-        optimizer = build_optimizer(grade, model.named_parameters(), **options)
+        optimizer = build_optimizer(name, model.named_parameters(), **options)
         use_precision(optimizer, where, 0, model)  # as a `lean` run does: rounded updates, transient probes
         return optimizer
 
@@ -95,8 +95,8 @@ def measure(grade: str, width: int, checkpointing: bool, args: argparse.Namespac
                           prepare=(lambda: enable_gradient_checkpointing(model)) if checkpointing else None)
     params = sum(p.numel() for p in model.parameters())
     step_s, forward_s, peak, inference_mb = (timing[k] for k in ("step_s", "forward_s", "peak_mb", "inference_mb"))
-    kind = OPTIMIZERS[grade].grade  # type: ignore[attr-defined]
-    return {"grade": grade, "kind": kind, "width": width, "params_m": params / 1e6,
+    grade = OPTIMIZERS[name].grade  # type: ignore[attr-defined]
+    return {"optimizer": name, "grade": grade, "width": width, "params_m": params / 1e6,
             "checkpointing": checkpointing, "step_s": step_s, "forward_s": forward_s,
             "step_over_forward": step_s / forward_s, "peak_mb": peak, "inference_mb": inference_mb,
             "peak_over_inference": peak / inference_mb, "device": args.device, "threads": torch.get_num_threads(),
@@ -107,13 +107,13 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| width | params (M) | optimizer | grade | precision | checkpointing | s/step | step ÷ forward | "
              "peak MB | peak ÷ inference |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['width']} | {r['params_m']:.1f} | {r['grade']} | {r['kind']} | {r.get('precision', '')} | "
-                     f"{'on' if r['checkpointing'] else 'off'} | {r['step_s']:.3f} | {r['step_over_forward']:.2f}× | "
-                     f"{r['peak_mb']:.0f} | {r['peak_over_inference']:.2f}× |")
+        lines.append(f"| {r['width']} | {r['params_m']:.1f} | {r['optimizer']} | {r['grade']} | "
+                     f"{r.get('precision', '')} | {'on' if r['checkpointing'] else 'off'} | {r['step_s']:.3f} | "
+                     f"{r['step_over_forward']:.2f}× | {r['peak_mb']:.0f} | {r['peak_over_inference']:.2f}× |")
     return "\n".join(lines)
 
 
-# The GPU targets of issue 29 at SmolLM2-1.7B's shape (bf16): (optimizer kind, ratio key, at most).
+# The GPU targets of issue 29 at SmolLM2-1.7B's shape (bf16): (grade, ratio key, at most).
 GPU_TARGETS = (("zeroth-order", "step_over_forward", 2.2), ("zeroth-order", "peak_over_inference", 1.05),
                ("first-order", "step_over_forward", 3.5))
 
@@ -126,11 +126,11 @@ def target_lines(rows: list[dict[str, Any]], device: str) -> list[str]:
                 f"forward) are judged on a GPU only; this ran on {device}"]
     lines = []
     for r in rows:
-        for kind, key, limit in GPU_TARGETS:
-            if r["kind"] == kind and not r["checkpointing"]:
+        for grade, key, limit in GPU_TARGETS:
+            if r["grade"] == grade and not r["checkpointing"]:
                 verdict = "met" if r[key] <= limit else "MISSED"
                 what = "step ÷ forward" if key == "step_over_forward" else "peak ÷ inference"
-                lines.append(f"target {r['grade']} width {r['width']}: {what} {r[key]:.2f}x (at most {limit}x): "
+                lines.append(f"target {r['optimizer']} width {r['width']}: {what} {r[key]:.2f}x (at most {limit}x): "
                              f"{verdict}")
     return lines
 
@@ -139,7 +139,7 @@ def main() -> None:
     from unlearn.optim.protocol import OPTIMIZERS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--grades", nargs="*", default=list(GRADES))
+    parser.add_argument("--optimizers", nargs="*", default=list(OPTIMIZER_NAMES))
     parser.add_argument("--widths", nargs="*", type=int, default=list(WIDTHS))
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
@@ -158,22 +158,22 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        grade, width, ckpt = args.child.split(",")
-        print(json.dumps(measure(grade, int(width), ckpt == "1", args)))
+        name, width, ckpt = args.child.split(",")
+        print(json.dumps(measure(name, int(width), ckpt == "1", args)))
         return
-    check_grades(args.grades)
+    check_optimizers(args.optimizers)
     shared = [f"--{k}={getattr(args, k)}" for k in ("layers", "vocab", "mlp", "dtype", "precision", "draw", "length",
                                                     "batch", "steps", "repeats", "device")] \
         + (["--tied"] if args.tied else [])
     rows = []
     for width in args.widths:
-        for grade in args.grades:
-            modes = (False, True) if OPTIMIZERS[grade].uses_gradients else (False,)  # type: ignore[attr-defined]
+        for name in args.optimizers:
+            modes = (False, True) if OPTIMIZERS[name].uses_gradients else (False,)  # type: ignore[attr-defined]
             for ckpt in modes:
-                rows.append(in_child("unlearn.perf.scaling", [*shared, f"--child={grade},{width},{int(ckpt)}"],
-                                     f"{grade} at width {width}"))
+                rows.append(in_child("unlearn.perf.scaling", [*shared, f"--child={name},{width},{int(ckpt)}"],
+                                     f"{name} at width {width}"))
                 r = rows[-1]
-                print(f"width {width:5d} {grade:8s} ckpt {'on ' if ckpt else 'off'} step {r['step_s']:.3f}s "
+                print(f"width {width:5d} {name:8s} ckpt {'on ' if ckpt else 'off'} step {r['step_s']:.3f}s "
                       f"({r['step_over_forward']:.2f}x fwd)  peak {r['peak_mb']:.0f} MB "
                       f"({r['peak_over_inference']:.2f}x inf)", file=sys.stderr, flush=True)
     publish(table(rows), args.markdown)
