@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from unlearn.compute.placement import CPU_FP32, Placement
 from unlearn.core.registry import Registry
+from unlearn.core.settings import declares_settings
 from unlearn.storage.metrics import Metric
 from unlearn.tasks.task import ItemSubset, Task
 from unlearn.training.config import EvalConfig
@@ -72,9 +73,4 @@ class Attack(ABC):
         """Attack `subject.model_spec` and score the result on `subject.task`."""
 
 
-def _declares_settings(name: str, cls: type) -> None:
-    if not isinstance(getattr(cls, "Settings", None), type) or not hasattr(cls.Settings, "__dataclass_fields__"):
-        raise TypeError(f"attack '{name}' must declare its Settings as a dataclass")
-
-
-ATTACKS: Registry[type[Attack]] = Registry("attack", check=_declares_settings, members="unlearn.attacks")
+ATTACKS: Registry[type[Attack]] = Registry("attack", check=declares_settings("attack"), members="unlearn.attacks")

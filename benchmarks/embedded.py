@@ -7,10 +7,10 @@ generated answers to the QA pairs, and the retain passages for perplexity.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-from unlearn.benchmarks.synthetic import SPLITS, Benchmark, SyntheticSettings, generate
+from unlearn.benchmarks.synthetic import SPLITS, SyntheticSettings, World, generate
 from unlearn.core.errors import UserError
 from unlearn.core.settings import (
     AT_LEAST_ONE,
@@ -21,7 +21,7 @@ from unlearn.core.settings import (
 from unlearn.evaluation.measures import mcq_accuracy, perplexity, rouge_l, run_steps
 from unlearn.storage.metrics import Metric
 from unlearn.tasks.data import MCQ, Example, qa_prompt
-from unlearn.tasks.task import BENCHMARKS, ItemSubset, RelearnPlan, Task, split_items
+from unlearn.tasks.task import BENCHMARKS, Benchmark, ItemSubset, RelearnPlan, Task, split_items
 
 ACC, ROUGE, PROB = "fraction correct", "ROUGE-L F1 (0-1)", "normalized answer probability (0-1)"
 METRICS = (
@@ -112,22 +112,28 @@ class PrepareSettings:
     batch_size: int = setting(16, limit=AT_LEAST_ONE)
 
 
+@dataclass(frozen=True)
+class EmbeddedSettings(SyntheticSettings):
+    """The `benchmark` section of the embedded benchmark (configs/benchmark/embedded.yaml): the world's sizes,
+    and `prepare`, the fine-tuning that teaches the base model that world (read by `unlearn prepare`)."""
+
+    prepare: dict[str, Any] | None = None
+
+
 SIZE_KEYS = ("people", "cities", "organizations")
 
 
-def settings_from(config: dict[str, Any]) -> SyntheticSettings:
-    """The world's sizes from the benchmark section, every key known and every value checked."""
-    from_mapping(PrepareSettings, config.get("prepare"), "benchmark.prepare")
-    settings = from_mapping(SyntheticSettings, config, "benchmark", owner="benchmark 'embedded'",
-                            ignore=("name", "prepare"))
-    sizes = {key: tuple(getattr(settings, key)) for key in SIZE_KEYS}  # YAML gives lists
+def world_settings(settings: EmbeddedSettings) -> SyntheticSettings:
+    """The world's sizes, checked: counts given as YAML lists become tuples, and none may be negative."""
+    from_mapping(PrepareSettings, settings.prepare, "benchmark.prepare")
+    sizes = {key: tuple(getattr(settings, key)) for key in SIZE_KEYS}
     for key, counts in sizes.items():
         if min(counts) < 0:
             raise UserError(f"benchmark.{key} counts must be >= 0, got {list(counts)}")
-    return replace(settings, **sizes)
+    return SyntheticSettings(seed=settings.seed, **sizes)
 
 
-def task_from(bench: Benchmark) -> TaskData:
+def task_from(bench: World) -> TaskData:
     def pairs(split: str) -> list[Example]:
         return [Example(qa_prompt(f.question), " " + f.answer) for f in bench.facts[split]]
 
@@ -148,10 +154,15 @@ def task_from(bench: Benchmark) -> TaskData:
 
 
 @BENCHMARKS.register("embedded")
-def load(config: dict[str, Any]) -> TaskData:
+class Embedded(Benchmark):
     """Embedded: a synthetic world of facts; the base model is first fine-tuned to know them (offline)."""
-    try:
-        bench = generate(settings_from(config))
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    return task_from(bench)
+
+    Settings = EmbeddedSettings
+
+    def load(self, settings: EmbeddedSettings) -> TaskData:
+        try:
+            world = generate(world_settings(settings))
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        return task_from(world)
+

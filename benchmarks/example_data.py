@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from unlearn.benchmarks.synthetic import Benchmark, Fact, SyntheticSettings, generate
+from unlearn.benchmarks.synthetic import Fact, SyntheticSettings, World, generate
 from unlearn.storage.runs import staged_dir
 
 
@@ -27,7 +27,7 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
-def write_wmdp(folder: Path, bench: Benchmark) -> dict[str, Path]:
+def write_wmdp(folder: Path, bench: World) -> dict[str, Path]:
     """questions.jsonl (forget facts, WMDP format, tagged by concept), mmlu.jsonl (retain facts, MMLU format:
     the utility set), forget_corpus.jsonl and retain_corpus.jsonl ({text} passages)."""
     files = {"questions": folder / "questions.jsonl", "utility": folder / "mmlu.jsonl",
@@ -54,7 +54,7 @@ def _parts(items: list[str], n: int) -> list[list[str]]:
     return [items[i * size:(i + 1) * size] for i in range(n) if items[i * size:(i + 1) * size]]
 
 
-def write_muse(folder: Path, bench: Benchmark) -> Path:
+def write_muse(folder: Path, bench: World) -> Path:
     """MUSE layout: raw/ text, knowmem/ QA (holdout facts as the few-shot examples), verbmem/ passage halves,
     privleak/ forget vs holdout passages, scal/ growing and sust/ consecutive slices of the forget passages."""
     from unlearn.benchmarks.muse import write_muse_layout

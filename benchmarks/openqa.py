@@ -5,13 +5,13 @@ Its data, settings and scoring are WMDP's (benchmarks/wmdp.py); only the headlin
 
 from __future__ import annotations
 
-from typing import Any
-
-from unlearn.benchmarks.wmdp import WMDPTask, load
+from unlearn.benchmarks.wmdp import WMDP
 from unlearn.tasks.task import BENCHMARKS
 
 
 @BENCHMARKS.register("openqa")
-def load_openqa(config: dict[str, Any]) -> WMDPTask:
+class OpenQA(WMDP):
     """The same questions asked open-ended (no choices shown), judged by normalized match or an NLI model."""
-    return load(config, name="openqa", openqa=True)
+
+    name = "openqa"
+    open_ended = True

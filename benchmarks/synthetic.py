@@ -91,7 +91,7 @@ class Fact:
 
 
 @dataclass
-class Benchmark:
+class World:
     settings: SyntheticSettings
     facts: dict[str, list[Fact]] = field(default_factory=dict)
     passages: dict[str, list[str]] = field(default_factory=dict)
@@ -127,7 +127,7 @@ def _passage(kind: str, name: str, attrs: dict[str, str]) -> str:
     return f"{name} is in the {attrs['industry']} industry and is headquartered in {attrs['headquarters']}."
 
 
-def generate(settings: SyntheticSettings = SyntheticSettings()) -> Benchmark:
+def generate(settings: SyntheticSettings = SyntheticSettings()) -> World:
     rng = random.Random(settings.seed)
     taken: set[str] = set()
     counts = {"person": settings.people, "city": settings.cities, "organization": settings.organizations}
@@ -143,7 +143,7 @@ def generate(settings: SyntheticSettings = SyntheticSettings()) -> Benchmark:
     pools = {**_POOLS, "city": cities, "organization": orgs}
     entities = {"person": people, "city": cities, "organization": orgs}
 
-    bench = Benchmark(settings=settings, facts={s: [] for s in SPLITS}, passages={s: [] for s in SPLITS})
+    bench = World(settings=settings, facts={s: [] for s in SPLITS}, passages={s: [] for s in SPLITS})
     for kind, names in entities.items():
         order = list(names)
         rng.shuffle(order)

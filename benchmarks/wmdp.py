@@ -20,13 +20,13 @@ import io
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from unlearn.benchmarks.datafiles import chunk_texts, mcqs_from, read_records, read_texts
 from unlearn.core.errors import UserError, shown
-from unlearn.core.settings import AT_LEAST_ONE, from_mapping, setting
+from unlearn.core.settings import AT_LEAST_ONE, setting
 from unlearn.evaluation.measures import (
     collecting_samples,
     log_samples,
@@ -37,7 +37,7 @@ from unlearn.evaluation.measures import (
 )
 from unlearn.storage.metrics import Metric
 from unlearn.tasks.data import ANSWER_LETTERS, MCQ, Example
-from unlearn.tasks.task import BENCHMARKS, Task
+from unlearn.tasks.task import BENCHMARKS, Benchmark, Task
 from unlearn.training.config import check_engine
 
 LETTERS = ANSWER_LETTERS  # any number of choices a data file may hold (datafiles checks)
@@ -356,10 +356,10 @@ def _metrics(name: str, openqa: bool) -> tuple[Metric, ...]:
             Metric("mmlu/subject_acc", "MMLU per subject", "higher", "utility", acc))
 
 
-def _subject(source: str, config: dict[str, Any]) -> tuple[str | None, str]:
+def _subject(source: str, given: str | None) -> tuple[str | None, str]:
     """The description's subject and where it came from (printed, so a user sees which line was used)."""
-    if config.get("subject"):
-        return str(config["subject"]), "benchmark.subject"
+    if given:
+        return str(given), "benchmark.subject"
     if source in HUB_TASKS:
         return HUB_TASKS[source][2], f"lm-eval's {source} task"
     stem = Path(source).stem.lower()
@@ -438,14 +438,24 @@ class WMDPSettings:
 
 
 @BENCHMARKS.register("wmdp")
-def load(config: dict[str, Any], name: str = "wmdp", openqa: bool = False) -> WMDPTask:
+class WMDP(Benchmark):
     """WMDP-style MCQs (hub or {question, choices, answer} files), MMLU as utility, scored as lm-eval scores."""
-    s = from_mapping(WMDPSettings, config, "benchmark", owner=f"benchmark '{name}'", ignore=("name",))
+
+    Settings = WMDPSettings
+    name = "wmdp"
+    open_ended = False  # the headline is MCQ accuracy; open-ended answers only with eval.openqa
+
+    def load(self, settings: WMDPSettings) -> WMDPTask:
+        return load_questions(settings, self.name, self.open_ended)
+
+
+def load_questions(s: WMDPSettings, name: str, openqa: bool) -> WMDPTask:
+    """The WMDP-style task called `name` (wmdp, openqa) from its checked settings."""
     if not s.data:
         raise UserError(f"benchmark '{name}' needs questions: pass --data FILE ({{question, choices, answer}} records "
                         f"as jsonl/json/parquet) or a hub task ({', '.join(HUB_TASKS)})")
     source = _source(s.data, "benchmark.data")
-    subject, why = _subject(source, config)
+    subject, why = _subject(source, s.subject)
     questions = QuestionSet(name, source, subject, _field_name(s.tag_field, "tag_field"), s.limit)
     if not questions.is_hub:
         questions.questions()  # a malformed file fails now, before any model is loaded
@@ -467,8 +477,8 @@ def load(config: dict[str, Any], name: str = "wmdp", openqa: bool = False) -> WM
     if s.forget_corpus:
         forget = _corpus(s.forget_corpus, "benchmark.forget_corpus", s.chunk_words, s.corpus_limit)
         retain = _corpus(s.retain_corpus, "benchmark.retain_corpus", s.chunk_words, s.corpus_limit)
-    files = [str(p) for p in (source, utility_spec, config.get("forget_corpus"), config.get("retain_corpus")) if p]
-    return WMDPTask(name=name, fingerprint=fingerprint(config, files),
+    files = [str(p) for p in (source, utility_spec, s.forget_corpus, s.retain_corpus) if p]
+    return WMDPTask(name=name, fingerprint=fingerprint({"name": name, **asdict(s)}, files),
                     forget=forget, retain=retain, metrics=_metrics(name, openqa), notes=notes, questions=questions,
                     training_hint="pass --forget-corpus FILE of {text} records",
                     train_max_length=512,  # RMU's published WMDP recipe

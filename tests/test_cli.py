@@ -60,7 +60,7 @@ def test_full_run_eval_and_report(tmp_path, tiny_model_dir):
     (["--method", "npo", "--optimizer", "adamw", "--model", "./no/such/model"], "does not exist"),
     (["--method", "npo", "--optimizer", "adamw", "--set", "benchmark.people=[0,2,4]",
       "--set", "benchmark.cities=[0,2,2]", "--set", "benchmark.organizations=[0,2,2]"], "forget split is empty"),
-    (["--method", "npo", "--optimizer", "adamw", "--set", "method.betta=1"], "unknown option 'betta' for method 'npo'"),
+    (["--method", "npo", "--optimizer", "adamw", "--set", "method.betta=1"], "unknown key(s) in method 'npo': betta"),
     (["--method", "npo", "--optimizer", "adamw", "--set", "optimizer.momentum=0.9"],
      "optimizer 'adamw'"),
 ])

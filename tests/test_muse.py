@@ -22,7 +22,7 @@ from unlearn.benchmarks.muse import (
     write_muse_layout,
 )
 from unlearn.core.errors import UserError
-from unlearn.tasks.task import BENCHMARKS
+from unlearn.tasks.task import load_task
 from unlearn.training.config import EvalConfig
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu",
@@ -59,7 +59,7 @@ def data(tmp_path: Path) -> Path:
 
 
 def load(data: Path, **config: Any) -> MuseTask:
-    return muse.load({"name": "muse", "data": str(data), **config})
+    return load_task({"name": "muse", "data": str(data), **config})
 
 
 def direct_logprobs(model: Any, tokenizer: Any, string: str) -> torch.Tensor:
@@ -87,7 +87,7 @@ def direct_greedy(model: Any, tokenizer: Any, prompt: str, n: int) -> str:
 
 
 def test_registered_and_reads_the_layout(data: Path) -> None:
-    task = BENCHMARKS["muse"]({"name": "muse", "data": str(data), "chunk_words": 5})
+    task = load_task({"name": "muse", "data": str(data), "chunk_words": 5})
     assert isinstance(task, MuseTask) and task.name == "muse" and not task.needs_target
     assert task.forget_metrics == ("muse/verbmem_forget", "muse/knowmem_forget", "muse/privleak")
     assert task.declared("muse/knowmem_retain").role == "utility" and task.declared("muse/privleak").better == "zero"
@@ -377,14 +377,15 @@ def test_hub_names_subsets_and_retain2_fallback(monkeypatch) -> None:
         return FakeSplit(tables[(subset, split)])
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
-    task = muse.load({"data": "books", "chunk_words": 4})
+    task = load_task({"name": "muse", "data": "books", "chunk_words": 4})
     assert {r for r, _, _ in seen} == {"muse-bench/MUSE-Books"}
     assert [e.target for e in task.forget] == chunk_texts([text(8)], 4)
     assert task.knowmem["retain"] == [("What is r 0?", "r 0 is alpha"), ("What is r 1?", "r 1 is beta")]
     assert task.icl["retain"] == [("What is ri 0?", "ri 0 is alpha")] and task.verbmem == [("p", "g")]
-    assert muse.load({"data": "muse-bench/MUSE-Books", "chunk_words": 4}).fingerprint == task.fingerprint
+    same = load_task({"name": "muse", "data": "muse-bench/MUSE-Books", "chunk_words": 4})
+    assert same.fingerprint == task.fingerprint
     tables[("verbmem", "forget")] = [{"prompt": "p", "gt": "other"}]
-    assert muse.load({"data": "books", "chunk_words": 4}).fingerprint != task.fingerprint
+    assert load_task({"name": "muse", "data": "books", "chunk_words": 4}).fingerprint != task.fingerprint
 
 
 def test_hub_unreachable_is_one_line(monkeypatch) -> None:
@@ -396,7 +397,7 @@ def test_hub_unreachable_is_one_line(monkeypatch) -> None:
     monkeypatch.setattr(datasets, "load_dataset", offline)
     for data in ("news", "muse-bench/MUSE-Nope"):
         with pytest.raises(UserError) as err:
-            muse.load({"data": data})
+            load_task({"name": "muse", "data": data})
         message = str(err.value)
         assert "\n" not in message and "hub could not be reached" in message and "local directory" in message
 
@@ -406,11 +407,11 @@ def test_hub_unreachable_is_one_line(monkeypatch) -> None:
 
 def test_missing_data_and_unknown_keys(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"benchmark 'muse' needs data: pass --data DIR \(MUSE layout\)"):
-        muse.load({"name": "muse"})
+        load_task({"name": "muse"})
     with pytest.raises(UserError, match="not a directory"):
-        muse.load({"data": str(tmp_path / "nowhere" / "deep")})
+        load_task({"name": "muse", "data": str(tmp_path / "nowhere" / "deep")})
     with pytest.raises(UserError, match="unknown key.*auc_retain"):
-        muse.load({"data": str(tmp_path), "auc_retain": 0.5})
+        load_task({"name": "muse", "data": str(tmp_path), "auc_retain": 0.5})
 
 
 @pytest.mark.parametrize(("config", "message"), [

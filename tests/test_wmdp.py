@@ -10,12 +10,18 @@ import torch
 
 from tests.conftest import cli
 from unlearn.benchmarks.example_data import write_jsonl
-from unlearn.benchmarks.wmdp import QuestionSet, lm_eval_accuracy, load, render
+from unlearn.benchmarks.wmdp import QuestionSet, lm_eval_accuracy, render
 from unlearn.core.errors import UserError
 from unlearn.evaluation.measures import choice_scores
+from unlearn.tasks.task import load_task
 from unlearn.training.config import EvalConfig
 
 CONCEPTS = ("virology", "toxins", "genetics")
+
+
+def load(config: dict) -> object:
+    """The wmdp benchmark from a `benchmark` section, loaded as a run loads it."""
+    return load_task({"name": "wmdp", **config})
 
 
 def _records(n: int = 12) -> list[dict]:

@@ -559,8 +559,8 @@ def benchmarks(include: IncludeOpt = None) -> None:
     from unlearn.tasks.task import BENCHMARKS
 
     for name in sorted(BENCHMARKS):
-        loader = BENCHMARKS[name]
-        about = _first_line(loader.__doc__) or _first_line(sys.modules[loader.__module__].__doc__)
+        benchmark = BENCHMARKS[name]
+        about = _first_line(benchmark.__doc__) or _first_line(sys.modules[benchmark.__module__].__doc__)
         console.print(f"{name:10s} {about}")
 
 

@@ -25,7 +25,7 @@ metrics/{verbmem,knowmem,privleak}.py) and on MUSE's scale (×100, as in its tab
 Prompts and passages are tokenized with the tokenizer's special tokens (a BOS where it adds one), as MUSE's.
 """
 
-from unlearn.benchmarks.muse.loader import load, settings_from
+from unlearn.benchmarks.muse.loader import Muse, load_muse, settings_from
 from unlearn.benchmarks.muse.metrics import (
     knowmem_answer,
     knowmem_prompt,
@@ -40,6 +40,6 @@ from unlearn.benchmarks.muse.settings import METRICS, MuseSettings
 from unlearn.benchmarks.muse.task import MuseTask
 from unlearn.benchmarks.muse.writer import write_muse_layout
 
-__all__ = ["METRICS", "MuseSettings", "MuseTask", "Scored", "knowmem_answer", "knowmem_prompt", "load",
+__all__ = ["METRICS", "Muse", "MuseSettings", "MuseTask", "Scored", "knowmem_answer", "knowmem_prompt", "load_muse",
            "min_k_count", "min_k_score", "min_k_scores", "privleak", "privleak_auc", "settings_from",
            "token_logprobs", "verbmem_reference", "write_muse_layout"]

@@ -24,12 +24,13 @@ from unlearn.benchmarks.muse.task import MuseTask
 from unlearn.core.errors import UserError, shown
 from unlearn.core.settings import from_mapping
 from unlearn.tasks.data import Example
-from unlearn.tasks.task import BENCHMARKS, Stage
+from unlearn.tasks.task import BENCHMARKS, Benchmark, Stage
 
 
-def settings_from(config: dict[str, Any]) -> MuseSettings:
+def settings_from(config: dict[str, Any], name: str = "muse") -> MuseSettings:
+    """The section checked into MuseSettings; a null for a key of NULL_IS_DEFAULT keeps its default."""
     given = {k: v for k, v in config.items() if not (k in NULL_IS_DEFAULT and v in (None, ""))}
-    s = from_mapping(MuseSettings, given, "benchmark", owner="benchmark 'muse'", ignore=("name", "data"))
+    s = from_mapping(MuseSettings, given, "benchmark", owner=f"benchmark '{name}'", ignore=("name",))
     if s.sequential and config.get("forget") is not None:
         raise UserError("benchmark.forget and benchmark.sequential conflict: a sequential run unlearns "
                         "sust/forget_1, sust/forget_2, ... in turn")
@@ -82,11 +83,23 @@ def _training(source: Source, spec: str, words: int, notes: list[str], required:
 
 
 @BENCHMARKS.register("muse")
-def load(config: dict[str, Any]) -> MuseTask:
+class Muse(Benchmark):
     """MUSE (News, Books): VerbMem, KnowMem and PrivLeak as MUSE computes them, on its x100 scale."""
-    s = settings_from(config)
-    digest = hashlib.sha256(json.dumps(asdict(s), sort_keys=True).encode())
-    source = _source(config.get("data"), digest)
+
+    Settings = MuseSettings
+
+    @classmethod
+    def settings(cls, section: dict[str, Any], name: str) -> MuseSettings:
+        return settings_from(section, name)
+
+    def load(self, settings: MuseSettings) -> MuseTask:
+        return load_muse(settings)
+
+
+def load_muse(s: MuseSettings) -> MuseTask:
+    """The MUSE task from its checked settings: the data, the requests (sequential) and the notes."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in asdict(s).items() if k != "data"}, sort_keys=True).encode())
+    source = _source(s.data, digest)
     notes: list[str] = []
 
     stages: list[Stage] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from unlearn.core.settings import AT_LEAST_ONE, Limit, setting
 from unlearn.storage.metrics import Metric
@@ -39,8 +40,9 @@ PRIVLEAK_NOTE = ("muse/privleak not computed: PrivLeak needs benchmark.auc_retra
 
 @dataclass(frozen=True)
 class MuseSettings:
-    """The `benchmark` section of a MUSE run (configs/benchmark/muse.yaml); `data` and `name` are read apart."""
+    """The `benchmark` section of a MUSE run (configs/benchmark/muse.yaml)."""
 
+    data: Any = None  # a folder in MUSE's layout, or a hub name (news, books, muse-bench/MUSE-News, ...)
     forget: str = "raw/forget"
     retain: str = "raw/retain1"
     chunk_words: int = setting(150, limit=AT_LEAST_ONE)

@@ -1,8 +1,10 @@
 """One component of each kind, written outside the toolkit: a method, an optimizer, a benchmark and an attack.
 
 Each is registered by the toolkit's one decorator, `@REGISTRY.register("name")`, from the module that defines
-its base class. Installed (`pip install examples/unlearn-toy`), the entry points in pyproject.toml make them known
-to every `unlearn` command; without installing, `unlearn <command> --include unlearn_toy.py` does the same.
+its base class, and declares its settings the one way: a dataclass `Settings` whose fields carry their types,
+defaults and ranges (`setting(default, limit=...)`), checked before any model loads. Installed
+(`pip install examples/unlearn-toy`), the entry points in pyproject.toml make them known to every `unlearn`
+command; without installing, `unlearn <command> --include unlearn_toy.py` does the same.
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ import torch
 
 from unlearn.attacks.base import ATTACKS, Attack, AttackResult, Subject
 from unlearn.compute.models import load_model
-from unlearn.core.settings import NON_NEGATIVE, POSITIVE, setting
+from unlearn.core.settings import NON_NEGATIVE, POSITIVE, NoSettings, setting
 from unlearn.evaluation.measures import perplexity
 from unlearn.optim.loss import Loss
-from unlearn.optim.protocol import OPTIMIZERS, backward, require_closure
+from unlearn.optim.protocol import OPTIMIZERS, backward, read_settings, require_closure
 from unlearn.storage.metrics import Metric
 from unlearn.tasks.data import Example
 from unlearn.tasks.scoring import mean_token_nll
-from unlearn.tasks.task import BENCHMARKS, Task
+from unlearn.tasks.task import BENCHMARKS, Benchmark, Task
 from unlearn.training.methods import METHODS, Method
 
 
@@ -29,13 +31,12 @@ from unlearn.training.methods import METHODS, Method
 class ToyAscent(Method):
     """Gradient ascent on the forget rows, scaled by `weight`: the smallest unlearning method."""
 
-    limits = {"weight": POSITIVE}  # the constructor's keyword arguments are the settings; these their ranges
+    @dataclass(frozen=True)
+    class Settings:
+        weight: float = setting(1.0, limit=POSITIVE)
 
-    def __init__(self, weight: float = 1.0) -> None:
-        self.weight = weight
-
-    def __call__(self, model, forget, retain) -> Loss:
-        return Loss({"forget": -self.weight * mean_token_nll(model, forget)})
+    def __call__(self, model, forget, retain) -> Loss:  # the base class checked the settings into self.settings
+        return Loss({"forget": -self.settings.weight * mean_token_nll(model, forget)})
 
 
 @OPTIMIZERS.register("toy-sgd")
@@ -45,10 +46,13 @@ class ToySGD(torch.optim.Optimizer):
     grade = "first-order"
     uses_gradients = True
 
-    def __init__(self, params, lr: float = 1e-3) -> None:
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        super().__init__(params, {"lr": lr})
+    @dataclass(frozen=True)
+    class Settings:
+        lr: float = setting(1e-3, limit=NON_NEGATIVE)
+
+    def __init__(self, params, **options) -> None:
+        settings = read_settings(type(self), options)  # the one settings check, as a ValueError when wrong
+        super().__init__(params, {"lr": settings.lr})
 
     def step(self, closure=None) -> torch.Tensor:
         closure = require_closure(closure)
@@ -77,12 +81,16 @@ class ToyTask(Task):
 
 
 @BENCHMARKS.register("toy")
-def load_toy(config: dict[str, Any]) -> ToyTask:
+class Toy(Benchmark):
     """A toy benchmark: forget four sentences, keep two."""
-    return ToyTask(name="toy", fingerprint="toy-1", forget=[Example("", " " + t) for t in FORGET],
-                   retain=[Example("", " " + t) for t in RETAIN],
-                   metrics=(Metric("toy/forget_ppl", "toy forget perplexity", "higher", "forget"),
-                            Metric("toy/retain_ppl", "toy retain perplexity", "lower", "utility")))
+
+    Settings = NoSettings  # nothing to set: the `benchmark` section may hold only its name
+
+    def load(self, settings: NoSettings) -> ToyTask:
+        return ToyTask(name="toy", fingerprint="toy-1", forget=[Example("", " " + t) for t in FORGET],
+                       retain=[Example("", " " + t) for t in RETAIN],
+                       metrics=(Metric("toy/forget_ppl", "toy forget perplexity", "higher", "forget"),
+                                Metric("toy/retain_ppl", "toy retain perplexity", "lower", "utility")))
 
 
 @dataclass

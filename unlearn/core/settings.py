@@ -1,14 +1,13 @@
 """One check for every setting: unknown keys, types and ranges, each failure one line naming `section.key`.
 
 Settings arrive from YAML files, `--set` and received run folders, so nothing about their shape can be
-assumed. A component declares its settings either as a dataclass (a field's `metadata["limit"]` holds its
-range) or as a constructor signature (its annotations are the types; the class's `limits` mapping holds the
-ranges); both are checked here, by the same rules, before any model is loaded.
+assumed. Every component (method, optimizer, benchmark, attack) declares its settings the same way: a dataclass
+`Settings`, each field typed, with its default and its range (`setting(default, limit=Limit(...))`). They are
+checked here, by `from_mapping`, before any model is loaded.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import types
 import typing
@@ -21,6 +20,11 @@ from unlearn.core.errors import UserError, shown
 
 class SettingError(ValueError):
     """A setting with the wrong type or out of range (components raise it; the CLI shows it as one line)."""
+
+
+class InvalidSettings(UserError, ValueError):
+    """What `from_mapping` raises: one line for the CLI (exit 2), and a ValueError for the builders that report
+    every bad option as one (build_method, build_optimizer)."""
 
 
 @dataclass(frozen=True)
@@ -187,45 +191,39 @@ def from_mapping(cls: type[Settings], data: Any, section: str, owner: str | None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise UserError(f"config section '{section}' must be a mapping, got {shown(data)}")
+        raise InvalidSettings(f"config section '{section}' must be a mapping, got {shown(data)}")
     data = {k: v for k, v in data.items() if k not in ignore}
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
     unknown = unknown_keys(data, known)
     if unknown:
-        raise UserError(f"unknown key(s) in {owner or repr(section)}: {key_list(unknown)} "
-                        f"(known: {', '.join(sorted([*known, *ignore]))})")
+        raise InvalidSettings(f"unknown key(s) in {owner or repr(section)}: {key_list(unknown)} "
+                              f"(known: {', '.join(sorted([*known, *ignore])) or 'none'})")
     hints = typing.get_type_hints(cls)
     values = {}
     for key, value in data.items():
         try:
             values[key] = check_value(f"{section}.{key}", value, hints[key], known[key].metadata.get("limit"))
         except SettingError as err:
-            raise UserError(str(err)) from None
+            raise InvalidSettings(str(err)) from None
     return cls(**values)
 
 
-def check_call_options(target: Callable[..., Any], options: Mapping[str, Any], section: str,
-                       limits: Mapping[str, Limit] | None = None, skip: tuple[str, ...] = ("self", "params"),
-                       owner: str | None = None, extra: type | None = None) -> dict[str, Any]:
-    """Check `options` against `target`'s keyword parameters: unknown names, annotated types, declared ranges.
+@dataclass(frozen=True)
+class NoSettings:
+    """A component without settings."""
 
-    For components configured through their constructor (methods, optimizers): the signature *is* the
-    settings declaration, so it cannot drift from what the code accepts. `extra`: a settings dataclass that the
-    constructor takes through its `**options` (shared by a family, e.g. the zeroth-order stabilizers)."""
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    parameters: dict[str, Any] = {n: p for n, p in inspect.signature(target).parameters.items()
-                                  if p.kind in kinds and n not in skip}
-    try:
-        hints = typing.get_type_hints(target)
-    except Exception:  # noqa: BLE001 - a library signature whose annotations do not resolve: names are still checked
-        hints = {}
-    if extra is not None:
-        limits = {**{f.name: f.metadata.get("limit") for f in fields(extra)}, **(limits or {})}
-        parameters.update({f.name: f for f in fields(extra)})
-        hints = {**typing.get_type_hints(extra), **hints}
-    checked = {}
-    for key, value in options.items():
-        if key not in parameters:
-            raise SettingError(f"unknown option {key!r} for {owner or section}; valid: {', '.join(sorted(parameters))}")
-        checked[key] = check_value(f"{section}.{key}", value, hints.get(key, Any), (limits or {}).get(key))
-    return checked
+
+def declares_settings(kind: str) -> Callable[[str, Any], None]:
+    """A registry's check: every member declares its settings as a dataclass named `Settings`."""
+
+    def check(name: str, component: Any) -> None:
+        declared = getattr(component, "Settings", None)
+        if not isinstance(declared, type) or not hasattr(declared, "__dataclass_fields__"):
+            raise TypeError(f"{kind} '{name}' must declare its settings as a dataclass `Settings`")
+
+    return check
+
+
+def setting_names(component: Any) -> set[str]:
+    """The names of the settings a component declares."""
+    return {f.name for f in fields(component.Settings)}

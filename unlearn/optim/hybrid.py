@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from unlearn.core.settings import check_int
+from unlearn.core.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, setting
 from unlearn.optim.protocol import (
     OPTIMIZERS,
     Closure,
@@ -15,6 +16,7 @@ from unlearn.optim.protocol import (
     accepts,
     build_optimizer,
     moving_params,
+    read_settings,
     require_closure,
     rounds_updates,
 )
@@ -53,23 +55,18 @@ class Hybrid(torch.optim.Optimizer):
     grade = "hybrid"
     uses_gradients = True  # its first-order blocks do
 
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor],
-        fo: dict[str, Any] | None = None,
-        zo: dict[str, Any] | None = None,
-        block: int = 20,
-        ratio: float = 1.0,
-        total_steps: int | None = None,
-        zo_lr_ratio: float | None = None,
-    ) -> None:
-        check_int("block", block)
-        if ratio < 0:
-            raise ValueError(f"ratio must be >= 0, got {ratio}")
-        if total_steps is not None and total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-        if zo_lr_ratio is not None and not zo_lr_ratio > 0:
-            raise ValueError(f"zo_lr_ratio must be > 0, got {zo_lr_ratio}")
+    @dataclass(frozen=True)
+    class Settings:
+        fo: dict[str, Any] | None = None  # {"name": <gradient-based optimizer>, **its settings}; default AdamW
+        zo: dict[str, Any] | None = None  # {"name": <zeroth-order member>, **its settings}; default zo
+        block: int = setting(20, limit=AT_LEAST_ONE)
+        ratio: float = setting(1.0, limit=NON_NEGATIVE)
+        total_steps: int | None = setting(None, limit=AT_LEAST_ONE)
+        zo_lr_ratio: float | None = setting(None, limit=POSITIVE)
+
+    def __init__(self, params: Iterable[torch.Tensor], **options: Any) -> None:
+        s = read_settings(type(self), options)
+        fo, zo, block, ratio, total_steps, zo_lr_ratio = s.fo, s.zo, s.block, s.ratio, s.total_steps, s.zo_lr_ratio
         params = list(params)  # shared by both sub-optimizers and this one; a generator would run dry
         self.fo_block, self.zo_block = block, round(block * ratio)
         self.total_steps = total_steps

@@ -19,8 +19,6 @@ loop over this process's shards and sum over the processes; a plain closure is o
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import re
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
@@ -28,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from unlearn.core.registry import Registry
-from unlearn.core.settings import SettingError, check_call_options
+from unlearn.core.settings import InvalidSettings, declares_settings, from_mapping, setting_names
 from unlearn.optim.loss import LossValue, loss_parts, total_loss
 from unlearn.optim.rounding import LeanStep
 
@@ -160,6 +158,7 @@ def _declares_grade(name: str, cls: type) -> None:
     if grade not in GRADES or not isinstance(gradients, bool):
         raise TypeError(f"optimizer '{name}' must declare grade (one of {', '.join(GRADES)}) and uses_gradients "
                         f"(got {grade!r}, {gradients!r})")
+    declares_settings("optimizer")(name, cls)
 
 
 OPTIMIZERS: Registry[type[torch.optim.Optimizer]] = Registry("optimizer", check=_declares_grade,
@@ -167,10 +166,14 @@ OPTIMIZERS: Registry[type[torch.optim.Optimizer]] = Registry("optimizer", check=
 
 
 def accepts(cls: type, option: str) -> bool:
-    """Whether the optimizer class takes ``option`` (in its signature or its declared ``keyword_settings``)."""
-    extra = getattr(cls, "keyword_settings", None)
-    return option in inspect.signature(cls).parameters or (
-        extra is not None and option in {f.name for f in dataclasses.fields(extra)})
+    """Whether the optimizer class declares the setting ``option``."""
+    return option in setting_names(cls)
+
+
+def read_settings(cls: type, options: dict[str, Any]) -> Any:
+    """``cls.Settings`` from a constructor's keyword options: the toolkit's one settings check, whose failures
+    are one-line ValueErrors (a registry build checked them already, naming the config's section)."""
+    return from_mapping(cls.Settings, options, "optimizer", owner=f"optimizer {cls.__name__}")
 
 
 def compile_pattern(option: str, pattern: str) -> re.Pattern[str]:
@@ -259,15 +262,12 @@ class OptionError(ValueError):
 
 
 def check_options(name: str, options: dict[str, Any], section: str = "optimizer") -> type[torch.optim.Optimizer]:
-    """The class registered as ``name``, after checking ``options`` against its constructor; cheap, so
-    callers can validate a config before spending minutes on anything else."""
+    """The class registered as ``name``, after checking ``options`` against its ``Settings``; cheap, so callers
+    can validate a config before spending minutes on anything else."""
     cls = OPTIMIZERS.lookup(name)
-    # Checked against the signature (names and annotated types) rather than left to the constructor: some
-    # library optimizers take **kwargs and would silently ignore a misspelled option.
     try:
-        check_call_options(cls.__init__, options, section, owner=f"optimizer '{name}'",
-                           extra=getattr(cls, "keyword_settings", None))
-    except SettingError as err:
+        from_mapping(cls.Settings, options, section, owner=f"optimizer '{name}'")
+    except InvalidSettings as err:
         raise OptionError(str(err)) from None
     return cls
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_optimizer
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from unlearn.core.settings import check_int
-from unlearn.optim.protocol import OPTIMIZERS, Closure, backward, require_closure
+from unlearn.core.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Limit, setting
+from unlearn.optim.protocol import OPTIMIZERS, Closure, backward, read_settings, require_closure
 
 
 @OPTIMIZERS.register("sophia")
@@ -28,17 +29,22 @@ class Sophia(pytorch_optimizer.SophiaH):
     # would each hold a different estimate, and drift apart.
     data_parallel = False
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-5, betas: tuple[float, float] = (0.96, 0.99),
-                 weight_decay: float = 0.0, clip: float = 0.01, update_period: int = 10,
-                 num_samples: int = 1, hessian_distribution: str = "gaussian", eps: float = 1e-12) -> None:
-        if lr < 0 or clip <= 0:
-            raise ValueError(f"lr must be >= 0 and clip > 0, got lr={lr}, clip={clip}")
-        check_int("update_period", update_period)
-        if hessian_distribution not in ("gaussian", "rademacher"):
-            raise ValueError(f"hessian_distribution must be gaussian or rademacher, got '{hessian_distribution}'")
-        super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay, p=clip,
-                         update_period=update_period, num_samples=num_samples,
-                         hessian_distribution=hessian_distribution, eps=eps)  # type: ignore[arg-type]
+    @dataclass(frozen=True)
+    class Settings:
+        lr: float = setting(1e-5, limit=NON_NEGATIVE)
+        betas: tuple[float, float] = (0.96, 0.99)
+        weight_decay: float = 0.0
+        clip: float = setting(0.01, limit=POSITIVE)  # ρ: the update is clipped to ±ρ·lr
+        update_period: int = setting(10, limit=AT_LEAST_ONE)
+        num_samples: int = setting(1, limit=AT_LEAST_ONE)
+        hessian_distribution: str = setting("gaussian", limit=Limit(choices=("gaussian", "rademacher")))
+        eps: float = 1e-12
+
+    def __init__(self, params: Iterable[Any], **options: Any) -> None:
+        s = read_settings(type(self), options)
+        super().__init__(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, p=s.clip,
+                         update_period=s.update_period, num_samples=s.num_samples,
+                         hessian_distribution=s.hessian_distribution, eps=s.eps)  # type: ignore[arg-type]
         self.steps_taken = 0
 
     def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]

@@ -10,47 +10,57 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_optimizer
 
-from unlearn.optim.protocol import OPTIMIZERS, BackwardStep
+from unlearn.core.settings import NON_NEGATIVE, UNIT_OPEN, setting
+from unlearn.optim.protocol import OPTIMIZERS, BackwardStep, read_settings
 
 
 class _Sign(BackwardStep, pytorch_optimizer.SignSGD):
     grade = "sign"
 
-    def _build(self, params: Iterable[Any], lr: float, momentum: float, weight_decay: float,
-               weight_decouple: bool, maximize: bool) -> None:
-        if lr < 0:  # the library raises a non-ValueError exception for this; keep the one-line contract
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    def _build(self, params: Any, lr: float, momentum: float, weight_decay: float, weight_decouple: bool,
+               maximize: bool) -> None:
         pytorch_optimizer.SignSGD.__init__(self, params, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                            weight_decouple=weight_decouple, maximize=maximize)
 
 
-# Explicit signatures (no **kwargs) so misspelled options are rejected, not swallowed.
 @OPTIMIZERS.register("signsgd")
 class SignSGD(_Sign):
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.0, weight_decay: float = 0.0,
-                 weight_decouple: bool = True, maximize: bool = False) -> None:
-        self._build(params, lr, momentum, weight_decay, weight_decouple, maximize)
+    @dataclass(frozen=True)
+    class Settings:
+        lr: float = setting(1e-3, limit=NON_NEGATIVE)
+        momentum: float = setting(0.0, limit=UNIT_OPEN)  # the library's default is 0.9, which is Signum
+        weight_decay: float = 0.0
+        weight_decouple: bool = True
+        maximize: bool = False
+
+    def __init__(self, params: Any, **options: Any) -> None:
+        s = read_settings(type(self), options)
+        self._build(params, s.lr, s.momentum, s.weight_decay, s.weight_decouple, s.maximize)
 
 
 @OPTIMIZERS.register("signum")
-class Signum(_Sign):
-    def __init__(self, params: Iterable[Any], lr: float = 1e-5, momentum: float = 0.9, weight_decay: float = 0.0,
-                 weight_decouple: bool = True, maximize: bool = False) -> None:
-        self._build(params, lr, momentum, weight_decay, weight_decouple, maximize)
+class Signum(SignSGD):
+    @dataclass(frozen=True)
+    class Settings(SignSGD.Settings):  # signSGD's, with momentum
+        lr: float = setting(1e-5, limit=NON_NEGATIVE)
+        momentum: float = setting(0.9, limit=UNIT_OPEN)
 
 
 @OPTIMIZERS.register("signadam")
 class SignAdam(_Sign):
-    def __init__(self, params: Iterable[Any], lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999),
-                 weight_decay: float = 0.0, maximize: bool = False) -> None:
+    @dataclass(frozen=True)
+    class Settings:
+        lr: float = setting(1e-5, limit=NON_NEGATIVE)
         # betas[1] (v's decay) is accepted for Adam-compatible configs; it cannot change the sign (docstring).
-        if len(betas) != 2:
-            raise ValueError(f"betas must be two numbers, got {betas}")
-        self._build(params, lr, float(betas[0]), weight_decay, True, maximize)
+        betas: tuple[float, float] = (0.9, 0.999)
+        weight_decay: float = 0.0
+        maximize: bool = False
+
+    def __init__(self, params: Any, **options: Any) -> None:
+        s = read_settings(type(self), options)
+        self._build(params, s.lr, float(s.betas[0]), s.weight_decay, True, s.maximize)

@@ -17,11 +17,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from unlearn.core.settings import check_int
+from unlearn.core.settings import AT_LEAST_ONE, NON_NEGATIVE, UNIT_OPEN, Limit, setting
 from unlearn.optim.loss import loss_parts, total_loss
 from unlearn.optim.protocol import (
     OPTIMIZERS,
@@ -29,6 +30,7 @@ from unlearn.optim.protocol import (
     Closure,
     ModelDependent,
     compile_pattern,
+    read_settings,
     require_closure,
     sharded,
 )
@@ -174,6 +176,18 @@ def _adamw(items: list[Any], lr: float, betas: Iterable[float], weight_decay: fl
     return torch.optim.AdamW(items, lr=lr, betas=tuple(betas), weight_decay=weight_decay)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class SpectralSettings:
+    """What Muon and SIFT share: the orthogonal update's rate and momentum, and the AdamW side's settings."""
+
+    lr: float = setting(5e-4, limit=NON_NEGATIVE)
+    momentum: float = setting(0.95, limit=UNIT_OPEN)
+    weight_decay: float = setting(0.0, limit=NON_NEGATIVE)
+    adamw_lr: float = setting(1e-5, limit=NON_NEGATIVE)
+    adamw_betas: tuple[float, float] = (0.9, 0.95)
+    adamw_weight_decay: float = setting(0.0, limit=NON_NEGATIVE)
+
+
 @OPTIMIZERS.register("muon")
 class Muon(BackwardStep, _Composite):
     """torch.optim.Muon on the hidden matrices, torch.optim.AdamW on every other parameter.
@@ -188,20 +202,15 @@ class Muon(BackwardStep, _Composite):
 
     grade = "spectral"
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 5e-4,
-        momentum: float = 0.95,
-        nesterov: bool = True,
-        ns_steps: int = 5,
-        weight_decay: float = 0.0,
-        adamw_lr: float = 1e-5,
-        adamw_betas: tuple[float, float] = (0.9, 0.95),
-        adamw_weight_decay: float = 0.0,
-        exclude: str = MUON_EXCLUDE,
-    ) -> None:
-        excluded = compile_pattern("exclude", exclude)
+    @dataclass(frozen=True)
+    class Settings(SpectralSettings):
+        nesterov: bool = True
+        ns_steps: int = setting(5, limit=AT_LEAST_ONE)
+        exclude: str = MUON_EXCLUDE
+
+    def __init__(self, params: Iterable[Any], **options: Any) -> None:
+        s = read_settings(type(self), options)
+        excluded = compile_pattern("exclude", s.exclude)
         items = list(params)
         hidden, other = [], []
         for item in items:
@@ -210,11 +219,10 @@ class Muon(BackwardStep, _Composite):
             (hidden if is_hidden else other).append(item)
         parts: dict[str, torch.optim.Optimizer] = {}
         if hidden:  # torch.optim.Muon rejects an empty list; a model may have no hidden matrix trainable
-            parts["muon"] = torch.optim.Muon(
-                hidden, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps
-            )
+            parts["muon"] = torch.optim.Muon(hidden, lr=s.lr, weight_decay=s.weight_decay, momentum=s.momentum,
+                                             nesterov=s.nesterov, ns_steps=s.ns_steps)
         if other:
-            parts["adamw"] = _adamw(other, adamw_lr, adamw_betas, adamw_weight_decay)
+            parts["adamw"] = _adamw(other, s.adamw_lr, s.adamw_betas, s.adamw_weight_decay)
         super().__init__(items, parts)
 
 
@@ -309,26 +317,15 @@ class SIFT(_Composite):
     grade = "spectral"
     uses_gradients = True
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 5e-4,
-        momentum: float = 0.95,
-        rank: int = 8,
-        threshold: float = 0.0,
-        pattern: str = SIFT_PATTERN,
-        weight_decay: float = 0.0,
-        adamw_lr: float = 1e-5,
-        adamw_betas: tuple[float, float] = (0.9, 0.95),
-        adamw_weight_decay: float = 0.0,
-    ) -> None:
-        if lr < 0 or weight_decay < 0:
-            raise ValueError(f"lr and weight_decay must be >= 0, got lr={lr}, weight_decay={weight_decay}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        check_int("rank", rank)
-        if not -1 <= threshold <= 1:
-            raise ValueError(f"threshold is compared with a cosine, so must be in [-1, 1], got {threshold}")
+    @dataclass(frozen=True)
+    class Settings(SpectralSettings):
+        rank: int = setting(8, limit=AT_LEAST_ONE)
+        threshold: float = setting(0.0, limit=Limit(ge=-1, le=1))  # compared with a cosine
+        pattern: str = SIFT_PATTERN
+
+    def __init__(self, params: Iterable[Any], **options: Any) -> None:
+        s = read_settings(type(self), options)
+        pattern = s.pattern
         selects = compile_pattern("pattern", pattern)
         items = list(params)
         selected, other, keys = [], [], []
@@ -344,10 +341,10 @@ class SIFT(_Composite):
             raise ModelDependent(f"pattern {pattern!r} selects no trainable 2-D parameter (e.g. {sample!r}); "
                              f"set 'pattern' to match this model's matrix names")
         parts: dict[str, torch.optim.Optimizer] = {
-            "sift": _ConflictSpectral(selected, lr, momentum, rank, threshold, weight_decay)
+            "sift": _ConflictSpectral(selected, s.lr, s.momentum, s.rank, s.threshold, s.weight_decay)
         }
         if other:
-            parts["adamw"] = _adamw(other, adamw_lr, adamw_betas, adamw_weight_decay)
+            parts["adamw"] = _adamw(other, s.adamw_lr, s.adamw_betas, s.adamw_weight_decay)
         super().__init__(items, parts)
         self.keys = keys
         self.last_conflicts: dict[str, float] = {}

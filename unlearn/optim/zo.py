@@ -45,12 +45,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from unlearn.core.errors import UserError
-from unlearn.core.settings import check_int
+from unlearn.core.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT_OPEN, Limit, setting
 from unlearn.optim.protocol import (
     OPTIMIZERS,
     Closure,
@@ -58,10 +59,12 @@ from unlearn.optim.protocol import (
     compile_pattern,
     evaluate,
     evaluate_parts,
+    read_settings,
     require_closure,
 )
 from unlearn.optim.rounding import noise_generator, stochastic_round_
 from unlearn.optim.zo_directions import (
+    KINDS,
     Directions,
     IIDDirections,
     LowRankDirections,
@@ -79,28 +82,42 @@ def _draw(rng: torch.Generator) -> int:
     return int(torch.randint(0, _SEED_RANGE, (1,), generator=rng))
 
 
+@dataclass
+class ZOSettings(Stabilizers):
+    """What every zeroth-order member takes: the probe (scale ``mu``, ``q`` probes a step), the step, the seed of
+    its directions, and the stabilizers of ``zo_stable`` (clip, normalize, warmup, schedule, rollback, include)."""
+
+    lr: float = setting(1e-5, limit=NON_NEGATIVE)
+    mu: float = setting(1e-3, limit=POSITIVE)
+    q: int = setting(1, limit=AT_LEAST_ONE)
+    weight_decay: float = setting(0.0, limit=NON_NEGATIVE)
+    seed: int = 0
+    exact_restore: bool = False
+
+
+@dataclass
+class ProbeSettings(ZOSettings):
+    """Members that probe along plain directions of a chosen kind, one- or two-sided."""
+
+    direction: str = setting("gaussian", limit=Limit(choices=KINDS))
+    sided: int = setting(2, limit=Limit(choices=(1, 2)))
+
+
 class ZerothOrderBase(torch.optim.Optimizer):
     """The shared engine; subclasses set ``sided``/``needs_center`` and override ``coefficients``,
     ``make_directions`` or ``apply_update``. lr and weight_decay live in param_groups (schedulers work).
-    Every member also takes the stabilizers of ``zo_stable`` (clip, normalize, warmup, schedule, rollback,
-    include) through its ``**stable`` options."""
+    Every member's ``Settings`` extends ``ZOSettings``, so each takes the stabilizers of ``zo_stable``."""
 
     grade = "zeroth-order"
     uses_gradients = False  # the closure is only evaluated: no backward pass, no gradient memory
     linear_update = True  # θ −= lr·ĝ: applied seed by seed, no buffer; False: built chunk by chunk
-    keyword_settings = Stabilizers  # what a member's **stable options may hold (checked with its signature)
+    Settings: type[ZOSettings] = ZOSettings
 
-    def __init__(self, params: Iterable[Any], *, lr: float, mu: float, q: int, direction: str,
-                 sided: int, weight_decay: float, seed: int, exact_restore: bool,
-                 stable: dict[str, Any] | None = None, **defaults: Any) -> None:
-        if lr < 0 or weight_decay < 0:
-            raise ValueError(f"lr and weight_decay must be >= 0, got lr={lr}, weight_decay={weight_decay}")
-        if mu <= 0:
-            raise ValueError(f"mu must be > 0, got {mu}")
-        check_int("q", q)
-        if sided not in (1, 2):
-            raise ValueError(f"sided must be 1 (one-sided) or 2 (two-sided), got {sided!r}")
-        self.stable = Stabilizers.from_options(stable or {})
+    def __init__(self, params: Iterable[Any], settings: ZOSettings, *, direction: str, sided: int,
+                 **defaults: Any) -> None:
+        s = settings
+        lr, weight_decay, mu, q, seed, exact_restore = s.lr, s.weight_decay, s.mu, s.q, s.seed, s.exact_restore
+        self.stable = s
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, **defaults})
         for group in self.param_groups:
             group.setdefault("initial_lr", group["lr"])  # the schedule's base; group["lr"] is the current one
@@ -523,15 +540,15 @@ class ZerothOrderBase(torch.optim.Optimizer):
 class ZerothOrder(ZerothOrderBase):
     """ZO-SGD (MeZO-style SPSA). ``momentum`` > 0 keeps one buffer: m = β·m + ĝ, θ −= lr·m."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-5, mu: float = 1e-3, q: int = 1,
-                 direction: str = "gaussian", sided: int = 2, momentum: float = 0.0, weight_decay: float = 0.0,
-                 seed: int = 0, exact_restore: bool = False, **stable: Any) -> None:
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        self.momentum = momentum
-        self.linear_update = momentum == 0.0  # stateless: no buffer, the update is one more shift
-        super().__init__(params, lr=lr, mu=mu, q=q, direction=direction, sided=sided,
-                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore, stable=stable)
+    @dataclass
+    class Settings(ProbeSettings):
+        momentum: float = setting(0.0, limit=UNIT_OPEN)
+
+    def __init__(self, params: Iterable[Any], **options: Any) -> None:
+        s = read_settings(type(self), options)
+        self.momentum = s.momentum
+        self.linear_update = s.momentum == 0.0  # stateless: no buffer, the update is one more shift
+        super().__init__(params, s, direction=s.direction, sided=s.sided)
 
     def apply_update(self, index, k, p, a, b, chunk, estimate, lr):
         buf = self._buffer(p, "momentum", a, b)
@@ -545,11 +562,13 @@ class ZerothOrderSign(ZerothOrderBase):
 
     linear_update = False
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-6, mu: float = 1e-3, q: int = 1,
-                 direction: str = "gaussian", sided: int = 2, weight_decay: float = 0.0, seed: int = 0,
-                 exact_restore: bool = False, **stable: Any) -> None:
-        super().__init__(params, lr=lr, mu=mu, q=q, direction=direction, sided=sided,
-                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore, stable=stable)
+    @dataclass
+    class Settings(ProbeSettings):
+        lr: float = setting(1e-6, limit=NON_NEGATIVE)
+
+    def __init__(self, params: Iterable[Any], **options: Any) -> None:
+        s = read_settings(type(self), options)
+        super().__init__(params, s, direction=s.direction, sided=s.sided)
 
     def apply_update(self, index, k, p, a, b, chunk, estimate, lr):
         chunk.add_(estimate.sign_(), alpha=-lr)
@@ -561,15 +580,17 @@ class ZerothOrderAdam(ZerothOrderBase):
 
     linear_update = False
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-5, mu: float = 1e-3, q: int = 1,
-                 direction: str = "gaussian", sided: int = 2, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, seed: int = 0, exact_restore: bool = False,
-                 **stable: Any) -> None:
-        if not all(0 <= beta < 1 for beta in betas) or len(betas) != 2:
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
-        self.betas, self.eps = tuple(betas), eps
-        super().__init__(params, lr=lr, mu=mu, q=q, direction=direction, sided=sided,
-                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore, stable=stable)
+    @dataclass
+    class Settings(ProbeSettings):
+        betas: tuple[float, float] = (0.9, 0.999)
+        eps: float = 1e-8
+
+    def __init__(self, params: Iterable[Any], **options: Any) -> None:
+        s = read_settings(type(self), options)
+        if not all(0 <= beta < 1 for beta in s.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {s.betas}")
+        self.betas, self.eps = tuple(s.betas), s.eps
+        super().__init__(params, s, direction=s.direction, sided=s.sided)
 
     def apply_update(self, index, k, p, a, b, chunk, estimate, lr):
         beta1, beta2 = self.betas
@@ -589,11 +610,12 @@ class FZOO(ZerothOrderBase):
     normalized-gradient step whose size does not depend on μ or on the loss scale. A step whose probes
     all return the same loss (σ = 0) carries no information and moves nothing."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-5, mu: float = 1e-3, q: int = 4,
-                 weight_decay: float = 0.0, seed: int = 0, exact_restore: bool = False, **stable: Any) -> None:
-        check_int("q", q, minimum=2)  # σ of a single loss is undefined
-        super().__init__(params, lr=lr, mu=mu, q=q, direction="rademacher", sided=1,
-                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore, stable=stable)
+    @dataclass
+    class Settings(ZOSettings):
+        q: int = setting(4, limit=Limit(ge=2))  # σ of a single loss is undefined
+
+    def __init__(self, params: Iterable[Any], **options: Any) -> None:
+        super().__init__(params, read_settings(type(self), options), direction="rademacher", sided=1)
 
     def coefficients(self, center, plus, minus):
         assert center is not None
@@ -630,11 +652,14 @@ class RankZO(ZerothOrderBase):
     outlier probe): |c_j| ≤ 1/q, so a step never moves θ by more than lr·max_j ‖z_j‖, whatever the losses.
     q = 1 is a comparison step: θ −= lr·sign(L+ − L−)·z."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-5, mu: float = 1e-3, q: int = 4,
-                 direction: str = "gaussian", weight_decay: float = 0.0, seed: int = 0,
-                 exact_restore: bool = False, **stable: Any) -> None:
-        super().__init__(params, lr=lr, mu=mu, q=q, direction=direction, sided=2,
-                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore, stable=stable)
+    @dataclass
+    class Settings(ZOSettings):
+        q: int = setting(4, limit=AT_LEAST_ONE)
+        direction: str = setting("gaussian", limit=Limit(choices=KINDS))
+
+    def __init__(self, params: Iterable[Any], **options: Any) -> None:
+        s = read_settings(type(self), options)
+        super().__init__(params, s, direction=s.direction, sided=2)
 
     def coefficients(self, center, plus, minus):
         weights = centered_ranks(plus + minus)
@@ -653,16 +678,16 @@ class HiZOO(ZerothOrderBase):
 
     linear_update = False
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-5, mu: float = 1e-3, q: int = 1,
-                 hessian_smoothing: float = 1e-6, weight_decay: float = 0.0, seed: int = 0,
-                 exact_restore: bool = False, **stable: Any) -> None:
-        if not 0 < hessian_smoothing < 1:
-            raise ValueError(f"hessian_smoothing must be in (0, 1), got {hessian_smoothing}")
-        self.alpha = hessian_smoothing
+    @dataclass
+    class Settings(ZOSettings):
+        hessian_smoothing: float = setting(1e-6, limit=Limit(gt=0, lt=1))
+
+    def __init__(self, params: Iterable[Any], **options: Any) -> None:
+        s = read_settings(type(self), options)
+        self.alpha = s.hessian_smoothing
         self._curvatures: list[float] = []
         self._seeds: list[int] = []
-        super().__init__(params, lr=lr, mu=mu, q=q, direction="gaussian", sided=2,
-                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore, stable=stable)
+        super().__init__(params, s, direction="gaussian", sided=2)
 
     def make_directions(self) -> Directions:
         return _HessianScaled(self, IIDDirections(self.params, self.mu))
@@ -715,12 +740,15 @@ class LowRankZO(ZerothOrderBase):
     """Low-rank subspace ZO: each matrix is perturbed by U·Z·Vᵀ (rank ``rank``; U, V refreshed every
     ``refresh`` steps, Z fresh per query); vectors and small tensors by a full Gaussian z. ZO-SGD update."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-5, mu: float = 1e-3, q: int = 1, rank: int = 8,
-                 refresh: int = 50, weight_decay: float = 0.0, seed: int = 0, exact_restore: bool = False,
-                 **stable: Any) -> None:
-        self.rank, self.refresh = rank, refresh
-        super().__init__(params, lr=lr, mu=mu, q=q, direction="gaussian", sided=2,
-                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore, stable=stable)
+    @dataclass
+    class Settings(ZOSettings):
+        rank: int = 8
+        refresh: int = 50
+
+    def __init__(self, params: Iterable[Any], **options: Any) -> None:
+        s = read_settings(type(self), options)
+        self.rank, self.refresh = s.rank, s.refresh
+        super().__init__(params, s, direction="gaussian", sided=2)
 
     def make_directions(self) -> Directions:
         return LowRankDirections(self.params, self.mu, self.rank, self.refresh, self.seed)
@@ -735,13 +763,17 @@ class ZOMuon(ZerothOrderBase):
 
     linear_update = False
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-4, mu: float = 1e-3, q: int = 1, rank: int = 16,
-                 refresh: int = 10, ns_steps: int = 5, weight_decay: float = 0.0, seed: int = 0,
-                 exact_restore: bool = False, **stable: Any) -> None:
-        check_int("ns_steps", ns_steps)
-        self.rank, self.refresh, self.ns_steps = rank, refresh, ns_steps
-        super().__init__(params, lr=lr, mu=mu, q=q, direction="gaussian", sided=2,
-                         weight_decay=weight_decay, seed=seed, exact_restore=exact_restore, stable=stable)
+    @dataclass
+    class Settings(ZOSettings):
+        lr: float = setting(1e-4, limit=NON_NEGATIVE)
+        rank: int = 16
+        refresh: int = 10
+        ns_steps: int = setting(5, limit=AT_LEAST_ONE)
+
+    def __init__(self, params: Iterable[Any], **options: Any) -> None:
+        s = read_settings(type(self), options)
+        self.rank, self.refresh, self.ns_steps = s.rank, s.refresh, s.ns_steps
+        super().__init__(params, s, direction="gaussian", sided=2)
 
     def make_directions(self) -> Directions:
         return SubspaceDirections(self.params, self.mu, self.rank, self.refresh, self.seed)

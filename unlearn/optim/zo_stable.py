@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
-from unlearn.core.errors import UserError
 from unlearn.core.settings import (
     AT_LEAST_ONE,
     NON_NEGATIVE,
@@ -46,7 +44,6 @@ from unlearn.core.settings import (
     UNIT_OPEN,
     Limit,
     SettingError,
-    from_mapping,
     setting,
 )
 
@@ -86,15 +83,6 @@ class Stabilizers:
                 raise SettingError(f"{key} must not be an empty list")
         if self.schedule != "constant" and self.total_steps is None:
             raise SettingError(f"schedule '{self.schedule}' needs total_steps (a run fills it in)")
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> Stabilizers:
-        """From a member's ``**options``, through the toolkit's one settings check (check_options already ran it
-        for a registry build; a direct construction needs it too), as a ValueError like every option error."""
-        try:
-            return from_mapping(cls, options, "optimizer", owner="a zeroth-order optimizer")
-        except UserError as err:
-            raise SettingError(str(err)) from None
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of the base learning rate at 0-based ``step``."""

@@ -21,7 +21,6 @@ Each grade runs with the options of its ``configs/optimizer/<name>.yaml``.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import statistics
@@ -109,15 +108,15 @@ def side_by_side(closure: Callable[[], Any], build: Callable[[], torch.optim.Opt
 
 def measure(name: str, steps: int, model_id: str, device: str, repeats: int) -> dict[str, Any]:
     from unlearn.compute.models import load_model
-    from unlearn.optim.protocol import OPTIMIZERS, build_optimizer
+    from unlearn.optim.protocol import OPTIMIZERS, accepts, build_optimizer
     from unlearn.tasks.data import collate, encode
-    from unlearn.tasks.task import BENCHMARKS
+    from unlearn.tasks.task import load_task
     from unlearn.training.methods import build_method
 
     torch.manual_seed(0)
     loaded = load_model(model_id)
     model, tok = loaded.model.to(device), loaded.tokenizer
-    task = BENCHMARKS["embedded"]({})
+    task = load_task({})
     forget = [encode(tok, ex) for ex in task.forget[:BATCH]]
     retain = [encode(tok, ex) for ex in task.retain[:BATCH]]
     method = build_method("npo")
@@ -139,7 +138,7 @@ def measure(name: str, steps: int, model_id: str, device: str, repeats: int) -> 
     def build() -> torch.optim.Optimizer:
         options = component_defaults("optimizer", name)
         options.update(OVERRIDES.get(name, {}))
-        if "total_steps" in inspect.signature(OPTIMIZERS[name]).parameters:
+        if accepts(OPTIMIZERS[name], "total_steps"):
             options.setdefault("total_steps", steps + 1)
         return build_optimizer(name, model.named_parameters(), **options)
 

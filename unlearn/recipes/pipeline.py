@@ -6,7 +6,6 @@ Each stage writes into the run folder, which is staged and renamed into place on
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from unlearn.compute.placement import CPU_FP32, Placement, parse_dtype
 from unlearn.compute.placement import resolve as resolve_placement
 from unlearn.core.errors import UserError
 from unlearn.core.files import write_json_atomic, write_jsonl_atomic, write_yaml
+from unlearn.core.settings import setting_names
 from unlearn.evaluation.collapse import collapse_reasons, collapse_warning
 from unlearn.evaluation.measures import evaluate_items
 from unlearn.optim.protocol import OPTIMIZERS, accepts, build_optimizer, dry_build, rounds_updates
@@ -108,7 +108,7 @@ def seeded(cfg: RunConfig) -> RunConfig:
 
     def method_takes(name: str) -> bool:
         cls = METHODS.get(name)
-        return cls is not None and "seed" in inspect.signature(cls).parameters
+        return cls is not None and "seed" in setting_names(cls)
 
     optimizer = _seeded_spec(cfg.optimizer, seed, optimizer_takes)
     optimizer = {k: _seeded_spec(v, seed, optimizer_takes) if k in ("fo", "zo") else v for k, v in optimizer.items()}

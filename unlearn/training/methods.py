@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from unlearn.core.registry import Registry
-from unlearn.core.settings import NON_NEGATIVE, POSITIVE, Limit, SettingError, check_call_options
+from unlearn.core.settings import NON_NEGATIVE, POSITIVE, NoSettings, declares_settings, from_mapping, setting
 from unlearn.optim.loss import Loss
 from unlearn.tasks.data import Encoded, fixed_batches, on_device
 from unlearn.tasks.scoring import mean_token_nll, sequence_logprobs
 
 Batch = dict[str, torch.Tensor]
-METHODS: Registry[type[Method]] = Registry("method", members="unlearn.training.methods")
+METHODS: Registry[type[Method]] = Registry("method", check=declares_settings("method"),
+                                           members="unlearn.training.methods")
 
 
 # Loss weights scale a part of the method; a negative one would turn forgetting into learning.
@@ -29,10 +32,13 @@ WEIGHT = NON_NEGATIVE
 
 
 class Method:
-    """Base: all parameters train and nothing is precomputed. The constructor's annotated keyword arguments
-    are the method's settings; `limits` gives their ranges (checked by `build_method`)."""
+    """Base: all parameters train and nothing is precomputed. A method's settings are its `Settings` dataclass
+    (typed fields with defaults and ranges); the constructor takes them as keywords and checks them."""
 
-    limits: dict[str, Limit] = {}
+    Settings: type = NoSettings
+
+    def __init__(self, **options: Any) -> None:
+        self.settings = from_mapping(self.Settings, options, "method", owner=f"method {type(self).__name__}")
 
     def trainable(self, model: torch.nn.Module) -> None:
         """Set requires_grad on the parameters this method updates (default: leave as is)."""
@@ -51,7 +57,6 @@ class Method:
 class GradAscent(Method):
     """L = -NLL(forget): push the forget answers' likelihood down, nothing else."""
 
-
     def __call__(self, model, forget, retain):
         return Loss({"forget": -mean_token_nll(model, forget)})
 
@@ -60,14 +65,15 @@ class GradAscent(Method):
 class GradDiff(Method):
     """L = gamma * (-NLL(forget)) + alpha * NLL(retain)."""
 
-    limits = {"gamma": WEIGHT, "alpha": WEIGHT}
-
-    def __init__(self, gamma: float = 1.0, alpha: float = 1.0) -> None:
-        self.gamma, self.alpha = gamma, alpha
+    @dataclass(frozen=True)
+    class Settings:
+        gamma: float = setting(1.0, limit=WEIGHT)
+        alpha: float = setting(1.0, limit=WEIGHT)
 
     def __call__(self, model, forget, retain):
-        return Loss({"forget": -self.gamma * mean_token_nll(model, forget),
-                     "retain": self.alpha * mean_token_nll(model, retain)})
+        s = self.settings
+        return Loss({"forget": -s.gamma * mean_token_nll(model, forget),
+                     "retain": s.alpha * mean_token_nll(model, retain)})
 
 
 @torch.no_grad()
@@ -84,10 +90,11 @@ class NPO(Method):
     L_f = -(2/beta) * E_f[log sigmoid(-beta * (log pi(y|x) - log pi_ref(y|x)))];
     total = gamma * L_f + alpha * NLL(retain)."""
 
-    limits = {"beta": POSITIVE, "gamma": WEIGHT, "alpha": WEIGHT}  # L_f divides by beta
-
-    def __init__(self, beta: float = 0.1, gamma: float = 1.0, alpha: float = 2.0) -> None:
-        self.beta, self.gamma, self.alpha = beta, gamma, alpha
+    @dataclass(frozen=True)
+    class Settings:
+        beta: float = setting(0.1, limit=POSITIVE)  # L_f divides by beta
+        gamma: float = setting(1.0, limit=WEIGHT)
+        alpha: float = setting(2.0, limit=WEIGHT)
 
     def prepare(self, model, forget, retain, pad_id, batch_size, retain_used=None):
         for item, logp in zip(forget, _precompute_logprobs(model, forget, pad_id, batch_size), strict=True):
@@ -98,11 +105,13 @@ class NPO(Method):
             raise RuntimeError("NPO.prepare() must run before training (reference log-probs missing)")
         logp, _ = sequence_logprobs(model, forget)
         ratio = logp - forget["ref_logp"].to(logp.device)
-        return -(2.0 / self.beta) * F.logsigmoid(-self.beta * ratio).mean()
+        beta = self.settings.beta
+        return -(2.0 / beta) * F.logsigmoid(-beta * ratio).mean()
 
     def __call__(self, model, forget, retain):
-        return Loss({"forget": self.gamma * self.forget_loss(model, forget),
-                     "retain": self.alpha * mean_token_nll(model, retain)})
+        s = self.settings
+        return Loss({"forget": s.gamma * self.forget_loss(model, forget),
+                     "retain": s.alpha * mean_token_nll(model, retain)})
 
 
 @METHODS.register("simnpo")
@@ -110,16 +119,19 @@ class SimNPO(Method):
     """Reference-free NPO with length normalization:
     L_f = -(2/beta) * E_f[log sigmoid(-(beta/|y|) * log pi(y|x) - delta)]; total adds alpha * NLL(retain)."""
 
-    limits = {"beta": POSITIVE, "gamma": WEIGHT, "alpha": WEIGHT}
-
-    def __init__(self, beta: float = 2.5, delta: float = 0.0, gamma: float = 1.0, alpha: float = 1.0) -> None:
-        self.beta, self.delta, self.gamma, self.alpha = beta, delta, gamma, alpha
+    @dataclass(frozen=True)
+    class Settings:
+        beta: float = setting(2.5, limit=POSITIVE)
+        delta: float = 0.0
+        gamma: float = setting(1.0, limit=WEIGHT)
+        alpha: float = setting(1.0, limit=WEIGHT)
 
     def __call__(self, model, forget, retain):
+        s = self.settings
         logp, n_tokens = sequence_logprobs(model, forget)
-        margin = -(self.beta / n_tokens.clamp(min=1)) * logp - self.delta
-        forget_loss = -(2.0 / self.beta) * F.logsigmoid(margin).mean()
-        return Loss({"forget": self.gamma * forget_loss, "retain": self.alpha * mean_token_nll(model, retain)})
+        margin = -(s.beta / n_tokens.clamp(min=1)) * logp - s.delta
+        forget_loss = -(2.0 / s.beta) * F.logsigmoid(margin).mean()
+        return Loss({"forget": s.gamma * forget_loss, "retain": s.alpha * mean_token_nll(model, retain)})
 
 
 class _StopForward(Exception):
@@ -167,20 +179,25 @@ class RMU(Method):
     in CPU memory; `frozen_copy: true` instead keeps a frozen copy of the model (its weights again, on its
     device) and computes them on the fly, for runs that draw more retain text than memory can cache."""
 
-    limits = {"layer": NON_NEGATIVE, "steering": POSITIVE, "steering_scale": POSITIVE, "alpha": WEIGHT,
-              "seed": NON_NEGATIVE}
+    @dataclass(frozen=True)
+    class Settings:
+        layer: int | None = setting(None, limit=NON_NEGATIVE)
+        steering: float | None = setting(None, limit=POSITIVE)
+        steering_scale: float = setting(4.0, limit=POSITIVE)
+        alpha: float = setting(100.0, limit=WEIGHT)
+        seed: int = setting(0, limit=NON_NEGATIVE)
+        frozen_copy: bool = False
 
-    def __init__(self, layer: int | None = None, steering: float | None = None,
-                 steering_scale: float = 4.0, alpha: float = 100.0, seed: int = 0, frozen_copy: bool = False) -> None:
-        self.layer, self.steering, self.steering_scale = layer, steering, steering_scale
-        self.alpha, self.seed, self.frozen_copy = alpha, seed, frozen_copy
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.steering = self.settings.steering  # c: measured in prepare() when not given
         self.control: torch.Tensor | None = None
         self.frozen: dict[int, torch.Tensor] = {}
         self.frozen_model: torch.nn.Module | None = None
 
     def _layer(self, model) -> int:
         depth = len(_decoder_layers(model))
-        layer = round(7 * depth / 32) if self.layer is None else self.layer
+        layer = round(7 * depth / 32) if self.settings.layer is None else self.settings.layer
         if not 2 <= layer < depth:
             raise ValueError(f"rmu layer must be in [2, {depth - 1}] for this model, got {layer}")
         return layer
@@ -196,17 +213,17 @@ class RMU(Method):
     def prepare(self, model, forget, retain, pad_id, batch_size, retain_used=None):
         layer = self._layer(model)
         hidden = model.config.hidden_size
-        gen = torch.Generator().manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.settings.seed)
         direction = torch.rand(hidden, generator=gen)
         direction = direction / direction.norm()
         if self.steering is None:
             batches = [on_device(model, b) for b in fixed_batches(forget, batch_size, pad_id)]
             norms = [(layer_activations(model, b, layer).norm(dim=-1) * b["attention_mask"]).sum()
                      / b["attention_mask"].sum() for b in batches]
-            self.steering = self.steering_scale * float(torch.stack(norms).mean())
+            self.steering = self.settings.steering_scale * float(torch.stack(norms).mean())
         self.control = self.steering * direction
         self.frozen, self.frozen_model = {}, None
-        if self.frozen_copy:
+        if self.settings.frozen_copy:
             self.frozen_model = copy.deepcopy(model).requires_grad_(False).eval()
             return
         for index, item in enumerate(retain):
@@ -234,17 +251,13 @@ class RMU(Method):
         else:
             target = torch.cat([self.frozen[int(i)] for i in retain["index"].tolist()]).to(r_act)
         retain_loss = ((r_act[r_mask] - target) ** 2).mean()
-        return Loss({"forget": forget_loss, "retain": self.alpha * retain_loss})
+        return Loss({"forget": forget_loss, "retain": self.settings.alpha * retain_loss})
 
 
 def build_method(name: str, **options) -> Method:
     """The method registered as `name`; a one-line ValueError for an unknown name, option, type or range."""
     cls = METHODS.lookup(name)
-    try:
-        options = check_call_options(cls.__init__, options, "method", cls.limits, skip=("self",),
-                                     owner=f"method '{name}'")
-    except SettingError as err:
-        raise ValueError(str(err)) from None
+    from_mapping(cls.Settings, options, "method", owner=f"method '{name}'")  # named as the config names it
     return cls(**options)
 
 
