@@ -160,7 +160,7 @@ def test_a_finished_cell_with_other_settings_is_refused(tmp_path, tiny_model_dir
 @pytest.mark.parametrize(("changes", "message"), [
     ({"seeds": [0, 0]}, "distinct integers"),
     ({"optimizers": {}}, "names no optimizers"),
-    ({"optimizers": {"adamw": {"lr": -1}}}, "Invalid learning rate"),
+    ({"optimizers": {"adamw": {"lr": -1}}}, "optimizer.lr must be a finite number >= 0, got -1"),
     ({"attacks": {"x": {"attack": "nope"}}}, "unknown attack 'nope'"),
     ({"attacks": {"x": {"attack": "quantize", "bits": 5}}}, "supports"),
     ({"methods": {"../up": None}}, "plain folder name"),

@@ -195,6 +195,7 @@ def run(
 ) -> None:
     """Unlearn the forget set from the target model, save it, evaluate it, print the table. The same command runs
     under `torchrun` / `accelerate launch` on several GPUs or CPU processes (README: one GPU to eight)."""
+    from unlearn.recipes.pipeline import resumed_config
     from unlearn.recipes.pipeline import run as run_pipeline
     from unlearn.recipes.report import run_summary
     from unlearn.training.config import load_run_config
@@ -211,7 +212,7 @@ def run(
         given = _flags_given(ctx, keep=RESUME_KEEPS)
         if given:
             raise UserError(f"--resume continues a run with its saved settings; {given[0]} cannot change them")
-        cfg = _resumed_config(resume, output_dir)
+        cfg = resumed_config(resume, output_dir)
     else:
         cfg = load_run_config(method, optimizer, config, flags | {"output_dir": output_dir}, set_,
                               benchmark=benchmark)
@@ -240,20 +241,6 @@ def _flags_given(ctx: typer.Context, keep: tuple[str, ...]) -> list[str]:
             continue
         given.append(next((o for o in param.opts if o.startswith("--")), param.opts[0]))
     return given
-
-
-def _resumed_config(name: str, output_dir: str | None):
-    """The settings an interrupted run saved in its partial folder (its output folder: the one it is found in)."""
-    from unlearn.storage.runs import check_name, partial_dir
-    from unlearn.training.config import load_run_config
-
-    check_name(name)
-    parent = Path(output_dir or "runs")
-    saved = partial_dir(parent / name) / "config.yaml"
-    if not saved.is_file():
-        raise UserError(f"nothing to resume: no interrupted run {shown(name)} under {parent} "
-                        "(a run leaves one when train.save_every > 0)")
-    return load_run_config(None, None, saved, {"output_dir": str(parent), "name": name})
 
 
 def _print_metrics(metrics: dict[str, float], task: Task | None = None) -> None:

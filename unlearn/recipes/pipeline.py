@@ -20,7 +20,7 @@ from unlearn.compute.distributed import World, gathered_model, shard_model
 from unlearn.compute.models import enable_gradient_checkpointing, load_model, save_model
 from unlearn.compute.placement import CPU_FP32, Placement, parse_dtype
 from unlearn.compute.placement import resolve as resolve_placement
-from unlearn.core.errors import UserError
+from unlearn.core.errors import UserError, shown
 from unlearn.core.files import write_json_atomic, write_jsonl_atomic, write_yaml
 from unlearn.core.settings import setting_names
 from unlearn.evaluation.collapse import collapse_reasons, collapse_warning
@@ -31,11 +31,11 @@ from unlearn.recipes.prepare import baseline_cached, baseline_metrics, target_mo
 from unlearn.storage import checkpoints
 from unlearn.storage.checkpoints import Checkpoint
 from unlearn.storage.records import ITEMS_FILE, RunRecord
-from unlearn.storage.runs import open_run_dir, partial_dir, staged_dir
+from unlearn.storage.runs import check_name, open_run_dir, partial_dir, staged_dir
 from unlearn.tasks.data import Encoded, Example, encode, rows_used
 from unlearn.tasks.task import Stage, Task, load_task
 from unlearn.training.adapters import add_lora, merge_lora
-from unlearn.training.config import RunConfig
+from unlearn.training.config import RunConfig, load_run_config
 from unlearn.training.loop import Monitor, Progress, check_batching, retain_seed, train
 from unlearn.training.methods import METHODS, Method, build_method
 from unlearn.training.stopping import StopRule
@@ -338,6 +338,17 @@ def _monitor(ctx: RunContext, model: torch.nn.Module, tok) -> Monitor | None:
 
     return Monitor(cfg.train.eval_every, measure,
                    StopRule.parse(cfg.train.stop_at) if cfg.train.stop_at is not None else None, cfg.train.eval_delay)
+
+
+def resumed_config(name: str, output_dir: str | None) -> RunConfig:
+    """The settings an interrupted run saved in its partial folder (its output folder: the one it is found in)."""
+    check_name(name)
+    parent = Path(output_dir or "runs")
+    saved = partial_dir(parent / name) / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"nothing to resume: no interrupted run {shown(name)} under {parent} "
+                        "(a run leaves one when train.save_every > 0)")
+    return load_run_config(None, None, saved, {"output_dir": str(parent), "name": name})
 
 
 def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=print,
