@@ -99,6 +99,18 @@ class Relearn(Attack):
     named_by = ("domain", "lora")
     measurement_only = ("checkpoints",)
 
+    @staticmethod
+    def short_form(out_of_domain: bool, checkpoints: str | None) -> dict[str, Any]:
+        """The settings `--out-of-domain` and `--checkpoints 0,5,10` stand for (the others are named as the
+        settings are); a one-line error for checkpoints that are not comma-separated integers."""
+        flags: dict[str, Any] = {"domain": "retain"} if out_of_domain else {}
+        if checkpoints is not None:
+            try:
+                flags["checkpoints"] = [int(x) for x in checkpoints.split(",") if x.strip()]
+            except ValueError:
+                raise UserError(f"--checkpoints expects comma-separated integers, got '{checkpoints}'") from None
+        return flags
+
     def folder(self, settings: RelearnSettings) -> str:
         return settings.name
 

@@ -353,18 +353,16 @@ def attack(
     if len(chosen) != 1:
         raise UserError("choose one attack: --quantize BITS, --relearn or --attack NAME"
                         + (f" (got {' and '.join(chosen)})" if chosen else ""))
+    from unlearn.attacks.quantize import Quantize
+    from unlearn.attacks.relearn import Relearn
+
+    # The flags are the attacks' settings under their own names; the attacks say what their short forms stand for.
     flags: dict[str, object] = {"quant_type": quant_type, "group_size": group_size, "samples": samples,
                                 "steps": steps, "lr": lr, "batch_size": batch_size, "lora": lora or None,
-                                "lora_rank": lora_rank, "domain": "retain" if out_of_domain else None, "seed": seed}
-    if checkpoints is not None:
-        try:
-            flags["checkpoints"] = [int(x) for x in checkpoints.split(",") if x.strip()]
-        except ValueError:
-            raise UserError(f"--checkpoints expects comma-separated integers, got '{checkpoints}'") from None
+                                "lora_rank": lora_rank, "seed": seed}
+    flags |= Relearn.short_form(out_of_domain, checkpoints)
     name = attack_name or ("relearn" if relearn else "quantize")
     if quantize is not None:
-        from unlearn.attacks.quantize import Quantize
-
         flags |= Quantize.short_form(quantize)
     attack_sets = [a for a in set_ or [] if a.strip().startswith("attack.")]
     other_sets = [a for a in set_ or [] if a not in attack_sets]
