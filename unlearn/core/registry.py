@@ -110,8 +110,12 @@ class Registry(Mapping[str, T], Generic[T]):
             except Exception as err:  # noqa: BLE001 - an installed plug-in's failure is one line naming it
                 raise PluginError(f"{self.kind} plug-in '{point.name}' ({point.value}, entry point group "
                                   f"{self.group}) failed to load: {type(err).__name__}: {err}") from err
-            if point.name not in self:  # an entry point may name an undecorated component: it registers as named
+            taken = self._members.get(self._aliases.get(point.name, point.name))
+            if taken is None:  # an entry point may name an undecorated component: it registers as named
                 self.register(point.name)(loaded)
+            elif taken is not loaded:
+                raise PluginError(f"{self.kind} plug-in '{point.name}' ({point.value}): the name is taken by "
+                                  f"{getattr(taken, '__module__', '?')}.{getattr(taken, '__qualname__', taken)}")
 
     def register(self, name: str, *aliases: str) -> Callable[[T], T]:
         def add(component: T) -> T:
