@@ -206,7 +206,7 @@ class RunContext:
         return self.task.stages or [Stage("forget", self.task.forget)]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Done:
     """What the finished requests took: the checkpoints' `done` record, typed (its JSON form is unchanged)."""
 
@@ -463,7 +463,7 @@ def _unlearn_all(ctx: RunContext, stage_dir: Path, point: _Resume | None, start:
             continue
         sequential = len(requests) > 1
         log_path = stage_dir / (f"log-{index + 1}-{request.name}.jsonl" if sequential else "log.jsonl")
-        before = replace(done, stages=list(done.stages))  # what the requests before this one took
+        before = done  # what the requests before this one took (a Done is replaced, never changed in place)
         resumed_here = point is not None and index == point.stage
         if main:  # watchable while it runs: one line per step, flushed, with the forget and retain parts
             ctx.log(f"training log (live): {log_path} (moves to {ctx.final}/ when the run completes)")
