@@ -35,6 +35,8 @@ def _read_json(path: Path) -> list[Any]:
     try:
         data = loads_json(read_text(path, "data file"), str(path))
     except json.JSONDecodeError as err:
+        if err.msg == "Extra data" and err.lineno > 1:  # JSON lines under a .json name, as TOFU's hub files are
+            return _read_jsonl(path)
         raise UserError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON list of records, got {type(data).__name__}")

@@ -1,10 +1,10 @@
 """Example files in the real benchmarks' formats, written from the embedded world.
 
 `unlearn example-data DIR` writes a WMDP-style question file (plus an MMLU-style utility file and
-{text} forget/retain corpora) and a MUSE-layout folder, all about the embedded benchmark's fictional
-entities. They let every `--benchmark wmdp|muse|openqa` command run offline, and they are meaningful on the
-embedded *target* model, which knows the forget and retain facts (its path is printed by `unlearn prepare`).
-The tests build their fixtures with the same writers.
+{text} forget/retain corpora), a MUSE-layout folder and a TOFU-layout folder, all about the embedded benchmark's
+fictional entities. They let every `--benchmark wmdp|muse|tofu|openqa` command run offline, and they are
+meaningful on the embedded *target* model, which knows the forget and retain facts (its path is printed by
+`unlearn prepare`). The tests build their fixtures with the same writers.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from unlearn.benchmarks.synthetic import Fact, SyntheticSettings, World, generate
+from unlearn.benchmarks.tofu.example import write_tofu
 from unlearn.storage.runs import staged_dir
 
 
@@ -73,10 +74,11 @@ def write_muse(folder: Path, bench: World) -> Path:
 
 def write_example_data(folder: Path, settings: SyntheticSettings | None = None,
                        overwrite: bool = False) -> dict[str, Path]:
-    """Both layouts under `folder` (wmdp/, muse/), staged and renamed into place; the default settings are the
-    default embedded benchmark's, whose target model knows these facts."""
+    """The three layouts under `folder` (wmdp/, muse/, tofu/), staged and renamed into place; the default settings
+    are the default embedded benchmark's, whose target model knows these facts."""
     bench = generate(settings or SyntheticSettings())
     with staged_dir(folder, overwrite=overwrite, kind="example-data") as stage:
         write_wmdp(stage / "wmdp", bench)
         write_muse(stage / "muse", bench)
-    return {"wmdp": folder / "wmdp", "muse": folder / "muse"}
+        write_tofu(stage / "tofu", bench)
+    return {"wmdp": folder / "wmdp", "muse": folder / "muse", "tofu": folder / "tofu"}

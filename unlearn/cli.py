@@ -474,21 +474,22 @@ def prepare(
 
 @app.command("example-data")
 def example_data(
-    folder: Annotated[Path, typer.Argument(help="Where to write wmdp/ and muse/.")] = Path("example-data"),
+    folder: Annotated[Path, typer.Argument(help="Where to write wmdp/, muse/ and tofu/.")] = Path("example-data"),
     overwrite: Annotated[bool, typer.Option(help="Replace the folder if it exists.")] = False,
     include: IncludeOpt = None,
 ) -> None:
-    """Write small WMDP-format and MUSE-layout files about the embedded world (for offline use and tests)."""
+    """Write small WMDP-format, MUSE-layout and TOFU-layout files about the embedded world (offline use, tests)."""
     from unlearn.benchmarks.example_data import write_example_data
 
     written = write_example_data(folder, overwrite=overwrite)
-    wmdp, muse = written["wmdp"], written["muse"]
-    console.print(f"wrote {wmdp}/ (questions.jsonl, mmlu.jsonl, forget_corpus.jsonl, retain_corpus.jsonl) "
-                  f"and {muse}/ (MUSE layout)")
+    wmdp, muse, tofu = written["wmdp"], written["muse"], written["tofu"]
+    console.print(f"wrote {wmdp}/ (questions.jsonl, mmlu.jsonl, forget_corpus.jsonl, retain_corpus.jsonl), "
+                  f"{muse}/ (MUSE layout) and {tofu}/ (TOFU layout)")
     console.print("The embedded target model knows these facts: `unlearn prepare` prints its folder. Try:\n"
                   f"  unlearn eval --benchmark wmdp --data {wmdp}/questions.jsonl --set benchmark.utility="
                   f"{wmdp}/mmlu.jsonl --model TARGET\n"
                   f"  unlearn eval --benchmark muse --data {muse} --model TARGET\n"
+                  f"  unlearn eval --benchmark tofu --data {tofu} --model TARGET\n"
                   f"  unlearn run --benchmark wmdp --data {wmdp}/questions.jsonl --forget-corpus "
                   f"{wmdp}/forget_corpus.jsonl --retain-corpus {wmdp}/retain_corpus.jsonl --model TARGET")
 
