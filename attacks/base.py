@@ -16,6 +16,7 @@ from unlearn.compute.placement import CPU_FP32, Placement
 from unlearn.core.registry import Registry
 from unlearn.core.settings import declares_settings
 from unlearn.storage.metrics import Metric
+from unlearn.storage.records import Recovery
 from unlearn.tasks.task import ItemSubset, Task
 from unlearn.training.config import EvalConfig
 
@@ -50,6 +51,9 @@ class AttackResult:
     target_probe: dict[str, float] | None = None
     measured_on: str | None = None
     curve_items: ItemSubset | None = None  # the curve's metrics as full-evaluation metrics on some items, if they are
+    # Recoveries the attack measures itself (membership inference: the share of the target's signal left), instead
+    # of the recipe's (attacked - unlearned) / (target - unlearned) on the benchmark's metrics.
+    recoveries: list[Recovery] | None = None
 
 
 class Attack(ABC):

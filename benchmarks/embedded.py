@@ -21,7 +21,7 @@ from unlearn.core.settings import (
 from unlearn.evaluation.measures import mcq_accuracy, perplexity, rouge_l, run_steps
 from unlearn.storage.metrics import Metric
 from unlearn.tasks.data import MCQ, Example, qa_prompt
-from unlearn.tasks.task import BENCHMARKS, Benchmark, ItemSubset, RelearnPlan, Task, split_items
+from unlearn.tasks.task import BENCHMARKS, Benchmark, ItemSubset, Membership, RelearnPlan, Task, split_items
 
 ACC, ROUGE, PROB = "fraction correct", "ROUGE-L F1 (0-1)", "normalized answer probability (0-1)"
 METRICS = (
@@ -82,6 +82,10 @@ class TaskData(Task):
         model.eval()
         metrics = run_steps(self._mcq_steps(model, tokenizer, settings, ("forget",)), progress=False)
         return {k: v for k, v in metrics.items() if k.count("/") == 1}  # the per-attribute breakdown is left out
+
+    def membership(self) -> Membership:
+        """The forget facts' QA pairs (taught to the target) against the holdout facts' (never taught)."""
+        return Membership(self.qa["forget"], self.qa["holdout"], "forget vs holdout QA pairs (answer tokens)")
 
     def relearn_plan(self, domain: str, samples: int | None, seed: int) -> RelearnPlan:
         """The forget facts are split (seeded): the attack fine-tunes on one part (or, out-of-domain, on the

@@ -244,10 +244,15 @@ def _flags_given(ctx: typer.Context, keep: tuple[str, ...]) -> list[str]:
 
 
 def _print_metrics(metrics: dict[str, float], task: Task | None = None) -> None:
-    """One metric per line with its unit (benchmarks report on different scales: MUSE ×100, accuracies 0-1)."""
+    """One metric per line with its unit (benchmarks report on different scales: MUSE ×100, accuracies 0-1); a
+    metric's interval (`<key>_low`, `<key>_high`) on its own line."""
     for key, value in metrics.items():
+        if key.endswith(("_low", "_high")) and key.rsplit("_", 1)[0] in metrics:
+            continue
         unit = task.unit(key) if task is not None else ""
-        console.print(f"{key:40s} {value:10.4f}  {unit}".rstrip())
+        low, high = metrics.get(f"{key}_low"), metrics.get(f"{key}_high")
+        spread = f" [{low:.4f}, {high:.4f}]" if low is not None and high is not None else ""
+        console.print(f"{key:40s} {value:10.4f}{spread}  {unit}".rstrip())
 
 
 def _samples_path(log_samples: bool, samples_path: Path | None, run_dir: Path | None) -> Path | None:

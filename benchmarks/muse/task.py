@@ -20,7 +20,8 @@ from unlearn.evaluation.measures import (
     rouge_l_scores,
     run_steps,
 )
-from unlearn.tasks.task import Task
+from unlearn.tasks.data import Example
+from unlearn.tasks.task import Membership, Task
 
 
 @dataclass
@@ -101,6 +102,12 @@ class MuseTask(Task):
 
         return [("muse/verbmem_forget", verbmem), ("muse/knowmem_forget", lambda: knowmem("forget")),
                 ("muse/knowmem_retain", lambda: knowmem("retain"))]
+
+    def membership(self) -> Membership:
+        """PrivLeak's passages: privleak/forget against privleak/holdout, each scored whole."""
+        return Membership([Example("", t) for t in self.privleak_texts["forget"]],
+                          [Example("", t) for t in self.privleak_texts["holdout"]],
+                          "privleak forget vs holdout passages (whole)")
 
     @torch.no_grad()
     def probe(self, model: Any, tokenizer: Any, settings: Any) -> dict[str, float]:

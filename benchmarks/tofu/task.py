@@ -35,7 +35,7 @@ from unlearn.evaluation.measures import (
 from unlearn.storage.metrics import Metric
 from unlearn.tasks.data import Encoded, Example, on_device
 from unlearn.tasks.scoring import sequence_logprobs
-from unlearn.tasks.task import ItemSubset, RelearnPlan, Task, split_items
+from unlearn.tasks.task import ItemSubset, Membership, RelearnPlan, Task, split_items
 
 UNSEEN = (Metric("forget_unseen_prob", "forget Prob (unseen)", "lower", "forget", "per-token probability (0-1)"),
           Metric("forget_unseen_truth_ratio", "forget truth ratio (unseen)", "higher", "forget", "truth ratio (0-1)"),
@@ -211,6 +211,15 @@ class TofuTask(Task):
         return self.retain_model_ratios(model.device, dtype, settings)
 
     # ------------------------------------------------------------------------------------------ attacks
+
+    def membership(self) -> Membership | None:
+        """The forget set's QA pairs against holdoutNN's (OpenUnlearning's TOFU membership sets), when present."""
+        if not self.holdout:
+            return None
+        return Membership([training_pair(self.settings, qa) for qa in self.sets["forget"]],
+                          [training_pair(self.settings, qa) for qa in self.holdout],
+                          f"{self.settings.split} vs holdout{self.settings.split.removeprefix('forget')} QA pairs "
+                          "(answer tokens)")
 
     @torch.no_grad()
     def probe(self, model: Any, tokenizer: Any, settings: Any) -> dict[str, float]:

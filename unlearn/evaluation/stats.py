@@ -94,6 +94,38 @@ def recovery_interval(target: Sequence[float], unlearned: Sequence[float], attac
     return bootstrap(rows, lambda d: recovery_of_means(d, better), level, resamples, seed)
 
 
+def roc_auc(members: Sequence[float], nonmembers: Sequence[float]) -> float:
+    """ROC AUC of telling non-members (label 1) from members (label 0) by a score that is higher for non-members:
+    P(a non-member outscores a member), ties counting half (the Mann-Whitney form of sklearn's roc_auc_score)."""
+    from scipy.stats import rankdata
+
+    n, m = len(members), len(nonmembers)
+    if n == 0 or m == 0:
+        raise ValueError("an AUC needs members and non-members")
+    ranks = rankdata(np.concatenate([np.asarray(members, float), np.asarray(nonmembers, float)]))
+    return float((ranks[n:].sum() - m * (m + 1) / 2) / (n * m))
+
+
+def two_sample_bootstrap(members: Sequence[Sequence[float]], nonmembers: Sequence[Sequence[float]],
+                         statistic: Callable[[Rows, Rows], float], level: float = 0.95, resamples: int = 2000,
+                         seed: int = 0) -> Interval:
+    """Percentile bootstrap of a statistic of two groups of items (an AUC: members and non-members), each group
+    resampled within itself so both keep their sizes; columns are what each item carries (one score per model), so
+    statistics of several models are resampled on the same items. Undefined resamples count as in `bootstrap`."""
+    a, b = np.asarray(members, dtype=float), np.asarray(nonmembers, dtype=float)
+    a, b = (x[:, None] if x.ndim == 1 else x for x in (a, b))
+    value = float(statistic(a, b))
+    rng = np.random.default_rng(seed)
+    draws = np.array([statistic(a[rng.integers(0, len(a), len(a))], b[rng.integers(0, len(b), len(b))])
+                      for _ in range(resamples)], dtype=float)
+    finite = draws[np.isfinite(draws)]
+    if min(len(a), len(b)) < 2 or len(finite) < resamples / 2:
+        return Interval(value, math.nan, math.nan, len(a) + len(b), level)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return Interval(value, float(low), float(high), len(a) + len(b), level)
+
+
 def over_seeds(groups: Sequence[Sequence[Sequence[float]] | Sequence[float]], statistic: Callable[[Rows], float] | None
                = None, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> Interval:
     """The mean over seeds of a per-seed statistic of that seed's items, with a two-level percentile bootstrap

@@ -83,6 +83,8 @@ def _recoveries(subject: Subject, result: AttackResult,
                 attacked_items: dict[str, list[float]]) -> tuple[list[Recovery], dict[str, Vectors]]:
     """Recovery on every forget metric measured, the headline's first; and the per-item values of each, by metric."""
     vectors: dict[str, Vectors] = {}
+    if result.recoveries is not None:
+        return result.recoveries, vectors
     if result.curve:
         # Attacks that measure repeatedly: recovery on their own probe, from its first to its last point.
         if result.target_probe is None:

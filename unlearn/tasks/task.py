@@ -57,6 +57,16 @@ class RelearnPlan:
     items: ItemSubset | None = None  # how the probe's metrics map onto per-item evaluation values, when they do
 
 
+@dataclass
+class Membership:
+    """What a membership-inference attack compares: items the model was trained on and should now treat as unseen
+    (the forget set), and items it never saw (the holdout set)."""
+
+    members: list[Example]
+    nonmembers: list[Example]
+    measured_on: str  # in words: which sets
+
+
 def split_items(n: int, samples: int | None, seed: int, what: str = "forget items",
                 hold_out: bool = True) -> tuple[list[int], list[int]]:
     """(indices of a seeded sample of `samples` of n items, default half; the other indices). With `hold_out`
@@ -136,6 +146,11 @@ class Task(ABC):
                            measured_on=f"{probed[0].key}: the benchmark's own forget items (the attack fine-tunes on "
                                        f"{len(used)} of {len(pool)} {domain} passages)",
                            details={"used_indices": used})
+
+
+    def membership(self) -> Membership | None:
+        """Forget items against holdout items, for benchmarks that have a holdout set (default: none)."""
+        return None
 
 
 class Benchmark(ABC):
