@@ -144,9 +144,8 @@ def test_attack_prints_six_aucs_with_intervals(tmp_path: Path, tiny_model_dir: P
 
 
 def test_a_benchmark_without_holdout_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from unlearn.benchmarks.example_data import write_example_data
-
     from tests.conftest import SMALL
+    from unlearn.benchmarks.example_data import write_example_data
 
     write_example_data(tmp_path / "data", SMALL)
     result = cli("attack", "--model", str(tiny_model_dir), "--attack", "mia", "--benchmark", "wmdp", "--data",
