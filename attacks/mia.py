@@ -93,20 +93,14 @@ class Mia(Attack):
         target = (self._score(subject.target_model, subject, membership, settings, wanted, reference, progress)
                   if subject.target_model else None)
         seed = settings.seed if settings.seed is not None else subject.seed
-        metrics: dict[str, float] = {}
+        metrics, target_metrics = _aucs(attacked, wanted, settings, seed), None
         recoveries = []
-        for name in wanted:
-            key = f"mia/{name}_auc"
-            interval = two_sample_bootstrap(attacked.members[name], attacked.nonmembers[name],
-                                            lambda a, b: roc_auc(a[:, 0], b[:, 0]), resamples=settings.resamples,
-                                            seed=seed)
-            metrics |= {key: interval.value, f"{key}_low": interval.low, f"{key}_high": interval.high}
-            if target is not None:
-                recoveries.append(_signal_left(key, name, attacked, target, membership.measured_on, settings, seed))
-        details: dict[str, Any] = {"members": len(membership.members), "nonmembers": len(membership.nonmembers),
-                                   "measured_on": membership.measured_on, "notes": notes}
         if target is not None:
-            details["target"] = {f"mia/{n}_auc": roc_auc(target.members[n], target.nonmembers[n]) for n in wanted}
+            target_metrics = _aucs(target, wanted, settings, seed)
+            recoveries = [_signal_left(f"mia/{name}_auc", name, attacked, target, membership.measured_on, settings,
+                                       seed) for name in wanted]
+        details: dict[str, Any] = {"members": len(membership.members), "nonmembers": len(membership.nonmembers),
+                                   "measured_on": membership.measured_on, "notes": notes, "target": target_metrics}
         return AttackResult(metrics=metrics, details=details, recoveries=recoveries)
 
     def _stats(self, spec: str, subject: Subject, membership: Any, settings: MiaSettings,
@@ -154,6 +148,17 @@ class Mia(Attack):
         return out
 
 
+def _aucs(scored: Scored, wanted: list[str], settings: MiaSettings, seed: int) -> dict[str, float]:
+    """mia/<score>_auc with its 95 % interval (`_low`, `_high`), each set resampled within itself."""
+    out: dict[str, float] = {}
+    for name in wanted:
+        key = f"mia/{name}_auc"
+        interval = two_sample_bootstrap(scored.members[name], scored.nonmembers[name],
+                                        lambda a, b: roc_auc(a[:, 0], b[:, 0]), resamples=settings.resamples, seed=seed)
+        out |= {key: interval.value, f"{key}_low": interval.low, f"{key}_high": interval.high}
+    return out
+
+
 def _signal_left(key: str, name: str, attacked: Scored, target: Scored, measured_on: str, settings: MiaSettings,
                  seed: int) -> Recovery:
     """The share of the target's membership signal the score still finds, with its interval over the same items."""
@@ -164,8 +169,7 @@ def _signal_left(key: str, name: str, attacked: Scored, target: Scored, measured
     members = np.column_stack([attacked.members[name], target.members[name]])
     nonmembers = np.column_stack([attacked.nonmembers[name], target.nonmembers[name]])
     auc, auc_target = roc_auc(members[:, 0], nonmembers[:, 0]), roc_auc(members[:, 1], nonmembers[:, 1])
-    what = (f"{TITLES[name]} AUC, {measured_on}; ratio = (AUC − 0.5) / (AUC_target − 0.5), the share of the "
-            "target's membership signal still found")
+    what = f"{TITLES[name]} AUC, {measured_on}: the share of the target's membership signal left"
     if auc_target <= 0.5 + 1e-9:
         return Recovery(metric=key, measured_on=what, ratio=None, unlearned=auc, attacked=auc, target=auc_target,
                         note="undefined: the target model's forget items are not detected (AUC_target <= 0.5)")

@@ -131,6 +131,7 @@ def test_attack_prints_six_aucs_with_intervals(tmp_path: Path, tiny_model_dir: P
     record = json.loads((folder / "attacks" / "mia" / "metrics.json").read_text())
     assert len(record["recoveries"]) == 6 and record["recovery"]["metric"] == "mia/min_k_auc"
     assert record["recovery"]["target"] == pytest.approx(record["details"]["target"]["mia/min_k_auc"])
+    assert record["details"]["target"]["mia/min_k_auc_low"] <= record["recovery"]["target"]
     assert record["recovery"]["attacked"] == pytest.approx(record["metrics"]["mia/min_k_auc"])
     report = cli("report", "runs", cwd=tmp_path)
     assert report.returncode == 0 and "after mia" in report.stdout, report.stderr
