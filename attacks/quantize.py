@@ -8,12 +8,17 @@ An embarrassingly simple approach to recover unlearned knowledge"). Two families
   (outlier threshold 6.0) -- the transformers defaults, built by `from_pretrained(quantization_config=...)`.
   `quantize_in_memory` builds the very same layers from an already loaded float model (e.g. right
   after a relearning attack, without saving it); the tests check the logits agree exactly.
-* rtn: round-to-nearest fake quantization at 2, 3, 4 or 8 bits, written here by hand: neither
-  torchao nor optimum-quanto is a dependency of this project (quanto offers no 3-bit weights
-  anyway), and the method is a dozen lines. Weights are replaced by their dequantized values, so
+* rtn: round-to-nearest fake quantization at 2, 3, 4 or 8 bits, written here by hand (quanto offers no
+  3-bit weights, and the method is a dozen lines). Weights are replaced by their dequantized values, so
   the model keeps its float dtype and all downstream code runs unchanged.
+* quanto: optimum-quanto's calibration-free weight quantization, as users apply it to released models
+  (transformers' QuantoConfig): int2 / int4 weights in groups of 128 input columns, int8 per output channel,
+  activations left in float. It runs on the CPU and the GPU.
 
-Both families quantize the same layers: every plain `nn.Linear` (or GPT-2 style `Conv1D`) except
+GPTQ and AWQ are not offered: they need calibration data and their libraries (gptqmodel, AutoAWQ) need a CUDA
+build of torch (gptqmodel asks for torch >= 2.14.1 with CUDA; AutoAWQ is archived and CUDA-only).
+
+All three families quantize the same layers: every plain `nn.Linear` (or GPT-2 style `Conv1D`) except
 the ones transformers keeps in full precision -- the output head, anything tied to the embeddings,
 the module holding the model's last parameter, and the model's `_keep_in_fp32_modules`.
 Embeddings and norms are never quantized.
@@ -37,8 +42,8 @@ from unlearn.compute.placement import Placement, autocast_forward
 from unlearn.core.errors import UserError
 from unlearn.core.settings import AT_LEAST_ONE, Limit, setting
 
-METHODS = ("bnb", "rtn")
-BITS = {"bnb": (4, 8), "rtn": (2, 3, 4, 8)}
+METHODS = ("bnb", "rtn", "quanto")
+BITS = {"bnb": (4, 8), "rtn": (2, 3, 4, 8), "quanto": (2, 4, 8)}
 QUANT_TYPES = ("nf4", "fp4")
 
 
@@ -76,6 +81,8 @@ class QuantSpec:
         """Folder-friendly: bnb-4bit-nf4, bnb-8bit, rtn-3bit-g64, rtn-4bit-channel."""
         if self.method == "bnb":
             return f"bnb-{self.bits}bit" + (f"-{self.quant_type}" if self.bits == 4 else "")
+        if self.method == "quanto":
+            return f"quanto-{self.bits}bit"
         return f"rtn-{self.bits}bit-" + (f"g{self.group_size}" if self.group_size else "channel")
 
 
@@ -167,6 +174,25 @@ def rtn_quantize_(model: nn.Module, bits: int, group_size: int | None = None) ->
     return {"layers": len(layers), "bits": bits, "group_size": group_size}
 
 
+# ---------------------------------------------------------------- optimum-quanto
+
+
+def quanto_quantize_(model: nn.Module, bits: int) -> dict[str, Any]:
+    """Quantize, in place, the layers bitsandbytes would quantize, with optimum-quanto's integer weights (frozen:
+    the integer codes and scales replace the float weights)."""
+    QuantSpec("quanto", bits)  # validates bits
+    try:
+        from optimum.quanto import freeze, qint2, qint4, qint8, quantize
+    except ImportError as err:
+        raise UserError(f"quanto quantization is not available here: {err} (pip install optimum-quanto)") from None
+    layers = quantizable_linears(model)
+    # quanto matches module names as fnmatch patterns: escape the characters it would read as wildcards.
+    names = [name.replace("[", "[[]").replace("?", "[?]").replace("*", "[*]") for name in layers]
+    quantize(model, weights={2: qint2, 4: qint4, 8: qint8}[bits], include=names)
+    freeze(model)
+    return {"layers": len(layers), "bits": bits}
+
+
 # ---------------------------------------------------------------- bitsandbytes
 
 
@@ -232,6 +258,9 @@ def quantize_in_memory(model: nn.Module, spec: QuantSpec) -> nn.Module:
     if spec.method == "rtn":
         rtn_quantize_(model, spec.bits, spec.group_size)
         return model.eval()
+    if spec.method == "quanto":
+        quanto_quantize_(model, spec.bits)
+        return model.eval()
     bnb, config = _bitsandbytes(), _bnb_config(spec)
     layers = {name: _to_bnb(module, config, bnb) for name, module in quantizable_linears(model).items()}
     _check_cpu_4bit(layers.items())  # before touching the model, so a refusal leaves it intact
@@ -283,9 +312,12 @@ def load_quantized(model_dir: str | Path, spec: QuantSpec, trust_remote_code: bo
     """
     spec.validate()
     source = resolve(str(model_dir))  # a missing folder or one without config.json is a UserError here
-    if spec.method == "rtn":
+    if spec.method in ("rtn", "quanto"):  # quantized here, from the float weights (in float32)
         model = _from_pretrained(source, str(model_dir), trust_remote_code=trust_remote_code)
-        rtn_quantize_(model, spec.bits, spec.group_size)
+        if spec.method == "rtn":
+            rtn_quantize_(model, spec.bits, spec.group_size)
+        else:
+            quanto_quantize_(model, spec.bits)
         if device is not None:
             model = model.to(device)
     else:
@@ -304,11 +336,13 @@ class Quantize(Attack):
     """Load the model quantized (the float weights never load for bnb) and evaluate it."""
 
     Settings = QuantSpec
-    summary = "bitsandbytes 4-bit (NF4/FP4) or 8-bit, or round-to-nearest 2/3/4/8-bit; the benchmark's metrics"
+    summary = ("bitsandbytes 4-bit (NF4/FP4) or 8-bit, round-to-nearest 2/3/4/8-bit, or optimum-quanto int2/4/8; the "
+               "benchmark's metrics")
     named_by = ("method", "bits", "quant_type", "group_size")
     # The short forms users know (`unlearn attack --quantize 4bit`), as (method, bits) settings of this attack.
     SHORT_FORMS = {"4bit": ("bnb", 4), "8bit": ("bnb", 8), "rtn2": ("rtn", 2), "rtn3": ("rtn", 3),
-                   "rtn4": ("rtn", 4), "rtn8": ("rtn", 8)}
+                   "rtn4": ("rtn", 4), "rtn8": ("rtn", 8), "quanto2": ("quanto", 2), "quanto4": ("quanto", 4),
+                   "quanto8": ("quanto", 8)}
 
     @classmethod
     def short_form(cls, text: str) -> dict[str, Any]:

@@ -182,6 +182,7 @@ def test_spec_names(spec, name):
     ({"method": "rtn", "bits": 4, "group_size": 0}, "positive"),
     ({"method": "bnb", "bits": 4, "group_size": 64}, "rtn only"),
     ({"method": "gptq", "bits": 4}, "method"),
+    ({"method": "quanto", "bits": 3}, "quanto quantization supports 2, 4, 8 bits"),
 ])
 def test_invalid_specs(kwargs, message):
     with pytest.raises(UserError, match=message):
@@ -198,3 +199,28 @@ def test_missing_model_folder(tmp_path):
         load_quantized(tmp_path / "nope", QuantSpec("rtn", 4))
     with pytest.raises(UserError, match="config.json"):
         load_quantized(tmp_path, QuantSpec("bnb", 8))
+
+
+# ---------------------------------------------------------------- optimum-quanto
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quanto_quantizes_the_projections_and_loads_alike(saved_dir, tokens, bits):
+    spec = QuantSpec("quanto", bits)
+    loaded = load_quantized(saved_dir, spec)
+    expected = quantize_in_memory(AutoModelForCausalLM.from_pretrained(saved_dir, dtype=torch.float32), spec)
+    assert torch.equal(logits(loaded, tokens), logits(expected, tokens))
+    types = layer_types(loaded)
+    assert {n for n, t in types.items() if t == "QLinear"} == {
+        f"model.layers.{i}.{p}" for i in range(2) for p in PROJECTIONS}
+    assert spec.name == f"quanto-{bits}bit"
+
+
+def test_quanto_int8_is_symmetric_absmax_per_output_channel():
+    model = make_wide_model()
+    weight = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    quantize_in_memory(model, QuantSpec("quanto", 8))
+    got = model.model.layers[0].mlp.down_proj.weight.dequantize()
+    scale = weight.abs().amax(dim=1, keepdim=True) / 127  # by hand: one scale per output row, zero at zero
+    assert torch.allclose(got.float(), torch.round(weight / scale) * scale, atol=1e-6)
+    assert (got.float() - weight).abs().le(scale / 2 + 1e-6).all()

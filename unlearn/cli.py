@@ -321,7 +321,7 @@ def attack(
                          "--set attack.KEY=VALUE and the flags below.")] = None,
     quantize: Annotated[str | None, typer.Option(
         help="Short form of --attack quantize: 4bit (bitsandbytes NF4/FP4), 8bit (LLM.int8), or "
-             "rtn2/rtn3/rtn4/rtn8 (round-to-nearest).")] = None,
+             "rtn2/rtn3/rtn4/rtn8 (round-to-nearest), quanto2/quanto4/quanto8 (optimum-quanto).")] = None,
     quant_type: Annotated[str | None, typer.Option(help="4-bit data type: nf4 or fp4 (attack.quant_type).")] = None,
     group_size: Annotated[int | None, typer.Option(
         help="RTN group size (attack.group_size; default per output channel).")] = None,
