@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -327,6 +327,9 @@ def attack(
         help="RTN group size (attack.group_size; default per output channel).")] = None,
     relearn: Annotated[bool, typer.Option("--relearn", help="Short form of --attack relearn: fine-tune on part of "
                                                             "the forget text.")] = False,
+    grid: Annotated[Path | None, typer.Option(
+        help="A tampering grid file (configs/grids/tamper.yaml): every member attacked in turn, then the worst case "
+             "(attacks/worst-NAME/).")] = None,
     samples: Annotated[int | None, typer.Option(
         help="Forget items to relearn on (attack.samples; default half).")] = None,
     steps: Annotated[int | None, typer.Option(help="Relearning steps (attack.steps).")] = None,
@@ -354,10 +357,14 @@ def attack(
     from unlearn.recipes.attack import attack_settings, run_attack
     from unlearn.recipes.subject import held, subject_for
 
-    chosen = [n for n, given in (("--attack", attack_name), ("--quantize", quantize), ("--relearn", relearn)) if given]
+    chosen = [n for n, given in (("--attack", attack_name), ("--quantize", quantize), ("--relearn", relearn),
+                                 ("--grid", grid)) if given]
     if len(chosen) != 1:
-        raise UserError("choose one attack: --quantize BITS, --relearn or --attack NAME"
+        raise UserError("choose one attack: --quantize BITS, --relearn, --attack NAME or --grid FILE"
                         + (f" (got {' and '.join(chosen)})" if chosen else ""))
+    if grid is not None:
+        _attack_grid(grid, run_dir, model, config, set_, benchmark, data, trust_remote_code, device, dtype, quiet)
+        return
     from unlearn.attacks.quantize import Quantize
     from unlearn.attacks.relearn import Relearn
 
@@ -389,14 +396,45 @@ def attack(
                 f"{_title(record.curve_metrics, k)} {point[k]:.3f}" for k in keys))
     _print_metrics(record.metrics, subject.task)
     for recovery in record.recoveries:
-        where = recovery.metric + (f", {recovery.measured_on}" if recovery.measured_on != recovery.metric else "")
-        if recovery.ratio is None:
-            console.print(f"recovery ratio ({where}): {recovery.note}")
-            continue
-        spread = (f" [{recovery.low:.3f}, {recovery.high:.3f}] (95 % bootstrap over {recovery.n} items)"
-                  if recovery.low is not None and recovery.high is not None else "")
-        caveat = f"; {recovery.note.removeprefix('ok; ')}" if recovery.note not in ("", "ok") else ""
-        console.print(f"recovery ratio ({where}): {recovery.ratio:.3f}{spread}{caveat}")
+        _print_recovery(recovery)
+    if folder is not None:
+        console.print(f"wrote {folder / 'metrics.json'}")
+
+
+def _print_recovery(recovery: Any) -> None:
+    where = recovery.metric + (f", {recovery.measured_on}" if recovery.measured_on != recovery.metric else "")
+    if recovery.ratio is None:
+        console.print(f"recovery ratio ({where}): {recovery.note}")
+        return
+    spread = (f" [{recovery.low:.3f}, {recovery.high:.3f}] (95 % bootstrap over {recovery.n} items)"
+              if recovery.low is not None and recovery.high is not None else "")
+    caveat = f"; {recovery.note.removeprefix('ok; ')}" if recovery.note not in ("", "ok") else ""
+    console.print(f"recovery ratio ({where}): {recovery.ratio:.3f}{spread}{caveat}")
+
+
+def _attack_grid(path: Path, run_dir: Path | None, model: str | None, config: Path | None, set_: list[str] | None,
+                 benchmark: str | None, data: str | None, trust_remote_code: bool, device: str | None,
+                 dtype: str | None, quiet: bool) -> None:
+    """`unlearn attack --grid FILE`: every member, then the worst case over them."""
+    from unlearn.recipes.subject import held, subject_for
+    from unlearn.recipes.worst_case import read_grid, run_grid
+
+    grid = read_grid(path)  # every member's settings checked before any model loads
+    if set_:
+        raise UserError("--grid takes its settings from the grid file; --set does not apply to it")
+    with held(run_dir):
+        subject = subject_for(run_dir, model, config, [], benchmark, {"benchmark.data": _path_or_name(data)},
+                              trust_remote_code, device, dtype)
+        _setup_torch()
+        worst, members, folder = run_grid(subject, grid, progress=not quiet, log=console.print)
+    for record in members:
+        if record.recovery is not None:
+            console.print(f"{record.attack}: ", end="")
+            _print_recovery(record.recovery)
+    console.print(f"worst case over {len(members)} attacks ({worst.details.get('worst', 'none')}; interval at "
+                  f"{worst.details.get('each_level', 0):.4f} per member, Bonferroni, so it holds for the maximum):")
+    if worst.recovery is not None:
+        _print_recovery(worst.recovery)
     if folder is not None:
         console.print(f"wrote {folder / 'metrics.json'}")
 

@@ -94,6 +94,39 @@ def recovery_interval(target: Sequence[float], unlearned: Sequence[float], attac
     return bootstrap(rows, lambda d: recovery_of_means(d, better), level, resamples, seed)
 
 
+def simultaneous_level(members: int, level: float = 0.95) -> float:
+    """The level each of `members` intervals needs so that all of them hold at once with probability >= `level`
+    (Bonferroni: the miss probabilities add up)."""
+    return 1 - (1 - level) / max(members, 1)
+
+
+@dataclass(frozen=True)
+class WorstCase:
+    """The largest of several members' values (recovery ratios) and an interval for it that accounts for picking the
+    largest: with every member's interval at `simultaneous_level`, all hold at once with probability >= `level`, and
+    then the true maximum lies in [max of the lows, max of the highs]."""
+
+    member: str
+    value: float
+    low: float
+    high: float
+    level: float
+    each_level: float
+
+
+def worst_case(intervals: dict[str, Interval], level: float = 0.95) -> WorstCase:
+    """`intervals`: each member's value with its interval at `simultaneous_level(len(intervals), level)`. A member
+    without an interval (nan) leaves the worst case's interval undefined, not narrower."""
+    if not intervals:
+        raise ValueError("a worst case needs at least one member")
+    member = max(intervals, key=lambda name: intervals[name].value)
+    lows = [i.low for i in intervals.values()]
+    highs = [i.high for i in intervals.values()]
+    bounded = all(math.isfinite(x) for x in lows + highs)
+    return WorstCase(member, intervals[member].value, max(lows) if bounded else math.nan,
+                     max(highs) if bounded else math.nan, level, simultaneous_level(len(intervals), level))
+
+
 def roc_auc(members: Sequence[float], nonmembers: Sequence[float]) -> float:
     """ROC AUC of telling non-members (label 1) from members (label 0) by a score that is higher for non-members:
     P(a non-member outscores a member), ties counting half (the Mann-Whitney form of sklearn's roc_auc_score)."""
