@@ -28,6 +28,8 @@ from unlearn.recipes.study.results import (
     recovery_aggregate,
     recovery_rows,
     results_rows,
+    worst_aggregate,
+    worst_difference,
 )
 from unlearn.storage.metrics import Metric
 from unlearn.storage.records import AttackRecord, Recovery, RunRecord, read_run
@@ -175,6 +177,9 @@ def test_a_finished_cell_with_other_settings_is_refused(tmp_path, tiny_model_dir
     ({"methods": {"npo": {"calibrate": {"beta": [0.1, 0.2]}}}}, "only optimizers can be calibrated"),
     ({"optimizers": {"adamw": {"calibrate": {"lr": [1e-5, 2e-5]}}},
       "run": {"train": {"max_steps": 2}}}, "needs train.stop_at"),
+    ({"worst_case": {"w": ["rtn4", "nope"]}}, "study worst_case 'w' names unknown attack label(s) nope"),
+    ({"worst_case": {"w": ["rtn4"]}}, "needs at least two distinct attacks"),
+    ({"attacks": {"r": {"attack": "relearn", "grid": {"lr": 1e-5}}}}, "grid must map settings to non-empty lists"),
 ])
 def test_bad_study_input_fails_in_one_line_before_anything_runs(tmp_path, tiny_model_dir, changes, message):
     result = cli("study", str(_study(tmp_path, tiny_model_dir, **changes)), "-q", cwd=tmp_path)
@@ -228,6 +233,45 @@ def test_aggregation_of_a_hand_made_table():
     q4 = [r for r in rows if r["attack"] == "q4" and r["optimizer"] == "a"]
     assert all(r["recovery forget/mcq_acc"] == pytest.approx(2 / 7) and r["lr"] == "1e-05" for r in q4)
     assert json.dumps(rows)  # plain values only: what csv and json can hold
+
+
+def test_worst_case_of_a_hand_made_table():
+    """As above with a second attack: "q8" brings back 40 % of what was removed for "a" (more than q4's 2/7), nothing
+    for "b". The worst case of "a" is q8, its interval the max of the members' Bonferroni bounds, and "b" is
+    lower on it beyond noise."""
+    n = 200
+    forget = [1.0 if i % 10 < 3 else 0.0 for i in range(n)]
+    q4_back = [1.0 if i % 10 < 5 else 0.0 for i in range(n)]
+    q8_back = [1.0 if i % 20 < 11 else 0.0 for i in range(n)]  # 55 % known: (0.55 - 0.3) / 0.7
+    a = [_cell("a", s, forget, q4_back) for s in range(3)]
+    b = [_cell("b", s, forget, forget) for s in range(3)]
+    for cell, back in [*((c, q8_back) for c in a), *((c, forget) for c in b)]:
+        record, items = cell.attacks["q4"]
+        ratio = (np.mean(back) - 0.3) / 0.7
+        cell.attacks["q8"] = (AttackRecord("bnb-8bit", "quantize", {}, {}, recovery=Recovery(FORGET.key, FORGET.key,
+                                                                                             float(ratio), "ok")),
+                              {"recovery": {FORGET.key: {**items["recovery"][FORGET.key], "attacked": back}}})
+    worst = worst_aggregate(a, ["q4", "q8"])
+    assert worst.worst is not None and worst.worst.member == "q8" and worst.worst.value == pytest.approx(0.25 / 0.7)
+    members = [worst.members[k].interval for k in ("q4", "q8")]
+    assert worst.worst.low == max(i.low for i in members) and worst.worst.high == max(i.high for i in members)
+    assert members[1].level == pytest.approx(0.975)  # two members: each at 1 - 0.05 / 2
+    diff = worst_difference(b, a, ["q4", "q8"])
+    assert diff is not None and diff.interval.value == pytest.approx(-0.25 / 0.7)
+    assert diff.verdict == "lower (beyond noise)"
+
+
+def test_a_study_compares_on_the_worst_case(tmp_path, tiny_model_dir):
+    path = _study(tmp_path, tiny_model_dir, seeds=[0],
+                  attacks={"rtn": {"attack": "quantize", "method": "rtn", "grid": {"bits": [4, 8]}}},
+                  worst_case={"rounding": ["rtn"]})
+    result = cli("study", str(path), "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "studies/tiny"
+    assert sorted(p.name for p in (folder / "runs/npo-adamw-s0/attacks").iterdir()) == ["rtn-4bit-channel",
+                                                                                        "rtn-8bit-channel"]
+    summary = (folder / "summary.md").read_text()
+    assert "## Worst case `rounding`" in summary and "| rtn-bits4 | rtn-bits8 |" in summary
 
 
 def test_runs_that_miss_the_level_are_not_attacked_by_default(tmp_path, tiny_model_dir):

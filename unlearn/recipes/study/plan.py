@@ -3,7 +3,6 @@ config (`unlearn study` runs it: unlearn/recipes/study/recipe.py)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,8 +10,9 @@ from typing import Any
 from unlearn.attacks.base import Attack
 from unlearn.core.errors import UserError, shown
 from unlearn.core.settings import SEED, from_mapping, setting
-from unlearn.recipes.attack import attack_settings, result_folder, with_run_seed
+from unlearn.recipes.attack import result_folder, with_run_seed
 from unlearn.recipes.pipeline import check_run_config, seeded
+from unlearn.recipes.worst_case import expand
 from unlearn.storage.records import is_number
 from unlearn.storage.runs import check_name, child
 from unlearn.training.config import RunConfig, load_run_config, merge, read_yaml, set_path
@@ -30,7 +30,12 @@ class StudySettings:
     run: dict[str, Any] = field(default_factory=dict)  # merged into every cell's run config, like a --config file
     methods: dict[str, Any] = field(default_factory=dict)  # label -> options (null: the method's defaults)
     optimizers: dict[str, Any] = field(default_factory=dict)
-    attacks: dict[str, Any] = field(default_factory=dict)  # label -> {attack: NAME, <its settings>}
+    # label -> {attack: NAME, <its settings>, grid: {SETTING: [values]}}: a grid makes one attack per combination,
+    # labelled label-<setting><value> (unlearn/recipes/worst_case.py).
+    attacks: dict[str, Any] = field(default_factory=dict)
+    # name -> attack labels (a gridded label stands for all its members): the summary compares optimizers on the
+    # largest recovery over them, with an interval that accounts for picking the largest.
+    worst_case: dict[str, list[str]] = field(default_factory=dict)
     compare_to: str | None = None  # the optimizer label the others are compared with; default: the first
     # A run that missed train.stop_at is not at the matched level: its attacks would be compared with runs that
     # are. false: it is reported (summary, results.csv) but not attacked; true: attacked anyway.
@@ -127,6 +132,7 @@ class Study:
     methods: list[Entry]
     optimizers: list[Entry]
     attacks: list[AttackEntry]
+    worst_cases: dict[str, list[str]]  # name -> the attack labels it is the worst of
     configs: dict[str, RunConfig]  # cell name -> its run config, checked (a calibrated optimizer's: see `use_value`)
     cells: list[Cell]
     trials: list[TrialRun] = field(default_factory=list)
@@ -209,16 +215,35 @@ def _run_config(settings: StudySettings, runs_dir: Path, method: Entry, optimize
     return cfg
 
 
-def _attack_entries(section: dict[str, Any]) -> list[AttackEntry]:
-    out = []
+def _attack_entries(section: dict[str, Any]) -> tuple[list[AttackEntry], dict[str, list[str]]]:
+    """The attacks, a gridded entry expanded into its members; and each entry's labels (its members' for a grid)."""
+    out, labels = [], {}
     for label, options in section.items():
         check_name(label, "attack label")
-        if not isinstance(options, dict) or not isinstance(options.get("attack"), str):
-            raise UserError(f"study attack '{label}' must be a mapping with `attack: NAME` (see `unlearn attacks`)")
-        settings = {k: v for k, v in options.items() if k != "attack"}
-        name, attack, checked = attack_settings(options["attack"],
-                                                overrides=[f"attack.{k}={json.dumps(v)}" for k, v in settings.items()])
-        out.append(AttackEntry(label, name, attack, checked))
+        members = expand(label, options, "study attack")
+        labels[label] = [m.label for m in members]
+        out += [AttackEntry(m.label, m.name, m.attack, m.settings) for m in members]
+    taken = [a.label for a in out]
+    repeated = sorted({x for x in taken if taken.count(x) > 1})
+    if repeated:
+        raise UserError(f"study attack labels repeat after expanding grids: {', '.join(repeated)}")
+    return out, labels
+
+
+def _worst_cases(section: dict[str, Any], labels: dict[str, list[str]]) -> dict[str, list[str]]:
+    out = {}
+    for name, given in section.items():
+        check_name(name, "worst case name")
+        if not isinstance(given, list) or not all(isinstance(x, str) for x in given):
+            raise UserError(f"study worst_case '{name}' must be a list of attack labels, got {shown(given)}")
+        members = [m for label in given for m in labels.get(label, [label])]
+        unknown = [m for m in members if m not in {x for ms in labels.values() for x in ms}]
+        if unknown:
+            raise UserError(f"study worst_case '{name}' names unknown attack label(s) {', '.join(unknown)}; the "
+                            f"attacks are {', '.join(x for ms in labels.values() for x in ms)}")
+        if len(set(members)) < 2 or len(set(members)) != len(members):
+            raise UserError(f"study worst_case '{name}' needs at least two distinct attacks, got {', '.join(members)}")
+        out[name] = members
     return out
 
 
@@ -233,7 +258,8 @@ def load_study(path: Path) -> Study:
     if settings.compare_to is not None and settings.compare_to not in [o.label for o in optimizers]:
         raise UserError(f"study compare_to '{settings.compare_to}' is not one of the optimizers: "
                         f"{', '.join(o.label for o in optimizers)}")
-    attacks = _attack_entries(settings.attacks)
+    attacks, labels = _attack_entries(settings.attacks)
+    worst_cases = _worst_cases(settings.worst_case, labels)
     cells = [Cell(m, o, seed) for m in methods for o in optimizers for seed in settings.seeds]
     trials = [TrialRun(m, o, value, settings.trial_seed) for m in methods for o in optimizers if o.calibrate
               for value in o.calibrate.values]
@@ -251,4 +277,5 @@ def load_study(path: Path) -> Study:
         calibrate = cell.optimizer.calibrate
         configs[cell.name] = _run_config(settings, folder / "runs", cell.method, cell.optimizer, cell.seed, cell.name,
                                          calibrate.options(calibrate.values[0]) if calibrate else None)
-    return Study(path, settings, folder, methods, optimizers, attacks, configs, cells, trials, trial_configs)
+    return Study(path, settings, folder, methods, optimizers, attacks, worst_cases, configs, cells, trials,
+                 trial_configs)

@@ -17,7 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from unlearn.evaluation.stats import Interval, bootstrap, over_seeds, recovery_of_means
+from unlearn.evaluation.stats import (
+    Interval,
+    WorstCase,
+    bootstrap,
+    over_seeds,
+    recovery_of_means,
+    simultaneous_level,
+    worst_case,
+)
 from unlearn.storage.metrics import Metric
 from unlearn.storage.records import ITEMS_FILE, AttackRecord, RunRecord, describe_lr, read_attack, read_items, read_run
 from unlearn.training.config import read_yaml
@@ -118,10 +126,11 @@ def metric_aggregate(cells: list[CellResult], key: str) -> Aggregate | None:
     return _aggregate(groups, mean_of, itemized)
 
 
-def _aggregate(groups: list[np.ndarray], statistic: Callable[[np.ndarray], float], itemized: bool) -> Aggregate:
+def _aggregate(groups: list[np.ndarray], statistic: Callable[[np.ndarray], float], itemized: bool,
+               level: float = 0.95) -> Aggregate:
     """Items recorded: the two-level interval (seeds and items). Else one value per seed, resampled over seeds."""
     per_seed = [statistic(g) for g in groups]
-    interval = over_seeds(groups, statistic) if itemized else bootstrap(per_seed)
+    interval = over_seeds(groups, statistic, level) if itemized else bootstrap(per_seed, level=level)
     return Aggregate(interval, per_seed, itemized)
 
 
@@ -137,15 +146,82 @@ def _recovery_rows(cell: CellResult, label: str, metric: str) -> tuple[np.ndarra
     return None, rec.ratio, better
 
 
-def recovery_aggregate(cells: list[CellResult], label: str, metric: str) -> Aggregate | None:
+def recovery_aggregate(cells: list[CellResult], label: str, metric: str, level: float = 0.95) -> Aggregate | None:
     """Mean recovery ratio on `metric` after attack `label` over the cells' seeds (None where any is undefined)."""
     parts = [_recovery_rows(cell, label, metric) for cell in cells if label in cell.attacks]
     if not parts or len(parts) < len(cells) or any(ratio is None for _, ratio, _ in parts):
         return None
     better = parts[0][2]
     if all(rows is not None for rows, _, _ in parts):
-        return _aggregate([rows for rows, _, _ in parts], lambda d: recovery_of_means(d, better), True)
-    return _aggregate([np.asarray([[ratio]]) for _, ratio, _ in parts], lambda d: float(d[0, 0]), False)
+        return _aggregate([rows for rows, _, _ in parts], lambda d: recovery_of_means(d, better), True, level)
+    return _aggregate([np.asarray([[ratio]]) for _, ratio, _ in parts], lambda d: float(d[0, 0]), False, level)
+
+
+# ------------------------------------------------------------------------------------------------ worst case
+
+
+@dataclass
+class WorstOfGroup:
+    """One method × optimizer's worst case: each member's mean recovery over seeds (on the member's first recovery
+    metric) with its interval at the Bonferroni level, and the largest with the max-of-bounds interval."""
+
+    worst: WorstCase | None
+    members: dict[str, Aggregate | None]
+
+
+def worst_aggregate(cells: list[CellResult], labels: list[str]) -> WorstOfGroup:
+    level = simultaneous_level(len(labels))
+    members: dict[str, Aggregate | None] = {}
+    for label in labels:
+        metrics = recovery_metrics(cells, label)
+        members[label] = recovery_aggregate(cells, label, metrics[0], level) if metrics else None
+    defined = {k: a.interval for k, a in members.items() if a is not None and math.isfinite(a.interval.value)}
+    return WorstOfGroup(worst_case(defined) if defined else None, members)
+
+
+def worst_difference(mine: list[CellResult], reference: list[CellResult], labels: list[str], resamples: int = 2000,
+                     seed: int = 0) -> Difference | None:
+    """Paired difference of the worst case (this optimizer − the reference): each resample draws seeds, then items
+    within each seed and member (the same for both optimizers), and takes each side's largest member mean anew, so
+    the interval holds the chance of which member comes out largest. None when a member lacks per-item values or a
+    recovery for some shared seed."""
+    by_seed = {c.seed: c for c in reference}
+    pairs = [(c, by_seed[c.seed]) for c in mine if c.seed in by_seed]
+    if not pairs:
+        return None
+    data: list[list[tuple[np.ndarray, np.ndarray, str]]] = []  # per seed, per member: (mine rows, ref rows, better)
+    for a, b in pairs:
+        row = []
+        for label in labels:
+            metrics = recovery_metrics([a, b], label)
+            if not metrics or label not in a.attacks or label not in b.attacks:
+                return None
+            rows_a, ratio_a, better = _recovery_rows(a, label, metrics[0])
+            rows_b, ratio_b, _ = _recovery_rows(b, label, metrics[0])
+            if rows_a is None or rows_b is None or len(rows_a) != len(rows_b) or ratio_a is None or ratio_b is None:
+                return None
+            row.append((rows_a, rows_b, better))
+        data.append(row)
+
+    def worst_gap(draw: list[tuple[int, list[np.ndarray]]]) -> float:
+        means = np.array([[[recovery_of_means(data[s][m][side][idx[m]], data[s][m][2]) for side in (0, 1)]
+                           for m in range(len(labels))] for s, idx in draw])  # seeds x members x sides
+        per_member = np.nanmean(means, axis=0) if np.isfinite(means).all() else np.full((len(labels), 2), np.nan)
+        return float(per_member[:, 0].max() - per_member[:, 1].max())
+
+    full = [(s, [np.arange(len(m[0])) for m in row]) for s, row in enumerate(data)]
+    value = worst_gap(full)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        picked = rng.integers(0, len(data), len(data)) if len(data) > 1 else [0]
+        draws.append(worst_gap([(int(s), [rng.integers(0, len(m[0]), len(m[0])) for m in data[s]])
+                                for s in picked]))
+    finite = np.asarray([d for d in draws if math.isfinite(d)])
+    if len(finite) < resamples / 2:
+        return Difference(Interval(value, math.nan, math.nan, len(data)))
+    low, high = np.percentile(finite, [2.5, 97.5])
+    return Difference(Interval(value, float(low), float(high), len(data)))
 
 
 def recovery_metrics(cells: list[CellResult], label: str) -> list[str]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from unlearn.core.files import write_atomic
-from unlearn.evaluation.stats import Interval
+from unlearn.evaluation.stats import Interval, simultaneous_level
 from unlearn.recipes.study.calibration import Calibrated, utility_metric
 from unlearn.recipes.study.results import (
     Aggregate,
@@ -29,6 +29,8 @@ from unlearn.recipes.study.results import (
     recovery_aggregate,
     recovery_metrics,
     recovery_rows,
+    worst_aggregate,
+    worst_difference,
 )
 from unlearn.storage.metrics import Metric
 from unlearn.storage.records import describe_lr, is_number
@@ -157,6 +159,8 @@ def summary_markdown(study: Study, cells: list[CellResult], failures: dict[str, 
                 for method, optimizer, group in groups]
         lines += _table(header, rows)
 
+    for name, labels in study.worst_cases.items():
+        lines += _worst_table(name, labels, groups)
     lines += _comparisons(study, cells, declared, headline, forget, utility)
     if images:
         lines += ["## Plots", "", *[f"![{p.stem}]({p.name})" for p in images], ""]
@@ -166,6 +170,25 @@ def summary_markdown(study: Study, cells: list[CellResult], failures: dict[str, 
     if missing:
         lines += [f"Not complete: {', '.join(missing)}.", ""]
     return "\n".join(lines)
+
+
+def _worst_table(name: str, labels: list[str], groups: list[tuple[str, str, list[CellResult]]]) -> list[str]:
+    each = simultaneous_level(len(labels))
+    lines = [f"## Worst case `{name}`", "",
+             f"The largest mean recovery over {len(labels)} attacks ({', '.join(labels)}), each on its own first "
+             "recovery metric. A robustness claim is only as strong as the attack that failed to break it. Every "
+             f"member's interval here is at the {each:.2%} level (Bonferroni: all {len(labels)} hold at once with "
+             ">= 95 %), and the worst case's interval runs from the largest lower to the largest upper bound, so it "
+             "accounts for having picked the largest.", ""]
+    header = ["method", "optimizer", "n", "worst attack", "worst recovery", *labels]
+    rows = []
+    for method, optimizer, group in groups:
+        result = worst_aggregate(group, labels)
+        worst = result.worst
+        rows.append([method, optimizer, str(len(group)), worst.member if worst else "n/a",
+                     _interval(Interval(worst.value, worst.low, worst.high, len(group))) if worst else "n/a",
+                     *[_cell(result.members[label]) for label in labels]])
+    return lines + _table(header, rows)
 
 
 def _calibration_table(study: Study, calibrations: Sequence[Calibrated]) -> list[str]:
@@ -231,8 +254,11 @@ def _comparisons(study: Study, cells: list[CellResult], declared: dict[str, Metr
                     better = declared[key].better if key in declared else "lower"
                     quantities.append((f"recovery on {_title(declared, key)} after {attack.label}",
                                        recovery_rows(attack.label, key), ratio_of(better)))
-            for title, rows_of, statistic in quantities:
-                diff = paired_difference(mine, ref, rows_of, statistic)
+            differences = [(title, paired_difference(mine, ref, rows_of, statistic))
+                           for title, rows_of, statistic in quantities]
+            differences += [(f"worst-case recovery `{name}`", worst_difference(mine, ref, labels))
+                            for name, labels in study.worst_cases.items()]
+            for title, diff in differences:
                 if diff is None or not math.isfinite(diff.interval.value):
                     continue  # undefined for some seed (a ratio with nothing to recover): no comparison to state
                 rows.append([method.label, optimizer.label, title, _interval(diff.interval), str(diff.interval.n),
