@@ -111,7 +111,7 @@ def test_quantize_attack(workdir, quantize):
     (["--run", "runs/tiny", "--relearn", "--quantize", "8bit"], "choose one attack"),
     (["--run", "runs/tiny", "--relearn", "--samples", "1000"], "relearning samples must be between"),
     (["--run", "runs/tiny", "--quantize", "8bit", "--steps", "3"], "--steps is not a setting of attack 'quantize'"),
-    (["--run", "runs/tiny", "--attack", "nope"], "unknown attack 'nope'; choose from: quantize, relearn"),
+    (["--run", "runs/tiny", "--attack", "nope"], "unknown attack 'nope'; choose from: mia, quantize, relearn"),
     (["--run", "runs/tiny", "--attack", "quantize", "--set", "attack.bits=5"], "bnb quantization supports 4, 8"),
     (["--run", "runs/tiny", "--attack", "relearn", "--set", "attack.steps=0"], "attack.steps must be"),
     (["--run", "runs/tiny", "--attack", "relearn", "--set", "attack.bogus=1"], "unknown key(s) in 'attack': bogus"),
