@@ -245,3 +245,11 @@ def test_cli_errors_are_one_line(tmp_path: Path, tiny_model_dir: Path, data: Pat
     assert_user_error(result, "benchmark.split must be forget01", tmp_path)
     result = cli("eval", "--benchmark", "tofu", "--model", str(tiny_model_dir), cwd=tmp_path)
     assert_user_error(result, "benchmark 'tofu' needs data", tmp_path)
+
+
+def test_membership_inference_on_tofu(tmp_path: Path, tiny_model_dir: Path, data: Path) -> None:
+    result = cli("attack", "--model", str(tiny_model_dir), "--attack", "mia", "--benchmark", "tofu", "--data",
+                 str(data), "--set", "attack.scores=[loss,min_k]", "--set", "attack.resamples=100", "-q",
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "mia/loss_auc" in result.stdout and "mia/min_k_auc" in result.stdout
