@@ -401,12 +401,12 @@ def attack(
         console.print(f"wrote {folder / 'metrics.json'}")
 
 
-def _print_recovery(recovery: Any) -> None:
+def _print_recovery(recovery: Any, interval: str = "95 % bootstrap over {n} items") -> None:
     where = recovery.metric + (f", {recovery.measured_on}" if recovery.measured_on != recovery.metric else "")
     if recovery.ratio is None:
         console.print(f"recovery ratio ({where}): {recovery.note}")
         return
-    spread = (f" [{recovery.low:.3f}, {recovery.high:.3f}] (95 % bootstrap over {recovery.n} items)"
+    spread = (f" [{recovery.low:.3f}, {recovery.high:.3f}] ({interval.format(n=recovery.n)})"
               if recovery.low is not None and recovery.high is not None else "")
     caveat = f"; {recovery.note.removeprefix('ok; ')}" if recovery.note not in ("", "ok") else ""
     console.print(f"recovery ratio ({where}): {recovery.ratio:.3f}{spread}{caveat}")
@@ -431,10 +431,10 @@ def _attack_grid(path: Path, run_dir: Path | None, model: str | None, config: Pa
         if record.recovery is not None:
             console.print(f"{record.attack}: ", end="")
             _print_recovery(record.recovery)
-    console.print(f"worst case over {len(members)} attacks ({worst.details.get('worst', 'none')}; interval at "
-                  f"{worst.details.get('each_level', 0):.4f} per member, Bonferroni, so it holds for the maximum):")
+    console.print(f"worst case over {len(members)} attacks:")
     if worst.recovery is not None:
-        _print_recovery(worst.recovery)
+        _print_recovery(worst.recovery, f"95 % for the maximum: each member's item interval at "
+                                        f"{worst.details.get('each_level', 0):.4f}, Bonferroni")
     if folder is not None:
         console.print(f"wrote {folder / 'metrics.json'}")
 
