@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,21 +21,12 @@ from unlearn.attacks.base import ATTACKS, Attack, AttackResult, Subject
 from unlearn.compute.models import load_model
 from unlearn.core.errors import UserError
 from unlearn.core.settings import AT_LEAST_ONE, Limit, setting
-from unlearn.evaluation.measures import metric_scope
-from unlearn.evaluation.membership import (
-    TokenStats,
-    encoded,
-    grad_norms,
-    loss_score,
-    min_k_plus_plus_score,
-    min_k_score,
-    reference_score,
-    token_stats,
-    zlib_score,
-)
 from unlearn.evaluation.stats import roc_auc, two_sample_bootstrap
 from unlearn.storage.records import Recovery
 from unlearn.tasks.data import Encoded
+
+if TYPE_CHECKING:
+    from unlearn.evaluation.membership import TokenStats
 
 SCORES = ("min_k", "min_k_plus_plus", "loss", "zlib", "gradnorm", "reference")
 TITLES = {"min_k": "Min-K%", "min_k_plus_plus": "Min-K%++", "loss": "LOSS", "zlib": "ZLib", "gradnorm": "GradNorm",
@@ -105,6 +96,9 @@ class Mia(Attack):
 
     def _stats(self, spec: str, subject: Subject, membership: Any, settings: MiaSettings,
                progress: bool) -> tuple[list[TokenStats], list[TokenStats]]:
+        from unlearn.evaluation.measures import metric_scope
+        from unlearn.evaluation.membership import token_stats
+
         loaded = load_model(spec, trust_remote_code=subject.trust_remote_code, placement=subject.placement)
         try:
             items = self._items(loaded, membership, settings)
@@ -117,6 +111,8 @@ class Mia(Attack):
 
     @staticmethod
     def _items(loaded: Any, membership: Any, settings: MiaSettings) -> tuple[list[Encoded], list[Encoded]]:
+        from unlearn.evaluation.membership import encoded
+
         context = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
         limit = min(x for x in (settings.max_length, context) if x) if (settings.max_length or context) else None
         return (encoded(loaded.tokenizer, membership.members, limit),
@@ -124,6 +120,18 @@ class Mia(Attack):
 
     def _score(self, spec: str, subject: Subject, membership: Any, settings: MiaSettings, wanted: list[str],
                reference: tuple[list[TokenStats], list[TokenStats]] | None, progress: bool) -> Scored:
+        # Imported here: listing the attacks (registry discovery) should not pay for the evaluation stack.
+        from unlearn.evaluation.measures import metric_scope
+        from unlearn.evaluation.membership import (
+            grad_norms,
+            loss_score,
+            min_k_plus_plus_score,
+            min_k_score,
+            reference_score,
+            token_stats,
+            zlib_score,
+        )
+
         loaded = load_model(spec, trust_remote_code=subject.trust_remote_code, placement=subject.placement)
         model, tokenizer = loaded.model, loaded.tokenizer
         size, budget = subject.eval_settings.batch_size, subject.eval_settings.max_batch_tokens
