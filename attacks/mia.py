@@ -111,9 +111,10 @@ class Mia(Attack):
 
     @staticmethod
     def _items(loaded: Any, membership: Any, settings: MiaSettings) -> tuple[list[Encoded], list[Encoded]]:
+        from unlearn.evaluation.measures import model_context
         from unlearn.evaluation.membership import encoded
 
-        context = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
+        context = model_context(loaded.model)
         limit = min(x for x in (settings.max_length, context) if x) if (settings.max_length or context) else None
         return (encoded(loaded.tokenizer, membership.members, limit),
                 encoded(loaded.tokenizer, membership.nonmembers, limit))

@@ -26,7 +26,7 @@ import torch
 
 from unlearn.evaluation.measures import progress_bar, run_batches
 from unlearn.tasks.data import Encoded, Example, collate, encode, on_device
-from unlearn.tasks.scoring import split_head
+from unlearn.tasks.scoring import mean_token_nll, split_head
 
 VARIANCE_FLOOR = 1e-6  # Min-K%++: σ² below this is taken as this (a near-deterministic next-token distribution)
 POSITIONS_PER_SLICE = 256  # vocabulary-wide log-softmax of at most this many positions at once
@@ -104,10 +104,7 @@ def grad_norms(model: Any, tokenizer: Any, items: Sequence[Encoded], p: float = 
             for item in items:
                 batch = on_device(model, collate([item], pad))
                 model.zero_grad(set_to_none=True)
-                logits = model(input_ids=batch["input_ids"], use_cache=False).logits[:, :-1].float()
-                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                                                         ignore_index=-100)
-                loss.backward()
+                mean_token_nll(model, batch).backward()
                 norms = [q.grad.detach().float().norm(p=p) for q in params if q.grad is not None]
                 out.append(float(torch.stack(norms).mean()) if norms else math.nan)
                 bar.update(1)
