@@ -53,26 +53,21 @@ class MuseTask(Task):
                                                       strict=True)])
         return out
 
-    def auc_retrain(self, device: Any, dtype: torch.dtype, batch_size: int,
-                    max_batch_tokens: int | None = None) -> float | None:
-        """AUC_retrain: given, or measured once on benchmark.retrain_model (then cached on the task)."""
+    def auc_retrain(self, like: Any, batch_size: int, max_batch_tokens: int | None = None) -> float | None:
+        """AUC_retrain: given, or measured once on benchmark.retrain_model (loaded like `like`, the model being
+        evaluated; then cached on the task)."""
         if self.settings.auc_retrain is not None:
             return self.settings.auc_retrain
         if self.settings.retrain_model is None:
             return None
         if self._auc_retrain is None:
-            from unlearn.compute.models import load_model
+            from unlearn.compute.models import score_side_model
 
-            loaded = load_model(self.settings.retrain_model, dtype=dtype)
-            retrained = loaded.model.to(device)
-            try:
+            def measure(retrained: Any, tokenizer: Any) -> float:
                 with metric_scope("muse/privleak_auc_retrain"):
-                    self._auc_retrain = self.privleak_auc(retrained, loaded.tokenizer, batch_size,
-                                                          max_batch_tokens)["auc"]
-            finally:
-                del retrained, loaded
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()  # the retrained copy must not hold memory through training
+                    return self.privleak_auc(retrained, tokenizer, batch_size, max_batch_tokens)["auc"]
+
+            self._auc_retrain = score_side_model(self.settings.retrain_model, like, measure)
         return self._auc_retrain
 
     def _generation_steps(self, model: Any, tokenizer: Any, settings: Any) -> list[tuple[str, Callable[[], float]]]:
@@ -121,12 +116,10 @@ class MuseTask(Task):
         model.eval()
 
         def retrain_auc() -> float:
-            value = self.auc_retrain(model.device, dtype, batch_size, budget)
+            value = self.auc_retrain(model, batch_size, budget)
             assert value is not None  # only asked for when benchmark.retrain_model is set
             return value
 
-        dtype = getattr(model, "dtype", torch.float32)
-        dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
         steps: list[tuple[str, Callable[[], float | dict[str, float]]]] = [
             *self._generation_steps(model, tokenizer, settings),
             ("muse/privleak", lambda: self.privleak_auc(model, tokenizer, batch_size, budget)),
@@ -135,7 +128,7 @@ class MuseTask(Task):
             # Its own step (a model load and a Min-K% pass the first time) so the progress bar shows it.
             steps.append(("muse/privleak_auc_retrain", retrain_auc))
         metrics = run_steps(steps, progress)
-        retrain = self.auc_retrain(model.device, dtype, batch_size, budget)
+        retrain = self.auc_retrain(model, batch_size, budget)
         if retrain is not None:
             metrics["muse/privleak_auc_retrain"] = retrain
             if retrain > 0:  # a retrained AUC of exactly 0 leaves the ratio undefined: report the AUCs only

@@ -161,25 +161,21 @@ class TofuTask(Task):
         log_generations(prompts, [qa.answer for qa in items], outputs, scores)
         return _mean(scores)
 
-    def retain_model_ratios(self, device: Any, dtype: torch.dtype, settings: Any) -> list[float] | None:
-        """The retain model's forget truth ratios: given in a file, or measured once on benchmark.retain_model."""
+    def retain_model_ratios(self, like: Any, settings: Any) -> list[float] | None:
+        """The retain model's forget truth ratios: given in a file, or measured once on benchmark.retain_model
+        (loaded like `like`, the model being evaluated)."""
         if self.retain_ratios is not None:
             return self.retain_ratios
         if self.settings.retain_model is None:
             return None
         if self._measured_retain is None:
-            from unlearn.compute.models import load_model
+            from unlearn.compute.models import score_side_model
 
-            loaded = load_model(self.settings.retain_model, dtype=dtype)
-            reference = loaded.model.to(device)
-            reference.eval()
-            try:
-                with metric_scope("tofu/retain_model"), torch.no_grad():
-                    self._measured_retain = self.losses(reference, loaded.tokenizer, "forget", settings).ratios()
-            finally:
-                del reference, loaded
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+            def measure(reference: Any, tokenizer: Any) -> list[float]:
+                with metric_scope("tofu/retain_model"):
+                    return self.losses(reference, tokenizer, "forget", settings).ratios()
+
+            self._measured_retain = score_side_model(self.settings.retain_model, like, measure)
         return self._measured_retain
 
     @torch.no_grad()
@@ -194,21 +190,16 @@ class TofuTask(Task):
             steps += [(f"tofu/{name}_rouge", lambda n=name: self._rouge_step(model, tokenizer, settings, n))
                       for name in self.sets]
         if self.retain_ratios is None and self.settings.retain_model is not None:
-            steps.append(("tofu/retain_model", lambda: float(len(self._reference(model, settings)))))
+            steps.append(("tofu/retain_model", lambda: float(len(self.retain_model_ratios(model, settings) or []))))
         metrics = run_steps(steps, progress)
         metrics.pop("tofu/retain_model", None)  # a step of its own only so the progress bar shows the model load
-        reference = self._reference(model, settings)
+        reference = self.retain_model_ratios(model, settings)
         if reference is not None:
             metrics["tofu/forget_quality"], metrics["tofu/forget_ks"] = forget_quality(kept["ratios"], reference)
         parts = [metrics.get(key, math.nan) for key in UTILITY_PARTS]
         if not any(math.isnan(v) for v in parts):
             metrics["tofu/model_utility"] = model_utility(parts)
         return metrics
-
-    def _reference(self, model: Any, settings: Any) -> list[float] | None:
-        dtype = getattr(model, "dtype", torch.float32)
-        dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
-        return self.retain_model_ratios(model.device, dtype, settings)
 
     # ------------------------------------------------------------------------------------------ attacks
 

