@@ -125,30 +125,29 @@ class TofuTask(Task):
 
     # ------------------------------------------------------------------------------------------ metrics
 
-    def _forget_step(self, model: Any, tokenizer: Any, settings: Any, kept: dict[str, list[float]]) -> dict[str, float]:
-        losses = self.losses(model, tokenizer, "forget", settings)
-        probs, ratios = [answer_prob(x) for x in losses.answer], losses.ratios()
-        kept["ratios"] = ratios
-        items = self.sets["forget"]
-        log_samples([{"question": qa.question, "answer": qa.answer, "nll": nll, "score": p}
-                     for qa, nll, p in zip(items, losses.answer, probs, strict=True)], metric="tofu/forget_prob")
-        log_samples([{"question": qa.question, "truth_ratio": r, "score": min(r, 1 / r) if r > 0 else 0.0}
-                     for qa, r in zip(items, ratios, strict=True)], metric="tofu/forget_truth_ratio")
-        return {"prob": _mean(probs), "truth_ratio": forget_truth_ratio(ratios)}
-
-    def _utility_step(self, model: Any, tokenizer: Any, settings: Any, name: str) -> dict[str, float]:
+    def _set_step(self, model: Any, tokenizer: Any, settings: Any, name: str,
+                  kept: dict[str, list[float]]) -> dict[str, float]:
+        """Prob and truth ratio of one set, as TOFU aggregates that set: the forget set's truth ratio as
+        min(R, 1/R) (its per-item R kept for forget quality), the others' as max(0, 1 - R); real authors and world
+        facts take Prob normalized among the options."""
         losses = self.losses(model, tokenizer, name, settings)
-        if self.correct_field[name] == "answer":  # real authors, world facts: normalized among the options
+        if self.correct_field[name] == "answer":
             probs = [normalized_prob(a, w) for a, w in zip(losses.answer, losses.perturbed, strict=True)]
         else:
             probs = [answer_prob(x) for x in losses.answer]
         ratios = losses.ratios()
-        log_samples([{"question": qa.question, "nll": nll, "score": p}
-                     for qa, nll, p in zip(self.sets[name], losses.answer, probs, strict=True)],
-                    metric=f"tofu/{name}_prob")
-        log_samples([{"question": qa.question, "truth_ratio": r, "score": max(0.0, 1 - r)}
-                     for qa, r in zip(self.sets[name], ratios, strict=True)], metric=f"tofu/{name}_truth_ratio")
-        return {"prob": _mean(probs), "truth_ratio": utility_truth_ratio(ratios)}
+        forget = name == "forget"
+        if forget:
+            kept["ratios"] = ratios
+        per_item = [(min(r, 1 / r) if r > 0 else 0.0) if forget else max(0.0, 1 - r) for r in ratios]
+        items = self.sets[name]
+        log_samples([{"question": qa.question, "answer": qa.answer, "nll": nll, "score": p}
+                     for qa, nll, p in zip(items, losses.answer, probs, strict=True)], metric=f"tofu/{name}_prob")
+        log_samples([{"question": qa.question, "truth_ratio": r, "score": value}
+                     for qa, r, value in zip(items, ratios, per_item, strict=True)],
+                    metric=f"tofu/{name}_truth_ratio")
+        aggregate = forget_truth_ratio if forget else utility_truth_ratio
+        return {"prob": _mean(probs), "truth_ratio": aggregate(ratios)}
 
     def _rouge_step(self, model: Any, tokenizer: Any, settings: Any, name: str) -> float:
         items = self.sets[name]
@@ -183,9 +182,7 @@ class TofuTask(Task):
         model.eval()
         kept: dict[str, list[float]] = {}
         steps: list[tuple[str, Callable[[], float | dict[str, float]]]] = [
-            ("tofu/forget", lambda: self._forget_step(model, tokenizer, settings, kept))]
-        steps += [(f"tofu/{name}", lambda n=name: self._utility_step(model, tokenizer, settings, n))
-                  for name in self.sets if name != "forget"]
+            (f"tofu/{name}", lambda n=name: self._set_step(model, tokenizer, settings, n, kept)) for name in self.sets]
         if settings.rouge:  # greedy generation: the slowest part
             steps += [(f"tofu/{name}_rouge", lambda n=name: self._rouge_step(model, tokenizer, settings, n))
                       for name in self.sets]
@@ -216,11 +213,17 @@ class TofuTask(Task):
     def probe(self, model: Any, tokenizer: Any, settings: Any) -> dict[str, float]:
         """Forget Prob and truth ratio and retain Prob: one scoring pass each, no generation."""
         model.eval()
-        forget = self.losses(model, tokenizer, "forget", settings)
+        forget_prob, truth_ratio_, retain_prob = self._probe_values(model, tokenizer, settings, self.sets["forget"])
+        return {"tofu/forget_prob": forget_prob, "tofu/forget_truth_ratio": truth_ratio_,
+                "tofu/retain_prob": retain_prob}
+
+    def _probe_values(self, model: Any, tokenizer: Any, settings: Any,
+                      forget: list[QA]) -> tuple[float, float, float]:
+        """(forget Prob, forget truth ratio) on the `forget` items, and retain Prob: one scoring pass each."""
+        losses = self.losses(model, tokenizer, "forget", settings, forget)
         retain = self.losses(model, tokenizer, "retain", settings)
-        return {"tofu/forget_prob": _mean([answer_prob(x) for x in forget.answer]),
-                "tofu/forget_truth_ratio": forget_truth_ratio(forget.ratios()),
-                "tofu/retain_prob": _mean([answer_prob(x) for x in retain.answer])}
+        return (_mean([answer_prob(x) for x in losses.answer]), forget_truth_ratio(losses.ratios()),
+                _mean([answer_prob(x) for x in retain.answer]))
 
     def relearn_plan(self, domain: str, samples: int | None, seed: int) -> RelearnPlan:
         """The forget items are split (seeded): the attack fine-tunes on the QA pairs of one part (`samples` of
@@ -234,11 +237,9 @@ class TofuTask(Task):
         def probe(model: Any, tokenizer: Any, settings: Any) -> dict[str, float]:
             model.eval()
             with torch.no_grad():
-                forget = self.losses(model, tokenizer, "forget", settings, held)
-                retain = self.losses(model, tokenizer, "retain", settings)
-            return {"forget_unseen_prob": _mean([answer_prob(x) for x in forget.answer]),
-                    "forget_unseen_truth_ratio": forget_truth_ratio(forget.ratios()),
-                    "retain_prob": _mean([answer_prob(x) for x in retain.answer])}
+                forget_prob, truth_ratio_, retain_prob = self._probe_values(model, tokenizer, settings, held)
+            return {"forget_unseen_prob": forget_prob, "forget_unseen_truth_ratio": truth_ratio_,
+                    "retain_prob": retain_prob}
 
         pool = self.forget if domain == "forget" else self.retain
         if not pool:
