@@ -56,9 +56,18 @@ def bootstrap(rows: Sequence[Sequence[float]] | Sequence[float], statistic: Call
     stat = statistic or (lambda d: float(d[:, 0].mean()))
     value = float(stat(data))
     rng = np.random.default_rng(seed)
-    draws = np.array([stat(data[rng.integers(0, n, n)]) for _ in range(resamples)], dtype=float)
-    finite = draws[np.isfinite(draws)]
-    if n == 1 or len(finite) < resamples / 2:
+    draws = [stat(data[rng.integers(0, n, n)]) for _ in range(resamples)]
+    return percentile_interval(value, draws, n, level, degenerate=n == 1)
+
+
+def percentile_interval(value: float, draws: Sequence[float], n: int, level: float = 0.95,
+                        degenerate: bool = False) -> Interval:
+    """The percentile interval of bootstrap `draws` around `value`, the statistic on the data itself. Undefined
+    draws (nan) are dropped; if more than half are, or the data are `degenerate` (nothing to resample), the interval
+    is nan rather than built from a biased remainder."""
+    values = np.asarray(draws, dtype=float)
+    finite = values[np.isfinite(values)]
+    if degenerate or len(finite) < len(values) / 2:
         return Interval(value, math.nan, math.nan, n, level)
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(finite, [tail, 100 - tail])
@@ -149,14 +158,9 @@ def two_sample_bootstrap(members: Sequence[Sequence[float]], nonmembers: Sequenc
     a, b = (x[:, None] if x.ndim == 1 else x for x in (a, b))
     value = float(statistic(a, b))
     rng = np.random.default_rng(seed)
-    draws = np.array([statistic(a[rng.integers(0, len(a), len(a))], b[rng.integers(0, len(b), len(b))])
-                      for _ in range(resamples)], dtype=float)
-    finite = draws[np.isfinite(draws)]
-    if min(len(a), len(b)) < 2 or len(finite) < resamples / 2:
-        return Interval(value, math.nan, math.nan, len(a) + len(b), level)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(finite, [tail, 100 - tail])
-    return Interval(value, float(low), float(high), len(a) + len(b), level)
+    draws = [statistic(a[rng.integers(0, len(a), len(a))], b[rng.integers(0, len(b), len(b))])
+             for _ in range(resamples)]
+    return percentile_interval(value, draws, len(a) + len(b), level, degenerate=min(len(a), len(b)) < 2)
 
 
 def over_seeds(groups: Sequence[Sequence[Sequence[float]] | Sequence[float]], statistic: Callable[[Rows], float] | None
@@ -177,9 +181,4 @@ def over_seeds(groups: Sequence[Sequence[Sequence[float]] | Sequence[float]], st
     for r in range(resamples):
         picked = rng.integers(0, k, k) if k > 1 else [0]
         draws[r] = np.mean([stat(data[j][rng.integers(0, len(data[j]), len(data[j]))]) for j in picked])
-    finite = draws[np.isfinite(draws)]
-    if len(finite) < resamples / 2 or (k == 1 and len(data[0]) == 1):
-        return Interval(value, math.nan, math.nan, k, level)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(finite, [tail, 100 - tail])
-    return Interval(value, float(low), float(high), k, level)
+    return percentile_interval(value, draws, k, level, degenerate=k == 1 and len(data[0]) == 1)

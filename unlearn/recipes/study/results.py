@@ -22,6 +22,7 @@ from unlearn.evaluation.stats import (
     WorstCase,
     bootstrap,
     over_seeds,
+    percentile_interval,
     recovery_of_means,
     simultaneous_level,
     worst_case,
@@ -217,11 +218,7 @@ def worst_difference(mine: list[CellResult], reference: list[CellResult], labels
         picked = rng.integers(0, len(data), len(data)) if len(data) > 1 else [0]
         draws.append(worst_gap([(int(s), [rng.integers(0, len(m[0]), len(m[0])) for m in data[s]])
                                 for s in picked]))
-    finite = np.asarray([d for d in draws if math.isfinite(d)])
-    if len(finite) < resamples / 2:
-        return Difference(Interval(value, math.nan, math.nan, len(data)))
-    low, high = np.percentile(finite, [2.5, 97.5])
-    return Difference(Interval(value, float(low), float(high), len(data)))
+    return Difference(percentile_interval(value, draws, len(data)))
 
 
 def recovery_metrics(cells: list[CellResult], label: str) -> list[str]:
