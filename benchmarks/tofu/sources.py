@@ -3,6 +3,7 @@ retain model's forget truth ratios can be given in."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -45,12 +46,17 @@ class TofuSource:
     def has(self, split: str) -> bool:
         if self.root is not None:
             return self._local(split) is not None
+        return split in self._hub_splits
+
+    @functools.cached_property
+    def _hub_splits(self) -> frozenset[str]:
+        """The hub dataset's configurations, asked once per source (a load asks `has` for several splits)."""
         try:
             import datasets
 
-            return split in datasets.get_dataset_config_names(HUB_REPO)
-        except Exception:  # noqa: BLE001 - offline: the split is as good as absent, and read() explains why
-            return False
+            return frozenset(datasets.get_dataset_config_names(HUB_REPO))
+        except Exception:  # noqa: BLE001 - offline: every split is as good as absent, and read() explains why
+            return frozenset()
 
     def _local(self, split: str) -> Path | None:
         assert self.root is not None
