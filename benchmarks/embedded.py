@@ -109,7 +109,8 @@ class TaskData(Task):
 
 @dataclass
 class PrepareSettings:
-    """The fine-tuning that turns the base model into the target model (configs/benchmark/embedded.yaml)."""
+    """The fine-tuning that turns the base model into the target model (configs/benchmark/embedded.yaml); an
+    embedded model may bring defaults of its own (`EmbeddedModel.prepare` in unlearn/compute/models.py)."""
 
     epochs: int = setting(8, limit=AT_LEAST_ONE)
     lr: float = setting(1e-4, limit=POSITIVE)

@@ -36,7 +36,7 @@ from unlearn.evaluation.measures import (
     tagged_accuracy,
 )
 from unlearn.storage.metrics import Metric
-from unlearn.tasks.data import ANSWER_LETTERS, MCQ, Example
+from unlearn.tasks.data import ANSWER_LETTERS, MCQ, Example, prompt_ids
 from unlearn.tasks.task import BENCHMARKS, Benchmark, Task
 from unlearn.training.config import check_engine
 
@@ -216,7 +216,7 @@ def lm_eval_batch_size(model: Any, tokenizer: Any, sets: list[QuestionSet], batc
         if s.is_hub:
             continue
         for q in s.questions():
-            tokens = max(len(tokenizer(q.prompt + c, add_special_tokens=False)["input_ids"]) for c in q.choices)
+            tokens = max(len(prompt_ids(tokenizer, q.prompt + c)) for c in q.choices)
             longest = max(longest, min(tokens, limit) if isinstance(limit, int) else tokens)
     return max(1, min(batch_size, max_batch_tokens // longest))
 

@@ -14,13 +14,16 @@ import torch
 import yaml
 
 from tests.conftest import FORGET, RETAIN
+from unlearn.core.errors import UserError
 from unlearn.optim.protocol import OPTIMIZERS, build_optimizer
+from unlearn.recipes.pipeline import check_run_config
 from unlearn.tasks.data import encode
-from unlearn.training.config import CONFIG_DIR
+from unlearn.training.config import CONFIG_DIR, load_run_config
 from unlearn.training.loop import train
 from unlearn.training.methods import METHODS, RMU, build_method
 
-METHOD_NAMES = ["gradascent", "graddiff", "npo", "simnpo", "rmu"]
+METHOD_NAMES = ["gradascent", "graddiff", "npo", "simnpo", "rmu", "sam-npo", "rs-npo", "kl-retain", "idkdpo",
+                "task-vector"]
 LR = {"first-order": 1e-2, "sign": 1e-3, "second-order": 1e-2, "spectral": 2e-2, "zeroth-order": 1e-3}
 
 
@@ -35,7 +38,7 @@ def options_for(name: str) -> dict[str, Any]:
 
 
 def test_every_method_is_covered() -> None:
-    assert set(METHOD_NAMES) == set(METHODS) - {"ga"}  # "ga" is an alias of gradascent
+    assert set(METHOD_NAMES) == set(METHODS)
 
 
 @pytest.mark.parametrize("method_name", METHOD_NAMES)
@@ -43,8 +46,12 @@ def test_every_method_is_covered() -> None:
 def test_grade_runs_with_method(tiny, method_name: str, name: str) -> None:
     model, tok = tiny
     method = build_method(method_name, **({"layer": 2} if method_name == "rmu" else {}))
+    if method.needs_gradients and not OPTIMIZERS[name].uses_gradients:  # type: ignore[attr-defined]
+        with pytest.raises(UserError, match="computes no gradients"):  # refused before any model loads
+            check_run_config(load_run_config(method_name, name))
+        return
     method.trainable(model)
-    forget = [encode(tok, e) for e in FORGET]
+    forget = method.encode_forget(tok, FORGET, 256)
     retain = [encode(tok, e) for e in RETAIN]
     method.prepare(model, forget, retain, tok.pad_token_id, batch_size=2)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}

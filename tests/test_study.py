@@ -180,6 +180,10 @@ def test_a_finished_cell_with_other_settings_is_refused(tmp_path, tiny_model_dir
     ({"worst_case": {"w": ["rtn4", "nope"]}}, "study worst_case 'w' names unknown attack label(s) nope"),
     ({"worst_case": {"w": ["rtn4"]}}, "needs at least two distinct attacks"),
     ({"attacks": {"r": {"attack": "relearn", "grid": {"lr": 1e-5}}}}, "grid must map settings to non-empty lists"),
+    ({"methods": {"npo": {"optimizers": ["nope"]}}}, "optimizers nope are not in the study's optimizers"),
+    ({"methods": {"npo": {"optimizers": "adamw"}}}, "'optimizers' must be a list of optimizer labels"),
+    ({"contrasts": [["npo/adamw"]]}, "each must be two different METHOD/OPTIMIZER labels"),
+    ({"contrasts": [["npo/adamw", "rmu/adamw"]]}, "rmu/adamw is not a method/optimizer of the study"),
 ])
 def test_bad_study_input_fails_in_one_line_before_anything_runs(tmp_path, tiny_model_dir, changes, message):
     result = cli("study", str(_study(tmp_path, tiny_model_dir, **changes)), "-q", cwd=tmp_path)
@@ -274,6 +278,21 @@ def test_a_study_compares_on_the_worst_case(tmp_path, tiny_model_dir):
     assert "## Worst case `rounding`" in summary and "| rtn-bits4 | rtn-bits8 |" in summary
 
 
+def test_a_method_paired_with_one_optimizer_and_contrasted_across_methods(tmp_path, tiny_model_dir):
+    path = _study(tmp_path, tiny_model_dir, seeds=[0], methods={"npo": None, "sam-npo": {"optimizers": ["adamw"]}},
+                  attacks={"rtn4": {"attack": "quantize", "method": "rtn", "bits": 4}},
+                  contrasts=[["sam-npo/adamw", "npo/fast"]])
+    result = cli("study", str(path), "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "studies/tiny"
+    runs = sorted(p.name for p in (folder / "runs").iterdir() if not p.name.startswith("."))
+    assert runs == ["npo-adamw-s0", "npo-fast-s0", "sam-npo-adamw-s0"]  # no sam-npo × fast cell
+    summary = (folder / "summary.md").read_text()
+    contrasts = summary.partition("## Contrasts across methods")[2]
+    assert "| sam-npo/adamw | npo/fast | forget ↓ (unlearned) |" in contrasts, summary
+    assert "| sam-npo/adamw | npo/fast | recovery on" in contrasts
+
+
 def test_runs_that_miss_the_level_are_not_attacked_by_default(tmp_path, tiny_model_dir):
     path = _study(tmp_path, tiny_model_dir, seeds=[0], optimizers={"adamw": {}}, attack_unmatched=False)
     result = cli("study", str(path), "-q", cwd=tmp_path)
@@ -336,14 +355,19 @@ def test_a_calibrated_optimizer_runs_its_trials_on_their_own_seed_and_its_cells_
     assert again.returncode == 0 and again.stdout.count("run complete, skipped") == 3  # two trials and the cell
 
 
-@pytest.mark.parametrize("name", ["downgrade", "gpu"])
+@pytest.mark.parametrize("name", ["downgrade", "downgrade-worst", "gemma", "gpu"])
 def test_the_shipped_study_files_plan_and_check_every_cell(name: str) -> None:
     """Every cell's settings are checked when the plan is made (no model loads): a shipped file that names an
     unknown option or an impossible precision fails here, not after an hour on a GPU."""
     from unlearn.recipes.study.plan import load_study
 
     study = load_study(Path(__file__).resolve().parents[1] / "configs" / "study" / f"{name}.yaml")
-    assert len(study.cells) == len(study.methods) * len(study.optimizers) * len(study.settings.seeds)
+    pairs = sum(m.pairs_with(o) for m in study.methods for o in study.optimizers)
+    assert len(study.cells) == pairs * len(study.settings.seeds)
+    if name == "gemma":  # the core comparison, and the defence with AdamW only
+        assert sorted(c.name for c in study.cells if c.seed == 0) == [
+            "npo-adamw-s0", "npo-hybrid-s0", "npo-signsgd-s0", "sam-npo-adamw-s0"]
+        assert all(study.configs[c.name].model == "gemma3-270m" for c in study.cells)
     if name == "gpu":
         assert len(study.settings.seeds) >= 3 and {m.label for m in study.methods} == {"npo", "graddiff"}
         zo = study.configs[next(c.name for c in study.cells if c.optimizer.label == "zo")]

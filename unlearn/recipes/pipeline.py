@@ -32,6 +32,7 @@ from unlearn.storage import checkpoints
 from unlearn.storage.checkpoints import Checkpoint
 from unlearn.storage.records import ITEMS_FILE, RunRecord
 from unlearn.storage.runs import check_name, open_run_dir, partial_dir, staged_dir
+from unlearn.storage.tracking import RunTracker, check_report_to, tracking
 from unlearn.tasks.data import Encoded, Example, encode, rows_used
 from unlearn.tasks.task import Stage, Task, load_task
 from unlearn.training.adapters import add_lora, merge_lora
@@ -123,13 +124,29 @@ def check_run_config(cfg: RunConfig) -> tuple[Task, Method]:
     """Everything a run's settings can get wrong, found in seconds, before any model is loaded: the method and
     its options, the optimizer and its options (built on stand-in tensors), the benchmark and its data.
     Returns the task and the method, both ready for the run."""
+    check_report_to(cfg.report_to)  # its optional package: a missing one is said before anything is built
     method = _build(build_method, cfg.method["name"], **cfg.method_options)
     _build(dry_build, cfg.optimizer["name"], _optimizer_options(cfg))
+    check_method_fits(cfg, method)
     task = load_task(cfg.benchmark)
     if not task.forget:
         raise UserError(f"benchmark '{task.name}' gives no forget text to unlearn"
                         + (f": {task.training_hint}" if task.training_hint else ""))
     return task, method
+
+
+def check_method_fits(cfg: RunConfig, method: Method) -> None:
+    """What the method declares it needs (unlearn.training.methods.base.Method) against the run's other settings."""
+    name = cfg.method["name"]
+    if method.needs_gradients and not getattr(OPTIMIZERS.lookup(cfg.optimizer["name"]), "uses_gradients", True):
+        raise UserError(f"method '{name}' differentiates its own loss (its ascent step needs the forget gradient); "
+                        f"optimizer '{cfg.optimizer['name']}' computes no gradients: use a gradient grade or hybrid")
+    if method.shifts_weights and cfg.train.gradient_checkpointing:
+        raise UserError(f"method '{name}' evaluates its forget loss at shifted weights, which gradient "
+                        f"checkpointing would recompute without the shift: leave train.gradient_checkpointing off")
+    if method.edits_after_training and cfg.train.stop_at is not None:
+        raise UserError(f"method '{name}' edits the weights after its last step, so the probe during training "
+                        f"measures a different model: train.stop_at cannot be used with it")
 
 
 def _optimizer_names(cfg: RunConfig) -> list[str]:
@@ -152,7 +169,7 @@ def training_placement(cfg: RunConfig) -> Placement:
     return placement
 
 
-def check_world(cfg: RunConfig, world: World) -> None:
+def check_world(cfg: RunConfig, world: World, method: Method) -> None:
     """What several processes cannot do, said before any model loads."""
     check_batching(cfg.train.batch_size, cfg.train.grad_accum, world)
     if not world.distributed:
@@ -169,7 +186,9 @@ def check_world(cfg: RunConfig, world: World) -> None:
                             f"whole parameters (zeroth-order perturbs them in place, spectral and sign grades "
                             f"see whole matrices): use {able}, or train.parallel=data")
         for what, refused in (("train.lora_rank", cfg.train.lora_rank), ("train.save_every", cfg.train.save_every),
-                              ("method.frozen_copy", cfg.method.get("frozen_copy"))):
+                              (f"method '{cfg.method['name']}' (it keeps a frozen copy of the model)",
+                               method.copies_model),
+                              (f"method '{cfg.method['name']}' (it shifts whole parameters)", method.shifts_weights)):
             if refused:
                 raise UserError(f"train.parallel=fsdp does not support {what} yet: use train.parallel=data")
 
@@ -277,6 +296,7 @@ class _Request:
     desc: str
     save: Callable[[torch.nn.Module, torch.optim.Optimizer, Progress], None] | None
     resume_from: Checkpoint | None
+    on_record: Callable[[dict[str, Any]], None] | None = None  # each log record, for the run's tracker
 
 
 def _unlearn_request(ctx: RunContext, model: torch.nn.Module, tok, retain: list[Encoded], max_length: int,
@@ -286,7 +306,7 @@ def _unlearn_request(ctx: RunContext, model: torch.nn.Module, tok, retain: list[
     resuming), measuring the benchmark's probe every train.eval_every steps."""
     cfg, method, placement = ctx.cfg, ctx.method, ctx.placement
     method.trainable(model)
-    forget = [encode(tok, ex, max_length=max_length) for ex in request.forget]
+    forget = method.encode_forget(tok, request.forget, max_length)
     # The training loop's own retain stream: what it will draw, and nothing more.
     used = rows_used(len(retain), cfg.train.batch_size, retain_seed(cfg.train.seed), cfg.train.max_steps) \
         if retain else None
@@ -318,8 +338,10 @@ def _unlearn_request(ctx: RunContext, model: torch.nn.Module, tok, retain: list[
                    grad_accum=cfg.train.grad_accum, world=ctx.world, start=start,
                    checkpoint=(lambda done: save(model, optimizer, done)) if save else None,
                    checkpoint_every=cfg.train.save_every, monitor=_monitor(ctx, model, tok),
-                   max_unchanged=cfg.train.max_unchanged, rounded=placement.stochastic)
+                   max_unchanged=cfg.train.max_unchanged, rounded=placement.stochastic,
+                   on_record=request.on_record)
     model = merge_lora(model, cfg.train.seed if placement.stochastic else None)
+    method.finish(model)
     return model, result
 
 
@@ -340,7 +362,7 @@ def _monitor(ctx: RunContext, model: torch.nn.Module, tok) -> Monitor | None:
                    StopRule.parse(cfg.train.stop_at) if cfg.train.stop_at is not None else None, cfg.train.eval_delay)
 
 
-def resumed_config(name: str, output_dir: str | None) -> RunConfig:
+def resumed_config(name: str, output_dir: str | None, report_to: str | None = None) -> RunConfig:
     """The settings an interrupted run saved in its partial folder (its output folder: the one it is found in)."""
     check_name(name)
     parent = Path(output_dir or "runs")
@@ -348,7 +370,8 @@ def resumed_config(name: str, output_dir: str | None) -> RunConfig:
     if not saved.is_file():
         raise UserError(f"nothing to resume: no interrupted run {shown(name)} under {parent} "
                         "(a run leaves one when train.save_every > 0)")
-    return load_run_config(None, None, saved, {"output_dir": str(parent), "name": name})
+    # report_to may change: it says how the run is watched, not what it computes
+    return load_run_config(None, None, saved, {"output_dir": str(parent), "name": name, "report_to": report_to})
 
 
 def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=print,
@@ -370,7 +393,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True, log=prin
 
 def _claim_and_run(ctx: RunContext) -> RunOutcome | None:
     cfg, world, log = ctx.cfg, ctx.world, ctx.log
-    check_world(cfg, world)
+    check_world(cfg, world, ctx.method)
     if not world.is_main:
         final = Path(str(world.broadcast_object(None)))
         _run(replace(ctx, final=final, progress=False, log=lambda *_: None))
@@ -443,7 +466,8 @@ class _Unlearned:
     samples: list[dict[str, Any]]
 
 
-def _unlearn_all(ctx: RunContext, stage_dir: Path, point: _Resume | None, start: _Start) -> _Unlearned:
+def _unlearn_all(ctx: RunContext, stage_dir: Path, point: _Resume | None, start: _Start,
+                 tracker: RunTracker | None = None) -> _Unlearned:
     """Every unlearning request in turn, each evaluated after it; resumable at a request's start or a step."""
     cfg, task, main, requests = ctx.cfg, ctx.task, ctx.main, ctx.requests
     model, tok = start.model, start.tokenizer
@@ -480,7 +504,8 @@ def _unlearn_all(ctx: RunContext, stage_dir: Path, point: _Resume | None, start:
             request.forget, log_path if main else None,
             f"unlearning {request.name} ({index + 1}/{len(requests)})" if sequential else "unlearning",
             save if resumable and main else None,
-            point.checkpoint if resumed_here and point is not None else None))
+            point.checkpoint if resumed_here and point is not None else None,
+            (lambda record, offset=before.steps: tracker.record(record, offset)) if tracker is not None else None))
         done = replace(done, seconds=done.seconds + result.seconds,
                        forward_passes=done.forward_passes + result.forward_passes, steps=done.steps + result.steps)
         final_loss = result.final_loss
@@ -529,14 +554,16 @@ def _run(ctx: RunContext) -> RunOutcome | None:
     # The output folder's clean-up notes were said when the name was claimed (open_run_dir).
     staging = staged_dir(ctx.final, overwrite=ctx.overwrite, claimed=True, resumable=cfg.train.save_every > 0,
                          resume=ctx.resume, log=lambda _note: None) if main else nullcontext(partial_dir(ctx.final))
-    with staging as stage_dir:
+    # The tracker is closed before the staging folder is renamed into place (or removed): `with` exits right to left.
+    with staging as stage_dir, tracking(cfg.report_to if main else "none", stage_dir, ctx.final.name,
+                                        cfg.to_dict() | {"name": ctx.final.name}) as tracker:
         point = _resume_point(stage_dir) if ctx.resume else None
         if main:
             if point is not None:
                 ctx.log(f"resuming {ctx.final.name}: request {point.stage + 1}/{len(ctx.requests)}, after step "
                         f"{point.checkpoint.step if point.checkpoint else 0}")
             write_yaml(stage_dir / "config.yaml", cfg.to_dict() | {"name": ctx.final.name, "target_model": start.spec})
-        unlearned = _unlearn_all(ctx, stage_dir, point, start)
+        unlearned = _unlearn_all(ctx, stage_dir, point, start, tracker)
         model = gathered_model(unlearned.model, ctx.world) if ctx.sharded else unlearned.model  # rank 0: the whole
         if not main:
             ctx.world.barrier()  # rank 0 has saved the run
@@ -551,5 +578,6 @@ def _run(ctx: RunContext) -> RunOutcome | None:
         if record.collapsed:
             ctx.log(collapse_warning(record.collapse))
         write_json_atomic(stage_dir / "metrics.json", record.to_json())
+        tracker.final(record.metrics, unlearned.done.steps)
     ctx.world.barrier()
     return RunOutcome(run_dir=ctx.final, record=record)

@@ -48,9 +48,16 @@ def _model_identity(spec: str) -> str:
                        "weights": stamps})
 
 
+# Prompts gained the BOS their tokenizer puts first (unlearn.tasks.data.bos_prefix). The embedded models' keys stay
+# as they were: SmolLM2's tokenizer adds none, so its ids did not change, and Gemma's entries are new. Any other
+# model's tokenizer may add one, so its cached targets and baselines, computed without it, are not reused.
+ENCODING = 2
+
+
 def _cache_key(spec: str, task: Task, **settings: Any) -> str:
     """Hash of what a cached result depends on: the model's identity, the data, the settings, the recipe."""
-    blob = json.dumps({"model": _model_identity(spec), "task": task.fingerprint, **settings,
+    encoding = {} if spec in EMBEDDED else {"encoding": ENCODING}
+    blob = json.dumps({"model": _model_identity(spec), "task": task.fingerprint, **settings, **encoding,
                        "version": PREPARE_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -69,7 +76,12 @@ def target_model(spec: str, task: Task, settings: dict[str, Any], trust_remote_c
     """Path of the cached target model folder (`model/` + `prepare.json`), building it if needed."""
     from unlearn.benchmarks.embedded import PrepareSettings
 
-    checked = from_mapping(PrepareSettings, settings, "benchmark.prepare")
+    # An embedded model's own defaults sit below the configured settings. configs/benchmark/embedded.yaml leaves
+    # such keys out (they would always win over the model's); `test_embedded_models` checks that it does.
+    defaults = EMBEDDED[spec].prepare if spec in EMBEDDED else {}
+    given = settings if settings is not None else {}
+    merged = {**defaults, **given} if isinstance(given, dict) else given  # from_mapping refuses a non-mapping
+    checked = from_mapping(PrepareSettings, merged, "benchmark.prepare")
     epochs, lr, batch_size = checked.epochs, float(checked.lr), checked.batch_size
     folder = cache_dir() / "targets" / target_key(spec, task, {"epochs": epochs, "lr": lr, "batch_size": batch_size,
                                                                **_precision(placement)})

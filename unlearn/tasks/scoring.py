@@ -76,6 +76,12 @@ def _head_inputs(model, batch: dict[str, torch.Tensor],
     return logits, labels[keep], keep.nonzero()[:, 0]
 
 
+def target_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits at every position that predicts a target token, [targets, vocab], in row-major order: the
+    distributions the target NLL reads (a KL term to a reference model compares them)."""
+    return _head_inputs(model, batch)[0]
+
+
 def next_token_logprobs(model, batch: dict[str, torch.Tensor], padding_mask: bool = True) -> torch.Tensor:
     """log p(next token | row) over the vocabulary, after each (right-padded) row's last real token."""
     rows = torch.arange(batch["input_ids"].shape[0], device=batch["input_ids"].device)

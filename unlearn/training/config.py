@@ -20,8 +20,21 @@ import yaml
 from unlearn.core.errors import UserError, shown
 from unlearn.core.files import MAX_DEPTH, read_text
 from unlearn.core.registry import registry_of
-from unlearn.core.settings import AT_LEAST_ONE, NON_NEGATIVE, SEED, Limit, from_mapping, key_list, setting, unknown_keys
+from unlearn.core.settings import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    SEED,
+    InvalidSettings,
+    Limit,
+    SettingError,
+    check_value,
+    from_mapping,
+    key_list,
+    setting,
+    unknown_keys,
+)
 from unlearn.storage.runs import check_name
+from unlearn.storage.tracking import REPORT_TO
 from unlearn.training.stopping import StopRule
 
 
@@ -175,6 +188,9 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs"
     name: str | None = None
+    # Where live curves go besides log.jsonl (Hugging Face's name and values; unlearn.storage.tracking). Top level
+    # like output_dir and name: it says where a run is recorded, never what it computes.
+    report_to: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -380,6 +396,10 @@ def load_run_config(method: str | None = None, optimizer: str | None = None,
         raise UserError(f"unknown top-level config key(s): {key_list(unknown)}")
     raw["train"] = train_config(raw.get("train"))
     raw["eval"] = eval_config(raw.get("eval"))
+    try:
+        raw["report_to"] = check_value("report_to", raw.get("report_to", "none"), str, Limit(choices=REPORT_TO))
+    except SettingError as err:
+        raise InvalidSettings(str(err)) from None
     for key in ("model", "benchmark"):
         if key not in raw:
             raise UserError(f"config has no '{key}'")

@@ -315,12 +315,14 @@ def train(model: torch.nn.Module, method: Method, optimizer: torch.optim.Optimiz
           progress: bool = True, after_step: Callable[[int], None] | None = None, grad_accum: int = 1,
           world: World = SINGLE, start: Progress = Progress(), checkpoint: Callable[[Progress], None] | None = None,
           checkpoint_every: int = 0, monitor: Monitor | None = None,
-          max_unchanged: float | None = 0.5, rounded: bool = False) -> TrainResult:
+          max_unchanged: float | None = 0.5, rounded: bool = False,
+          on_record: Callable[[dict], None] | None = None) -> TrainResult:
     """`after_step(step)` runs after each step and `checkpoint(progress)` after every `checkpoint_every`-th, both
     outside the timed region, as does `monitor`. `start`: the steps already done by an interrupted run (its log is
     appended to). `max_unchanged`: the `UpdateGuard`'s limit (None: only logged). `rounded`: the optimizer adds
     stochastically rounded updates, which keep small updates in expectation while leaving most weights unchanged at
-    any one step: the share is logged, never a reason to stop."""
+    any one step: the share is logged, never a reason to stop. `on_record(record)` gets each log.jsonl record once
+    it is written (a tracker mirroring the log), outside the timed region."""
     if max_steps < 1:
         raise UserError(f"max_steps must be >= 1, got {max_steps}")
     check_batching(batch_size, grad_accum, world)
@@ -351,6 +353,7 @@ def train(model: torch.nn.Module, method: Method, optimizer: torch.optim.Optimiz
         for step in bar:
             closure = StepClosure(model, method, next(forget_stream),
                                   next(retain_stream) if retain_stream else None, pad_id, grad_accum, world)
+            method.begin_step(step)
             block_start = None
             if probe is not None and probe.starts_block(step):
                 with clock.paused():
@@ -392,6 +395,9 @@ def train(model: torch.nn.Module, method: Method, optimizer: torch.optim.Optimiz
                     record["eval"] = evaluation  # the benchmark's probe after this step
                 log.write(json.dumps(record) + "\n")
                 log.flush()  # a checkpoint taken next must find every line of the steps it covers
+                if on_record is not None:
+                    with clock.paused():
+                        on_record(record)
             with clock.paused():
                 if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
                     checkpoint(Progress(step, clock.seconds(), forwards, loss_value))

@@ -46,6 +46,10 @@ class StudySettings:
     # unlearn/recipes/study/calibration.py.
     calibration_seed: int | None = None
     calibrate_by: str | None = None
+    # Paired comparisons across methods, each [A, B] with A and B as METHOD/OPTIMIZER labels (A − B, same seeds):
+    # a defence against the optimizers, say [sam-npo/adamw, npo/signsgd]. Within a method the optimizers are always
+    # compared with compare_to.
+    contrasts: list[list[str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         bad = [s for s in self.seeds if not SEED.ok(s)]
@@ -88,6 +92,12 @@ class Entry:
     options: dict[str, Any]
     run: dict[str, Any]
     calibrate: Calibration | None = None
+    # A method's `optimizers: [labels]`: the only optimizers it is paired with (None: every one), e.g. a defence
+    # run with one optimizer as a baseline beside the full grid of another method.
+    pairs: tuple[str, ...] | None = None
+
+    def pairs_with(self, optimizer: Entry) -> bool:
+        return self.pairs is None or optimizer.label in self.pairs
 
 
 @dataclass(frozen=True)
@@ -180,9 +190,37 @@ def _entries(kind: str, section: dict[str, Any]) -> list[Entry]:
         calibrate = _calibration(f"study {kind} '{label}'", options["calibrate"]) if "calibrate" in options else None
         if calibrate is not None and kind != "optimizer":
             raise UserError(f"study {kind} '{label}': only optimizers can be calibrated")
-        entries.append(Entry(label, name, {k: v for k, v in options.items() if k not in ("name", "run", "calibrate")},
-                             run, calibrate))
+        pairs = options.get("optimizers") if kind == "method" else None
+        if pairs is not None and (not isinstance(pairs, list) or not pairs
+                                  or not all(isinstance(x, str) for x in pairs)):
+            raise UserError(f"study method '{label}': 'optimizers' must be a list of optimizer labels, "
+                            f"got {shown(pairs)}")
+        own = ("name", "run", "calibrate", "optimizers") if kind == "method" else ("name", "run", "calibrate")
+        entries.append(Entry(label, name, {k: v for k, v in options.items() if k not in own}, run, calibrate,
+                             tuple(pairs) if pairs is not None else None))
     return entries
+
+
+def _check_pairs(methods: list[Entry], optimizers: list[Entry]) -> None:
+    labels = [o.label for o in optimizers]
+    for method in methods:
+        unknown = [x for x in method.pairs or () if x not in labels]
+        if unknown:
+            raise UserError(f"study method '{method.label}': optimizers {', '.join(unknown)} are not in the study's "
+                            f"optimizers: {', '.join(labels)}")
+
+
+def _check_contrasts(contrasts: list[Any], cells: list[Cell]) -> None:
+    groups = {f"{c.method.label}/{c.optimizer.label}" for c in cells}
+    for contrast in contrasts:
+        if (not isinstance(contrast, list) or len(contrast) != 2 or not all(isinstance(x, str) for x in contrast)
+                or contrast[0] == contrast[1]):
+            raise UserError(f"study contrasts: each must be two different METHOD/OPTIMIZER labels [A, B], "
+                            f"got {shown(contrast)}")
+        unknown = [x for x in contrast if x not in groups]
+        if unknown:
+            raise UserError(f"study contrasts: {', '.join(unknown)} is not a method/optimizer of the study: "
+                            f"{', '.join(sorted(groups))}")
 
 
 def _calibration(where: str, raw: Any) -> Calibration:
@@ -260,9 +298,11 @@ def load_study(path: Path) -> Study:
                         f"{', '.join(o.label for o in optimizers)}")
     attacks, labels = _attack_entries(settings.attacks)
     worst_cases = _worst_cases(settings.worst_case, labels)
-    cells = [Cell(m, o, seed) for m in methods for o in optimizers for seed in settings.seeds]
-    trials = [TrialRun(m, o, value, settings.trial_seed) for m in methods for o in optimizers if o.calibrate
-              for value in o.calibrate.values]
+    _check_pairs(methods, optimizers)
+    cells = [Cell(m, o, seed) for m in methods for o in optimizers if m.pairs_with(o) for seed in settings.seeds]
+    _check_contrasts(settings.contrasts, cells)
+    trials = [TrialRun(m, o, value, settings.trial_seed) for m in methods for o in optimizers
+              if o.calibrate and m.pairs_with(o) for value in o.calibrate.values]
     trial_configs = {}
     for trial in trials:
         assert trial.optimizer.calibrate is not None

@@ -93,7 +93,7 @@ def _calibrate(study: Study, execute: Callable[[list[Job]], dict[str, str]], fai
     for method in study.methods:
         for optimizer in study.optimizers:
             calibrate = optimizer.calibrate
-            if calibrate is None:
+            if calibrate is None or not method.pairs_with(optimizer):
                 continue
             trials = [Trial(t.value, read_run(study.calibration_dir / t.name / "metrics.json"))
                       for t in study.trials_of(method, optimizer)

@@ -232,40 +232,59 @@ def _mean_text(values: list[Any], digits: int = 0) -> str:
     return f"{sum(numbers) / len(numbers):.{digits}f}"
 
 
+def _differences(study: Study, mine: list[CellResult], ref: list[CellResult], declared: dict[str, Metric],
+                 headline: str, forget: list[str], utility: list[str]) -> list[tuple[str, Any]]:
+    """(quantity, paired difference mine − ref) for every metric, every attack's recovery and every worst case; the
+    differences that are undefined for some seed (a ratio with nothing to recover) are left out."""
+    quantities = [(f"{_title(declared, k)} (unlearned)", metric_rows(k), mean_of)
+                  for k in [headline, *[f for f in forget if f != headline], *utility]]
+    for attack in study.attacks:
+        for key in recovery_metrics(mine + ref, attack.label):
+            better = declared[key].better if key in declared else "lower"
+            quantities.append((f"recovery on {_title(declared, key)} after {attack.label}",
+                               recovery_rows(attack.label, key), ratio_of(better)))
+    differences = [(title, paired_difference(mine, ref, rows_of, statistic))
+                   for title, rows_of, statistic in quantities]
+    differences += [(f"worst-case recovery `{name}`", worst_difference(mine, ref, labels))
+                    for name, labels in study.worst_cases.items()]
+    return [(title, diff) for title, diff in differences
+            if diff is not None and math.isfinite(diff.interval.value)]
+
+
 def _comparisons(study: Study, cells: list[CellResult], declared: dict[str, Metric], headline: str,
                  forget: list[str], utility: list[str]) -> list[str]:
+    def group(method: str, optimizer: str) -> list[CellResult]:
+        return [c for c in cells if c.method == method and c.optimizer == optimizer]
+
     reference = study.settings.compare_to or study.optimizers[0].label
-    lines = [f"## Compared with `{reference}` (paired: same seeds, same items)", "",
-             "Δ = this optimizer − the reference, mean over the shared seeds with its 95 % interval.", ""]
-    header = ["method", "optimizer", "quantity", "Δ [95 % interval]", "n seeds", "verdict"]
     rows = []
     for method in study.methods:
-        ref = [c for c in cells if c.method == method.label and c.optimizer == reference]
+        ref = group(method.label, reference)
         if not ref:
             continue
         for optimizer in study.optimizers:
             if optimizer.label == reference:
                 continue
-            mine = [c for c in cells if c.method == method.label and c.optimizer == optimizer.label]
-            quantities = [(f"{_title(declared, k)} (unlearned)", metric_rows(k), mean_of)
-                          for k in [headline, *[f for f in forget if f != headline], *utility]]
-            for attack in study.attacks:
-                for key in recovery_metrics(mine + ref, attack.label):
-                    better = declared[key].better if key in declared else "lower"
-                    quantities.append((f"recovery on {_title(declared, key)} after {attack.label}",
-                                       recovery_rows(attack.label, key), ratio_of(better)))
-            differences = [(title, paired_difference(mine, ref, rows_of, statistic))
-                           for title, rows_of, statistic in quantities]
-            differences += [(f"worst-case recovery `{name}`", worst_difference(mine, ref, labels))
-                            for name, labels in study.worst_cases.items()]
-            for title, diff in differences:
-                if diff is None or not math.isfinite(diff.interval.value):
-                    continue  # undefined for some seed (a ratio with nothing to recover): no comparison to state
+            for title, diff in _differences(study, group(method.label, optimizer.label), ref, declared, headline,
+                                            forget, utility):
                 rows.append([method.label, optimizer.label, title, _interval(diff.interval), str(diff.interval.n),
                              diff.verdict])
-    if not rows:
-        return []
-    return lines + _table(header, rows)
+    lines: list[str] = []
+    if rows:
+        lines += [f"## Compared with `{reference}` (paired: same seeds, same items)", "",
+                  "Δ = this optimizer − the reference, mean over the shared seeds with its 95 % interval.", ""]
+        lines += _table(["method", "optimizer", "quantity", "Δ [95 % interval]", "n seeds", "verdict"], rows)
+    rows = []
+    for mine_label, ref_label in study.settings.contrasts:
+        mine, ref = group(*mine_label.split("/", 1)), group(*ref_label.split("/", 1))
+        if mine and ref:
+            rows += [[mine_label, ref_label, title, _interval(diff.interval), str(diff.interval.n), diff.verdict]
+                     for title, diff in _differences(study, mine, ref, declared, headline, forget, utility)]
+    if rows:
+        lines += ["## Contrasts across methods (paired: same seeds, same items)", "",
+                  "Δ = A − B, mean over the shared seeds with its 95 % interval.", ""]
+        lines += _table(["A", "B", "quantity", "Δ [95 % interval]", "n seeds", "verdict"], rows)
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ plots

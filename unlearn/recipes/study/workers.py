@@ -58,8 +58,9 @@ class JobOptions:
 
 
 def _comparable(config: dict[str, Any]) -> str:
-    """A run config as text without what a run records about itself (its folder, its target model's path)."""
-    kept = {k: v for k, v in config.items() if k not in ("name", "output_dir", "target_model")}
+    """A run config as text without what a run records about itself (its folder, its target model's path, where it
+    was watched: a run recorded before report_to existed, or watched another way, is the same run)."""
+    kept = {k: v for k, v in config.items() if k not in ("name", "output_dir", "target_model", "report_to")}
     return json.dumps(yaml.safe_load(yaml.safe_dump(kept)), sort_keys=True)
 
 
