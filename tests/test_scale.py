@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -253,21 +254,27 @@ def test_placement_on_the_cpu(tmp_path, tiny_model_dir):
 
 
 def test_what_several_processes_cannot_do():
+    def check(cfg) -> None:
+        check_world(cfg, World(rank=0, size=2), build_method(cfg.method["name"], **cfg.method_options))
+
     cfg = load_run_config("npo", "sophia", flags={"train.batch_size": 8})
-    check_world(cfg, World())
+    check_world(cfg, World(), build_method("npo"))
     with pytest.raises(UserError, match="optimizer 'sophia' cannot run on several processes"):
-        check_world(cfg, World(rank=0, size=2))
+        check(cfg)
     hybrid = load_run_config("npo", "hybrid", overrides=["optimizer.fo={name: sophia}"])
     with pytest.raises(UserError, match="sophia"):
-        check_world(hybrid, World(rank=0, size=2))
-    for optimizer, flags, message in (("zo", {}, "optimizer 'zo' needs whole parameters"),
-                                      ("adamw", {"train.lora_rank": 4}, "does not support train.lora_rank")):
-        fsdp = load_run_config("npo", optimizer, flags={"train.parallel": "fsdp", **flags})
-        with pytest.raises(UserError, match=message):
-            check_world(fsdp, World(rank=0, size=2))
+        check(hybrid)
+    for method, optimizer, flags, message in (
+            ("npo", "zo", {}, "optimizer 'zo' needs whole parameters"),
+            ("npo", "adamw", {"train.lora_rank": 4}, "does not support train.lora_rank"),
+            ("kl-retain", "adamw", {}, "method 'kl-retain' (it keeps a frozen copy of the model)"),
+            ("sam-npo", "adamw", {}, "method 'sam-npo' (it shifts whole parameters)")):
+        fsdp = load_run_config(method, optimizer, flags={"train.parallel": "fsdp", **flags})
+        with pytest.raises(UserError, match=re.escape(message)):
+            check(fsdp)
     small = load_run_config("npo", "zo", flags={"train.batch_size": 2, "train.grad_accum": 2})
     with pytest.raises(UserError, match="every micro-batch needs a row"):
-        check_world(small, World(rank=0, size=2))
+        check(small)
 
 
 class _Payload:
