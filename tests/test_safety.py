@@ -332,18 +332,30 @@ def test_a_received_folder_cannot_redirect_our_writes(tmp_path):
     assert not report.is_symlink() and "| received |" in report.read_text()
 
 
+@pytest.fixture(scope="module")
+def made_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A folder holding runs/base and the cache it was made with: made once, copied by each race below."""
+    from tests.kill_trials import run_args
+
+    folder = tmp_path_factory.mktemp("made")
+    env = {**os.environ, "UNLEARN_CACHE": str(folder / "cache"), "UNLEARN_THREADS": "1"}
+    made = subprocess.run([sys.executable, "-m", "unlearn", *run_args(tiny_model_dir, "base")], cwd=folder,
+                          env=env, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    return folder
+
+
 @pytest.mark.parametrize("reader", ["eval", "attack"])
-def test_an_overwrite_is_refused_while_eval_or_attack_holds_the_run(tmp_path, tiny_model_dir, reader):
+def test_an_overwrite_is_refused_while_eval_or_attack_holds_the_run(tmp_path, tiny_model_dir, made_run, reader):
     """The issue's race: `eval --run runs/W` (or `attack --run`) is paused mid-way, `run --name W --overwrite`
     is given meanwhile, then the reader resumes. The overwrite is refused in one line; the reader finishes; what is
     on disk is one run's results (measured again, undisturbed, the same numbers)."""
     from tests.kill_trials import ATTACK_ARGS, EVAL_ARGS, _metrics, _same, run_args
 
+    for part in ("runs", "cache"):
+        shutil.copytree(made_run / part, tmp_path / part, symlinks=True)
     cache = tmp_path / "cache"
     env = {**os.environ, "UNLEARN_CACHE": str(cache), "UNLEARN_THREADS": "1"}
-    made = subprocess.run([sys.executable, "-m", "unlearn", *run_args(tiny_model_dir, "base")], cwd=tmp_path,
-                          env=env, capture_output=True, text=True)
-    assert made.returncode == 0, made.stderr
     lock = tmp_path / "runs" / ".base.lock"
     proc = _start(EVAL_ARGS if reader == "eval" else ATTACK_ARGS, tmp_path, cache)
     try:
