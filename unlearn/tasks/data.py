@@ -7,7 +7,9 @@ library never needs a benchmark's own types.
 
 from __future__ import annotations
 
+import contextlib
 import random
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,11 +67,21 @@ def bos_prefix(tokenizer: Any) -> list[int]:
     always saw first in training: without it Gemma 3 270M's greedy answers to general-knowledge questions came out
     empty and their answers' NLL rose from 2.9 to 11.1 nats. A tokenizer that adds none itself (SmolLM2's) gets
     none here either, so its ids stay as they were."""
+    try:
+        return list(_BOS_PREFIXES[tokenizer])
+    except (KeyError, TypeError):  # not asked yet, or a tokenizer that cannot be a weak key: ask it
+        pass
     bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return []
-    probe = tokenizer("x").input_ids
-    return [bos] if probe and probe[0] == bos else []
+    probe = tokenizer("x").input_ids if bos is not None else []
+    prefix = [bos] if probe and probe[0] == bos else []
+    with contextlib.suppress(TypeError):  # not weak-referenceable: asked again next time
+        _BOS_PREFIXES[tokenizer] = tuple(prefix)
+    return prefix
+
+
+# What each tokenizer answered: `prompt_ids` runs once per prompt, and the probe would otherwise tokenize a text
+# again for every one of them.
+_BOS_PREFIXES: weakref.WeakKeyDictionary[Any, tuple[int, ...]] = weakref.WeakKeyDictionary()
 
 
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:

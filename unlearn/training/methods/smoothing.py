@@ -86,8 +86,12 @@ class SAMNPO(NPO):
             loss = self.forget_loss(model, forget)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         pairs = [(p, g.detach()) for p, g in zip(params, grads, strict=True) if g is not None]
-        norm = math.sqrt(sum(float(g.float().pow(2).sum()) for _, g in pairs))
-        if not pairs or not math.isfinite(norm) or norm == 0.0:
+        if not pairs:
+            return {}
+        # One host sync for the whole norm, not one per parameter.
+        device = pairs[0][1].device
+        norm = float(torch.linalg.vector_norm(torch.stack([g.float().norm().to(device) for _, g in pairs])))
+        if not math.isfinite(norm) or norm == 0.0:
             return {}
         scale = self.settings.rho / norm
         return {id(p): g * scale for p, g in pairs}
