@@ -54,9 +54,11 @@ def test_in_loop_scorer_equals_lm_eval_on_real_model(tmp_path, cache):
     assert cli("example-data", "data", cwd=tmp_path).returncode == 0
     printed = {}
     for engine in ("native", "lm-eval"):
+        # The first 20 of each file hold all five concepts, four questions each: enough to catch a boundary
+        # that differs, at less than half the cost of all 52.
         result = cli("eval", "--benchmark", "wmdp", "--data", "data/wmdp/questions.jsonl", "--set",
-                     "benchmark.utility=data/wmdp/mmlu.jsonl", "--model", "smollm2-135m", "--engine", engine, "-q",
-                     cwd=tmp_path, env={"UNLEARN_CACHE": str(cache)})
+                     "benchmark.utility=data/wmdp/mmlu.jsonl", "--set", "benchmark.limit=20", "--model",
+                     "smollm2-135m", "--engine", engine, "-q", cwd=tmp_path, env={"UNLEARN_CACHE": str(cache)})
         assert result.returncode == 0, result.stderr
         printed[engine] = [line for line in result.stdout.splitlines() if line.startswith(("wmdp/", "mmlu/"))]
     assert len(printed["native"]) > 10  # overall and per-concept lines for both question sets

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY_BENCH, call_main, sigint_as_in_a_terminal
+from tests.conftest import TINY_BENCH, call_main, cli, sigint_as_in_a_terminal
 
 MARKER = "PWNED"
 
@@ -362,9 +362,10 @@ def test_an_overwrite_is_refused_while_eval_or_attack_holds_the_run(tmp_path, ti
         _wait_for(lambda: lock.exists() or proc.poll() is not None)
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGSTOP)
-        writer = subprocess.run([sys.executable, "-m", "unlearn",
-                                 *run_args(tiny_model_dir, "base", steps=10, seed=5)],
-                                cwd=tmp_path, env=env, capture_output=True, text=True)
+        # In this process: the refusal comes before any model loads, so a new interpreter's start-up would be
+        # most of what this call costs.
+        writer = cli(*run_args(tiny_model_dir, "base", steps=10, seed=5), cwd=tmp_path,
+                     env={"UNLEARN_CACHE": str(cache)})
     finally:
         proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=300)
@@ -397,10 +398,10 @@ def test_ctrl_c_during_start_up_is_130_and_one_line(tmp_path):
     """Ctrl-C about 0.5 s after launch used to give rc 1 and an internal RecursionError from a half-imported numpy
     (2 tries in 10). Signals spread over the whole start-up of `unlearn methods` (imports, then the listing)."""
     interrupted = 0
-    for i in range(12):
+    for i in range(8):
         proc = subprocess.Popen([sys.executable, "-m", "unlearn", "methods"], cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, preexec_fn=sigint_as_in_a_terminal)
-        time.sleep(0.1 + 0.12 * i)
+        time.sleep(0.1 + 0.18 * i)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
         if proc.returncode == 0:
@@ -411,9 +412,9 @@ def test_ctrl_c_during_start_up_is_130_and_one_line(tmp_path):
             # or after the command finished, while the interpreter shuts down. Nothing is printed then.
             assert err == "", err
             continue
-        assert proc.returncode == 130, (0.1 + 0.12 * i, err)
+        assert proc.returncode == 130, (0.1 + 0.18 * i, err)
         assert err.strip().splitlines() == ["error: interrupted"], err
-    assert interrupted >= 6
+    assert interrupted >= 4
 
 
 def test_a_report_leaves_out_a_run_being_written_and_says_so(tmp_path):

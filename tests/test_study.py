@@ -140,9 +140,16 @@ def test_an_interrupted_study_with_workers_stops_them_and_fails(tmp_path, tiny_m
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    # The cells begun by now: complete, or being made in a staging folder ".staging-<cell>-<8 hex>".
+    begun = {p.name.removeprefix(".staging-").rsplit("-", 1)[0] if p.name.startswith(".staging-") else p.name
+             for p in runs.iterdir()}
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    # No cell queued behind them was made: a stopped worker used to take the next one from the pool's queue, and
+    # the study waited for it before it exited.
+    finished = {p.name for p in runs.iterdir() if (p / "metrics.json").is_file()}
+    assert finished <= begun, finished - begun
     written = {p: p.stat().st_mtime_ns for p in runs.glob("**/metrics.json")}
     time.sleep(3)  # the workers are stopped with the study: nothing more is written
     assert {p: p.stat().st_mtime_ns for p in runs.glob("**/metrics.json")} == written

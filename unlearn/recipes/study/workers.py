@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import signal
+import sys
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -151,12 +154,16 @@ def run_jobs(jobs: list[Job], options: JobOptions, log: Callable[[str], None], w
     quiet = replace(options, progress=False)  # several processes' bars would overwrite each other
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
                              initializer=_start_worker, initargs=(threads, list(INCLUDED))) as pool:
-        futures = [pool.submit(run_job, job, quiet, _print) for job in jobs]
+        futures = [pool.submit(_run_in_worker, job, quiet, _print) for job in jobs]
         try:
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             for future in futures:  # in job order; the first failure is raised here
                 if future in done:
                     failures |= future.result()
+        except BrokenProcessPool:
+            _stop_workers(pool)
+            raise UserError("a study worker ended abruptly (killed from outside, or out of memory); run the study "
+                            "again to redo the cells it left") from None
         except BaseException:
             _stop_workers(pool)
             raise
@@ -169,6 +176,22 @@ def _print(text: str) -> None:
 
 def _interrupted(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # unwinds the job, so its staging folders and locks are removed on the way out
+
+
+STOPPED = 128 + signal.SIGTERM  # a worker's exit status once it has been stopped
+
+
+def _run_in_worker(job: Job, options: JobOptions, log: Callable[[str], None]) -> dict[str, str]:
+    """`run_job` in a worker, which ends with the job when it is stopped. The pool catches whatever a job raises,
+    KeyboardInterrupt included, hands it back as that job's result and gives the worker the next queued cell: a
+    stopped study then waited for those cells (a quarter of an hour each on Gemma) before it exited."""
+    try:
+        return run_job(job, options, log)
+    except KeyboardInterrupt:
+        # The job has unwound (its staging folders and locks are gone); nothing else of this process is needed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(STOPPED)
 
 
 def _start_worker(threads: int, included: list[Path]) -> None:
