@@ -23,6 +23,17 @@ from unlearn.benchmarks.synthetic import SyntheticSettings
 from unlearn.tasks.data import Example
 
 
+def _threads() -> int:
+    """This test process's share of the cores: the README's test command runs the files in two pytest-xdist
+    workers, and two workers of two threads each on two cores would spend their time waiting for each other."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
+THREADS = _threads()
+torch.set_num_threads(THREADS)
+
+
 def sigint_as_in_a_terminal() -> None:
     """A `preexec_fn` for a child that a test interrupts with SIGINT: the default disposition, as in a terminal. A
     test suite started in the background by a shell without job control (CI, nohup) inherits SIGINT ignored, its
@@ -92,7 +103,7 @@ def cli(*args: str, cwd: Path, separate_process: bool = False,
     """`unlearn ARGS` in `cwd`, its cache in cwd/cache (`env` adds or overrides variables). In-process by
     default: the same `main()` the `unlearn` script runs, without a Python start-up (seconds) per call;
     `separate_process` for what needs a real one."""
-    env = {**os.environ, "UNLEARN_CACHE": str(cwd / "cache"), "UNLEARN_THREADS": "2", **(env or {})}
+    env = {**os.environ, "UNLEARN_CACHE": str(cwd / "cache"), "UNLEARN_THREADS": str(THREADS), **(env or {})}
     env.pop("UNLEARN_DEBUG", None)
     if separate_process:
         return subprocess.run([sys.executable, "-m", "unlearn", *args], cwd=cwd, env=env,

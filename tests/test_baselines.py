@@ -4,6 +4,7 @@ on a tiny model: each one's loss is rebuilt from full-logit forwards of explicit
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -218,6 +219,19 @@ def test_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, name):
     assert result.returncode == 0, result.stderr
     run = tmp_path / "runs" / f"{name}-adamw"
     assert (run / "model").is_dir() and f"| {name}-adamw |" in result.stdout
+    # SAM's loss passes over the forget batch twice (the gradient at theta, then the loss at the ascent point):
+    # counted as two forwards, so its cost is not shown as NPO's.
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["forwards"] for r in log] == [2 if name == "sam-npo" else 1] * 2
+    assert json.loads((run / "metrics.json").read_text())["train"]["forward_passes"] == sum(r["forwards"] for r in log)
+
+
+def test_rs_npo_counts_one_forward_per_draw(tmp_path, tiny_model_dir):
+    result = cli("run", "--method", "rs-npo", "--optimizer", "adamw", "--model", str(tiny_model_dir), "--steps", "1",
+                 "--batch-size", "2", "--set", "method.samples=2", "-q", *TINY_BENCH, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    log = [json.loads(line) for line in (tmp_path / "runs/rs-npo-adamw/log.jsonl").read_text().splitlines()]
+    assert [r["forwards"] for r in log] == [2]
 
 
 def test_sam_npo_with_zeroth_order_is_refused_from_the_command_line(tmp_path, tiny_model_dir):

@@ -27,6 +27,8 @@ def test_the_findings_quote_their_study_run_unchanged():
     assert quoted.strip() == ("### Forget level" + tables).replace("\n## ", "\n### ").strip()
     assert (ROOT / "docs" / "findings" / "study.yaml").read_text() == \
         (ROOT / "configs" / "study" / "downgrade.yaml").read_text(), "the shipped study changed: run it again"
+    assert (ROOT / "docs" / "findings-gemma" / "study.yaml").read_text() == \
+        (ROOT / "configs" / "study" / "gemma.yaml").read_text(), "the two-model study changed: run it again"
 
 
 def _layout() -> dict[str, str]:

@@ -20,6 +20,7 @@ from unlearn.core.errors import UserError
 from unlearn.recipes.study.calibration import Trial, choose
 from unlearn.recipes.study.results import (
     CellResult,
+    attacked_by,
     mean_of,
     metric_aggregate,
     metric_rows,
@@ -244,6 +245,27 @@ def test_aggregation_of_a_hand_made_table():
     q4 = [r for r in rows if r["attack"] == "q4" and r["optimizer"] == "a"]
     assert all(r["recovery forget/mcq_acc"] == pytest.approx(2 / 7) and r["lr"] == "1e-05" for r in q4)
     assert json.dumps(rows)  # plain values only: what csv and json can hold
+
+
+def test_a_cell_that_missed_the_level_leaves_out_its_seed_not_the_group():
+    """As above, but "b"'s seed 1 missed the level and was not attacked (Gemma's SAM-NPO, seed 1): b's recovery is
+    its two attacked seeds' (n = 2), and the paired recovery difference pairs those two seeds; the level difference
+    still pairs all three. A cell attacked without per-item rows still makes its difference undefined."""
+    n = 200
+    forget = [1.0 if i % 10 < 3 else 0.0 for i in range(n)]
+    back = [1.0 if i % 10 < 5 else 0.0 for i in range(n)]
+    a = [_cell("a", s, forget, back) for s in range(3)]
+    b = [_cell("b", s, forget, forget) for s in range(3)]
+    b[1].attacks.clear()
+    rec_b = recovery_aggregate(b, "q4", FORGET.key)
+    assert rec_b is not None and rec_b.interval.n == 2 and rec_b.interval.value == 0.0
+    diff = paired_difference(b, a, recovery_rows("q4", FORGET.key), ratio_of("lower"), attacked_by("q4"))
+    assert diff is not None and diff.interval.n == 2 and diff.interval.value == pytest.approx(-2 / 7)
+    level = paired_difference(b, a, metric_rows(FORGET.key), mean_of)
+    assert level is not None and level.interval.n == 3
+    record, items = a[0].attacks["q4"]
+    a[0].attacks["q4"] = (record, {})  # attacked, but its per-item values are gone
+    assert paired_difference(b, a, recovery_rows("q4", FORGET.key), ratio_of("lower"), attacked_by("q4")) is None
 
 
 def test_worst_case_of_a_hand_made_table():

@@ -363,7 +363,8 @@ def train(model: torch.nn.Module, method: Method, optimizer: torch.optim.Optimiz
             loss_value = float(optimizer.step(closure))
             seconds = time.perf_counter() - t0
             unchanged = guard.after(taken, step, counted=not _rolled_back(optimizer))
-            forwards += closure.rounds
+            step_forwards = closure.rounds * method.passes_per_loss
+            forwards += step_forwards
             if not math.isfinite(loss_value):
                 raise UserError(f"loss became {loss_value} at step {step}; lower the learning rate "
                                 f"(--lr) or check the data")
@@ -381,7 +382,7 @@ def train(model: torch.nn.Module, method: Method, optimizer: torch.optim.Optimiz
                     block_end = probe.measure()  # the same rows after the last step
             if log:
                 record = {"step": step, "loss": loss_value, "lr": _lr(optimizer),
-                          "grade": _grade(optimizer), "forwards": closure.rounds, "seconds": round(seconds, 4),
+                          "grade": _grade(optimizer), "forwards": step_forwards, "seconds": round(seconds, 4),
                           "parts": parts}
                 if unchanged is not None:
                     record["unchanged"] = round(unchanged, 4)  # share of sampled trained weights left as they were

@@ -148,9 +148,10 @@ def _recovery_rows(cell: CellResult, label: str, metric: str) -> tuple[np.ndarra
 
 
 def recovery_aggregate(cells: list[CellResult], label: str, metric: str, level: float = 0.95) -> Aggregate | None:
-    """Mean recovery ratio on `metric` after attack `label` over the cells' seeds (None where any is undefined)."""
+    """Mean recovery ratio on `metric` after attack `label` over the seeds of the cells that were attacked (a cell
+    that missed the matched level is not; the tables say how many were); None where any ratio is undefined."""
     parts = [_recovery_rows(cell, label, metric) for cell in cells if label in cell.attacks]
-    if not parts or len(parts) < len(cells) or any(ratio is None for _, ratio, _ in parts):
+    if not parts or any(ratio is None for _, ratio, _ in parts):
         return None
     better = parts[0][2]
     if all(rows is not None for rows, _, _ in parts):
@@ -251,15 +252,18 @@ class Difference:
 
 
 def paired_difference(mine: list[CellResult], reference: list[CellResult], rows: Callable[[CellResult], Any],
-                      statistic: Callable[[np.ndarray], float]) -> Difference | None:
+                      statistic: Callable[[np.ndarray], float],
+                      takes_part: Callable[[CellResult], bool] = lambda cell: True) -> Difference | None:
     """Cells paired by seed; `rows(cell)` gives that cell's per-item rows. Items are resampled jointly for both
     (they are the same facts: the same benchmark, and for relearning the same held-out split, which follows the
-    seed); seeds are resampled too."""
+    seed); seeds are resampled too. A seed where either side does not `take part` (an attack not run on a cell that
+    missed the matched level) is left out, and the difference's n says how many seeds were paired; one that takes
+    part without per-item rows makes the difference undefined (None)."""
     by_seed = {c.seed: c for c in reference}
     groups = []
     for cell in mine:
         other = by_seed.get(cell.seed)
-        if other is None:
+        if other is None or not (takes_part(cell) and takes_part(other)):
             continue
         a, b = rows(cell), rows(other)
         if a is None or b is None or len(a) != len(b):
@@ -277,6 +281,11 @@ def metric_rows(key: str) -> Callable[[CellResult], np.ndarray | None]:
         values = cell.items.get("unlearned", {}).get(key)
         return np.asarray(values, dtype=float)[:, None] if values else None
     return rows
+
+
+def attacked_by(label: str) -> Callable[[CellResult], bool]:
+    """Whether a cell was attacked with `label` (one that missed the matched level is not, by default)."""
+    return lambda cell: label in cell.attacks
 
 
 def recovery_rows(label: str, metric: str) -> Callable[[CellResult], np.ndarray | None]:

@@ -21,6 +21,7 @@ from unlearn.recipes.study.calibration import Calibrated, utility_metric
 from unlearn.recipes.study.results import (
     Aggregate,
     CellResult,
+    attacked_by,
     mean_of,
     metric_aggregate,
     metric_rows,
@@ -236,15 +237,18 @@ def _differences(study: Study, mine: list[CellResult], ref: list[CellResult], de
                  headline: str, forget: list[str], utility: list[str]) -> list[tuple[str, Any]]:
     """(quantity, paired difference mine − ref) for every metric, every attack's recovery and every worst case; the
     differences that are undefined for some seed (a ratio with nothing to recover) are left out."""
-    quantities = [(f"{_title(declared, k)} (unlearned)", metric_rows(k), mean_of)
+    def everyone(cell: CellResult) -> bool:
+        return True
+
+    quantities = [(f"{_title(declared, k)} (unlearned)", metric_rows(k), mean_of, everyone)
                   for k in [headline, *[f for f in forget if f != headline], *utility]]
     for attack in study.attacks:
         for key in recovery_metrics(mine + ref, attack.label):
             better = declared[key].better if key in declared else "lower"
             quantities.append((f"recovery on {_title(declared, key)} after {attack.label}",
-                               recovery_rows(attack.label, key), ratio_of(better)))
-    differences = [(title, paired_difference(mine, ref, rows_of, statistic))
-                   for title, rows_of, statistic in quantities]
+                               recovery_rows(attack.label, key), ratio_of(better), attacked_by(attack.label)))
+    differences = [(title, paired_difference(mine, ref, rows_of, statistic, takes_part))
+                   for title, rows_of, statistic, takes_part in quantities]
     differences += [(f"worst-case recovery `{name}`", worst_difference(mine, ref, labels))
                     for name, labels in study.worst_cases.items()]
     return [(title, diff) for title, diff in differences
@@ -329,8 +333,10 @@ def plots(study: Study, cells: list[CellResult], folder: Path) -> list[Path]:
         for ax, attack in zip(axes[0], attacks, strict=True):
             key = recovery_metrics(cells, attack.label)[0]
             for method, optimizer, group in groups:
-                errorbar(ax, metric_aggregate(group, headline), recovery_aggregate(group, attack.label, key), method,
-                         optimizer)
+                # The level of the cells this attack was run on (a cell that missed the matched level was not).
+                attacked = [c for c in group if attack.label in c.attacks]
+                errorbar(ax, metric_aggregate(attacked, headline), recovery_aggregate(attacked, attack.label, key),
+                         method, optimizer)
             ax.axhline(0, color="grey", lw=0.6)
             ax.set_xlabel(f"{_title(declared, headline)} after unlearning")
             ax.set_ylabel(f"recovery on {_title(declared, key)}")

@@ -54,6 +54,13 @@ class Method:
         self.settings = from_mapping(self.Settings, options, "method", owner=f"method {type(self).__name__}")
 
     @property
+    def passes_per_loss(self) -> int:
+        """Passes over the forget batch one evaluation of the loss costs: what `forwards` in log.jsonl and a study's
+        cost column count per evaluation, so a method that evaluates its forget term several times (SAM's ascent
+        point, RS's draws) is not shown as cheap as one that evaluates it once."""
+        return 1
+
+    @property
     def copies_model(self) -> bool:
         """Whether `prepare` keeps a frozen copy of the whole model on its device (FSDP cannot shard it)."""
         return False

@@ -79,6 +79,10 @@ class SAMNPO(NPO):
     class Settings(NPO.Settings):
         rho: float = setting(0.01, limit=NON_NEGATIVE)  # 0: plain NPO, at twice the cost
 
+    @property
+    def passes_per_loss(self) -> int:
+        return 2  # the gradient at theta, then the loss at the ascent point
+
     def ascent(self, model: torch.nn.Module, forget) -> dict[int, torch.Tensor]:
         """rho * g / ||g||, per trained parameter (empty when g is zero or not finite: no direction to climb)."""
         params = _trained(model)
@@ -126,6 +130,10 @@ class RSNPO(NPO):
 
     def begin_step(self, step: int) -> None:
         self.step = step
+
+    @property
+    def passes_per_loss(self) -> int:
+        return self.settings.samples
 
     def noise(self, model: torch.nn.Module, sample: int) -> dict[int, torch.Tensor]:
         """Draw `sample` of this step: sigma * N(0, I) per trained parameter, from a generator on its device."""
