@@ -253,17 +253,17 @@ class Difference:
 
 def paired_difference(mine: list[CellResult], reference: list[CellResult], rows: Callable[[CellResult], Any],
                       statistic: Callable[[np.ndarray], float],
-                      takes_part: Callable[[CellResult], bool] = lambda cell: True) -> Difference | None:
+                      takes_part: Callable[[CellResult], bool] | None = None) -> Difference | None:
     """Cells paired by seed; `rows(cell)` gives that cell's per-item rows. Items are resampled jointly for both
     (they are the same facts: the same benchmark, and for relearning the same held-out split, which follows the
-    seed); seeds are resampled too. A seed where either side does not `take part` (an attack not run on a cell that
-    missed the matched level) is left out, and the difference's n says how many seeds were paired; one that takes
-    part without per-item rows makes the difference undefined (None)."""
+    seed); seeds are resampled too. Every seed takes part unless `takes_part` says otherwise: a seed where either
+    side does not (an attack not run on a cell that missed the matched level) is left out, and the difference's n
+    says how many seeds were paired; one that takes part without per-item rows makes the difference undefined."""
     by_seed = {c.seed: c for c in reference}
     groups = []
     for cell in mine:
         other = by_seed.get(cell.seed)
-        if other is None or not (takes_part(cell) and takes_part(other)):
+        if other is None or (takes_part is not None and not (takes_part(cell) and takes_part(other))):
             continue
         a, b = rows(cell), rows(other)
         if a is None or b is None or len(a) != len(b):

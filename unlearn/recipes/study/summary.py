@@ -237,10 +237,7 @@ def _differences(study: Study, mine: list[CellResult], ref: list[CellResult], de
                  headline: str, forget: list[str], utility: list[str]) -> list[tuple[str, Any]]:
     """(quantity, paired difference mine − ref) for every metric, every attack's recovery and every worst case; the
     differences that are undefined for some seed (a ratio with nothing to recover) are left out."""
-    def everyone(cell: CellResult) -> bool:
-        return True
-
-    quantities = [(f"{_title(declared, k)} (unlearned)", metric_rows(k), mean_of, everyone)
+    quantities = [(f"{_title(declared, k)} (unlearned)", metric_rows(k), mean_of, None)
                   for k in [headline, *[f for f in forget if f != headline], *utility]]
     for attack in study.attacks:
         for key in recovery_metrics(mine + ref, attack.label):
